@@ -126,3 +126,14 @@ class HealthGateError(DeployError):
 
 class NotificationError(DeployError):
     """The notifier (Slack) refused or could not be reached."""
+
+
+class TransientNotificationError(NotificationError):
+    """Slack was unreachable, rate-limited us past the client's retries, or answered 5xx; retry later."""
+
+
+# --- artifact registry: names ------------------------------------------------------------------------
+
+
+class InvalidChannelError(RegistryError, ValueError):
+    """A channel or workspace name that breaks the lowercase identifier rule, or a write to `latest`."""

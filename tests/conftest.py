@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.plugins.consul",
     "tests.plugins.slack",
     "tests.plugins.prefect_server",
+    "tests.plugins.deploy_env",
 ]
 
 AWS_REGION = "us-east-1"

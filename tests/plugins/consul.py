@@ -1,1 +1,46 @@
-"""Fixtures: see the module name."""
+"""Fixtures: a Consul stand-in over real HTTP, a py-consul client and a ConsulConnection block for it.
+
+``consul_http_addr`` is the contract suite's target: a real agent when ``CONSUL_HTTP_ADDR`` is set (with
+``CONSUL_HTTP_TOKEN`` if its ACLs need one), otherwise a fresh stand-in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import consul
+import pytest
+
+from blocks.consul import ConsulConnection
+from standins.consul import ConsulStandIn
+
+
+@pytest.fixture
+def consul_standin() -> Iterator[ConsulStandIn]:
+    """A started stand-in on a free loopback port, stopped after the test."""
+    with ConsulStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def consul_client(consul_standin: ConsulStandIn) -> consul.Consul:
+    host, port = consul_standin.address.rsplit(":", 1)
+    return consul.Consul(host=host, port=int(port), token=None)
+
+
+@pytest.fixture
+def consul_connection(consul_standin: ConsulStandIn) -> ConsulConnection:
+    """An unsaved block pointing at the stand-in."""
+    return ConsulConnection(address=consul_standin.http_addr, timeout_seconds=5.0)
+
+
+@pytest.fixture
+def consul_http_addr() -> Iterator[str]:
+    """``http(s)://host:port`` of a real agent (CONSUL_HTTP_ADDR) or of a fresh stand-in."""
+    real = os.environ.get("CONSUL_HTTP_ADDR")
+    if real:
+        yield real if "://" in real else f"http://{real}"
+        return
+    with ConsulStandIn() as standin:
+        yield standin.http_addr

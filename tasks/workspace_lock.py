@@ -1,0 +1,261 @@
+"""One deploy at a time per workspace, from plan until apply or discard, as in HCP Terraform.
+
+The lock is a Prefect global concurrency limit (``deploy-workspace-<workspace>``, limit 1) taken with a
+*lease*, not with the ``concurrency()`` context manager: a suspended run holds no process, so nothing could
+keep a context manager open across the approval wait. The lease is sized to outlive the whole wait
+(approval timeout + margin) and is released on every path by the flow; if the flow dies, the server's
+lease repossessor frees it when it expires. Acquisition is ``strict=True``: a missing limit fails closed
+instead of running unguarded (we create the limit first, so a failure there is a real fault).
+
+Who holds a lock is recorded in a Prefect variable ``deploy-lock-<workspace>`` (the server has no API that
+lists lease holders), so an operator can see it and break it:
+
+    icd-lock list
+    icd-lock break WORKSPACE      # prints the holder it evicted
+
+Run the server with ``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.
+filesystem`` so leases survive a server restart (the default memory storage forgets them and would leave
+the slot occupied forever).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.variables import Variable
+
+from tasks.errors import WorkspaceLockError
+
+LIMIT_PREFIX = "deploy-workspace-"
+RECORD_PREFIX = "deploy-lock-"
+# Prefect's lease API accepts 60 s to 24 h.
+MIN_LEASE_SECONDS = 60.0
+MAX_LEASE_SECONDS = 24 * 3600.0
+_WORKSPACE_RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A waiting deploy re-asks at most this often; Prefect's own helper may sleep up to 30 s between tries and
+# serializes all acquisitions of one process, which is too coarse for an operator watching a queue.
+_MAX_POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class WorkspaceLease:
+    workspace: str
+    lease_id: str
+    holder_flow_run_id: str
+    holder_name: str
+    acquired_at: str
+    expires_at: str
+
+
+@dataclass(frozen=True)
+class LockHeld:
+    """The expected outcome when another deploy kept the workspace for longer than we were willing to wait."""
+
+    workspace: str
+    holder: WorkspaceLease | None
+    waited_seconds: float
+
+
+def validate_workspace(workspace: str) -> str:
+    if not _WORKSPACE_RULE.match(workspace):
+        raise WorkspaceLockError(
+            f"invalid workspace {workspace!r}: use 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return workspace
+
+
+def limit_name(workspace: str) -> str:
+    return LIMIT_PREFIX + validate_workspace(workspace)
+
+
+def _record_name(workspace: str) -> str:
+    return RECORD_PREFIX + validate_workspace(workspace)
+
+
+def _ensure_limit(name: str) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass  # another run created it between our read and our create: same limit, fine
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 409:
+                    raise WorkspaceLockError(f"could not create concurrency limit {name!r}: {exc}") from exc
+
+
+def current_holder(workspace: str) -> WorkspaceLease | None:
+    raw = Variable.get(_record_name(workspace), default=None)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+        return WorkspaceLease(**data)
+    except (TypeError, ValueError):
+        return None
+
+
+def acquire(
+    workspace: str,
+    *,
+    holder_flow_run_id: str,
+    holder_name: str,
+    lease_seconds: float,
+    wait_seconds: float,
+) -> WorkspaceLease | LockHeld:
+    """Take the workspace, waiting up to ``wait_seconds`` for another deploy to finish."""
+    name = limit_name(workspace)
+    lease_seconds = min(max(lease_seconds, MIN_LEASE_SECONDS), MAX_LEASE_SECONDS)
+    _ensure_limit(name)
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(holder_flow_run_id))
+    started = time.monotonic()
+    deadline = started + wait_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=[name], slots=1, mode="concurrency", lease_duration=lease_seconds, holder=holder
+                )
+                break
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:
+                    raise WorkspaceLockError(f"could not lock workspace {workspace!r}: {exc}") from exc
+                retry_after = float(exc.response.headers.get("Retry-After", _MAX_POLL_SECONDS))
+            now = time.monotonic()
+            if now >= deadline:
+                return LockHeld(
+                    workspace=workspace, holder=current_holder(workspace), waited_seconds=now - started
+                )
+            pause = min(retry_after, _MAX_POLL_SECONDS, deadline - now) * random.uniform(0.8, 1.0)  # noqa: S311  # jitter, not crypto
+            time.sleep(max(pause, 0.05))
+    granted = response.json()
+    if not granted.get("limits"):
+        # strict: a limit that vanished between creation and acquisition would otherwise run unguarded
+        raise WorkspaceLockError(f"concurrency limit {name!r} does not exist; refusing to deploy unguarded")
+    lease_id = str(granted["lease_id"])
+    now = datetime.now(UTC)
+    lease = WorkspaceLease(
+        workspace=workspace,
+        lease_id=lease_id,
+        holder_flow_run_id=holder_flow_run_id,
+        holder_name=holder_name,
+        acquired_at=now.isoformat(),
+        expires_at=(now + timedelta(seconds=lease_seconds)).isoformat(),
+    )
+    Variable.set(_record_name(workspace), json.dumps(asdict(lease)), overwrite=True)
+    return lease
+
+
+def renew(lease: WorkspaceLease, seconds: float) -> WorkspaceLease:
+    """Extend the lease, e.g. after resume for the apply and health gate."""
+    seconds = min(max(seconds, MIN_LEASE_SECONDS), MAX_LEASE_SECONDS)
+    with get_client(sync_client=True) as client:
+        try:
+            client.renew_concurrency_lease(UUID(lease.lease_id), lease_duration=seconds)
+        except httpx.HTTPStatusError as exc:
+            raise WorkspaceLockError(
+                f"the lock on workspace {lease.workspace!r} was lost (lease {lease.lease_id} expired or was "
+                "broken); refusing to continue without it"
+            ) from exc
+    renewed = WorkspaceLease(
+        **{**asdict(lease), "expires_at": (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()}
+    )
+    Variable.set(_record_name(lease.workspace), json.dumps(asdict(renewed)), overwrite=True)
+    return renewed
+
+
+def _release_lease(lease_id: str) -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.release_concurrency_slots_with_lease(UUID(lease_id))
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 404:
+                raise WorkspaceLockError(f"could not release lease {lease_id}: {exc}") from exc
+
+
+def release(lease: WorkspaceLease) -> None:
+    """Idempotent: releasing an expired or already released lease is not an error."""
+    _release_lease(lease.lease_id)
+    holder = current_holder(lease.workspace)
+    if holder is not None and holder.lease_id == lease.lease_id:
+        Variable.unset(_record_name(lease.workspace))
+
+
+def break_lock(workspace: str) -> WorkspaceLease | None:
+    """Evict whoever holds the workspace (a dead run whose lease has not expired yet)."""
+    name = limit_name(workspace)
+    holder = current_holder(workspace)
+    if holder is not None:
+        _release_lease(holder.lease_id)
+        Variable.unset(_record_name(workspace))
+    with get_client(sync_client=True) as client:
+        try:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+        except ObjectNotFound:
+            pass
+    return holder
+
+
+def list_locks() -> list[dict[str, Any]]:
+    with get_client(sync_client=True) as client:
+        limits = client.read_global_concurrency_limits(limit=200)
+    rows: list[dict[str, Any]] = []
+    for limit in limits:
+        if not limit.name.startswith(LIMIT_PREFIX):
+            continue
+        workspace = limit.name.removeprefix(LIMIT_PREFIX)
+        holder = current_holder(workspace) if limit.active_slots else None
+        rows.append(
+            {
+                "workspace": workspace,
+                "held": bool(limit.active_slots),
+                "holder": asdict(holder) if holder else None,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icd-lock", description="Inspect or break per-workspace deploy locks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every workspace lock and its holder")
+    breaker = sub.add_parser("break", help="evict the holder of a workspace lock")
+    breaker.add_argument("workspace")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            print(json.dumps(list_locks(), indent=2))
+            return 0
+        evicted = break_lock(args.workspace)
+    except WorkspaceLockError as exc:
+        print(f"error: {exc}")
+        return 2
+    if evicted is None:
+        print(f"workspace {args.workspace!r}: no recorded holder; slot reset")
+    else:
+        print(
+            f"workspace {args.workspace!r}: evicted flow run {evicted.holder_name} "
+            f"({evicted.holder_flow_run_id}), lease {evicted.lease_id}, acquired {evicted.acquired_at}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

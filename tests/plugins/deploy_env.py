@@ -1,0 +1,185 @@
+"""The whole push-to-deploy loop, for the end-to-end tests: a real Prefect server with a process worker,
+the deployments from ``prefect.yaml`` (``prefect deploy --all``), saved blocks, moto (S3), the Consul and
+Slack stand-ins, and a git repository holding the example app as a developer would push it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectAlreadyExists
+from prefect_aws import AwsCredentials
+from prefect_slack import SlackCredentials
+
+from blocks.consul import ConsulConnection
+from blocks.notifier import SlackNotifier
+from blocks.registry import ArtifactRegistry
+from examples.local_env import PROJECT_ROOT, ManagedProcess, PrefectServer, start_worker
+from standins.consul import ConsulStandIn
+from standins.slack import SlackStandIn
+
+POOL = "local-pool"
+SLACK_TOKEN = "xoxb-e2e-token"
+
+
+def git(repo: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=dev", "-c", "user.email=dev@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+@dataclass
+class AppRepo:
+    """A git repository with the example app and its Packer template, where tests push commits."""
+
+    path: Path
+
+    def commit(self, message: str, edits: dict[str, str] | None = None, *, branch: str = "main") -> str:
+        git(self.path, "checkout", "-q", "-B", branch)
+        for relative, content in (edits or {}).items():
+            target = self.path / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+        git(self.path, "add", "-A")
+        git(self.path, "commit", "-q", "--allow-empty", "-m", message)
+        sha = git(self.path, "rev-parse", "HEAD")
+        git(self.path, "checkout", "-q", "main")
+        return sha
+
+    def read(self, relative: str) -> str:
+        return (self.path / relative).read_text()
+
+
+@dataclass
+class DeployEnv:
+    server: PrefectServer
+    worker: ManagedProcess
+    worker_env: dict[str, str]
+    consul: ConsulStandIn
+    slack: SlackStandIn
+    registry: ArtifactRegistry
+    repo: AppRepo
+    icd_home: Path
+    workers: list[ManagedProcess] = field(default_factory=list)
+
+    def start(self, **parameters: Any) -> FlowRun:
+        parameters.setdefault("repo", str(self.repo.path))
+        return run_deployment("push-to-deploy/push-to-deploy", parameters=parameters, timeout=0)
+
+    def read(self, flow_run_id: Any) -> FlowRun:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id)
+
+    def wait_for(self, flow_run_id: Any, *, states: set[str], timeout: float = 240) -> FlowRun:
+        """Wait until the run's state type is one of ``states`` (PAUSED, COMPLETED, ...)."""
+        deadline = time.monotonic() + timeout
+        run = self.read(flow_run_id)
+        while time.monotonic() < deadline:
+            run = self.read(flow_run_id)
+            if run.state and run.state.type.value in states:
+                return run
+            time.sleep(0.5)
+        logs = self.worker.log_tail(80)
+        raise AssertionError(f"run {run.name} stuck in {run.state!r}; wanted {states}\nworker log:\n{logs}")
+
+    def restart_worker(self) -> None:
+        self.worker.stop()
+        self.worker = start_worker(self.server, POOL, env=self.worker_env, name=f"worker-{uuid.uuid4().hex[:6]}")
+        self.workers.append(self.worker)
+
+
+@pytest.fixture(scope="session")
+def deploy_env(
+    prefect_server: PrefectServer, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DeployEnv]:
+    icd_home = tmp_path_factory.mktemp("icd-home")
+    consul = ConsulStandIn().start()
+    slack = SlackStandIn(token=SLACK_TOKEN).start()
+    bucket = f"icd-e2e-{uuid.uuid4().hex[:8]}"
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        aws_client_parameters={"endpoint_url": moto_endpoint},
+    )
+    credentials.get_s3_client().create_bucket(Bucket=bucket)
+    registry = ArtifactRegistry(bucket=bucket, aws_credentials=credentials)
+    registry.save("registry", overwrite=True)
+    SlackNotifier(
+        credentials=SlackCredentials(token=SLACK_TOKEN),
+        channel="#ops",
+        api_url=slack.api_url,
+        prefect_ui_url=prefect_server.ui_url,
+    ).save("ops-slack", overwrite=True)
+    ConsulConnection(address=consul.http_addr, timeout_seconds=10).save("consul", overwrite=True)
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
+        except ObjectAlreadyExists:
+            pass
+    # The deployments exactly as an operator creates them.
+    deploy = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **prefect_server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    with get_client(sync_client=True) as client:
+        # The scheduled flows have their own tests; here they would post Slack messages of their own.
+        for name in ("consul-health/consul-health", "approval-housekeeping/approval-housekeeping"):
+            deployment = client.read_deployment_by_name(name)
+            client.update_deployment(deployment.id, DeploymentUpdate(paused=True))
+
+    repo_path = tmp_path_factory.mktemp("app-repo")
+    shutil.copytree(PROJECT_ROOT / "examples" / "app", repo_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("output", "packer-manifest.json", "__pycache__"))
+    git(repo_path, "init", "-q", "-b", "main")
+    repo = AppRepo(repo_path)
+    repo.commit("v1")
+
+    worker_env = {
+        "ICD_HOME": str(icd_home),
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    worker = start_worker(prefect_server, POOL, env=worker_env)
+    env = DeployEnv(prefect_server, worker, worker_env, consul, slack, registry, repo, icd_home, [worker])
+    try:
+        yield env
+    finally:
+        for process in env.workers:
+            process.stop()
+        _stop_instances(icd_home)
+        slack.stop()
+        consul.stop()
+
+
+def _stop_instances(icd_home: Path) -> None:
+    """Deployed app instances are detached processes; stop any a test left running."""
+    for stop in sorted((icd_home / "instances").glob("*/*/bin/stop")):
+        subprocess.run([str(stop), "--instance-dir", str(stop.parent.parent)], check=False, capture_output=True)

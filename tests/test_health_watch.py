@@ -1,0 +1,557 @@
+"""The health watch: the pure engine as tables, then the watch loop over real HTTP against the stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import consul
+import pytest
+import requests
+from prefect.client.orchestration import get_client
+
+from blocks.consul import ConsulConnection
+from blocks.notifier import SlackNotifier
+from flows.consul_health import consul_health
+from standins.consul import ConsulStandIn
+from standins.slack import SlackStandIn
+from tasks.health_watch import (
+    Alert,
+    CheckHealth,
+    DeployWindow,
+    HealthSnapshot,
+    HealthStateStore,
+    InstanceHealth,
+    WatchConfig,
+    WatchReport,
+    WatchState,
+    alert_notification,
+    close_deploy_window,
+    decode_state,
+    encode_state,
+    evaluate,
+    next_wakeup,
+    open_deploy_window,
+    parse_health_state,
+    read_deploy_windows,
+    watch,
+)
+
+T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+NO_WINDOWS: Mapping[str, DeployWindow] = {}
+
+
+# --- engine tables ------------------------------------------------------------------------------------
+
+
+def instance(
+    service: str = "web",
+    sid: str = "web-1",
+    node: str = "node-1",
+    status: str = "passing",
+    *,
+    extra: tuple[CheckHealth, ...] = (),
+) -> InstanceHealth:
+    return InstanceHealth(
+        node=node,
+        service_id=sid,
+        service_name=service,
+        checks=(CheckHealth(f"service:{sid}", "http", status, f"HTTP {status}"), *extra),
+    )
+
+
+def snap(
+    *instances: InstanceHealth, index: int = 10, meta: Mapping[str, Mapping[str, str]] | None = None
+) -> HealthSnapshot:
+    return HealthSnapshot(index=index, instances={i.key: i for i in instances}, meta=meta or {})
+
+
+def run(
+    steps: list[tuple[float, HealthSnapshot]],
+    config: WatchConfig | None = None,
+    windows: Mapping[str, DeployWindow] = NO_WINDOWS,
+) -> list[list[Alert]]:
+    """Feed snapshots at T0 + seconds, starting from a baseline of the first; the alerts of each step."""
+    cfg = config or WatchConfig()
+    state = WatchState()
+    out: list[list[Alert]] = []
+    for seconds, snapshot in steps:
+        alerts, state = evaluate(state, snapshot, T0 + timedelta(seconds=seconds), cfg, windows)
+        out.append(alerts)
+    return out
+
+
+def kinds(alerts: list[Alert]) -> list[tuple[str, str | None, str]]:
+    return [(a.kind, a.previous_status, a.status) for a in alerts]
+
+
+MAINT = CheckHealth("_service_maintenance:web-1", "Service Maintenance Mode", "critical", "reason")
+
+
+@pytest.mark.parametrize(
+    ("steps", "config", "expected"),
+    [
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical"))), (2, snap(instance()))],
+            WatchConfig(),
+            [[], [("status", "passing", "critical")], [("status", "critical", "passing")]],
+            id="critical-then-recovery",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (2, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [[], [("status", "passing", "critical")], []],
+            id="staying-critical-alerts-once",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical"))), (5, snap(instance()))],
+            WatchConfig(thresholds={"web": 30}),
+            [[], [], []],
+            id="flap-inside-threshold",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (31, snap(instance(status="critical"))),
+            ],
+            WatchConfig(thresholds={"w*": 30}),
+            [[], [], [("status", "passing", "critical")]],
+            id="threshold-glob-elapses",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical")))],
+            WatchConfig(ignore_services=("we?",)),
+            [[], []],
+            id="ignored-service",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical")))],
+            WatchConfig(ignore_checks=("service:*",)),
+            [[], []],
+            id="ignored-check",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical")))],
+            WatchConfig(ignore_nodes=("node-*",)),
+            [[], []],
+            id="ignored-node",
+        ),
+        pytest.param(
+            [(0, snap()), (1, snap(instance(sid="web-2")))],
+            WatchConfig(),
+            [[], []],
+            id="new-passing-instance",
+        ),
+        pytest.param(
+            [(0, snap()), (1, snap(instance(sid="web-2", status="critical")))],
+            WatchConfig(),
+            [[], [("appeared", None, "critical")]],
+            id="new-critical-instance",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap())],
+            WatchConfig(),
+            [[], [("disappeared", "passing", "absent")]],
+            id="disappearing-instance",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(extra=(MAINT,)))), (2, snap(instance()))],
+            WatchConfig(),
+            [[], [("maintenance_on", "passing", "passing")], [("maintenance_off", "passing", "passing")]],
+            id="maintenance-on-off",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(extra=(MAINT,), status="critical"))),
+                (2, snap(instance(extra=(MAINT,), status="critical"))),
+                (3, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [
+                [],
+                [("maintenance_on", "passing", "critical")],
+                [],
+                [("maintenance_off", "passing", "critical"), ("status", "passing", "critical")],
+            ],
+            id="status-held-back-during-maintenance",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (1800, snap(instance(status="critical"))),
+                (3601, snap(instance(status="critical"))),
+                (3700, snap(instance(status="critical"))),
+            ],
+            WatchConfig(reminder_interval=timedelta(hours=1)),
+            [[], [("status", "passing", "critical")], [], [("reminder", "critical", "critical")], []],
+            id="reminder-after-interval",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="warning"))),
+                (2, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [[], [("status", "passing", "warning")], [("status", "warning", "critical")]],
+            id="passing-warning-critical",
+        ),
+    ],
+)
+def test_engine_transitions(
+    steps: list[tuple[float, HealthSnapshot]],
+    config: WatchConfig,
+    expected: list[list[tuple[str, str | None, str]]],
+) -> None:
+    assert [kinds(step) for step in run(steps, config)] == expected
+
+
+def test_first_state_is_remembered_across_restart_without_realerting() -> None:
+    config = WatchConfig()
+    _, state = evaluate(WatchState(), snap(instance(status="critical")), T0, config, NO_WINDOWS)
+    restored, _, _ = decode_state(encode_state(state))
+    alerts, again = evaluate(
+        restored, snap(instance(status="critical")), T0 + timedelta(seconds=5), config, NO_WINDOWS
+    )
+    assert alerts == []
+    assert again == restored
+
+
+def test_node_check_makes_every_instance_on_the_node_fail_and_names_it() -> None:
+    entries = [
+        {
+            "Node": "n1",
+            "CheckID": "serfHealth",
+            "Name": "Serf Health Status",
+            "Status": "critical",
+            "ServiceID": "",
+        },
+        {
+            "Node": "n1",
+            "CheckID": "service:a",
+            "Name": "a",
+            "Status": "passing",
+            "ServiceID": "a",
+            "ServiceName": "a",
+        },
+        {
+            "Node": "n2",
+            "CheckID": "service:b",
+            "Name": "b",
+            "Status": "passing",
+            "ServiceID": "b",
+            "ServiceName": "b",
+        },
+    ]
+    before = parse_health_state(1, [{**entries[0], "Status": "passing"}, *entries[1:]])
+    after = parse_health_state(2, entries)
+    config = WatchConfig()
+    _, state = evaluate(WatchState(), before, T0, config, NO_WINDOWS)
+    alerts, _ = evaluate(state, after, T0, config, NO_WINDOWS)
+    assert [(a.service_id, a.status) for a in alerts] == [("a", "critical")]
+    assert [c.check_id for c in alerts[0].failing_checks] == ["serfHealth"]
+
+
+def test_deploy_window_marks_old_version_alerts_expected_at_info() -> None:
+    window = DeployWindow("run-42", "v3", "v4", until=T0 + timedelta(minutes=10))
+    old = {"node-1/web-1": {"artifact_version": "v3", "deploy_run_id": "run-41"}}
+    new = {"node-1/web-2": {"artifact_version": "v4", "deploy_run_id": "run-42"}}
+    config = WatchConfig()
+    _, state = evaluate(WatchState(), snap(instance(), meta=old), T0, config, NO_WINDOWS)
+    alerts, _ = evaluate(
+        state,
+        snap(instance(status="critical"), instance(sid="web-2", status="critical"), meta=new),
+        T0 + timedelta(seconds=1),
+        config,
+        {"web": window},
+    )
+    by_id = {a.service_id: a for a in alerts}
+    assert by_id["web-1"].expected_by == window
+    assert by_id["web-1"].severity == "info"
+    assert by_id["web-2"].expected_by is None  # the new version failing is news
+    assert by_id["web-2"].severity == "critical"
+    message = alert_notification(by_id["web-1"])
+    assert "expected during deploy of v3 -> v4" in message.text.lower()
+    assert message.fields["Version"] == "v3"
+    assert message.fields["Deploy run"] == "run-41"
+    # After the window the same alert is a page again.
+    late, _ = evaluate(
+        state, snap(instance(status="critical")), T0 + timedelta(minutes=11), config, {"web": window}
+    )
+    assert late[0].expected_by is None
+    assert late[0].severity == "critical"
+
+
+def test_next_wakeup_is_the_earliest_threshold_or_reminder() -> None:
+    config = WatchConfig(thresholds={"web": 30}, reminder_interval=timedelta(minutes=5))
+    db_down = instance("db", "db-1", status="critical")
+    _, state = evaluate(WatchState(), snap(instance(), db_down), T0, config, {})
+    assert next_wakeup(state, config) == T0 + timedelta(minutes=5)  # db's reminder
+    _, state = evaluate(
+        state, snap(instance(status="critical"), db_down), T0 + timedelta(seconds=10), config, {}
+    )
+    assert next_wakeup(state, config) == T0 + timedelta(seconds=40)  # web's threshold
+    _, state = evaluate(state, snap(instance(), db_down), T0 + timedelta(seconds=20), config, {})
+    assert next_wakeup(state, config) == T0 + timedelta(minutes=5)  # web flapped back: nothing pending
+
+
+def test_dedup_key_identifies_one_transition() -> None:
+    [[], [first]] = run([(0, snap(instance())), (1, snap(instance(status="critical"), index=77))])
+    assert first.dedup_key == "status:node-1/web-1:passing->critical@77"
+
+
+# --- against the stand-ins ----------------------------------------------------------------------------
+
+
+class CountingClient:
+    """A real py-consul client whose HTTP requests are counted by path (a requests response hook)."""
+
+    def __init__(self, http_addr: str) -> None:
+        host, port = http_addr.removeprefix("http://").split(":")
+        self.client = consul.Consul(host=host, port=int(port))
+        self.paths: list[str] = []
+        session: requests.Session = self.client.http.session
+        session.hooks["response"].append(self._count)
+
+    def _count(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self.paths.append(urllib.parse.urlsplit(response.url).path)
+
+    def health_requests(self) -> int:
+        return sum(1 for p in self.paths if p.startswith("/v1/health/"))
+
+
+def register_ttl(
+    agent: consul.Consul, service_id: str, *, version: str = "v1", status: str = "passing"
+) -> str:
+    agent.agent.service.register(
+        "web",
+        service_id=service_id,
+        meta={"artifact_version": version, "deploy_run_id": f"run-{version}", "commit": "abc123"},
+        check={"CheckID": f"ttl-{service_id}", "Name": "app ttl", "TTL": "600s", "Status": status},
+    )
+    return f"ttl-{service_id}"
+
+
+class WatchThread:
+    def __init__(
+        self, http_addr: str, notifier: SlackNotifier, window: float, config: WatchConfig | None = None
+    ):
+        self.counting = CountingClient(http_addr)
+        self.report: WatchReport | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(notifier, window, config or WatchConfig()), daemon=True
+        )
+
+    def _run(self, notifier: SlackNotifier, window: float, config: WatchConfig) -> None:
+        try:
+            self.report = watch(self.counting.client, notifier, config, window, watch_name="test")
+        except BaseException as exc:  # noqa: BLE001  # surfaced by join()
+            self.error = exc
+
+    def start(self) -> WatchThread:
+        self._thread.start()
+        return self
+
+    def join(self) -> WatchReport:
+        self._thread.join(timeout=30)
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
+
+
+def wait_for_rounds(watcher: WatchThread, rounds: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while watcher.counting.paths.count("/v1/health/state/any") < rounds:
+        assert time.monotonic() < deadline, "the watch never started its blocking query"
+        time.sleep(0.01)
+
+
+def test_flip_critical_alerts_once_within_a_second_and_recovers(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    check = register_ttl(client, "web-1")
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=2).start()
+    wait_for_rounds(watcher, 1)  # the baseline is read; any later flip moves the index
+    flipped = time.monotonic()
+    client.agent.check.ttl_fail(check, "connection refused")
+    [message] = slack_standin.wait_for_messages(1, timeout=1.0)
+    assert time.monotonic() - flipped < 1.0
+    assert "web is critical" in message.text
+    assert "connection refused" in message.text
+    client.agent.check.ttl_pass(check)
+    messages = slack_standin.wait_for_messages(2, timeout=1.0)
+    assert "recovered" in messages[1].text
+    report = watcher.join()
+    assert len(slack_standin.messages) == 2
+    assert report.alerts_sent == 2
+    assert "run-v1" in str(messages[0].blocks)  # the deploy run from the Service Meta
+
+
+def test_transition_between_runs_is_reported_by_the_next_and_restart_is_quiet(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    check = register_ttl(client, "web-1")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.3).start().join()
+    assert slack_standin.messages == []
+    client.agent.check.ttl_fail(check, "down while nobody watched")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.3).start().join()
+    [message] = slack_standin.wait_for_messages(1, timeout=1.0)
+    assert "web is critical" in message.text
+    # A restart with nothing changed: nothing is said again.
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.3).start().join()
+    time.sleep(0.1)
+    assert len(slack_standin.messages) == 1
+
+
+def test_quiet_round_makes_exactly_one_request(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    for n in range(20):
+        register_ttl(client, f"web-{n}")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.2).start().join()  # persist a baseline
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=1.0)
+    watcher.start().join()
+    # One state read at start, then only blocking health queries: no KV writes, no per-service fetches.
+    paths = watcher.counting.paths
+    assert paths[0] == "/v1/kv/icd/health-watch/test/state"
+    assert set(paths[1:]) == {"/v1/health/state/any"}
+    assert watcher.report is not None
+    assert watcher.report.rounds == len(paths) - 1 <= 3  # a blocking query holds the whole window
+
+
+def test_overlapping_runs_alert_a_transition_once(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    check = register_ttl(client, "web-1")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.2).start().join()
+    first = WatchThread(consul_standin.http_addr, slack_notifier, window=1.5).start()
+    second = WatchThread(consul_standin.http_addr, slack_notifier, window=1.5).start()
+    wait_for_rounds(first, 1)
+    wait_for_rounds(second, 1)
+    client.agent.check.ttl_fail(check, "boom")
+    reports = [first.join(), second.join()]
+    time.sleep(0.1)
+    assert len(slack_standin.messages) == 1
+    assert sorted(r.conflicts for r in reports) == [0, 1]  # the loser re-read after its failed CAS
+
+
+def test_unsent_outbox_is_resent_by_the_next_run(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    register_ttl(client, "web-1", status="critical")
+    store = HealthStateStore(client, "test")
+    # What a run that crashed between persisting and sending leaves behind.
+    state = WatchState()
+    crashed_at = datetime.now(UTC) - timedelta(minutes=1)
+    alerts, state = evaluate(state, fetch_snapshot(client), crashed_at, WatchConfig(), NO_WINDOWS)
+    outbox = [alert_notification(a) for a in alerts]
+    assert store.save(state, cas=0, outbox=outbox, outbox_since=crashed_at) is not None
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.3).start().join()
+    [message] = slack_standin.wait_for_messages(1, timeout=1.0)
+    assert message.dedup_key == outbox[0].dedup_key
+    assert store.load().outbox == ()
+
+
+def fetch_snapshot(client: consul.Consul) -> HealthSnapshot:
+    index, entries = client.health.state("any")
+    return parse_health_state(int(index), entries)
+
+
+def test_deploy_window_helpers_round_trip_and_only_the_owner_closes(consul_standin: ConsulStandIn) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    window = open_deploy_window(
+        client,
+        "web",
+        deploy_run_id="run-7",
+        from_version="v3",
+        to_version="v4",
+        duration=timedelta(minutes=5),
+    )
+    assert read_deploy_windows(client) == {"web": window}
+    assert close_deploy_window(client, "web", deploy_run_id="run-8") is False
+    assert close_deploy_window(client, "web", deploy_run_id="run-7") is True
+    assert read_deploy_windows(client) == {}
+
+
+def test_deploy_window_makes_old_instance_alert_info(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    old_check = register_ttl(client, "web-1", version="v3")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.2).start().join()
+    open_deploy_window(
+        client,
+        "web",
+        deploy_run_id="run-v4",
+        from_version="v3",
+        to_version="v4",
+        duration=timedelta(minutes=5),
+    )
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=3).start()
+    wait_for_rounds(watcher, 1)
+    register_ttl(client, "web-2", version="v4")
+    client.agent.check.ttl_fail(old_check, "draining")
+    [message] = slack_standin.wait_for_messages(1, timeout=2.0)
+    client.agent.service.deregister("web-1")
+    messages = slack_standin.wait_for_messages(2, timeout=2.0)
+    watcher.join()
+    assert "Expected during deploy of v3 -> v4" in message.text
+    assert "severity: *info*" in str(message.blocks)
+    assert "left" in messages[1].text
+    assert "Expected during deploy of v3 -> v4" in messages[1].text
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_loads_blocks_alerts_and_publishes_the_health_table(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    register_ttl(client, "web-1", status="critical")
+    register_ttl(client, "web-2")
+    client.agent.service.register("noisy", service_id="noisy-1", check={"TTL": "600s", "Status": "critical"})
+    ConsulConnection(address=consul_standin.http_addr, timeout_seconds=5).save(
+        "health-test-consul", overwrite=True
+    )
+    slack_notifier.save("health-test-slack", overwrite=True)
+
+    result = consul_health(
+        consul_block="health-test-consul",
+        notifier_block="health-test-slack",
+        window_seconds=0.5,
+        watch_name="Flow Test",
+        ignore_services=["nois*"],
+    )
+
+    assert result["alerts_sent"] == 1
+    [message] = slack_standin.messages
+    assert "web: new instance is critical" in message.text
+
+    async def read_artifact() -> Any:
+        async with get_client() as prefect:
+            return await prefect.read_latest_artifacts()
+
+    artifacts = [a for a in asyncio.run(read_artifact()) if a.key == "consul-health-flow-test"]
+    assert artifacts, "the health table artifact was not published"
+    table = artifacts[0].data
+    assert "web-1" in str(table)
+    assert "noisy-1" not in str(table)

@@ -1,0 +1,358 @@
+"""Notifications: pure rendering/redaction tables, then the block and task over real HTTP to the stand-in."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prefect import flow
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+from prefect_slack import SlackCredentials
+from pydantic import SecretStr
+
+from blocks.notifier import SlackNotifier
+from standins.slack import SlackStandIn
+from tasks.errors import NotificationError, TransientNotificationError
+from tasks.notifications import (
+    Notification,
+    NotificationReceipt,
+    Severity,
+    redact_notification,
+    redact_text,
+    render_slack_message,
+    send_notification,
+)
+from tests.plugins.slack import SLACK_TEST_TOKEN
+
+
+def _blocks_of_type(blocks: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [block for block in blocks if block["type"] == kind]
+
+
+# --- rendering ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("severity", "emoji", "label"),
+    [
+        ("info", ":information_source:", "Info"),
+        ("success", ":white_check_mark:", "Success"),
+        ("warning", ":warning:", "Warning"),
+        ("critical", ":rotating_light:", "Critical"),
+    ],
+)
+def test_render_marks_severity_in_header_fallback_and_context(
+    severity: Severity, emoji: str, label: str
+) -> None:
+    fallback, blocks = render_slack_message(Notification("Deployed web", "all *good*", severity))
+
+    assert fallback == f"{emoji} [{label}] Deployed web: all *good*"
+    assert blocks[0] == {
+        "type": "header",
+        "text": {"type": "plain_text", "text": f"{emoji} Deployed web", "emoji": True},
+    }
+    assert blocks[1] == {"type": "section", "text": {"type": "mrkdwn", "text": "all *good*"}}
+    assert blocks[-1]["elements"][0]["text"] == f"severity: *{severity}*"
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected_sections"),
+    [
+        ({}, []),
+        ({"workspace": "prod"}, [["*workspace*\nprod"]]),
+        (
+            {"workspace": "prod", "version": "1.2.0", "plan": "sha256:ab<c>&"},
+            [["*workspace*\nprod", "*version*\n1.2.0", "*plan*\nsha256:ab&lt;c&gt;&amp;"]],
+        ),
+        (
+            {f"k{i}": str(i) for i in range(12)},
+            [[f"*k{i}*\n{i}" for i in range(10)], ["*k10*\n10", "*k11*\n11"]],
+        ),
+    ],
+    ids=["none", "one", "escaped", "chunked-by-ten"],
+)
+def test_render_fields_as_escaped_sections_of_at_most_ten(
+    fields: dict[str, str], expected_sections: list[list[str]]
+) -> None:
+    _, blocks = render_slack_message(Notification("t", "x", "info", fields=fields))
+
+    field_sections = [b for b in _blocks_of_type(blocks, "section") if "fields" in b]
+    assert [[f["text"] for f in section["fields"]] for section in field_sections] == expected_sections
+
+
+@pytest.mark.parametrize(
+    ("link_url", "link_text", "expected_button"),
+    [
+        (None, "ignored", None),
+        ("http://ui/runs/flow-run/1", None, ("Open", "http://ui/runs/flow-run/1")),
+        (
+            "http://ui/runs/flow-run/1",
+            "Approve in Prefect",
+            ("Approve in Prefect", "http://ui/runs/flow-run/1"),
+        ),
+    ],
+)
+def test_render_link_as_a_button(
+    link_url: str | None, link_text: str | None, expected_button: tuple[str, str] | None
+) -> None:
+    _, blocks = render_slack_message(
+        Notification("t", "x", "warning", link_url=link_url, link_text=link_text)
+    )
+
+    buttons = [element for b in _blocks_of_type(blocks, "actions") for element in b["elements"]]
+    assert [(b["text"]["text"], b["url"]) for b in buttons] == ([expected_button] if expected_button else [])
+
+
+def test_render_clips_to_block_kit_limits() -> None:
+    fallback, blocks = render_slack_message(Notification("T" * 500, "x" * 5000, "info"))
+
+    assert len(blocks[0]["text"]["text"]) == 150
+    assert len(blocks[1]["text"]["text"]) == 3000
+    assert blocks[1]["text"]["text"].endswith("…")
+    assert len(fallback) == 3000
+
+
+def test_unknown_severity_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown severity"):
+        Notification("t", "x", "fatal")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "secrets", "expected"),
+    [
+        ("token xoxb-1 here", ["xoxb-1"], "token *** here"),
+        ("abcdef and abc", ["abc", "abcdef"], "*** and ***"),
+        ("nothing", ["", "  "], "nothing"),
+        ("a-b-a-b", ["a-b"], "***-***"),
+    ],
+)
+def test_redact_text(text: str, secrets: list[str], expected: str) -> None:
+    assert redact_text(text, secrets) == expected
+
+
+def test_redact_notification_covers_every_visible_field() -> None:
+    secret = "s3cr3t-value"
+    notification = Notification(
+        title=f"t {secret}",
+        text=f"x {secret}",
+        severity="info",
+        fields={f"k {secret}": f"v {secret}"},
+        link_url=f"http://ui/?q={secret}",
+        link_text=f"open {secret}",
+    )
+
+    redacted = redact_notification(notification, [SecretStr(secret)])
+
+    assert secret not in repr(redacted)
+    assert redacted.fields == {"k ***": "v ***"}
+
+
+# --- the block over real HTTP ---------------------------------------------------------------------------
+
+
+def test_send_posts_one_message_with_rendered_blocks_and_text(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    notification = Notification(
+        "Deployed acmeinc/web 1.2.0",
+        "Applied plan to *prod*.",
+        "success",
+        fields={"workspace": "prod", "version": "1.2.0"},
+        link_url=slack_notifier.flow_run_url("1234"),
+        link_text="Open run",
+        dedup_key="deploy-1234",
+    )
+
+    receipt = slack_notifier.send(notification)
+
+    [message] = slack_standin.wait_for_messages(1)
+    fallback, blocks = render_slack_message(notification)
+    assert (message.channel, message.text, message.blocks) == ("#ops", fallback, blocks)
+    assert message.dedup_key == "deploy-1234"
+    assert receipt == NotificationReceipt(channel=message.channel_id, ts=message.ts)
+    assert "http://127.0.0.1:4200/runs/flow-run/1234" in str(message.blocks)
+    assert slack_standin.call_count("chat.postMessage") == 1
+
+
+def test_send_text_posts_plain_text(slack_standin: SlackStandIn, slack_notifier: SlackNotifier) -> None:
+    receipt = slack_notifier.send_text("health: all *3* instances passing")
+
+    [message] = slack_standin.wait_for_messages(1)
+    assert (message.text, message.blocks, receipt.ts) == ("health: all *3* instances passing", [], message.ts)
+
+
+def test_token_and_extra_secrets_are_redacted_in_what_slack_receives(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    db_password = "hunter2-db-password"
+    notification = Notification(
+        title=f"Leaky {SLACK_TEST_TOKEN}",
+        text=f"env had TOKEN={SLACK_TEST_TOKEN} and DB={db_password}",
+        severity="critical",
+        fields={"db": db_password},
+    )
+
+    slack_notifier.send(notification, extra_secrets=[SecretStr(db_password)])
+    slack_notifier.send_text(f"again {SLACK_TEST_TOKEN} {db_password}", extra_secrets=[db_password])
+
+    messages = slack_standin.wait_for_messages(2)
+    received = str([m.payload for m in messages])
+    assert len(messages) == 2
+    assert SLACK_TEST_TOKEN not in received
+    assert db_password not in received
+    assert "env had TOKEN=*** and DB=***" in received
+
+
+def test_wrong_token_raises_notification_error_without_the_token(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    wrong_token = "xoxb-wrong-token-value"
+    notifier = slack_notifier.model_copy(update={"credentials": SlackCredentials(token=wrong_token)})
+
+    with pytest.raises(NotificationError, match="invalid_auth") as raised:
+        notifier.send(Notification("t", "x", "info"))
+
+    assert not isinstance(raised.value, TransientNotificationError)
+    assert wrong_token not in str(raised.value)
+    assert slack_standin.messages == []
+
+
+def test_unknown_channel_raises_notification_error(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    notifier = slack_notifier.model_copy(update={"channel": "#nowhere"})
+
+    with pytest.raises(NotificationError, match="channel_not_found"):
+        notifier.send(Notification("t", "x", "info"))
+
+    assert slack_standin.messages == []
+
+
+def test_rate_limited_twice_then_delivered_exactly_once(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    slack_standin.rate_limit_next(2, retry_after_seconds=1)
+    started = time.monotonic()
+
+    slack_notifier.send(Notification("t", "x", "info"))
+
+    elapsed = time.monotonic() - started
+    assert len(slack_standin.messages) == 1
+    assert slack_standin.call_count("chat.postMessage") == 3
+    # Two waits of Retry-After (1 s) plus slack-sdk's jitter of under 1 s each.
+    assert 2.0 <= elapsed < 5.0
+
+
+def test_persistent_server_errors_raise_transient_error(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    slack_standin.fail_next(5, status=503)
+
+    with pytest.raises(TransientNotificationError, match="HTTP 503"):
+        slack_notifier.send(Notification("t", "x", "info"))
+
+    assert slack_standin.messages == []
+
+
+def test_unreachable_slack_raises_transient_error_without_the_token(slack_notifier: SlackNotifier) -> None:
+    stopped = SlackStandIn()
+    dead_url = stopped.api_url
+    stopped.stop()
+    notifier = slack_notifier.model_copy(update={"api_url": dead_url, "timeout_seconds": 1})
+
+    with pytest.raises(TransientNotificationError, match="unreachable") as raised:
+        notifier.send(Notification("t", "x", "info"))
+
+    assert SLACK_TEST_TOKEN not in str(raised.value)
+
+
+# --- the stand-in's own contract ------------------------------------------------------------------------
+
+
+def test_standin_accepts_form_encoded_calls_and_updates(slack_standin: SlackStandIn) -> None:
+    from slack_sdk import WebClient
+
+    client = WebClient(token=SLACK_TEST_TOKEN, base_url=slack_standin.api_url)
+    assert client.auth_test()["bot_id"] == "B000STANDIN"
+    # api_call with params sends application/x-www-form-urlencoded, blocks as a JSON string.
+    posted = client.api_call(
+        "chat.postMessage", params={"channel": "#ops", "text": "v1", "blocks": '[{"type": "divider"}]'}
+    )
+    updated = client.chat_update(channel=posted["channel"], ts=posted["ts"], text="v2")
+
+    [message] = slack_standin.messages
+    assert (message.text, message.blocks, updated["ts"]) == ("v2", [{"type": "divider"}], posted["ts"])
+
+
+def test_standin_records_incoming_webhooks(slack_standin: SlackStandIn) -> None:
+    from slack_sdk.webhook import WebhookClient
+
+    response = WebhookClient(slack_standin.webhook_url("T1/B1/x")).send(text="hello")
+
+    assert (response.status_code, response.body) == (200, "ok")
+    assert [(d.webhook_id, d.payload) for d in slack_standin.webhook_deliveries] == [
+        ("T1/B1/x", {"text": "hello"})
+    ]
+
+
+# --- the Prefect task inside a flow ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A throwaway Prefect API (25-40 s to start), shared by this module's flow tests only."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    with (
+        temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: results}),
+        # The default 30 s start-up limit is too tight when the rest of the suite loads the machine.
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_task_in_flow_posts_once_per_dedup_key_and_does_not_retry_permanent_errors(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    dedup_key = f"approval-{uuid.uuid4()}"
+    notification = Notification("Awaiting approval", "Plan ready", "warning", dedup_key=dedup_key)
+    bad_channel = slack_notifier.model_copy(update={"channel": "#nowhere"})
+
+    @flow
+    def notify_twice() -> tuple[NotificationReceipt, NotificationReceipt, bool]:
+        first = send_notification(slack_notifier, notification)
+        # The same key again, as after a suspend/resume re-run: answered from the task cache.
+        second = send_notification(slack_notifier, notification)
+        failed = send_notification(bad_channel, Notification("t", "x", "info"), return_state=True)
+        return first, second, failed.is_failed()
+
+    first, second, bad_channel_failed = notify_twice()
+
+    assert first == second
+    assert [m.ts for m in slack_standin.messages] == [first.ts]
+    assert bad_channel_failed
+    # Permanent errors are not retried: one attempt against the unknown channel.
+    assert slack_standin.call_count("chat.postMessage") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_api")
+def test_task_retries_when_slack_keeps_failing_past_the_clients_own_retries(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    # slack-sdk retries a 503 once; the second 503 surfaces as transient and the task retries after 2 s.
+    slack_standin.fail_next(2, status=503)
+
+    @flow
+    def notify() -> NotificationReceipt:
+        return send_notification(slack_notifier, Notification("Health degraded", "1 of 3 failing", "warning"))
+
+    receipt = notify()
+
+    assert [m.ts for m in slack_standin.messages] == [receipt.ts]
+    assert slack_standin.call_count("chat.postMessage") == 3

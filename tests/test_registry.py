@@ -1,0 +1,438 @@
+"""The artifact registry against a real moto S3 server over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from prefect_aws import AwsCredentials
+
+from blocks.registry import ArtifactRegistry
+from tasks.errors import (
+    InvalidChannelError,
+    InvalidNamespaceError,
+    RegistryStorageError,
+    RevokedVersionError,
+    VersionNotFoundError,
+)
+from tasks.registry import LATEST, ArtifactVersion, RegistrationResult, Registry, validate_namespace
+from tasks.registry_cli import main as registry_cli
+
+NS = "acme/web"
+
+
+class FakeClock:
+    """A settable clock, so a revocation 'in the future' needs no sleeping."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def registry(s3_client: Any, s3_bucket: str) -> Registry:
+    return Registry(s3_client, s3_bucket, prefix="registry/")
+
+
+def build(registry: Registry, run: str, namespace: str = NS, **overrides: Any) -> RegistrationResult:
+    options: dict[str, Any] = {
+        "git_commit": f"c0ffee{run}",
+        "git_ref": "main",
+        "packer_run_uuid": f"run-{run}",
+        "builder_type": "amazon-ebs",
+        "artifacts": {"us-east-1": f"ami-{run}"},
+        "created_by": "flow-run/test",
+    }
+    options.update(overrides)
+    return registry.register(namespace, **options)
+
+
+# --- namespaces ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("namespace", ["acme/web", "a/b", "my-org/my_app-2", "0/9", f"{'a' * 64}/{'b' * 64}"])
+def test_valid_namespaces_are_accepted(namespace: str) -> None:
+    assert validate_namespace(namespace) == namespace
+
+
+@pytest.mark.parametrize(
+    "namespace",
+    [
+        "acme",
+        "acme/",
+        "/web",
+        "acme/web/extra",
+        "Acme/web",
+        "acme/Web",
+        "acme/we b",
+        "acme/web.v2",
+        "acme\\web",
+        "",
+        "/",
+        f"{'a' * 65}/web",
+        "acme/../web",
+    ],
+)
+def test_invalid_namespaces_are_refused_with_rule_and_value(namespace: str, registry: Registry) -> None:
+    with pytest.raises(InvalidNamespaceError) as caught:
+        registry.list_versions(namespace)
+    assert repr(namespace) in str(caught.value)
+    assert "org/name" in str(caught.value)
+
+
+@pytest.mark.parametrize("channel", ["Production", "prod/eu", "", "1st", "a" * 65])
+def test_invalid_channel_names_are_refused(channel: str, registry: Registry) -> None:
+    build(registry, "1")
+    with pytest.raises(InvalidChannelError, match="invalid channel name"):
+        registry.assign_channel(NS, channel, 1, assigned_by="alice")
+
+
+# --- register, get, list ---------------------------------------------------------------------------------
+
+
+def test_register_get_and_list(registry: Registry) -> None:
+    first = build(registry, "1", labels={"os": "ubuntu"})
+    second = build(registry, "2", artifact_sha256={"local": "ab" * 32})
+    build(registry, "x", namespace="acme/api")
+
+    assert first.created
+    assert second.created
+    assert (first.version.version, second.version.version) == (1, 2)
+    assert first.version.parent_version is None
+    assert second.version.parent_version == 1
+    stored = registry.get(NS, 1)
+    assert stored == first.version
+    assert stored.labels == {"os": "ubuntu"}
+    assert stored.created_at.tzinfo is not None
+    assert ArtifactVersion.model_validate_json(stored.model_dump_json()) == stored
+    assert [v.version for v in registry.list_versions(NS)] == [1, 2]
+    assert registry.list_namespaces() == ["acme/api", "acme/web"]
+    assert registry.find_by_artifact_id(NS, "ami-2") == second.version
+    assert registry.find_by_artifact_id(NS, "ami-nope") is None
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 2
+
+
+def test_missing_version_raises_not_found(registry: Registry) -> None:
+    build(registry, "1")
+    with pytest.raises(VersionNotFoundError, match="no version 7"):
+        registry.get(NS, 7)
+    assert registry.list_versions("acme/empty") == []
+
+
+def test_versions_are_immutable_in_storage(registry: Registry, s3_client: Any, s3_bucket: str) -> None:
+    build(registry, "1")
+    key = "registry/namespaces/acme/web/versions/00000001.json"
+    before = s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    registry.revoke(NS, 1, revoked_by="alice", reason="CVE-2026-1")
+    after = s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    assert before == after
+    assert "revocation" not in json.loads(after)
+
+
+# --- idempotency -----------------------------------------------------------------------------------------
+
+
+def test_reregistering_the_same_packer_run_returns_the_existing_version(registry: Registry) -> None:
+    first = build(registry, "1")
+    again = build(registry, "1", created_by="someone-else", artifacts={"us-east-1": "ami-other"})
+    assert again.created is False
+    assert again.version == first.version
+    assert len(registry.list_versions(NS)) == 1
+
+
+def test_concurrent_reregistration_creates_exactly_one_version(registry: Registry) -> None:
+    barrier = threading.Barrier(10)
+
+    def register_same_run(_: int) -> RegistrationResult:
+        barrier.wait()
+        return build(registry, "same")
+
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(register_same_run, range(10)))
+    assert sum(result.created for result in results) == 1
+    assert {result.version.version for result in results} == {1}
+    assert len(registry.list_versions(NS)) == 1
+
+
+def test_twenty_concurrent_registrations_get_distinct_consecutive_versions(registry: Registry) -> None:
+    barrier = threading.Barrier(20)
+
+    def register_run(index: int) -> RegistrationResult:
+        barrier.wait()
+        return build(registry, f"{index:02d}")
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(register_run, range(20)))
+
+    assert all(result.created for result in results)
+    assert sorted(result.version.version for result in results) == list(range(1, 21))
+    stored = registry.list_versions(NS)
+    assert [v.version for v in stored] == list(range(1, 21))
+    assert {v.packer_run_uuid for v in stored} == {f"run-{i:02d}" for i in range(20)}
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 20
+
+
+# --- channels --------------------------------------------------------------------------------------------
+
+
+def test_channel_assignment_keeps_history(registry: Registry) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    first = registry.assign_channel(NS, "production", 1, assigned_by="alice", reason="first release")
+    second = registry.assign_channel(
+        NS, "production", 2, assigned_by="bob", reason="promote", metadata={"flow_run": "abc"}
+    )
+
+    assert (first.from_version, first.to_version) == (None, 1)
+    assert (second.from_version, second.to_version) == (1, 2)
+    assert registry.channel_history(NS, "production") == [first, second]
+    assert second.metadata == {"flow_run": "abc"}
+    assert second.assigned_at >= first.assigned_at
+    pointer = registry.get_channel(NS, "production")
+    assert pointer is not None
+    assert (pointer.version, pointer.updated_by, pointer.updated_at) == (2, "bob", second.assigned_at)
+    assert [c.channel for c in registry.list_channels(NS)] == ["latest", "production"]
+    assert registry.get_channel(NS, "staging") is None
+    assert registry.channel_history(NS, "staging") == []
+
+
+def test_latest_cannot_be_assigned_by_hand(registry: Registry) -> None:
+    build(registry, "1")
+    with pytest.raises(InvalidChannelError, match="latest"):
+        registry.assign_channel(NS, LATEST, 1, assigned_by="alice")
+
+
+def test_assigning_a_missing_version_raises_not_found(registry: Registry) -> None:
+    build(registry, "1")
+    with pytest.raises(VersionNotFoundError):
+        registry.assign_channel(NS, "production", 5, assigned_by="alice")
+
+
+def test_parent_version_follows_the_built_for_channel(registry: Registry) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+    hotfix = build(registry, "3", built_for="production")
+    assert hotfix.version.parent_version == 1
+    assert hotfix.version.built_for == "production"
+
+
+# --- revocation ------------------------------------------------------------------------------------------
+
+
+def test_latest_skips_revoked_versions(registry: Registry) -> None:
+    for run in ("1", "2", "3"):
+        build(registry, run)
+    assert registry.revoke(NS, 3, revoked_by="alice", reason="broken boot") == [3]
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 2
+    moves = [(m.from_version, m.to_version) for m in registry.channel_history(NS, LATEST)]
+    assert moves == [(None, 1), (1, 2), (2, 3), (3, 2)]
+
+    registry.revoke(NS, 1, revoked_by="alice", reason="old")
+    build(registry, "4")
+    registry.revoke(NS, 4, revoked_by="alice", reason="also broken")
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 2
+
+
+def test_revoked_version_is_refused_for_assignment_and_deploy(registry: Registry) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.assign_channel(NS, "production", 2, assigned_by="alice")
+    registry.revoke(NS, 2, revoked_by="sec-team", reason="CVE-2026-0001")
+
+    with pytest.raises(RevokedVersionError, match="CVE-2026-0001"):
+        registry.assign_channel(NS, "staging", 2, assigned_by="alice")
+    with pytest.raises(RevokedVersionError, match=r"acme/web v2 is revoked .* by sec-team: CVE-2026-0001"):
+        registry.resolve_deployable(NS, 2)
+    with pytest.raises(RevokedVersionError):
+        registry.resolve_channel(NS, "production")
+    assert registry.resolve_deployable(NS, 1).version == 1
+    revoked = registry.get(NS, 2)
+    assert revoked.revocation is not None
+    assert revoked.revocation.revoked_by == "sec-team"
+    assert registry.revoke(NS, 2, revoked_by="bob", reason="again") == []
+    assert registry.get(NS, 2).revocation == revoked.revocation
+
+
+def test_future_revocation_takes_effect_only_from_its_time(s3_client: Any, s3_bucket: str) -> None:
+    clock = FakeClock()
+    registry = Registry(s3_client, s3_bucket, clock=clock)
+    build(registry, "1")
+    build(registry, "2")
+    when = clock.now + timedelta(hours=1)
+
+    assert registry.revoke(NS, 2, revoked_by="alice", reason="sunset", at=when) == [2]
+    assert registry.resolve_deployable(NS, 2).version == 2
+    registry.assign_channel(NS, "production", 2, assigned_by="alice")
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 2
+
+    clock.now = when
+    with pytest.raises(RevokedVersionError, match="sunset"):
+        registry.resolve_deployable(NS, 2)
+    with pytest.raises(RevokedVersionError):
+        registry.assign_channel(NS, "staging", 2, assigned_by="alice")
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 1
+
+
+def test_cascade_revokes_descendants_only(registry: Registry) -> None:
+    for run in ("1", "2", "3"):
+        build(registry, run)  # 1 <- 2 <- 3 through `latest`
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+    build(registry, "4", built_for="production")  # 1 <- 4
+    registry.assign_channel(NS, "stable", 3, assigned_by="alice")
+    build(registry, "5", built_for="stable")  # 3 <- 5
+    build(registry, "6", built_for="production")  # 1 <- 6 (production still at 1)
+
+    assert registry.revoke(NS, 2, revoked_by="alice", reason="bad base", cascade=True) == [2, 3, 5]
+    states = {v.version: v.is_revoked() for v in registry.list_versions(NS)}
+    assert states == {1: False, 2: True, 3: True, 4: False, 5: True, 6: False}
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == 6
+
+
+def test_revocation_needs_a_reason(registry: Registry) -> None:
+    build(registry, "1")
+    with pytest.raises(ValueError, match="reason"):
+        registry.revoke(NS, 1, revoked_by="alice", reason=" ")
+
+
+# --- storage errors --------------------------------------------------------------------------------------
+
+
+def test_missing_bucket_is_a_clear_storage_error(s3_client: Any) -> None:
+    registry = Registry(s3_client, "no-such-bucket-here")
+    with pytest.raises(RegistryStorageError, match="'no-such-bucket-here' does not exist") as caught:
+        build(registry, "1")
+    assert "testing" not in str(caught.value)
+    with pytest.raises(RegistryStorageError, match="no-such-bucket-here"):
+        registry.list_namespaces()
+
+
+def test_unreachable_endpoint_is_a_storage_error(s3_bucket: str) -> None:
+    from tests.conftest import free_port
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="secret-must-not-leak",
+        config=boto3.session.Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    with pytest.raises(RegistryStorageError, match="could not be reached") as caught:
+        Registry(client, s3_bucket).get(NS, 1)
+    assert "secret-must-not-leak" not in str(caught.value)
+
+
+# --- block and CLI ---------------------------------------------------------------------------------------
+
+
+def make_block(moto_endpoint: str, bucket: str) -> ArtifactRegistry:
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+        aws_client_parameters={"endpoint_url": moto_endpoint},
+    )
+    return ArtifactRegistry(bucket=bucket, aws_credentials=credentials)
+
+
+def test_block_builds_a_working_registry_and_plan_store(
+    moto_endpoint: str, s3_bucket: str, s3_client: Any
+) -> None:
+    block = make_block(moto_endpoint, s3_bucket)
+    registry = block.registry()
+    build(registry, "1")
+    block.plan_store().put("prod", "run-1", b"plan")
+
+    keys = {item["Key"] for item in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert "registry/namespaces/acme/web/versions/00000001.json" in keys
+    assert "registry/plans/prod/run-1.tfplan" in keys
+    assert block.registry().get(NS, 1).artifacts == {"us-east-1": "ami-1"}
+
+
+def cli(moto_endpoint: str, bucket: str) -> Callable[..., int]:
+    def run(*argv: str) -> int:
+        return registry_cli(
+            ["--bucket", bucket, "--endpoint-url", moto_endpoint, "--region", "us-east-1", *argv]
+        )
+
+    return run
+
+
+def test_cli_prints_versions_show_channels_and_history(
+    moto_endpoint: str, s3_client: Any, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    registry = Registry(s3_client, s3_bucket, prefix="registry/")
+    build(registry, "1")
+    build(registry, "2")
+    registry.revoke(NS, 2, revoked_by="alice", reason="broken")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice", reason="go")
+    run = cli(moto_endpoint, s3_bucket)
+
+    assert run("namespaces") == 0
+    assert capsys.readouterr().out.splitlines() == [NS]
+
+    assert run("versions", NS) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["v1", "v2"]
+    assert "\tok\t" in lines[0]
+    assert "\trevoked\t" in lines[1]
+    assert "us-east-1=ami-2" in lines[1]
+
+    assert run("show", NS, "2") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["version"] == 2
+    assert shown["revocation"]["reason"] == "broken"
+
+    assert run("channels", NS) == 0
+    assert [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()] == [
+        ["latest", "v1"],
+        ["production", "v1"],
+    ]
+
+    assert run("history", NS, "production") == 0
+    assert "- -> v1\talice\tgo" in capsys.readouterr().out
+
+
+def test_cli_reports_errors_without_a_traceback(
+    moto_endpoint: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = cli(moto_endpoint, s3_bucket)
+    assert run("show", NS, "9") == 1
+    assert "no version 9" in capsys.readouterr().err
+    assert run("versions", "Not A Namespace") == 1
+    assert "org/name" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_loads_a_saved_block(
+    prefect_server: Any, moto_endpoint: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    block = make_block(moto_endpoint, s3_bucket)
+    build(block.registry(), "1")
+    block.save("registry-cli-test", overwrite=True)
+
+    assert registry_cli(["--block", "registry-cli-test", "versions", NS]) == 0
+    assert capsys.readouterr().out.startswith("v1\t")
