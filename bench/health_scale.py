@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import CountingClient, consul_standin_process
+from bench.health_latency import CountingClient, consul_standin_process
 from tasks.health_watch import (
     HealthStateStore,
     WatchConfig,

@@ -40,7 +40,16 @@ class TimedOutRun:
 
 
 def _expired(run: FlowRun, now: datetime) -> bool:
-    deadline = run.state.state_details.pause_timeout if run.state else None
+    """Still paused past its deadline, or already failed by the server for it (not yet handled by us).
+
+    The server itself fails a suspended run whose deadline passed as soon as anything proposes a new state
+    for it ("The flow was paused and never resumed."), but it neither releases our lock nor tells anyone.
+    """
+    if run.state is None:
+        return False
+    if run.state.type == StateType.FAILED:
+        return "never resumed" in (run.state.message or "")
+    deadline = run.state.state_details.pause_timeout
     return deadline is not None and deadline < now
 
 
@@ -48,17 +57,19 @@ def expire_timed_out_approvals(notifier: SlackNotifier | None, *, now: datetime 
     logger = get_run_logger()
     now = now or datetime.now(UTC)
     with get_client(sync_client=True) as client:
-        paused = client.read_flow_runs(
+        candidates = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[DEPLOY_FLOW_NAME])),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED, StateType.FAILED]))
+            ),
             limit=200,
         )
         ended: list[TimedOutRun] = []
-        for run in paused:
+        for run in candidates:
             if not _expired(run, now):
                 continue
             workspace = str(run.parameters.get("workspace", "staging"))
-            message = f"no approval before the deadline ({run.state.state_details.pause_timeout}); nothing applied"
+            message = "no approval before the deadline; nothing applied"
             client.set_flow_run_state(run.id, Cancelled(name="ApprovalTimedOut", message=message), force=True)
             holder = workspace_lock.current_holder(workspace)
             released = holder is not None and holder.holder_flow_run_id == str(run.id)

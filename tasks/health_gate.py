@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 import consul
 import requests
+from prefect import task
+from prefect.logging import get_run_logger
 
+from blocks.consul import ConsulConnection
 from tasks.errors import ConsulError
 
 GateStatus = Literal["passing", "warning", "critical", "maintenance", "missing"]
@@ -109,3 +112,30 @@ def wait_until_healthy(
             )
         # An index that went backwards (agent restart) means "start over", as Consul's docs advise.
         index = str(new_index) if index is None or int(new_index) >= int(index) else None
+
+
+@task(name="health-gate")
+def health_gate(
+    consul_connection: ConsulConnection,
+    *,
+    service_name: str,
+    service_id: str | None = None,
+    expect_meta: Mapping[str, str] | None = None,
+    deadline_seconds: float = 300,
+) -> HealthGateResult:
+    """The deploy flow's gate: ``wait_until_healthy`` with the block's client, logged for the run."""
+    logger = get_run_logger()
+    result = wait_until_healthy(
+        consul_connection.get_client(),
+        service_name=service_name,
+        service_id=service_id,
+        expect_meta=expect_meta or {},
+        deadline_seconds=deadline_seconds,
+    )
+    if result.healthy:
+        logger.info("%s (%s) is passing after %.1f s", service_name, result.service_id, result.waited_seconds)
+    else:
+        logger.warning(
+            "%s is %s after %.1f s: %s", service_name, result.status, result.waited_seconds, result.output
+        )
+    return result

@@ -32,6 +32,14 @@ recognisable: every notification carries a dedup key ``kind:node/service_id:from
 notifier (and a human) can match. Sending before persisting would instead risk a lost alert, and losing
 an alert is worse than repeating one.
 
+Restarts and gaps: a new run diffs Consul against the persisted state, so a transition that happened while
+no run was watching is reported by the next run, and a restart with nothing changed says nothing. The very
+first run (no state yet) treats every instance as new: passing ones are silent, others alert once. Service
+Meta learnt for an instance is kept in its state record, so an instance that disappears can still be named
+with the version it ran (re-registering the same service ID with new Meta keeps the old record's Meta; with
+immutable instances each deploy brings new IDs). The state is compact JSON, zlib-compressed above 256 KiB
+so thousands of instances stay under Consul's 512 KiB value limit.
+
 Deploy windows: while a deploy replaces the instances of a service, it writes
 ``icd/deploy-windows/<service_name>`` (see ``open_deploy_window``). Alerts for instances of that service
 still running ``from_version`` are then expected: they say so and go out at severity ``info``.

@@ -33,6 +33,19 @@ def _git(*args: str, cwd: Path | None = None) -> str:
     return result.stdout.strip()
 
 
+def _resolve_commit(workdir: Path, ref: str) -> str:
+    # A clone has the pushed branches as origin/<branch>; tags and SHAs resolve as given.
+    for candidate in (f"refs/remotes/origin/{ref}", ref):
+        result = run_command(
+            ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{candidate}^{{commit}}"],
+            cwd=workdir,
+            timeout=_GIT_TIMEOUT,
+        )
+        if result.returncode == 0:
+            return result.stdout.strip()
+    raise InvalidSourceError(f"ref {ref!r} is not a branch, tag or commit of the repository")
+
+
 def checkout_source(repo: str, ref: str, workdir: Path) -> SourceCheckout:
     """Clone ``repo`` and check out ``ref`` detached into ``workdir`` (replaced if it exists)."""
     if not _REF_RULE.match(ref) or ".." in ref:
@@ -41,7 +54,7 @@ def checkout_source(repo: str, ref: str, workdir: Path) -> SourceCheckout:
         shutil.rmtree(workdir)
     workdir.parent.mkdir(parents=True, exist_ok=True)
     _git("clone", "--quiet", "--no-checkout", "--", repo, str(workdir))
-    commit = _git("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}", cwd=workdir)
+    commit = _resolve_commit(workdir, ref)
     _git("-c", "advice.detachedHead=false", "checkout", "--quiet", commit, cwd=workdir)
     return SourceCheckout(repo=repo, ref=ref, commit=commit, path=workdir)
 

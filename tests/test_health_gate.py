@@ -7,9 +7,11 @@ import time
 
 import consul
 import pytest
+from prefect import flow
 
+from blocks.consul import ConsulConnection
 from tasks.errors import ConsulError
-from tasks.health_gate import evaluate_instances, wait_until_healthy
+from tasks.health_gate import HealthGateResult, evaluate_instances, health_gate, wait_until_healthy
 
 
 def register(client: consul.Consul, service_id: str, version: str, status: str) -> str:
@@ -101,3 +103,19 @@ def test_unreachable_consul_raises() -> None:
 def test_instance_status_table(checks: list[dict[str, str]], expected: str) -> None:
     entries = [{"Service": {"ID": "api-1", "Meta": {}}, "Checks": checks}]
     assert evaluate_instances(entries, service_id=None, expect_meta={})[0] == expected
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_gate_task_in_a_flow(consul_client: consul.Consul, consul_connection: ConsulConnection) -> None:
+    register(consul_client, "api-9", "v9", "passing")
+
+    @flow
+    def gate() -> HealthGateResult:
+        return health_gate(
+            consul_connection, service_name="api", expect_meta={"artifact_version": "v9"}, deadline_seconds=5
+        )
+
+    result = gate()
+    assert result.healthy
+    assert result.service_id == "api-9"

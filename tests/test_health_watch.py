@@ -20,6 +20,7 @@ from blocks.notifier import SlackNotifier
 from flows.consul_health import consul_health
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
+from tasks.errors import ConsulError
 from tasks.health_watch import (
     Alert,
     CheckHealth,
@@ -555,3 +556,26 @@ def test_flow_loads_blocks_alerts_and_publishes_the_health_table(
     table = artifacts[0].data
     assert "web-1" in str(table)
     assert "noisy-1" not in str(table)
+
+
+def test_threshold_alert_fires_when_due_without_another_consul_change(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    check = register_ttl(client, "web-1")
+    config = WatchConfig(thresholds={"web": 0.5})
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=2.5, config=config).start()
+    wait_for_rounds(watcher, 1)
+    flipped = time.monotonic()
+    client.agent.check.ttl_fail(check, "still down")
+    assert slack_standin.wait_for_messages(1, timeout=0.3) == []  # damped
+    [message] = slack_standin.wait_for_messages(1, timeout=1.0)
+    assert 0.5 <= time.monotonic() - flipped < 1.0  # woken by the due threshold, not by the window's end
+    assert "web is critical" in message.text
+    watcher.join()
+
+
+def test_unreachable_consul_raises_consul_error(slack_notifier: SlackNotifier) -> None:
+    client = consul.Consul(host="127.0.0.1", port=1, connections_timeout=1)
+    with pytest.raises(ConsulError):
+        watch(client, slack_notifier, WatchConfig(), 1.0)

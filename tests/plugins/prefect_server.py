@@ -6,6 +6,7 @@ pointed at it with ``temporary_settings`` for the whole session.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +20,17 @@ from examples.local_env import PrefectServer, start_prefect_server
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     home: Path = tmp_path_factory.mktemp("prefect-home")
     server = start_prefect_server(home)
+    # Threads (the flow engine's among them) don't inherit the settings context; without the environment
+    # they would each start an empty ephemeral server.
+    saved = {key: os.environ.get(key) for key in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(home))
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
             yield server
     finally:
         server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
