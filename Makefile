@@ -10,7 +10,7 @@ setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
-	@$(PY) -m examples.demo
+	@$(PY) -m examples.demo $(ARGS)
 
 test: setup
 	@$(PY) -m pytest $(PYTEST_ARGS)

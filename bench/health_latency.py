@@ -127,9 +127,7 @@ def naive_poller(client: CountingClient, notifier: SlackNotifier, stop: threadin
         stop.wait(1.0)
 
 
-def measure(
-    client: CountingClient, check_id: str, slack: SlackStandIn, flips: int, jitter: float
-) -> list[float]:
+def measure(client: CountingClient, check_id: str, slack: SlackStandIn, flips: int, jitter: float) -> list[float]:
     latencies: list[float] = []
     for n in range(flips * 2):
         expected = len(slack.messages) + 1
@@ -155,9 +153,7 @@ def run_contender(
     jitter: float,
 ) -> list[float]:
     with SlackStandIn(token=TOKEN) as slack:
-        notifier = SlackNotifier(
-            credentials=SlackCredentials(token=TOKEN), channel="#ops", api_url=slack.api_url
-        )
+        notifier = SlackNotifier(credentials=SlackCredentials(token=TOKEN), channel="#ops", api_url=slack.api_url)
         setup = CountingClient(addr)
         check_id = "ttl-svc-0"
         if services and not setup.client.health.service("svc-0")[1]:

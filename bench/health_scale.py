@@ -125,9 +125,7 @@ def main() -> None:
         )
         _, state = evaluate(WatchState(), snapshot, datetime.now(UTC), CONFIG, {})
 
-        ours = measure(
-            "quiet round (blocking-query watch)", addr, lambda c: quiet_round(c, state), args.repeat
-        )
+        ours = measure("quiet round (blocking-query watch)", addr, lambda c: quiet_round(c, state), args.repeat)
         naive = measure("N+1 baseline (catalog + per-svc)", addr, lambda c: n_plus_one_round(c, state), 2)
 
         store = HealthStateStore(setup.client, "bench-scale")

@@ -78,9 +78,7 @@ class SlackNotifier(Block):
             return None
         return f"{self.prefect_ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
-    def send(
-        self, notification: Notification, *, extra_secrets: Sequence[str | SecretStr] = ()
-    ) -> NotificationReceipt:
+    def send(self, notification: Notification, *, extra_secrets: Sequence[str | SecretStr] = ()) -> NotificationReceipt:
         """Redact, render and post ``notification``; returns where Slack put it.
 
         Raises ``TransientNotificationError`` when Slack is unreachable, still rate limiting after the

@@ -21,9 +21,7 @@ class ArtifactRegistry(Block):
     _description = "Artifact versions, channels and saved Terraform plans in one S3 bucket."
 
     bucket: str = Field(description="S3 bucket that holds the registry.")
-    prefix: str = Field(
-        default="registry/", description="Key prefix of everything the registry writes; ends in '/'."
-    )
+    prefix: str = Field(default="registry/", description="Key prefix of everything the registry writes; ends in '/'.")
     aws_credentials: AwsCredentials = Field(
         default_factory=AwsCredentials,
         description="Credentials and client parameters (endpoint_url, region) for S3.",

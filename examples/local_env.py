@@ -7,6 +7,7 @@ Every process is started in its own process group and stopped with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,10 +37,8 @@ def _stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
 
 
@@ -59,7 +58,9 @@ class ManagedProcess:
             return ""
 
 
-def spawn(name: str, argv: list[str], *, env: Mapping[str, str], log_dir: Path, cwd: Path | None = None) -> ManagedProcess:
+def spawn(
+    name: str, argv: list[str], *, env: Mapping[str, str], log_dir: Path, cwd: Path | None = None
+) -> ManagedProcess:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
@@ -141,13 +142,29 @@ def start_prefect_server(
 
 
 def start_worker(
-    server: PrefectServer, pool: str, *, env: Mapping[str, str] | None = None, limit: int = 4, name: str = "worker"
+    server: PrefectServer,
+    pool: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    limit: int = 4,
+    name: str = "worker",
 ) -> ManagedProcess:
     return spawn(
         name,
         [
-            sys.executable, "-m", "prefect", "worker", "start",
-            "--pool", pool, "--type", "process", "--limit", str(limit), "--name", name,
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--type",
+            "process",
+            "--limit",
+            str(limit),
+            "--name",
+            name,
         ],
         env={**server.env, **(env or {})},
         log_dir=server.home / "logs",

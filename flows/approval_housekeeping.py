@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
@@ -94,4 +95,4 @@ def expire_timed_out_approvals(notifier: SlackNotifier | None, *, now: datetime 
 @flow(name="approval-housekeeping")
 def approval_housekeeping(notifier_block: str = "ops-slack") -> list[TimedOutRun]:
     """Cancel push-to-deploy runs whose approval deadline passed, release their locks, notify."""
-    return expire_timed_out_approvals(SlackNotifier.load(notifier_block))
+    return expire_timed_out_approvals(cast(SlackNotifier, SlackNotifier.load(notifier_block)))

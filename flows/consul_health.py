@@ -82,9 +82,7 @@ def consul_health(
         thresholds=thresholds,
         reminder_minutes=reminder_minutes,
     )
-    report = watch(
-        connection.get_client(), notifier, config, window_seconds, watch_name=watch_name, logger=logger
-    )
+    report = watch(connection.get_client(), notifier, config, window_seconds, watch_name=watch_name, logger=logger)
     publish_health_artifact(report, config, watch_name)
     return {"rounds": report.rounds, "alerts_sent": report.alerts_sent, "conflicts": report.conflicts}
 

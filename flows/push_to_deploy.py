@@ -20,15 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.exceptions import Pause
 from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
-from prefect.states import Cancelled, Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
@@ -88,7 +89,13 @@ def _artifact_key(kind: str, workspace: str) -> str:
 # --- small tasks whose side effects must happen once per run, even though the flow re-runs on resume ---
 
 
-@task(name="notify-once", persist_result=True, cache_key_fn=run_scoped_cache_key, retries=3, retry_delay_seconds=[2, 5, 10])
+@task(
+    name="notify-once",
+    persist_result=True,
+    cache_key_fn=run_scoped_cache_key,
+    retries=3,
+    retry_delay_seconds=[2, 5, 10],
+)
 def notify_once(notifier: SlackNotifier, notification: Notification, *, step: str) -> str:
     return notifier.send(notification).ts
 
@@ -150,7 +157,9 @@ def record_deploy(workspace: str, lines: dict[str, str]) -> None:
 # --- the approval wait ---------------------------------------------------------------------------------
 
 
-def wait_for_approval(ctx: DeployContext, planned: PlannedDeploy, markdown: str, timeout_seconds: int) -> ApprovalDecision:
+def wait_for_approval(
+    ctx: DeployContext, planned: PlannedDeploy, markdown: str, timeout_seconds: int
+) -> ApprovalDecision:
     """Suspend until an operator answers; an answer that can't be acted on is reported and asked again."""
     logger = get_run_logger()
     for attempt in range(MAX_APPROVAL_ATTEMPTS):
@@ -233,16 +242,20 @@ def push_to_deploy(
         stack_dir=str(stack_path or stack_dir),
         service_name=service_name,
         artifact_platform=artifact_platform,
-        registry=ArtifactRegistry.load(registry_block),
-        notifier=SlackNotifier.load(notifier_block),
-        consul=ConsulConnection.load(consul_block),
+        registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
+        notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
+        consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
     )
     home = state_home()
     source = resolve_source(repo, ref, str(home / "runs" / ctx.run_id / "src"))
     version = None
     if not rebuild:
         version = find_existing_build(
-            ctx.registry, namespace, commit=source.commit, service_name=service_name, platform=artifact_platform
+            ctx.registry,
+            namespace,
+            commit=source.commit,
+            service_name=service_name,
+            platform=artifact_platform,
         )
     if version is None:
         label = next_build_label(ctx.registry, namespace)
@@ -272,11 +285,23 @@ def push_to_deploy(
     if isinstance(lease, LockHeld):
         holder = lease.holder.holder_name if lease.holder else "an unknown run"
         message = f"workspace {workspace} stayed locked by {holder} for {lease.waited_seconds:.0f}s; nothing deployed"
-        notify_once(ctx.notifier, Notification(title=f"Deploy skipped: {workspace} is locked", text=message, severity="warning", fields={"workspace": workspace}, link_url=ctx.run_url), step="lock-held")
+        notify_once(
+            ctx.notifier,
+            Notification(
+                title=f"Deploy skipped: {workspace} is locked",
+                text=message,
+                severity="warning",
+                fields={"workspace": workspace},
+                link_url=ctx.run_url,
+            ),
+            step="lock-held",
+        )
         return Cancelled(name="LockHeld", message=message)
 
     try:
-        outcome = _deploy_under_lock(ctx, version, approval_timeout_seconds, health_deadline_seconds, rollback_on_unhealthy)
+        outcome = _deploy_under_lock(
+            ctx, version, approval_timeout_seconds, health_deadline_seconds, rollback_on_unhealthy
+        )
     except Pause:
         raise  # suspended for approval: the lock must outlive this process
     except BaseException:
@@ -325,7 +350,17 @@ def _deploy_under_lock(
     view = planned.view
     if not planned.has_changes:
         message = f"{view.version_diff}: the plan has no changes; nothing to deploy"
-        notify_once(ctx.notifier, Notification(title=f"Nothing to deploy to {ctx.workspace}", text=message, severity="info", fields={"workspace": ctx.workspace}, link_url=ctx.run_url), step="no-changes")
+        notify_once(
+            ctx.notifier,
+            Notification(
+                title=f"Nothing to deploy to {ctx.workspace}",
+                text=message,
+                severity="info",
+                fields={"workspace": ctx.workspace},
+                link_url=ctx.run_url,
+            ),
+            step="no-changes",
+        )
         return Completed(name="NothingToDeploy", message=message)
 
     markdown = publish_plan(planned, run_url=ctx.run_url)
@@ -335,7 +370,12 @@ def _deploy_under_lock(
             title=f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
             text=f"{view.counts}. Approve or reject in the Prefect UI within {approval_timeout_seconds // 60} min.",
             severity="warning",
-            fields={"workspace": ctx.workspace, "artifact": view.version_diff, "plan sha256": planned.plan_sha256, "run": ctx.run_name},
+            fields={
+                "workspace": ctx.workspace,
+                "artifact": view.version_diff,
+                "plan sha256": planned.plan_sha256,
+                "run": ctx.run_name,
+            },
             link_url=ctx.run_url,
             link_text="Review and approve",
             dedup_key=f"plan-{planned.plan_sha256}",
@@ -354,10 +394,21 @@ def _deploy_under_lock(
     if not decision.approved:
         message = f"rejected by {decision.approver}: {decision.comment or 'no comment'}; nothing applied"
         record_deploy(ctx.workspace, {"outcome": "rejected", **base_record})
-        notify(ctx.notifier, Notification(title=f"Plan rejected: {view.version_diff} on {ctx.workspace}", text=message, severity="info", fields={"workspace": ctx.workspace}, link_url=ctx.run_url))
+        notify(
+            ctx.notifier,
+            Notification(
+                title=f"Plan rejected: {view.version_diff} on {ctx.workspace}",
+                text=message,
+                severity="info",
+                fields={"workspace": ctx.workspace},
+                link_url=ctx.run_url,
+            ),
+        )
         return Cancelled(name="Rejected", message=message)
 
-    return _apply_and_promote(ctx, version, planned, decision, base_record, health_deadline_seconds, rollback_on_unhealthy)
+    return _apply_and_promote(
+        ctx, version, planned, decision, base_record, health_deadline_seconds, rollback_on_unhealthy
+    )
 
 
 def _apply_and_promote(
@@ -387,7 +438,16 @@ def _apply_and_promote(
         applied = apply_plan(ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir)
         if isinstance(applied, StalePlan):
             record_deploy(ctx.workspace, {"outcome": "stale plan, nothing applied", **base_record})
-            notify(ctx.notifier, Notification(title=f"Stale plan not applied on {ctx.workspace}", text=f"{applied.reason}. Push again or re-run to plan afresh.", severity="warning", fields={"workspace": ctx.workspace, "plan sha256": planned.plan_sha256}, link_url=ctx.run_url))
+            notify(
+                ctx.notifier,
+                Notification(
+                    title=f"Stale plan not applied on {ctx.workspace}",
+                    text=f"{applied.reason}. Push again or re-run to plan afresh.",
+                    severity="warning",
+                    fields={"workspace": ctx.workspace, "plan sha256": planned.plan_sha256},
+                    link_url=ctx.run_url,
+                ),
+            )
             return Cancelled(name="StalePlan", message=applied.reason)
 
         previous = promote_channel(
@@ -397,13 +457,36 @@ def _apply_and_promote(
             version=version.version,
             assigned_by=decision.approver,
             reason=f"deployed by {ctx.run_name}",
-            metadata={"plan_sha256": planned.plan_sha256, "flow_run_id": ctx.run_id, "approved_by": decision.approver, "comment": decision.comment},
+            metadata={
+                "plan_sha256": planned.plan_sha256,
+                "flow_run_id": ctx.run_id,
+                "approved_by": decision.approver,
+                "comment": decision.comment,
+            },
         )
         gate = gate_health(ctx, applied, health_deadline_seconds)
-        record = {**base_record, "applied in": f"{applied.duration_seconds:.1f}s", "outputs": ", ".join(f"{k}={v}" for k, v in sorted(applied.outputs.items())), "health": f"{gate.status} after {gate.waited_seconds:.1f}s"}
+        record = {
+            **base_record,
+            "applied in": f"{applied.duration_seconds:.1f}s",
+            "outputs": ", ".join(f"{k}={v}" for k, v in sorted(applied.outputs.items())),
+            "health": f"{gate.status} after {gate.waited_seconds:.1f}s",
+        }
         if gate.healthy:
             record_deploy(ctx.workspace, {"outcome": "deployed", **record})
-            notify(ctx.notifier, Notification(title=f"Deployed {view.version_diff} to {ctx.workspace}", text=f"Approved by {decision.approver}; healthy in Consul after {gate.waited_seconds:.1f}s.", severity="success", fields={"workspace": ctx.workspace, "plan sha256": planned.plan_sha256, "channel": ctx.channel}, link_url=ctx.run_url))
+            notify(
+                ctx.notifier,
+                Notification(
+                    title=f"Deployed {view.version_diff} to {ctx.workspace}",
+                    text=f"Approved by {decision.approver}; healthy in Consul after {gate.waited_seconds:.1f}s.",
+                    severity="success",
+                    fields={
+                        "workspace": ctx.workspace,
+                        "plan sha256": planned.plan_sha256,
+                        "channel": ctx.channel,
+                    },
+                    link_url=ctx.run_url,
+                ),
+            )
             return Completed(name="Deployed", message=f"{view.version_diff} deployed to {ctx.workspace}")
 
         return _handle_unhealthy(ctx, version, previous, record, gate.output, rollback_on_unhealthy)
@@ -456,11 +539,29 @@ def _handle_unhealthy(
     if not rollback_on_unhealthy or previous is None:
         why = "rollback disabled" if not rollback_on_unhealthy else "no previous version to roll back to"
         record_deploy(ctx.workspace, {"outcome": f"unhealthy ({why})", **record})
-        notify(ctx.notifier, Notification(title=title, text=f"Health gate failed ({why}): {check_output[:300]}", severity="critical", fields={"workspace": ctx.workspace}, link_url=ctx.run_url))
+        notify(
+            ctx.notifier,
+            Notification(
+                title=title,
+                text=f"Health gate failed ({why}): {check_output[:300]}",
+                severity="critical",
+                fields={"workspace": ctx.workspace},
+                link_url=ctx.run_url,
+            ),
+        )
         return Failed(name="Unhealthy", message=f"{title}; {why}")
 
     target = ctx.registry.registry().resolve_deployable(ctx.namespace, previous)
-    notify(ctx.notifier, Notification(title=title, text=f"Health gate failed: {check_output[:300]}. Rolling back to v{previous}.", severity="critical", fields={"workspace": ctx.workspace}, link_url=ctx.run_url))
+    notify(
+        ctx.notifier,
+        Notification(
+            title=title,
+            text=f"Health gate failed: {check_output[:300]}. Rolling back to v{previous}.",
+            severity="critical",
+            fields={"workspace": ctx.workspace},
+            link_url=ctx.run_url,
+        ),
+    )
     rollback_plan = plan_deploy(
         ctx.registry,
         workspace=ctx.workspace,
@@ -473,7 +574,9 @@ def _handle_unhealthy(
     )
     if rollback_plan.has_changes:
         # The deployment's policy (rollback_on_unhealthy) is the approval for restoring a known-good version.
-        applied = apply_plan(ctx.registry, rollback_plan, approved_sha256=rollback_plan.plan_sha256, stack_dir=ctx.stack_dir)
+        applied = apply_plan(
+            ctx.registry, rollback_plan, approved_sha256=rollback_plan.plan_sha256, stack_dir=ctx.stack_dir
+        )
         if isinstance(applied, StalePlan):
             record_deploy(ctx.workspace, {"outcome": "unhealthy; rollback plan went stale", **record})
             return Failed(name="RollbackFailed", message=applied.reason)
@@ -484,8 +587,27 @@ def _handle_unhealthy(
         version=previous,
         assigned_by=f"flow-run/{ctx.run_name}",
         reason=f"rollback: v{version.version} failed its health gate",
-        metadata={"plan_sha256": rollback_plan.plan_sha256, "flow_run_id": ctx.run_id, "rollback_from": str(version.version)},
+        metadata={
+            "plan_sha256": rollback_plan.plan_sha256,
+            "flow_run_id": ctx.run_id,
+            "rollback_from": str(version.version),
+        },
     )
-    record_deploy(ctx.workspace, {"outcome": f"rolled back to v{previous}", **record, "rollback plan": rollback_plan.plan_sha256})
-    notify(ctx.notifier, Notification(title=f"Rolled back {ctx.workspace} to v{previous}", text=f"v{version.version} failed its health gate; v{previous} is applied and the {ctx.channel} channel points at it again.", severity="warning", fields={"workspace": ctx.workspace}, link_url=ctx.run_url))
+    record_deploy(
+        ctx.workspace,
+        {"outcome": f"rolled back to v{previous}", **record, "rollback plan": rollback_plan.plan_sha256},
+    )
+    notify(
+        ctx.notifier,
+        Notification(
+            title=f"Rolled back {ctx.workspace} to v{previous}",
+            text=(
+                f"v{version.version} failed its health gate; v{previous} is applied "
+                f"and the {ctx.channel} channel points at it again."
+            ),
+            severity="warning",
+            fields={"workspace": ctx.workspace},
+            link_url=ctx.run_url,
+        ),
+    )
     return Failed(name="RolledBack", message=f"v{version.version} unhealthy; rolled back to v{previous}")

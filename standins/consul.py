@@ -347,9 +347,7 @@ class ConsulStandIn:
         self._server.daemon_threads = True
         self._port = int(self._server.server_address[1])
         self._executor = ThreadPoolExecutor(self._check_workers, thread_name_prefix="consul-standin-check")
-        self._scheduler = threading.Thread(
-            target=self._run_scheduler, name="consul-standin-scheduler", daemon=True
-        )
+        self._scheduler = threading.Thread(target=self._run_scheduler, name="consul-standin-scheduler", daemon=True)
         self._scheduler.start()
         self._serve_thread = threading.Thread(
             target=self._server.serve_forever,
@@ -524,9 +522,7 @@ class ConsulStandIn:
             check.interval = interval
             check.run_every = max(interval, self.min_check_interval)
             check.method = str(definition.get("method") or "GET")
-            check.header = {
-                str(k): [str(v) for v in vs] for k, vs in (definition.get("header") or {}).items()
-            }
+            check.header = {str(k): [str(v) for v in vs] for k, vs in (definition.get("header") or {}).items()}
             check.tls_skip_verify = bool(definition.get("tlsskipverify"))
         else:
             raise ApiError(400, "Invalid check: TTL or Interval and one of HTTP or TCP must be specified")
@@ -589,9 +585,7 @@ class ConsulStandIn:
                 if not (definition.get("checkid") or definition.get("id")) and len(definitions) > 1:
                     check_id += f":{position}"
                 check_name = str(definition.get("name") or f"Service '{name}' check")
-                new_checks.append(
-                    (CheckRecord(check_id=check_id, name=check_name, node=state.node_name), definition)
-                )
+                new_checks.append((CheckRecord(check_id=check_id, name=check_name, node=state.node_name), definition))
             names = [service.name] + ([existing.name] if existing and existing.name != service.name else [])
             index = state._bump("services", service_names=names)
             service.create_index = existing.create_index if existing else index
@@ -782,9 +776,7 @@ class ConsulStandIn:
         }
 
     def _services_named(self, name: str, tags: list[str]) -> list[ServiceRecord]:
-        return [
-            s for s in self._state.services.values() if s.name == name and all(tag in s.tags for tag in tags)
-        ]
+        return [s for s in self._state.services.values() if s.name == name and all(tag in s.tags for tag in tags)]
 
     # --- KV -------------------------------------------------------------------------------------------
 
@@ -961,9 +953,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Router:
     """Parses one request and answers it; blocking GETs wait on the state's condition variable."""
 
-    def __init__(
-        self, api: ConsulStandIn, method: str, path: str, query: dict[str, list[str]], body: bytes
-    ) -> None:
+    def __init__(self, api: ConsulStandIn, method: str, path: str, query: dict[str, list[str]], body: bytes) -> None:
         self.api = api
         self.state = api._state
         self.method = method
@@ -1040,9 +1030,7 @@ class _Router:
                 )
         elif self.method == "GET":
             return self.route_get(p)
-        raise (
-            ApiError(405, "method not allowed") if self.known_path(p) else ApiError(404, "404 page not found")
-        )
+        raise (ApiError(405, "method not allowed") if self.known_path(p) else ApiError(404, "404 page not found"))
 
     @staticmethod
     def known_path(path: str) -> bool:
@@ -1069,11 +1057,7 @@ class _Router:
         state = self.state
         with state.cond:
             if min_index and index_of() <= min_index:
-                wait = (
-                    parse_duration(self.param("wait"))
-                    if "wait" in self.query
-                    else DEFAULT_BLOCKING_WAIT_SECONDS
-                )
+                wait = parse_duration(self.param("wait")) if "wait" in self.query else DEFAULT_BLOCKING_WAIT_SECONDS
                 wait = min(wait, MAX_BLOCKING_WAIT_SECONDS)
                 wait += random.uniform(0, wait / 16)  # noqa: S311  # Consul's jitter
                 changed = wake_on or index_of
@@ -1140,9 +1124,7 @@ class _Router:
                 lambda i: _raw_json_reply(
                     "["
                     + ",".join(
-                        c.health_json()
-                        for c in state.checks.values()
-                        if wanted == "any" or c.synced_status == wanted
+                        c.health_json() for c in state.checks.values() if wanted == "any" or c.synced_status == wanted
                     )
                     + "]",
                     index=i,
@@ -1153,9 +1135,7 @@ class _Router:
             return self.blocking(
                 lambda: state.service_name_index.get(name, state.table_index["services"]),
                 lambda i: _raw_json_reply(
-                    "["
-                    + ",".join(c.health_json() for c in state.checks.values() if c.service_name == name)
-                    + "]",
+                    "[" + ",".join(c.health_json() for c in state.checks.values() if c.service_name == name) + "]",
                     index=i,
                 ),
             )
@@ -1184,21 +1164,13 @@ class _Router:
             tags = self.query.get("tag", [])
             return self.blocking(
                 lambda: state.service_name_index.get(name, state.table_index["services"]),
-                lambda i: _json_reply(
-                    [api._catalog_service_dict(s) for s in api._services_named(name, tags)], index=i
-                ),
+                lambda i: _json_reply([api._catalog_service_dict(s) for s in api._services_named(name, tags)], index=i),
             )
         if p == "/v1/catalog/nodes":
-            return self.blocking(
-                lambda: state.table_index["nodes"], lambda i: _json_reply([api._node_dict()], index=i)
-            )
+            return self.blocking(lambda: state.table_index["nodes"], lambda i: _json_reply([api._node_dict()], index=i))
         if p.startswith("/v1/kv/"):
             return self.kv_get(p.removeprefix("/v1/kv/"))
-        raise (
-            ApiError(404, "404 page not found")
-            if not self.known_path(p)
-            else ApiError(405, "method not allowed")
-        )
+        raise (ApiError(404, "404 page not found") if not self.known_path(p) else ApiError(405, "method not allowed"))
 
     def catalog_services(self) -> dict[str, list[str]]:
         answer: dict[str, list[str]] = {}

@@ -26,7 +26,8 @@ class PlanApproval(RunInput):
     approver: str = Field(default="", description="Your name (required). Recorded with the deploy.")
     comment: str = Field(default="", description="Why; shown in the deploy record and notifications.")
     plan_sha256: str = Field(
-        default="", description="The plan being approved (pre-filled). Leave as is: it guards against a stale plan."
+        default="",
+        description="The plan being approved (pre-filled). Leave as is: it guards against a stale plan.",
     )
 
 
@@ -63,6 +64,4 @@ def check_approval(answer: PlanApproval, *, expected_sha256: str) -> ApprovalDec
 
 def approval_form(expected_sha256: str, summary_markdown: str) -> type[PlanApproval]:
     """The form with the plan hash pre-filled and the plan summary as its description."""
-    return PlanApproval.with_initial_data(
-        description=summary_markdown, plan_sha256=expected_sha256, decision="approve"
-    )
+    return PlanApproval.with_initial_data(description=summary_markdown, plan_sha256=expected_sha256, decision="approve")

@@ -25,13 +25,13 @@ from typing import Any
 
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
+from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.registry import ArtifactRegistry
 from tasks import packer
 from tasks.errors import (
     ConflictError,
+    PackerError,
     PlanIntegrityError,
     RegistryStorageError,
     StalePlanError,
@@ -106,13 +106,13 @@ def collect_artifacts(build: packer.PackerBuild) -> tuple[str, dict[str, str], d
         if image_path and entry.builder_type in {"null", "file"}:
             path = Path(image_path)
             if not path.is_file():
-                raise packer.PackerError(f"the build reported image {path} but no such file exists")
+                raise PackerError(f"the build reported image {path} but no such file exists")
             artifacts["local"] = str(path)
             digests["local"] = _sha256_file(path)
             continue
         artifacts.update(entry.artifact_ids)
     if not artifacts:
-        raise packer.PackerError("the build produced no artifact ids")
+        raise PackerError("the build produced no artifact ids")
     return "+".join(sorted(set(builder_types))), artifacts, digests
 
 
@@ -131,7 +131,7 @@ def build_artifact(
     logger = get_run_logger()
     template_dir = source.path / template_subdir
     if not template_dir.is_dir():
-        raise packer.PackerError(f"no Packer template directory {template_subdir!r} in {source.repo}@{source.ref}")
+        raise PackerError(f"no Packer template directory {template_subdir!r} in {source.repo}@{source.ref}")
     result = packer.build(
         template_dir,
         {
@@ -159,7 +159,13 @@ def build_artifact(
     )
 
 
-@task(name="find-existing-build", persist_result=True, cache_key_fn=run_scoped_cache_key, retries=3, retry_delay_seconds=[1, 3, 9])
+@task(
+    name="find-existing-build",
+    persist_result=True,
+    cache_key_fn=run_scoped_cache_key,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+)
 def find_existing_build(
     registry: ArtifactRegistry, namespace: str, *, commit: str, service_name: str, platform: str
 ) -> ArtifactVersion | None:
@@ -180,7 +186,13 @@ def find_existing_build(
     return max(candidates, key=lambda version: version.version, default=None)
 
 
-@task(name="next-build-label", persist_result=True, cache_key_fn=run_scoped_cache_key, retries=3, retry_delay_seconds=[1, 3, 9])
+@task(
+    name="next-build-label",
+    persist_result=True,
+    cache_key_fn=run_scoped_cache_key,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+)
 def next_build_label(registry: ArtifactRegistry, namespace: str) -> str:
     """The version the build will most likely get, baked into the image and its Consul service ID.
 

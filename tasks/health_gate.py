@@ -98,9 +98,7 @@ def wait_until_healthy(
             new_index, entries = client.health.service(service_name, **kwargs)
         except (consul.ConsulException, requests.RequestException) as exc:
             raise ConsulError(f"Consul health query for {service_name!r} failed: {exc}") from exc
-        status, output, matched_id = evaluate_instances(
-            entries or (), service_id=service_id, expect_meta=expect_meta
-        )
+        status, output, matched_id = evaluate_instances(entries or (), service_id=service_id, expect_meta=expect_meta)
         waited = time.monotonic() - started
         if status == "passing" or waited >= deadline_seconds:
             return HealthGateResult(
@@ -135,7 +133,5 @@ def health_gate(
     if result.healthy:
         logger.info("%s (%s) is passing after %.1f s", service_name, result.service_id, result.waited_seconds)
     else:
-        logger.warning(
-            "%s is %s after %.1f s: %s", service_name, result.status, result.waited_seconds, result.output
-        )
+        logger.warning("%s is %s after %.1f s: %s", service_name, result.status, result.waited_seconds, result.output)
     return result

@@ -443,9 +443,7 @@ def next_wakeup(state: WatchState, config: WatchConfig) -> datetime | None:
         if rec.observed_status != rec.alerted_status:
             due.append(rec.observed_since + config.threshold_for(rec.service_name))
         elif (
-            config.reminder_interval is not None
-            and rec.alerted_status == "critical"
-            and rec.last_alert_at is not None
+            config.reminder_interval is not None and rec.alerted_status == "critical" and rec.last_alert_at is not None
         ):
             due.append(rec.last_alert_at + config.reminder_interval)
     return min(due, default=None)
@@ -466,9 +464,7 @@ def services_needing_meta(
     needed = {a.service_name for a in alerts if a.meta is None and a.kind != "disappeared"}
     open_windows = {name for name, window in deploy_windows.items() if now < window.until}
     needed.update(
-        rec.service_name
-        for rec in current.instances.values()
-        if rec.meta is None and rec.service_name in open_windows
+        rec.service_name for rec in current.instances.values() if rec.meta is None and rec.service_name in open_windows
     )
     return needed
 
@@ -485,9 +481,7 @@ _TITLES: Mapping[AlertKind, str] = {
 }
 
 
-def alert_notification(
-    alert: Alert, deploy_run_url: Callable[[str], str | None] | None = None
-) -> Notification:
+def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None] | None = None) -> Notification:
     """The operator message for one alert: what changed, why (failing checks), and which deploy it runs."""
     status = "recovered (passing)" if alert.kind == "status" and alert.status == "passing" else alert.status
     title = _TITLES[alert.kind].format(service=alert.service_name, status=status, node=alert.node)
@@ -495,8 +489,7 @@ def alert_notification(
     if alert.expected_by is not None:
         window = alert.expected_by
         lines.append(
-            f"_Expected during deploy of {window.from_version} -> {window.to_version} "
-            f"(run {window.deploy_run_id})._"
+            f"_Expected during deploy of {window.from_version} -> {window.to_version} (run {window.deploy_run_id})._"
         )
     if alert.previous_status is not None and alert.kind != "reminder":
         lines.append(f"`{alert.service_id}`: {alert.previous_status} -> {alert.status}")
@@ -548,9 +541,7 @@ def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-def encode_state(
-    state: WatchState, outbox: Sequence[Notification] = (), outbox_since: datetime | None = None
-) -> bytes:
+def encode_state(state: WatchState, outbox: Sequence[Notification] = (), outbox_since: datetime | None = None) -> bytes:
     records = {
         key: [
             rec.service_name,
@@ -653,16 +644,12 @@ def open_deploy_window(
         to_version=to_version,
         until=(now or datetime.now(UTC)) + duration,
     )
-    if not _consul_call(
-        "deploy window write", client.kv.put, DEPLOY_WINDOW_PREFIX + service_name, window.to_json()
-    ):
+    if not _consul_call("deploy window write", client.kv.put, DEPLOY_WINDOW_PREFIX + service_name, window.to_json()):
         raise ConsulError(f"Consul refused the deploy window for {service_name}")
     return window
 
 
-def close_deploy_window(
-    client: consul.Consul, service_name: str, *, deploy_run_id: str | None = None
-) -> bool:
+def close_deploy_window(client: consul.Consul, service_name: str, *, deploy_run_id: str | None = None) -> bool:
     """Remove the window; with ``deploy_run_id`` only if it is still that run's. True when one was removed."""
     key = DEPLOY_WINDOW_PREFIX + service_name
     _, item = _consul_call("deploy window read", client.kv.get, key)
@@ -780,12 +767,9 @@ def watch(
 
     while True:
         if stored.outbox and (
-            stored.outbox_since is None
-            or (now_fn() - stored.outbox_since).total_seconds() >= OUTBOX_STALE_SECONDS
+            stored.outbox_since is None or (now_fn() - stored.outbox_since).total_seconds() >= OUTBOX_STALE_SECONDS
         ):
-            claimed = store.save(
-                stored.state, cas=stored.modify_index, outbox=stored.outbox, outbox_since=now_fn()
-            )
+            claimed = store.save(stored.state, cas=stored.modify_index, outbox=stored.outbox, outbox_since=now_fn())
             if claimed is not None:
                 log.warning("Re-sending %d notification(s) left unsent by an earlier run", len(stored.outbox))
                 alerts_sent += _send_all(notifier, stored.outbox, log)
@@ -816,9 +800,7 @@ def watch(
             # Another run's unsent outbox is kept as it is: only that run (or a later one) sends it.
             foreign, foreign_since = stored.outbox, stored.outbox_since
             outbox = (*foreign, *notifications)
-            written = store.save(
-                new_state, cas=stored.modify_index, outbox=outbox, outbox_since=foreign_since or now
-            )
+            written = store.save(new_state, cas=stored.modify_index, outbox=outbox, outbox_since=foreign_since or now)
             if written is None:
                 # Another run persisted first and owns whatever it found; diff against its state instead.
                 conflicts += 1
@@ -827,22 +809,14 @@ def watch(
             stored = StoredState(new_state, outbox, (foreign_since or now) if outbox else None, written)
             if notifications:
                 for a in alerts:
-                    log.info(
-                        "Alert %s: %s %s -> %s", a.dedup_key, a.service_name, a.previous_status, a.status
-                    )
+                    log.info("Alert %s: %s %s -> %s", a.dedup_key, a.service_name, a.previous_status, a.status)
                 alerts_sent += _send_all(notifier, notifications, log)
                 cleared = store.save(new_state, cas=written, outbox=foreign, outbox_since=foreign_since)
-                stored = (
-                    store.load()
-                    if cleared is None
-                    else StoredState(new_state, foreign, foreign_since, cleared)
-                )
+                stored = store.load() if cleared is None else StoredState(new_state, foreign, foreign_since, cleared)
             break
         else:
             raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
-    log.info(
-        "Watch ended after %d round(s): %d alert(s) sent, %d CAS conflict(s)", rounds, alerts_sent, conflicts
-    )
+    log.info("Watch ended after %d round(s): %d alert(s) sent, %d CAS conflict(s)", rounds, alerts_sent, conflicts)
     return WatchReport(
         rounds=rounds, alerts_sent=alerts_sent, conflicts=conflicts, snapshot=snapshot, state=stored.state
     )

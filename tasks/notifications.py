@@ -112,9 +112,7 @@ def redact_notification(notification: Notification, secrets: Iterable[str | Secr
 def render_slack_message(notification: Notification) -> tuple[str, list[dict[str, Any]]]:
     """The fallback text (shown in push notifications and screen readers) and the Block Kit blocks."""
     style = SEVERITY_STYLES[notification.severity]
-    fallback = _clip(
-        f"{style.emoji} [{style.label}] {notification.title}: {notification.text}", _FALLBACK_MAX
-    )
+    fallback = _clip(f"{style.emoji} [{style.label}] {notification.title}: {notification.text}", _FALLBACK_MAX)
     blocks: list[dict[str, Any]] = [
         {
             "type": "header",

@@ -218,9 +218,7 @@ def _manifest_build(entry: Mapping[str, Any]) -> ManifestBuild:
         builder_type=builder_type,
         artifact_ids=parse_artifact_id(str(entry["artifact_id"]), builder_type),
         packer_run_uuid=str(entry["packer_run_uuid"]),
-        files=tuple(
-            ManifestFile(name=str(file["name"]), size=int(file["size"])) for file in entry.get("files") or ()
-        ),
+        files=tuple(ManifestFile(name=str(file["name"]), size=int(file["size"])) for file in entry.get("files") or ()),
         custom_data={str(k): str(v) for k, v in (entry.get("custom_data") or {}).items()},
         build_time=int(entry["build_time"]),
     )
@@ -231,9 +229,7 @@ def parse_manifest(document: Mapping[str, Any]) -> PackerBuild:
     try:
         run_uuid = str(document["last_run_uuid"])
         builds = tuple(
-            _manifest_build(entry)
-            for entry in document.get("builds") or ()
-            if entry.get("packer_run_uuid") == run_uuid
+            _manifest_build(entry) for entry in document.get("builds") or () if entry.get("packer_run_uuid") == run_uuid
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PackerError(f"the Packer manifest has an unexpected shape: {exc!r}") from exc

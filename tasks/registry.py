@@ -58,8 +58,7 @@ DEFAULT_MAX_ATTEMPTS = 40
 _NAME_PART = re.compile(r"[a-z0-9_-]{1,64}")
 _CHANNEL_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _NAMESPACE_RULE = (
-    "a namespace is 'org/name': exactly one '/', each part 1-64 characters of lowercase letters, "
-    "digits, '-' or '_'"
+    "a namespace is 'org/name': exactly one '/', each part 1-64 characters of lowercase letters, digits, '-' or '_'"
 )
 _CHANNEL_RULE = "must start with a lowercase letter, then up to 63 lowercase letters, digits, '-' or '_'"
 _VERSION_DIGITS = 8
@@ -213,9 +212,7 @@ class _S3Objects:
         """Create (``if_match=None``) or swap; False when the condition failed (someone else won)."""
         condition = {"IfMatch": if_match} if if_match is not None else {"IfNoneMatch": "*"}
         try:
-            self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **condition
-            )
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType="application/json", **condition)
         except ClientError as exc:
             # An IfMatch against a key deleted meanwhile is a lost race too.
             if is_conflict(exc) or (if_match is not None and is_not_found(exc)):
@@ -355,9 +352,7 @@ class Registry:
                 return index.runs[packer_run_uuid]
             number = index.last_version + 1
             updated = _NamespaceIndex(last_version=number, runs={**index.runs, packer_run_uuid: number})
-            if self._objects.write(
-                key, updated.model_dump_json().encode(), if_match=found[1] if found else None
-            ):
+            if self._objects.write(key, updated.model_dump_json().encode(), if_match=found[1] if found else None):
                 return number
             self._backoff(attempt)
         raise ConflictError(
@@ -386,9 +381,7 @@ class Registry:
 
     def _version_numbers(self, namespace: str, kind: str = "versions") -> list[int]:
         folder = f"{self._namespace_key(namespace)}{kind}/"
-        return sorted(
-            int(key[len(folder) :].removesuffix(".json")) for key in self._objects.list_keys(folder)
-        )
+        return sorted(int(key[len(folder) :].removesuffix(".json")) for key in self._objects.list_keys(folder))
 
     def list_namespaces(self) -> list[str]:
         root = f"{self.prefix}namespaces/"
@@ -553,9 +546,7 @@ class Registry:
         """
         validate_channel_name(channel)
         if channel == LATEST:
-            raise InvalidChannelError(
-                f"channel {LATEST!r} follows the newest version by itself; pick another"
-            )
+            raise InvalidChannelError(f"channel {LATEST!r} follows the newest version by itself; pick another")
         record = self.get(namespace, version)
         if record.is_revoked(self._now()) and record.revocation is not None:
             raise RevokedVersionError(

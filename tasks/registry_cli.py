@@ -70,9 +70,7 @@ def run(args: argparse.Namespace) -> None:
             print(_version_line(record))
     elif args.command == "channels":
         for pointer in registry.list_channels(args.namespace):
-            print(
-                f"{pointer.channel}\tv{pointer.version}\t{pointer.updated_at.isoformat()}\t{pointer.updated_by}"
-            )
+            print(f"{pointer.channel}\tv{pointer.version}\t{pointer.updated_at.isoformat()}\t{pointer.updated_by}")
     elif args.command == "show":
         print(registry.get(args.namespace, args.version).model_dump_json(indent=2))
     elif args.command == "history":

@@ -182,9 +182,7 @@ def init_args(
     return args
 
 
-def plan_args(
-    *, variables: Mapping[str, str], out: Path, destroy: bool = False, lock_timeout: str = "0s"
-) -> list[str]:
+def plan_args(*, variables: Mapping[str, str], out: Path, destroy: bool = False, lock_timeout: str = "0s") -> list[str]:
     args = [
         "plan",
         "-input=false",
@@ -446,9 +444,7 @@ class Terraform:
         plugin_dir: Path | None = None,
         reconfigure: bool = False,
     ) -> None:
-        self._run_checked(
-            init_args(backend_config=backend_config, plugin_dir=plugin_dir, reconfigure=reconfigure)
-        )
+        self._run_checked(init_args(backend_config=backend_config, plugin_dir=plugin_dir, reconfigure=reconfigure))
 
     def plan(
         self, *, variables: Mapping[str, str], out: Path, destroy: bool = False, lock_timeout: str = "0s"
@@ -470,9 +466,7 @@ class Terraform:
         result = self._run_checked(show_plan_args(path), stream_stdout=False)
         return parse_plan_json(result.stdout, sha256=digest)
 
-    def apply(
-        self, plan_file: Path, *, lock_timeout: str = "0s", expected_sha256: str | None = None
-    ) -> ApplyResult:
+    def apply(self, plan_file: Path, *, lock_timeout: str = "0s", expected_sha256: str | None = None) -> ApplyResult:
         """Apply a saved plan file, never a directory.
 
         ``expected_sha256`` is checked against the bytes right before Terraform starts, so a plan swapped
@@ -483,9 +477,7 @@ class Terraform:
             raise ValueError(f"apply needs an existing saved plan file, got {path}")
         digest = file_sha256(path)
         if expected_sha256 is not None and digest != expected_sha256:
-            raise PlanIntegrityError(
-                f"plan file {path.name} has sha256 {digest}, but {expected_sha256} was approved"
-            )
+            raise PlanIntegrityError(f"plan file {path.name} has sha256 {digest}, but {expected_sha256} was approved")
         result = self._run_checked(apply_args(path, lock_timeout=lock_timeout))
         return ApplyResult(plan_file=path, plan_sha256=digest, duration_seconds=result.duration_seconds)
 

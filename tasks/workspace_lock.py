@@ -21,6 +21,7 @@ the slot occupied forever).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import re
@@ -34,7 +35,6 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.variables import Variable
 
@@ -102,7 +102,7 @@ def _ensure_limit(name: str) -> None:
 
 
 def current_holder(workspace: str) -> WorkspaceLease | None:
-    raw = Variable.get(_record_name(workspace), default=None)
+    raw: Any = Variable.get(_record_name(workspace), default=None)
     if not raw:
         return None
     try:
@@ -140,9 +140,7 @@ def acquire(
                 retry_after = float(exc.response.headers.get("Retry-After", _MAX_POLL_SECONDS))
             now = time.monotonic()
             if now >= deadline:
-                return LockHeld(
-                    workspace=workspace, holder=current_holder(workspace), waited_seconds=now - started
-                )
+                return LockHeld(workspace=workspace, holder=current_holder(workspace), waited_seconds=now - started)
             pause = min(retry_after, _MAX_POLL_SECONDS, deadline - now) * random.uniform(0.8, 1.0)  # noqa: S311  # jitter, not crypto
             time.sleep(max(pause, 0.05))
     granted = response.json()
@@ -150,14 +148,14 @@ def acquire(
         # strict: a limit that vanished between creation and acquisition would otherwise run unguarded
         raise WorkspaceLockError(f"concurrency limit {name!r} does not exist; refusing to deploy unguarded")
     lease_id = str(granted["lease_id"])
-    now = datetime.now(UTC)
+    acquired_at = datetime.now(UTC)
     lease = WorkspaceLease(
         workspace=workspace,
         lease_id=lease_id,
         holder_flow_run_id=holder_flow_run_id,
         holder_name=holder_name,
-        acquired_at=now.isoformat(),
-        expires_at=(now + timedelta(seconds=lease_seconds)).isoformat(),
+        acquired_at=acquired_at.isoformat(),
+        expires_at=(acquired_at + timedelta(seconds=lease_seconds)).isoformat(),
     )
     Variable.set(_record_name(workspace), json.dumps(asdict(lease)), overwrite=True)
     return lease
@@ -205,11 +203,8 @@ def break_lock(workspace: str) -> WorkspaceLease | None:
     if holder is not None:
         _release_lease(holder.lease_id)
         Variable.unset(_record_name(workspace))
-    with get_client(sync_client=True) as client:
-        try:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-        except ObjectNotFound:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
     return holder
 
 

@@ -39,9 +39,7 @@ def moto_endpoint() -> Iterator[str]:
     server.start()
     # Credentials are fake but must exist; set them for subprocesses (packer, the Prefect worker) too.
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=AWS_REGION
-    )
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=AWS_REGION)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -34,9 +34,7 @@ class RawReply:
 @pytest.fixture
 def connection(consul_http_addr: str) -> ConsulConnection:
     token = os.environ.get("CONSUL_HTTP_TOKEN")
-    return ConsulConnection(
-        address=consul_http_addr, token=SecretStr(token) if token else None, timeout_seconds=15.0
-    )
+    return ConsulConnection(address=consul_http_addr, token=SecretStr(token) if token else None, timeout_seconds=15.0)
 
 
 @pytest.fixture
@@ -54,9 +52,7 @@ def raw_get(connection: ConsulConnection) -> Callable[[str], RawReply]:
             request.add_header("X-Consul-Token", connection.token.get_secret_value())
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
             body = response.read()
-            return RawReply(
-                response.status, dict(response.headers.items()), json.loads(body) if body else None
-            )
+            return RawReply(response.status, dict(response.headers.items()), json.loads(body) if body else None)
 
     return get
 
@@ -265,9 +261,7 @@ def test_kv_recurse_keys_and_raw(
     assert [e["Key"] for e in left] == [f"{kv_prefix}a"]
 
 
-def test_service_maintenance_adds_and_removes_a_critical_check(
-    client: consul.Consul, service_name: str
-) -> None:
+def test_service_maintenance_adds_and_removes_a_critical_check(client: consul.Consul, service_name: str) -> None:
     service_id = f"{service_name}-1"
     client.agent.service.register(service_name, service_id=service_id, check=consul.Check.ttl("30s"))
     client.agent.check.ttl_pass(f"service:{service_id}")

@@ -437,9 +437,7 @@ def test_ten_thousand_ttl_checks_register_and_health_state_answers(
 ) -> None:
     for service_number in range(1000):
         checks = [{"CheckID": f"svc-{service_number}-ttl-{n}", "TTL": "10m"} for n in range(10)]
-        consul_client.agent.service.register(
-            f"svc-{service_number}", check=checks[0], extra_checks=checks[1:]
-        )
+        consul_client.agent.service.register(f"svc-{service_number}", check=checks[0], extra_checks=checks[1:])
 
     status, headers, body = _get(f"{consul_standin.http_addr}/v1/health/state/any")
     _, critical = consul_client.health.state("critical")

@@ -109,9 +109,7 @@ class AppTree:
         return self.root / "packer"
 
 
-def packer_build(
-    tree: AppTree, only: str, version: str, output_dir: Path, **extra_vars: str
-) -> CompletedCommand:
+def packer_build(tree: AppTree, only: str, version: str, output_dir: Path, **extra_vars: str) -> CompletedCommand:
     variables = {
         "version": version,
         "commit": f"c0ffee{version}",
@@ -236,9 +234,7 @@ def test_ami_build_against_moto_is_tagged(app_tree: AppTree, moto_endpoint: str,
 # --- the app and its start/stop scripts ----------------------------------------------------------------
 
 
-def test_app_health_flips_to_500_while_the_unhealthy_file_exists(
-    images: dict[str, Path], tmp_path: Path
-) -> None:
+def test_app_health_flips_to_500_while_the_unhealthy_file_exists(images: dict[str, Path], tmp_path: Path) -> None:
     instance = unpack(images["1.0.0"], tmp_path / "instance")
     proc = subprocess.Popen(
         [sys.executable, str(instance / "app" / "app.py"), "--port", "0", "--instance-dir", str(instance)],
@@ -353,9 +349,7 @@ class LocalStack:
         return [arg for name, value in values.items() for arg in ("-var", f"{name}={value}")]
 
     def apply(self, image: Path, version: str, deploy_run_id: str) -> CompletedCommand:
-        return self.run(
-            "apply", "-auto-approve", "-input=false", *self.var_args(image, version, deploy_run_id)
-        )
+        return self.run("apply", "-auto-approve", "-input=false", *self.var_args(image, version, deploy_run_id))
 
     def outputs(self) -> dict[str, str]:
         raw = json.loads(self.run("output", "-json").stdout)
@@ -421,9 +415,7 @@ def test_local_stack_deploys_replaces_and_destroys_instances(
     assert not process_alive(v1_pid)
     assert not v1_dir.exists()
     # create_before_destroy: v2 was registered (start prints its state) before v1 was stopped.
-    assert replaced.stdout.index('"service_id": "web-2.0.0"') < replaced.stdout.index(
-        '"stopped": "web-1.0.0"'
-    )
+    assert replaced.stdout.index('"service_id": "web-2.0.0"') < replaced.stdout.index('"stopped": "web-1.0.0"')
     wait_for_check_status(consul_addr, "service:web-2.0.0", "passing")
     v2_dir = Path(local_stack.outputs()["instance_dir"])
     v2_pid = int((v2_dir / "app.pid").read_text())

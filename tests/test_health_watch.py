@@ -223,9 +223,7 @@ def test_first_state_is_remembered_across_restart_without_realerting() -> None:
     config = WatchConfig()
     _, state = evaluate(WatchState(), snap(instance(status="critical")), T0, config, NO_WINDOWS)
     restored, _, _ = decode_state(encode_state(state))
-    alerts, again = evaluate(
-        restored, snap(instance(status="critical")), T0 + timedelta(seconds=5), config, NO_WINDOWS
-    )
+    alerts, again = evaluate(restored, snap(instance(status="critical")), T0 + timedelta(seconds=5), config, NO_WINDOWS)
     assert alerts == []
     assert again == restored
 
@@ -288,9 +286,7 @@ def test_deploy_window_marks_old_version_alerts_expected_at_info() -> None:
     assert message.fields["Version"] == "v3"
     assert message.fields["Deploy run"] == "run-41"
     # After the window the same alert is a page again.
-    late, _ = evaluate(
-        state, snap(instance(status="critical")), T0 + timedelta(minutes=11), config, {"web": window}
-    )
+    late, _ = evaluate(state, snap(instance(status="critical")), T0 + timedelta(minutes=11), config, {"web": window})
     assert late[0].expected_by is None
     assert late[0].severity == "critical"
 
@@ -300,9 +296,7 @@ def test_next_wakeup_is_the_earliest_threshold_or_reminder() -> None:
     db_down = instance("db", "db-1", status="critical")
     _, state = evaluate(WatchState(), snap(instance(), db_down), T0, config, {})
     assert next_wakeup(state, config) == T0 + timedelta(minutes=5)  # db's reminder
-    _, state = evaluate(
-        state, snap(instance(status="critical"), db_down), T0 + timedelta(seconds=10), config, {}
-    )
+    _, state = evaluate(state, snap(instance(status="critical"), db_down), T0 + timedelta(seconds=10), config, {})
     assert next_wakeup(state, config) == T0 + timedelta(seconds=40)  # web's threshold
     _, state = evaluate(state, snap(instance(), db_down), T0 + timedelta(seconds=20), config, {})
     assert next_wakeup(state, config) == T0 + timedelta(minutes=5)  # web flapped back: nothing pending
@@ -333,9 +327,7 @@ class CountingClient:
         return sum(1 for p in self.paths if p.startswith("/v1/health/"))
 
 
-def register_ttl(
-    agent: consul.Consul, service_id: str, *, version: str = "v1", status: str = "passing"
-) -> str:
+def register_ttl(agent: consul.Consul, service_id: str, *, version: str = "v1", status: str = "passing") -> str:
     agent.agent.service.register(
         "web",
         service_id=service_id,
@@ -346,15 +338,11 @@ def register_ttl(
 
 
 class WatchThread:
-    def __init__(
-        self, http_addr: str, notifier: SlackNotifier, window: float, config: WatchConfig | None = None
-    ):
+    def __init__(self, http_addr: str, notifier: SlackNotifier, window: float, config: WatchConfig | None = None):
         self.counting = CountingClient(http_addr)
         self.report: WatchReport | None = None
         self.error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(notifier, window, config or WatchConfig()), daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, args=(notifier, window, config or WatchConfig()), daemon=True)
 
     def _run(self, notifier: SlackNotifier, window: float, config: WatchConfig) -> None:
         try:
@@ -530,9 +518,7 @@ def test_flow_loads_blocks_alerts_and_publishes_the_health_table(
     register_ttl(client, "web-1", status="critical")
     register_ttl(client, "web-2")
     client.agent.service.register("noisy", service_id="noisy-1", check={"TTL": "600s", "Status": "critical"})
-    ConsulConnection(address=consul_standin.http_addr, timeout_seconds=5).save(
-        "health-test-consul", overwrite=True
-    )
+    ConsulConnection(address=consul_standin.http_addr, timeout_seconds=5).save("health-test-consul", overwrite=True)
     slack_notifier.save("health-test-slack", overwrite=True)
 
     result = consul_health(

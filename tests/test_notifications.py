@@ -45,9 +45,7 @@ def _blocks_of_type(blocks: list[dict[str, Any]], kind: str) -> list[dict[str, A
         ("critical", ":rotating_light:", "Critical"),
     ],
 )
-def test_render_marks_severity_in_header_fallback_and_context(
-    severity: Severity, emoji: str, label: str
-) -> None:
+def test_render_marks_severity_in_header_fallback_and_context(severity: Severity, emoji: str, label: str) -> None:
     fallback, blocks = render_slack_message(Notification("Deployed web", "all *good*", severity))
 
     assert fallback == f"{emoji} [{label}] Deployed web: all *good*"
@@ -99,9 +97,7 @@ def test_render_fields_as_escaped_sections_of_at_most_ten(
 def test_render_link_as_a_button(
     link_url: str | None, link_text: str | None, expected_button: tuple[str, str] | None
 ) -> None:
-    _, blocks = render_slack_message(
-        Notification("t", "x", "warning", link_url=link_url, link_text=link_text)
-    )
+    _, blocks = render_slack_message(Notification("t", "x", "warning", link_url=link_url, link_text=link_text))
 
     buttons = [element for b in _blocks_of_type(blocks, "actions") for element in b["elements"]]
     assert [(b["text"]["text"], b["url"]) for b in buttons] == ([expected_button] if expected_button else [])
@@ -221,9 +217,7 @@ def test_wrong_token_raises_notification_error_without_the_token(
     assert slack_standin.messages == []
 
 
-def test_unknown_channel_raises_notification_error(
-    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
-) -> None:
+def test_unknown_channel_raises_notification_error(slack_standin: SlackStandIn, slack_notifier: SlackNotifier) -> None:
     notifier = slack_notifier.model_copy(update={"channel": "#nowhere"})
 
     with pytest.raises(NotificationError, match="channel_not_found"):
@@ -294,9 +288,7 @@ def test_standin_records_incoming_webhooks(slack_standin: SlackStandIn) -> None:
     response = WebhookClient(slack_standin.webhook_url("T1/B1/x")).send(text="hello")
 
     assert (response.status_code, response.body) == (200, "ok")
-    assert [(d.webhook_id, d.payload) for d in slack_standin.webhook_deliveries] == [
-        ("T1/B1/x", {"text": "hello"})
-    ]
+    assert [(d.webhook_id, d.payload) for d in slack_standin.webhook_deliveries] == [("T1/B1/x", {"text": "hello"})]
 
 
 # --- the Prefect task inside a flow ---------------------------------------------------------------------

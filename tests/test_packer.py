@@ -151,9 +151,7 @@ def test_parse_machine_readable_unescapes_commas_and_newlines() -> None:
     assert (say.timestamp, say.target, say.type, say.ui_kind) == (1795712314, "", "ui", "say")
     assert say.text == "==> amazon-ebs.web: No volumes to clean up, skipping"
 
-    error = parse_machine_readable(
-        "1795712259,,ui,error,Error: Missing item\\n\\n  on a.pkr.hcl line 9\\n\\n"
-    )
+    error = parse_machine_readable("1795712259,,ui,error,Error: Missing item\\n\\n  on a.pkr.hcl line 9\\n\\n")
     assert error is not None
     assert error.ui_kind == "error"
     assert error.text == "Error: Missing item\n\n  on a.pkr.hcl line 9"

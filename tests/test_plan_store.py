@@ -39,14 +39,10 @@ def test_put_is_idempotent_for_identical_bytes_and_refuses_others(store: PlanSto
     assert store.get("prod", "flow-run-1") == PLAN
 
 
-def test_object_replaced_behind_our_back_is_detected(
-    store: PlanStore, s3_client: Any, s3_bucket: str
-) -> None:
+def test_object_replaced_behind_our_back_is_detected(store: PlanStore, s3_client: Any, s3_bucket: str) -> None:
     stored = store.put("prod", "flow-run-1", PLAN)
     # Keep the recorded hash, swap the bytes: what a careless manual upload would do.
-    s3_client.put_object(
-        Bucket=s3_bucket, Key=stored.key, Body=b"other plan", Metadata={"sha256": stored.sha256}
-    )
+    s3_client.put_object(Bucket=s3_bucket, Key=stored.key, Body=b"other plan", Metadata={"sha256": stored.sha256})
     with pytest.raises(PlanIntegrityError, match="refusing to use it"):
         store.get("prod", "flow-run-1")
 
@@ -74,9 +70,7 @@ def test_missing_plan_and_delete(store: PlanStore) -> None:
     assert store.sha256_of("prod", "flow-run-1") is None
 
 
-@pytest.mark.parametrize(
-    ("workspace", "run_id"), [("Prod", "r1"), ("prod/eu", "r1"), ("prod", "../x"), ("prod", "")]
-)
+@pytest.mark.parametrize(("workspace", "run_id"), [("Prod", "r1"), ("prod/eu", "r1"), ("prod", "../x"), ("prod", "")])
 def test_names_are_validated(store: PlanStore, workspace: str, run_id: str) -> None:
     with pytest.raises((InvalidChannelError, ValueError)):
         store.put(workspace, run_id, PLAN)

@@ -80,7 +80,8 @@ def test_full_cycle_push_v1_then_v2(deploy_env: DeployEnv) -> None:
     reg = env.registry.registry()
     assert reg.get_channel(ns, ws).version == 1  # type: ignore[union-attr]
     history = reg.channel_history(ns, ws)
-    assert history[-1].assigned_by == "alice" and history[-1].metadata["plan_sha256"] == sha1
+    assert history[-1].assigned_by == "alice"
+    assert history[-1].metadata["plan_sha256"] == sha1
     instances = _services(env, names["service_name"])
     assert len(instances) == 1
     assert instances[0]["Service"]["Meta"]["deploy_run_id"] == str(run1.id)
@@ -107,7 +108,9 @@ def test_rejection_applies_nothing_and_releases_the_lock(deploy_env: DeployEnv) 
     run = _deploy(env, names)
     _approve(run.id, _plan_sha(env, names["workspace"], run.id), approver="bob", decision="reject")
     done = env.wait_for(run.id, states={"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-    assert done.state and done.state.type.value == "CANCELLED" and done.state.name == "Rejected"
+    assert done.state
+    assert done.state.type.value == "CANCELLED"
+    assert done.state.name == "Rejected"
     assert env.registry.registry().get_channel(names["namespace"], names["workspace"]) is None
     assert _services(env, names["service_name"]) == []
     assert workspace_lock.current_holder(names["workspace"]) is None
@@ -125,7 +128,8 @@ def test_invalid_approval_is_asked_again_then_a_valid_one_applies(deploy_env: De
     assert _services(env, names["service_name"]) == []
     _approve(run.id, sha)
     done = env.wait_for(run.id, states={"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-    assert done.state and done.state.name == "Deployed"
+    assert done.state
+    assert done.state.name == "Deployed"
 
 
 def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -> None:
@@ -135,7 +139,9 @@ def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -
     ended = approval_housekeeping()
     assert str(run.id) in [e.flow_run_id for e in ended]
     done = env.read(run.id)
-    assert done.state and done.state.type.value == "CANCELLED" and done.state.name == "ApprovalTimedOut"
+    assert done.state
+    assert done.state.type.value == "CANCELLED"
+    assert done.state.name == "ApprovalTimedOut"
     assert workspace_lock.current_holder(names["workspace"]) is None
     assert _services(env, names["service_name"]) == []
     assert any("Approval timed out" in m.text for m in env.slack.messages)
@@ -163,7 +169,8 @@ def test_tampered_plan_is_refused(deploy_env: DeployEnv) -> None:
     )
     _approve(run.id, sha)
     done = env.wait_for(run.id, states={"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-    assert done.state and done.state.type.value == "FAILED"
+    assert done.state
+    assert done.state.type.value == "FAILED"
     assert "sha256" in (done.state.message or "") or "hash" in (done.state.message or "")
     assert _services(env, names["service_name"]) == []
     assert workspace_lock.current_holder(names["workspace"]) is None
@@ -224,10 +231,19 @@ def test_resume_after_worker_restart_runs_nothing_twice(deploy_env: DeployEnv) -
 def test_failing_packer_template_fails_the_run_and_registers_nothing(deploy_env: DeployEnv) -> None:
     env, names = deploy_env, _names()
     template = env.repo.read("packer/app.pkr.hcl")
-    env.repo.commit("broken", {"packer/app.pkr.hcl": template.replace('source "null" "local_image" {', 'source "null" "local_image" {\n  bogus_setting = 1', 1)}, branch="broken")
+    env.repo.commit(
+        "broken",
+        {
+            "packer/app.pkr.hcl": template.replace(
+                'source "null" "local_image" {', 'source "null" "local_image" {\n  bogus_setting = 1', 1
+            )
+        },
+        branch="broken",
+    )
     run = env.start(ref="broken", **names)
     done = env.wait_for(run.id, states={"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-    assert done.state and done.state.type.value == "FAILED"
+    assert done.state
+    assert done.state.type.value == "FAILED"
     assert "app.pkr.hcl" in (done.state.message or ""), done.state.message
     assert env.registry.registry().list_versions(names["namespace"]) == []
     assert workspace_lock.current_holder(names["workspace"]) is None
@@ -251,5 +267,3 @@ def test_unhealthy_deploy_rolls_back_and_moves_the_channel_back(deploy_env: Depl
     assert [h.to_version for h in reg.channel_history(names["namespace"], names["workspace"])] == [1, 2, 1]
     services = _services(env, names["service_name"])
     assert [s["Service"]["ID"] for s in services] == [f"{names['service_name']}-1"]
-
-

@@ -358,9 +358,7 @@ def make_block(moto_endpoint: str, bucket: str) -> ArtifactRegistry:
     return ArtifactRegistry(bucket=bucket, aws_credentials=credentials)
 
 
-def test_block_builds_a_working_registry_and_plan_store(
-    moto_endpoint: str, s3_bucket: str, s3_client: Any
-) -> None:
+def test_block_builds_a_working_registry_and_plan_store(moto_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
     block = make_block(moto_endpoint, s3_bucket)
     registry = block.registry()
     build(registry, "1")
@@ -374,9 +372,7 @@ def test_block_builds_a_working_registry_and_plan_store(
 
 def cli(moto_endpoint: str, bucket: str) -> Callable[..., int]:
     def run(*argv: str) -> int:
-        return registry_cli(
-            ["--bucket", bucket, "--endpoint-url", moto_endpoint, "--region", "us-east-1", *argv]
-        )
+        return registry_cli(["--bucket", bucket, "--endpoint-url", moto_endpoint, "--region", "us-east-1", *argv])
 
     return run
 

@@ -82,9 +82,7 @@ pytestmark = pytest.mark.skipif(CLI_CONFIG is None, reason="run scripts/bootstra
             id="plan",
         ),
         pytest.param(
-            lambda: plan_args(
-                variables={"a": "x=y", "b": ""}, out=Path("p"), destroy=True, lock_timeout="1m30s"
-            ),
+            lambda: plan_args(variables={"a": "x=y", "b": ""}, out=Path("p"), destroy=True, lock_timeout="1m30s"),
             [
                 "plan",
                 "-input=false",
@@ -165,9 +163,7 @@ def test_build_env_sets_managed_keys_and_blanks_inherited_overrides() -> None:
     }
 
 
-@pytest.mark.parametrize(
-    "key", ["TF_CLI_CONFIG_FILE", "CHECKPOINT_DISABLE", "TF_CLI_ARGS", "TF_CLI_ARGS_plan"]
-)
+@pytest.mark.parametrize("key", ["TF_CLI_CONFIG_FILE", "CHECKPOINT_DISABLE", "TF_CLI_ARGS", "TF_CLI_ARGS_plan"])
 def test_build_env_refuses_managed_keys_from_caller(key: str) -> None:
     with pytest.raises(ValueError, match=key):
         build_env(Path("/m/terraformrc"), {key: "x"}, inherited={})
@@ -210,9 +206,7 @@ def test_plan_parser_masks_values_terraform_marks_sensitive() -> None:
             "resource_changes": [
                 {"address": "x.db", "type": "x", "name": "db", "change": change},
             ],
-            "output_changes": {
-                "dsn": {"actions": ["update"], "before": "a", "after": "b", "after_sensitive": True}
-            },
+            "output_changes": {"dsn": {"actions": ["update"], "before": "a", "after": "b", "after_sensitive": True}},
         }
     )
     plan = parse_plan_json(document, sha256="0" * 64)
@@ -291,9 +285,7 @@ def test_create_then_replace_then_no_changes(app: Terraform, lines: list[str]) -
     assert change.after is not None
     assert change.after["triggers"] == {"artifact": "ami-v2"}
     assert plan_v2.summary() == PlanSummary(add=0, change=0, replace=1, destroy=0)
-    assert [(o.name, o.before, o.after) for o in plan_v2.output_changes] == [
-        ("artifact_id", "ami-v1", "ami-v2")
-    ]
+    assert [(o.name, o.before, o.after) for o in plan_v2.output_changes] == [("artifact_id", "ami-v1", "ami-v2")]
 
     app.apply(second.plan_file)
     assert app.output() == {"artifact_id": "ami-v2"}
@@ -362,9 +354,7 @@ def test_variable_values_never_reach_the_error(tmp_path: Path) -> None:
     assert "-var=undeclared=***" in error.argv
 
 
-def test_inherited_cli_args_cannot_change_the_operation(
-    app: Terraform, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_inherited_cli_args_cannot_change_the_operation(app: Terraform, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without blanking, TF_CLI_ARGS_plan=-destroy on an empty state would plan no changes.
     monkeypatch.setenv("TF_CLI_ARGS_plan", "-destroy")
     result = app.plan(variables={"artifact_id": "ami-v1"}, out=Path("p.tfplan"))

@@ -36,7 +36,8 @@ class TestWorkspaceLock:
         assert isinstance(first, WorkspaceLease)
         held = _acquire(ws, wait=1.5)
         assert isinstance(held, LockHeld)
-        assert held.holder is not None and held.holder.lease_id == first.lease_id
+        assert held.holder is not None
+        assert held.holder.lease_id == first.lease_id
 
         got: list[WorkspaceLease | LockHeld] = []
         # Prefect's settings (the API URL) live in a context variable; the thread must inherit it.
@@ -47,12 +48,14 @@ class TestWorkspaceLock:
         assert not got, "the second holder must wait while the first holds the workspace"
         workspace_lock.release(first)
         waiter.join(timeout=40)
-        assert got and isinstance(got[0], WorkspaceLease)
+        assert got
+        assert isinstance(got[0], WorkspaceLease)
         workspace_lock.release(got[0])
 
     def test_two_workspaces_do_not_block_each_other(self) -> None:
         a, b = _acquire(_ws()), _acquire(_ws())
-        assert isinstance(a, WorkspaceLease) and isinstance(b, WorkspaceLease)
+        assert isinstance(a, WorkspaceLease)
+        assert isinstance(b, WorkspaceLease)
         workspace_lock.release(a)
         workspace_lock.release(b)
 
@@ -74,7 +77,8 @@ class TestWorkspaceLock:
         assert isinstance(lease, WorkspaceLease)
         assert workspace_lock.main(["break", ws]) == 0
         out = capsys.readouterr().out
-        assert lease.holder_flow_run_id in out and lease.lease_id in out
+        assert lease.holder_flow_run_id in out
+        assert lease.lease_id in out
         after = _acquire(ws)
         assert isinstance(after, WorkspaceLease)
         workspace_lock.release(after)

@@ -4,6 +4,7 @@ Slack stand-ins, and a git repository holding the example app as a developer wou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -131,11 +132,8 @@ def deploy_env(
     ).save("ops-slack", overwrite=True)
     ConsulConnection(address=consul.http_addr, timeout_seconds=10).save("consul", overwrite=True)
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
     # The deployments exactly as an operator creates them.
     deploy = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
@@ -154,8 +152,12 @@ def deploy_env(
             client.update_deployment(deployment.id, DeploymentUpdate(paused=True))
 
     repo_path = tmp_path_factory.mktemp("app-repo")
-    shutil.copytree(PROJECT_ROOT / "examples" / "app", repo_path, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("output", "packer-manifest.json", "__pycache__"))
+    shutil.copytree(
+        PROJECT_ROOT / "examples" / "app",
+        repo_path,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("output", "packer-manifest.json", "__pycache__"),
+    )
     git(repo_path, "init", "-q", "-b", "main")
     repo = AppRepo(repo_path)
     repo.commit("v1")

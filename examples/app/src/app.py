@@ -69,9 +69,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=int(os.environ.get("APP_PORT", "8080")))
     parser.add_argument("--bind", default=os.environ.get("APP_BIND", "127.0.0.1"))
-    parser.add_argument(
-        "--instance-dir", type=Path, default=Path(os.environ.get("APP_INSTANCE_DIR", str(IMAGE_ROOT)))
-    )
+    parser.add_argument("--instance-dir", type=Path, default=Path(os.environ.get("APP_INSTANCE_DIR", str(IMAGE_ROOT))))
     parser.add_argument("--release", type=Path, default=IMAGE_ROOT / "release.json")
     return parser.parse_args(argv)
 

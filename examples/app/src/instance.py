@@ -224,9 +224,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     start_cmd = commands.add_parser("start", help="start the app and register it with Consul")
     start_cmd.add_argument("--instance-dir", type=Path, default=IMAGE_ROOT)
-    start_cmd.add_argument(
-        "--consul-addr", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500")
-    )
+    start_cmd.add_argument("--consul-addr", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"))
     start_cmd.add_argument("--deploy-run-id", required=True)
     start_cmd.add_argument("--port", type=int, default=0, help="0 picks a free port")
     start_cmd.add_argument("--bind", default="127.0.0.1")
