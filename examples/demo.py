@@ -10,6 +10,7 @@ it waits for you to approve in the Prefect UI (the link is printed).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import subprocess
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     args = parser.parse_args(argv)
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     home = Path(tempfile.mkdtemp(prefix="icd-demo-"))
     print(f"demo state in {home}")
     moto_port = free_port()
