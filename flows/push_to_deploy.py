@@ -18,6 +18,7 @@ lock is released on every path except the suspension itself.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -52,7 +53,7 @@ from tasks.deploy import (
 from tasks.errors import ConsulError
 from tasks.health_gate import wait_until_healthy
 from tasks.health_watch import close_deploy_window, open_deploy_window
-from tasks.notifications import Notification
+from tasks.notifications import Notification, Severity
 from tasks.registry import ArtifactVersion, validate_namespace
 from tasks.run_cache import run_scoped_cache_key
 from tasks.source import resolve_source
@@ -80,6 +81,27 @@ class DeployContext:
     @property
     def run_url(self) -> str | None:
         return self.notifier.flow_run_url(self.run_id)
+
+    def notice(
+        self,
+        title: str,
+        text: str,
+        severity: Severity,
+        *,
+        facts: Mapping[str, str] | None = None,
+        link_text: str | None = None,
+        dedup_key: str | None = None,
+    ) -> Notification:
+        """A notification about this deploy: it always names the workspace and links to the run."""
+        return Notification(
+            title=title,
+            text=text,
+            severity=severity,
+            fields={"workspace": self.workspace, **(facts or {})},
+            link_url=self.run_url,
+            link_text=link_text,
+            dedup_key=dedup_key,
+        )
 
 
 def _artifact_key(kind: str, workspace: str) -> str:
@@ -171,12 +193,11 @@ def wait_for_approval(
         logger.warning("approval %d not accepted: %s", attempt + 1, checked.reason)
         notify_once(
             ctx.notifier,
-            Notification(
-                title=f"Approval not accepted for {ctx.workspace}",
-                text=f"{checked.reason}. The plan is still waiting; answer the form again.",
-                severity="warning",
-                fields={"workspace": ctx.workspace, "plan": planned.plan_sha256[:12]},
-                link_url=ctx.run_url,
+            ctx.notice(
+                f"Approval not accepted for {ctx.workspace}",
+                f"{checked.reason}. The plan is still waiting; answer the form again.",
+                "warning",
+                facts={"plan": planned.plan_sha256[:12]},
                 link_text="Open the run",
             ),
             step=f"invalid-approval-{attempt}",
@@ -232,14 +253,13 @@ def push_to_deploy(
     workspace_lock.validate_workspace(workspace)
     if approval_timeout_seconds < 1:
         raise ValueError("approval_timeout_seconds must be positive")
-    stack_path = PROJECT_ROOT / stack_dir if not stack_dir.startswith("/") else None
     ctx = DeployContext(
         run_id=str(flow_run.id),
         run_name=str(flow_run.name),
         namespace=namespace,
         workspace=workspace,
         channel=channel or workspace,
-        stack_dir=str(stack_path or stack_dir),
+        stack_dir=str(PROJECT_ROOT / stack_dir),  # an absolute stack_dir stays as it is
         service_name=service_name,
         artifact_platform=artifact_platform,
         registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
@@ -287,13 +307,7 @@ def push_to_deploy(
         message = f"workspace {workspace} stayed locked by {holder} for {lease.waited_seconds:.0f}s; nothing deployed"
         notify_once(
             ctx.notifier,
-            Notification(
-                title=f"Deploy skipped: {workspace} is locked",
-                text=message,
-                severity="warning",
-                fields={"workspace": workspace},
-                link_url=ctx.run_url,
-            ),
+            ctx.notice(f"Deploy skipped: {workspace} is locked", message, "warning"),
             step="lock-held",
         )
         return Cancelled(name="LockHeld", message=message)
@@ -322,7 +336,7 @@ def _stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, 
         ) from None
     return {
         "artifact_id": artifact_id,
-        "artifact_version": version.labels.get("build_label", str(version.version)),
+        "artifact_version": _build_label(version),
         "namespace": ctx.namespace,
         "service_name": ctx.service_name,
         "consul_addr": ctx.consul.address,
@@ -352,13 +366,7 @@ def _deploy_under_lock(
         message = f"{view.version_diff}: the plan has no changes; nothing to deploy"
         notify_once(
             ctx.notifier,
-            Notification(
-                title=f"Nothing to deploy to {ctx.workspace}",
-                text=message,
-                severity="info",
-                fields={"workspace": ctx.workspace},
-                link_url=ctx.run_url,
-            ),
+            ctx.notice(f"Nothing to deploy to {ctx.workspace}", message, "info"),
             step="no-changes",
         )
         return Completed(name="NothingToDeploy", message=message)
@@ -366,17 +374,11 @@ def _deploy_under_lock(
     markdown = publish_plan(planned, run_url=ctx.run_url)
     notify_once(
         ctx.notifier,
-        Notification(
-            title=f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
-            text=f"{view.counts}. Approve or reject in the Prefect UI within {approval_timeout_seconds // 60} min.",
-            severity="warning",
-            fields={
-                "workspace": ctx.workspace,
-                "artifact": view.version_diff,
-                "plan sha256": planned.plan_sha256,
-                "run": ctx.run_name,
-            },
-            link_url=ctx.run_url,
+        ctx.notice(
+            f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
+            f"{view.counts}. Approve or reject in the Prefect UI within {approval_timeout_seconds // 60} min.",
+            "warning",
+            facts={"artifact": view.version_diff, "plan sha256": planned.plan_sha256, "run": ctx.run_name},
             link_text="Review and approve",
             dedup_key=f"plan-{planned.plan_sha256}",
         ),
@@ -396,13 +398,7 @@ def _deploy_under_lock(
         record_deploy(ctx.workspace, {"outcome": "rejected", **base_record})
         notify(
             ctx.notifier,
-            Notification(
-                title=f"Plan rejected: {view.version_diff} on {ctx.workspace}",
-                text=message,
-                severity="info",
-                fields={"workspace": ctx.workspace},
-                link_url=ctx.run_url,
-            ),
+            ctx.notice(f"Plan rejected: {view.version_diff} on {ctx.workspace}", message, "info"),
         )
         return Cancelled(name="Rejected", message=message)
 
@@ -430,7 +426,7 @@ def _apply_and_promote(
             ctx.service_name,
             deploy_run_id=ctx.run_id,
             from_version=from_label,
-            to_version=_stack_variables(ctx, version)["artifact_version"],
+            to_version=_build_label(version),
             duration=timedelta(seconds=health_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS),
         )
         window_open = True
@@ -440,12 +436,11 @@ def _apply_and_promote(
             record_deploy(ctx.workspace, {"outcome": "stale plan, nothing applied", **base_record})
             notify(
                 ctx.notifier,
-                Notification(
-                    title=f"Stale plan not applied on {ctx.workspace}",
-                    text=f"{applied.reason}. Push again or re-run to plan afresh.",
-                    severity="warning",
-                    fields={"workspace": ctx.workspace, "plan sha256": planned.plan_sha256},
-                    link_url=ctx.run_url,
+                ctx.notice(
+                    f"Stale plan not applied on {ctx.workspace}",
+                    f"{applied.reason}. Push again or re-run to plan afresh.",
+                    "warning",
+                    facts={"plan sha256": planned.plan_sha256},
                 ),
             )
             return Cancelled(name="StalePlan", message=applied.reason)
@@ -475,16 +470,11 @@ def _apply_and_promote(
             record_deploy(ctx.workspace, {"outcome": "deployed", **record})
             notify(
                 ctx.notifier,
-                Notification(
-                    title=f"Deployed {view.version_diff} to {ctx.workspace}",
-                    text=f"Approved by {decision.approver}; healthy in Consul after {gate.waited_seconds:.1f}s.",
-                    severity="success",
-                    fields={
-                        "workspace": ctx.workspace,
-                        "plan sha256": planned.plan_sha256,
-                        "channel": ctx.channel,
-                    },
-                    link_url=ctx.run_url,
+                ctx.notice(
+                    f"Deployed {view.version_diff} to {ctx.workspace}",
+                    f"Approved by {decision.approver}; healthy in Consul after {gate.waited_seconds:.1f}s.",
+                    "success",
+                    facts={"plan sha256": planned.plan_sha256, "channel": ctx.channel},
                 ),
             )
             return Completed(name="Deployed", message=f"{view.version_diff} deployed to {ctx.workspace}")
@@ -520,11 +510,13 @@ def gate_health(ctx: DeployContext, applied: AppliedDeploy, deadline_seconds: fl
     return GateOutcome(result.healthy, str(result.status), result.output, result.waited_seconds)
 
 
+def _build_label(version: ArtifactVersion) -> str:
+    """The version baked into the image and its Consul service ID (see ``next_build_label``)."""
+    return version.labels.get("build_label", str(version.version))
+
+
 def _label_of(ctx: DeployContext, version: int | None) -> str | None:
-    if version is None:
-        return None
-    found = ctx.registry.registry().get(ctx.namespace, version)
-    return found.labels.get("build_label", str(found.version))
+    return None if version is None else _build_label(ctx.registry.registry().get(ctx.namespace, version))
 
 
 def _handle_unhealthy(
@@ -541,26 +533,14 @@ def _handle_unhealthy(
         record_deploy(ctx.workspace, {"outcome": f"unhealthy ({why})", **record})
         notify(
             ctx.notifier,
-            Notification(
-                title=title,
-                text=f"Health gate failed ({why}): {check_output[:300]}",
-                severity="critical",
-                fields={"workspace": ctx.workspace},
-                link_url=ctx.run_url,
-            ),
+            ctx.notice(title, f"Health gate failed ({why}): {check_output[:300]}", "critical"),
         )
         return Failed(name="Unhealthy", message=f"{title}; {why}")
 
     target = ctx.registry.registry().resolve_deployable(ctx.namespace, previous)
     notify(
         ctx.notifier,
-        Notification(
-            title=title,
-            text=f"Health gate failed: {check_output[:300]}. Rolling back to v{previous}.",
-            severity="critical",
-            fields={"workspace": ctx.workspace},
-            link_url=ctx.run_url,
-        ),
+        ctx.notice(title, f"Health gate failed: {check_output[:300]}. Rolling back to v{previous}.", "critical"),
     )
     rollback_plan = plan_deploy(
         ctx.registry,
@@ -599,15 +579,11 @@ def _handle_unhealthy(
     )
     notify(
         ctx.notifier,
-        Notification(
-            title=f"Rolled back {ctx.workspace} to v{previous}",
-            text=(
-                f"v{version.version} failed its health gate; v{previous} is applied "
-                f"and the {ctx.channel} channel points at it again."
-            ),
-            severity="warning",
-            fields={"workspace": ctx.workspace},
-            link_url=ctx.run_url,
+        ctx.notice(
+            f"Rolled back {ctx.workspace} to v{previous}",
+            f"v{version.version} failed its health gate; v{previous} is applied "
+            f"and the {ctx.channel} channel points at it again.",
+            "warning",
         ),
     )
     return Failed(name="RolledBack", message=f"v{version.version} unhealthy; rolled back to v{previous}")

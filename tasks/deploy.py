@@ -307,7 +307,6 @@ class PlannedDeploy:
     plan_sha256: str
     state_before: StateVersion | None
     view: PlanView
-    variables: dict[str, str]
 
 
 @task(
@@ -350,7 +349,7 @@ def plan_deploy(
     )
     if not result.has_changes or not plan.has_changes:
         logger.info("plan for %s has no changes", workspace)
-        return PlannedDeploy(workspace, plan_id, False, plan.sha256, state_before, view, dict(variables))
+        return PlannedDeploy(workspace, plan_id, False, plan.sha256, state_before, view)
     stored = registry.plan_store().put(
         workspace,
         plan_id,
@@ -360,7 +359,7 @@ def plan_deploy(
     if stored.sha256 != plan.sha256:
         raise PlanIntegrityError(f"stored plan {stored.key} hashes to {stored.sha256}, expected {plan.sha256}")
     logger.info("plan %s stored as s3://%s/%s", plan.sha256, registry.bucket, stored.key)
-    return PlannedDeploy(workspace, plan_id, True, plan.sha256, state_before, view, dict(variables))
+    return PlannedDeploy(workspace, plan_id, True, plan.sha256, state_before, view)
 
 
 # --- apply ----------------------------------------------------------------------------------------------
