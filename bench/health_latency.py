@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,18 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prefect_slack import SlackCredentials
 
 from blocks.notifier import SlackNotifier
+from examples.local_env import free_port
 from standins.slack import SlackStandIn
 from tasks.errors import ConsulError
 from tasks.health_watch import WatchConfig, fetch_health_state, watch
 from tasks.notifications import Notification
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

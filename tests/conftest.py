@@ -6,14 +6,14 @@ every area needs (a moto server over real HTTP and fresh buckets on it).
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from collections.abc import Iterator
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+
+from examples.local_env import free_port
 
 pytest_plugins = [
     "tests.plugins.consul",
@@ -25,12 +25,6 @@ pytest_plugins = [
 AWS_REGION = "us-east-1"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto server (S3, EC2, ...) over real HTTP on loopback, for the whole session."""
@@ -38,17 +32,17 @@ def moto_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     # Credentials are fake but must exist; set them for subprocesses (packer, the Prefect worker) too.
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=AWS_REGION)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in (
+                ("AWS_ACCESS_KEY_ID", "testing"),
+                ("AWS_SECRET_ACCESS_KEY", "testing"),
+                ("AWS_DEFAULT_REGION", AWS_REGION),
+            ):
+                patch.setenv(key, value)
+            yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture

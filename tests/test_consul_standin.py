@@ -18,9 +18,9 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.consul import ConsulConnection, ConsulEndpoint, consul_errors, parse_consul_address
+from examples.local_env import free_port
 from standins.consul import ConsulStandIn, format_duration, parse_duration
 from tasks.errors import ConsulError
-from tests.conftest import free_port
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:

@@ -330,7 +330,7 @@ def test_missing_bucket_is_a_clear_storage_error(s3_client: Any) -> None:
 
 
 def test_unreachable_endpoint_is_a_storage_error(s3_bucket: str) -> None:
-    from tests.conftest import free_port
+    from examples.local_env import free_port
 
     client = boto3.client(
         "s3",

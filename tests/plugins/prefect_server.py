@@ -6,7 +6,6 @@ pointed at it with ``temporary_settings`` for the whole session.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,15 +21,11 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     server = start_prefect_server(home)
     # Threads (the flow engine's among them) don't inherit the settings context; without the environment
     # they would each start an empty ephemeral server.
-    saved = {key: os.environ.get(key) for key in ("PREFECT_API_URL", "PREFECT_HOME")}
-    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_HOME=str(home))
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
-            yield server
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PREFECT_API_URL", server.api_url)
+            patch.setenv("PREFECT_HOME", str(home))
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
+                yield server
     finally:
         server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
