@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectAlreadyExists
+from prefect_aws import AwsCredentials
+from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # ships no type information
+
+from blocks.consul import ConsulConnection
+from blocks.notifier import SlackNotifier
+from blocks.registry import ArtifactRegistry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
@@ -169,3 +179,95 @@ def start_worker(
         env={**server.env, **(env or {})},
         log_dir=server.home / "logs",
     )
+
+
+# --- the project's own set-up on that server: blocks, pool, deployments, an app repository ------------
+
+
+def git(repo: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=dev", "-c", "user.email=dev@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+def make_app_repo(dest: Path) -> Path:
+    """A git repository holding ``examples/app`` as a developer would push it, with v1 committed on main."""
+    shutil.copytree(
+        PROJECT_ROOT / "examples" / "app",
+        dest,
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("output", "packer-manifest.json", "__pycache__"),
+    )
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "v1")
+    return dest
+
+
+@dataclass(frozen=True)
+class LocalServices:
+    """Where the flows' blocks point: S3 (moto), the Slack Web API and the Consul agent."""
+
+    s3_endpoint: str
+    bucket: str
+    aws_access_key_id: str
+    aws_secret_access_key: str
+    slack_api_url: str
+    slack_token: str
+    consul_addr: str
+
+
+def provision(server: PrefectServer, services: LocalServices, *, pool: str = "local-pool") -> ArtifactRegistry:
+    """Create what an operator creates once: the bucket, the three blocks the flows load by name, the
+    process work pool, and the deployments of ``prefect.yaml`` (with ``prefect deploy --all``)."""
+    credentials = AwsCredentials(
+        aws_access_key_id=services.aws_access_key_id,
+        aws_secret_access_key=services.aws_secret_access_key,
+        region_name="us-east-1",
+        aws_client_parameters={"endpoint_url": services.s3_endpoint},
+    )
+    credentials.get_s3_client().create_bucket(Bucket=services.bucket)
+    registry = ArtifactRegistry(bucket=services.bucket, aws_credentials=credentials)
+    registry.save("registry", overwrite=True)
+    SlackNotifier(
+        credentials=SlackCredentials(token=services.slack_token),
+        channel="#ops",
+        api_url=services.slack_api_url,
+        prefect_ui_url=server.ui_url,
+    ).save("ops-slack", overwrite=True)
+    ConsulConnection(address=services.consul_addr, timeout_seconds=10).save("consul", overwrite=True)
+    # suppress: a second provision of the same server finds the pool already there
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    deploy = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if deploy.returncode != 0:
+        raise RuntimeError(f"prefect deploy --all failed:\n{deploy.stdout}\n{deploy.stderr}")
+    return registry
+
+
+def worker_env(icd_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment: where runs keep their state, and the venv's pinned tools first on PATH."""
+    return {
+        "ICD_HOME": str(icd_home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **(extra or {}),
+    }
+
+
+def stop_instances(icd_home: Path) -> None:
+    """Deployed app instances are detached processes; stop any still running under ``icd_home``."""
+    for stop in sorted((icd_home / "instances").glob("*/*/bin/stop")):
+        subprocess.run([str(stop), "--instance-dir", str(stop.parent.parent)], check=False, capture_output=True)

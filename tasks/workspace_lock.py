@@ -4,8 +4,9 @@ The lock is a Prefect global concurrency limit (``deploy-workspace-<workspace>``
 *lease*, not with the ``concurrency()`` context manager: a suspended run holds no process, so nothing could
 keep a context manager open across the approval wait. The lease is sized to outlive the whole wait
 (approval timeout + margin) and is released on every path by the flow; if the flow dies, the server's
-lease repossessor frees it when it expires. Acquisition is ``strict=True``: a missing limit fails closed
-instead of running unguarded (we create the limit first, so a failure there is a real fault).
+lease repossessor frees it when it expires. Acquisition has ``strict=True`` semantics, done here with the
+client (Prefect's own helper serializes a process's acquisitions and may sleep 30 s between tries): a
+missing limit fails closed instead of running unguarded (we create the limit first, so a miss is a fault).
 
 Who holds a lock is recorded in a Prefect variable ``deploy-lock-<workspace>`` (the server has no API that
 lists lease holders), so an operator can see it and break it:

@@ -4,11 +4,6 @@ Slack stand-ins, and a git repository holding the example app as a developer wou
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,33 +13,27 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectAlreadyExists
-from prefect_aws import AwsCredentials
-from prefect_slack import SlackCredentials
 
-from blocks.consul import ConsulConnection
-from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
-from examples.local_env import PROJECT_ROOT, ManagedProcess, PrefectServer, start_worker
+from examples.local_env import (
+    LocalServices,
+    ManagedProcess,
+    PrefectServer,
+    git,
+    make_app_repo,
+    provision,
+    start_worker,
+    stop_instances,
+    worker_env,
+)
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
 
 POOL = "local-pool"
 SLACK_TOKEN = "xoxb-e2e-token"
-
-
-def git(repo: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-c", "user.name=dev", "-c", "user.email=dev@example.com", *args],
-        cwd=repo,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return result.stdout.strip()
 
 
 @dataclass
@@ -114,74 +103,34 @@ def deploy_env(
     icd_home = tmp_path_factory.mktemp("icd-home")
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token=SLACK_TOKEN).start()
-    bucket = f"icd-e2e-{uuid.uuid4().hex[:8]}"
-    credentials = AwsCredentials(
+    services = LocalServices(
+        s3_endpoint=moto_endpoint,
+        bucket=f"icd-e2e-{uuid.uuid4().hex[:8]}",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
-        region_name="us-east-1",
-        aws_client_parameters={"endpoint_url": moto_endpoint},
+        slack_api_url=slack.api_url,
+        slack_token=SLACK_TOKEN,
+        consul_addr=consul.http_addr,
     )
-    credentials.get_s3_client().create_bucket(Bucket=bucket)
-    registry = ArtifactRegistry(bucket=bucket, aws_credentials=credentials)
-    registry.save("registry", overwrite=True)
-    SlackNotifier(
-        credentials=SlackCredentials(token=SLACK_TOKEN),
-        channel="#ops",
-        api_url=slack.api_url,
-        prefect_ui_url=prefect_server.ui_url,
-    ).save("ops-slack", overwrite=True)
-    ConsulConnection(address=consul.http_addr, timeout_seconds=10).save("consul", overwrite=True)
-
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-    # The deployments exactly as an operator creates them.
-    deploy = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **prefect_server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    registry = provision(prefect_server, services, pool=POOL)
     with get_client(sync_client=True) as client:
         # The scheduled flows have their own tests; here they would post Slack messages of their own.
         for name in ("consul-health/consul-health", "approval-housekeeping/approval-housekeeping"):
             deployment = client.read_deployment_by_name(name)
             client.update_deployment(deployment.id, DeploymentUpdate(paused=True))
 
-    repo_path = tmp_path_factory.mktemp("app-repo")
-    shutil.copytree(
-        PROJECT_ROOT / "examples" / "app",
-        repo_path,
-        dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("output", "packer-manifest.json", "__pycache__"),
+    repo = AppRepo(make_app_repo(tmp_path_factory.mktemp("app-repo")))
+    env_for_worker = worker_env(
+        icd_home,
+        {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
     )
-    git(repo_path, "init", "-q", "-b", "main")
-    repo = AppRepo(repo_path)
-    repo.commit("v1")
-
-    worker_env = {
-        "ICD_HOME": str(icd_home),
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    worker = start_worker(prefect_server, POOL, env=worker_env)
-    env = DeployEnv(prefect_server, worker, worker_env, consul, slack, registry, repo, icd_home, [worker])
+    worker = start_worker(prefect_server, POOL, env=env_for_worker)
+    env = DeployEnv(prefect_server, worker, env_for_worker, consul, slack, registry, repo, icd_home, [worker])
     try:
         yield env
     finally:
         for process in env.workers:
             process.stop()
-        _stop_instances(icd_home)
+        stop_instances(icd_home)
         slack.stop()
         consul.stop()
-
-
-def _stop_instances(icd_home: Path) -> None:
-    """Deployed app instances are detached processes; stop any a test left running."""
-    for stop in sorted((icd_home / "instances").glob("*/*/bin/stop")):
-        subprocess.run([str(stop), "--instance-dir", str(stop.parent.parent)], check=False, capture_output=True)
