@@ -50,11 +50,12 @@ from tasks.deploy import (
     register_artifact,
     state_home,
 )
-from tasks.errors import ConsulError
+from tasks.errors import ConsulError, TransientNotificationError
 from tasks.health_gate import wait_until_healthy
 from tasks.health_watch import close_deploy_window, open_deploy_window
 from tasks.notifications import Notification, Severity
 from tasks.registry import ArtifactVersion, validate_namespace
+from tasks.retries import retry_on
 from tasks.run_cache import run_scoped_cache_key
 from tasks.source import resolve_source
 from tasks.toolpaths import PROJECT_ROOT
@@ -117,12 +118,19 @@ def _artifact_key(kind: str, workspace: str) -> str:
     cache_key_fn=run_scoped_cache_key,
     retries=3,
     retry_delay_seconds=[2, 5, 10],
+    retry_condition_fn=retry_on(TransientNotificationError),
 )
 def notify_once(notifier: SlackNotifier, notification: Notification, *, step: str) -> str:
     return notifier.send(notification).ts
 
 
-@task(name="notify", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 5, 10])
+@task(
+    name="notify",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[2, 5, 10],
+    retry_condition_fn=retry_on(TransientNotificationError),
+)
 def notify(notifier: SlackNotifier, notification: Notification) -> str:
     return notifier.send(notification).ts
 

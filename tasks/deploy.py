@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State, TaskRun
 
 from blocks.registry import ArtifactRegistry
 from tasks import packer
@@ -39,6 +38,7 @@ from tasks.errors import (
 )
 from tasks.plan_summary import PlanView, summarize_plan
 from tasks.registry import ArtifactVersion
+from tasks.retries import retry_on
 from tasks.run_cache import run_scoped_cache_key
 from tasks.source import SourceCheckout
 from tasks.terraform import StateVersion, Terraform
@@ -53,19 +53,6 @@ _TERRAFORM_TIMEOUT = 1800.0
 def state_home() -> Path:
     """Where runs keep their scratch directories and local images (ICD_HOME; default ``.state/``)."""
     return Path(os.environ.get("ICD_HOME") or PROJECT_ROOT / ".state").resolve()
-
-
-def _retry_when(*transient: type[BaseException]):  # type: ignore[no-untyped-def]  # Prefect's hook type
-    def should_retry(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-        try:
-            state.result()
-        except transient:
-            return True
-        except Exception:  # noqa: BLE001  # any other failure is final, whatever it is
-            return False
-        return False
-
-    return should_retry
 
 
 # --- build and register -----------------------------------------------------------------------------------
@@ -209,7 +196,7 @@ def next_build_label(registry: ArtifactRegistry, namespace: str) -> str:
     cache_key_fn=run_scoped_cache_key,
     retries=4,
     retry_delay_seconds=[1, 2, 4, 8],
-    retry_condition_fn=_retry_when(RegistryStorageError, ConflictError),
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
 )
 def register_artifact(
     registry: ArtifactRegistry, built: BuiltArtifact, *, created_by: str, service_name: str
@@ -271,7 +258,7 @@ def terraform_env(registry: ArtifactRegistry) -> dict[str, str]:
 
 def prepare_workdir(stack_dir: Path, workdir: Path) -> Path:
     """A clean copy of the stack with an S3 backend block, so the stack itself stays backend-agnostic."""
-    if not (stack_dir / "main.tf").is_file() and not any(stack_dir.glob("*.tf")):
+    if not any(stack_dir.glob("*.tf")):
         raise FileNotFoundError(f"no Terraform configuration in {stack_dir}")
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -315,7 +302,7 @@ class PlannedDeploy:
     cache_key_fn=run_scoped_cache_key,
     retries=3,
     retry_delay_seconds=[5, 15, 30],
-    retry_condition_fn=_retry_when(StateLockedError),
+    retry_condition_fn=retry_on(StateLockedError),
 )
 def plan_deploy(
     registry: ArtifactRegistry,
@@ -384,7 +371,7 @@ class StalePlan:
     cache_policy=NO_CACHE,
     retries=3,
     retry_delay_seconds=[5, 15, 30],
-    retry_condition_fn=_retry_when(StateLockedError),
+    retry_condition_fn=retry_on(StateLockedError),
 )
 def apply_plan(
     registry: ArtifactRegistry,
@@ -431,7 +418,7 @@ def _describe(state: StateVersion | None) -> str:
     cache_policy=NO_CACHE,
     retries=4,
     retry_delay_seconds=[1, 2, 4, 8],
-    retry_condition_fn=_retry_when(RegistryStorageError, ConflictError),
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
 )
 def promote_channel(
     registry: ArtifactRegistry,

@@ -14,16 +14,14 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from prefect import task
-from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from pydantic import SecretStr
 
 from tasks.errors import TransientNotificationError
+from tasks.retries import retry_on
 
 if TYPE_CHECKING:
-    from prefect import Task
-
     from blocks.notifier import SlackNotifier
 
 Severity = Literal["info", "success", "warning", "critical"]
@@ -167,17 +165,6 @@ def _clip(text: str, limit: int) -> str:
 # --- the task -----------------------------------------------------------------------------------------
 
 
-def _retry_only_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry connection failures, 429s and 5xx; an invalid token or unknown channel will not heal."""
-    try:
-        state.result()
-    except TransientNotificationError:
-        return True
-    except Exception:  # noqa: BLE001  # any other failure is permanent: do not retry
-        return False
-    return False
-
-
 def _dedup_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     notification: Notification = parameters["notification"]
     if notification.dedup_key is None:
@@ -190,7 +177,7 @@ def _dedup_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str
     name="send-notification",
     retries=3,
     retry_delay_seconds=[2, 10, 30],
-    retry_condition_fn=_retry_only_transient,
+    retry_condition_fn=retry_on(TransientNotificationError),  # a bad token or channel won't heal
     # A flow re-run after suspend_flow_run re-executes from the top; the dedup key keeps it from re-posting.
     cache_key_fn=_dedup_cache_key,
     cache_expiration=timedelta(days=2),

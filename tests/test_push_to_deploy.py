@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import consul
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -45,8 +46,6 @@ def _plan_sha(env: DeployEnv, workspace: str, run_id: Any) -> str:
 
 
 def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
-    import consul  # py-consul
-
     host, port = env.consul.address.rsplit(":", 1)
     _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
     return list(entries)
