@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -12,8 +12,15 @@ setup:
 demo: setup
 	@$(PY) -m examples.demo $(ARGS)
 
-test: setup
+test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
+# The edit-test loop: no Prefect server, no Packer, no Terraform; under a minute.
+test-fast: setup
+	@$(VENV)/bin/lint-imports --no-cache >/dev/null || $(VENV)/bin/lint-imports --no-cache
+	@$(PY) -m pytest -m "not slow and not tools" $(PYTEST_ARGS)
+
+# Style, types and the layer contract (library <- blocks <- tasks <- flows | cli). `make test` runs it first.
 lint: setup
 	@$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports --no-cache >/dev/null || $(VENV)/bin/lint-imports --no-cache

@@ -32,10 +32,11 @@ from prefect_slack import SlackCredentials
 
 from blocks.notifier import SlackNotifier
 from examples.local_env import free_port
+from icd.errors import ConsulError
+from icd.health.config import WatchConfig
+from icd.health.watch import fetch_health_state, watch
+from icd.notify.message import Notification
 from standins.slack import SlackStandIn
-from tasks.errors import ConsulError
-from tasks.health_watch import WatchConfig, fetch_health_state, watch
-from tasks.notifications import Notification
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,7 +117,7 @@ def naive_poller(client: CountingClient, notifier: SlackNotifier, stop: threadin
         if last is not None:
             for key, status in now.items():
                 if last.get(key) != status:
-                    notifier.send(Notification(title=f"{key} is {status}", text=status, severity="warning"))
+                    notifier.sender().send(Notification(title=f"{key} is {status}", text=status, severity="warning"))
         last = now
         stop.wait(1.0)
 
@@ -166,7 +167,7 @@ def start_watch(client: CountingClient, notifier: SlackNotifier, stop: threading
     def body() -> None:
         # ConsulError: the stand-in stopped under the parked blocking query, i.e. the bench is over.
         with contextlib.suppress(ConsulError):
-            watch(client.client, notifier, WatchConfig(), 3600, watch_name=f"bench-{random.random()}")  # noqa: S311
+            watch(client.client, notifier.sender(), WatchConfig(), 3600, watch_name=f"bench-{random.random()}")  # noqa: S311
 
     thread = threading.Thread(target=body, daemon=True)
     thread.start()

@@ -25,16 +25,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.health_latency import CountingClient, consul_standin_process
-from tasks.health_watch import (
-    HealthStateStore,
-    WatchConfig,
-    WatchState,
-    evaluate,
-    fetch_health_state,
-    parse_service_meta,
-    read_deploy_windows,
-    services_needing_meta,
-)
+from icd.health.config import WatchConfig
+from icd.health.engine import WatchState, evaluate, services_needing_meta
+from icd.health.snapshot import parse_service_meta
+from icd.health.state import HealthStateStore
+from icd.health.watch import fetch_health_state
+from icd.health.windows import read_deploy_windows
 
 CONFIG = WatchConfig()
 
@@ -130,7 +126,7 @@ def main() -> None:
 
         store = HealthStateStore(setup.client, "bench-scale")
         written = store.save(state, cas=0)
-        assert written is not None
+        assert written.written
         setup.client.agent.check.ttl_fail("svc-0000-c0", "bench: failing")
 
         def transition_round(client: CountingClient) -> None:
@@ -146,17 +142,18 @@ def main() -> None:
             alerts, new_state = evaluate(stored.state, fresh, now, CONFIG, windows)
             assert len(alerts) == 1, alerts
             first = store_for_round.save(new_state, cas=stored.modify_index, outbox=[], outbox_since=now)
-            assert first is not None
+            assert first.written
+            assert first.modify_index is not None
             # Put the baseline back so every repetition sees the same single transition.
-            restored = store_for_round.save(state, cas=first)
-            assert restored is not None
+            restored = store_for_round.save(state, cas=first.modify_index)
+            assert restored.written
 
         measure("round with one transition (+CAS)", addr, transition_round, args.repeat)
 
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"peak RSS of this process: {rss_mb:.0f} MB (of which {rss_at_start_mb:.0f} MB before any round: "
-        f"Python + prefect, imported by tasks.notifications; growth {rss_mb - rss_at_start_mb:.0f} MB)"
+        f"Python + prefect, imported by the blocks; growth {rss_mb - rss_at_start_mb:.0f} MB)"
     )
     print(
         f"N+1 / watch ratio: wall x{naive['wall'] / ours['wall']:.1f}  "

@@ -1,34 +1,83 @@
-"""The Prefect block that points flows at the artifact registry and the saved-plan store.
+"""The block that points flows at the artifact registry, the saved-plan store and the Terraform state.
 
-Like prefect-aws's own blocks it holds configuration only (bucket, prefix, credentials) and hands out
-ready-made clients; the registry and plan store themselves live in ``tasks/``.
+Like prefect-aws's own blocks it holds configuration and secrets only (bucket, prefix, credentials, the
+registry's signing key, the state lock table) and hands out ready-made, cached clients; the registry and
+the plan store themselves live in ``icd/registry/``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
-from pydantic import Field
+from pydantic import Field, PrivateAttr, SecretStr
 
-from tasks.plan_store import PlanStore
-from tasks.registry import Registry
+from icd.deploy.workdir import StateBackend
+from icd.registry.plans import PlanStore
+from icd.registry.registry import Registry
+from icd.registry.signing import Sealer
 
 
 class ArtifactRegistry(Block):
-    """An S3 bucket holding artifact versions, channels and saved Terraform plans."""
+    """An S3 bucket holding artifact versions, channels, saved Terraform plans and Terraform states."""
 
     _block_type_name = "Artifact Registry"
-    _description = "Artifact versions, channels and saved Terraform plans in one S3 bucket."
+    _description = "Artifact versions, channels, saved Terraform plans and states in one S3 bucket."
 
     bucket: str = Field(description="S3 bucket that holds the registry.")
     prefix: str = Field(default="registry/", description="Key prefix of everything the registry writes; ends in '/'.")
     aws_credentials: AwsCredentials = Field(
         default_factory=AwsCredentials,
-        description="Credentials and client parameters (endpoint_url, region) for S3.",
+        description="Credentials and client parameters (endpoint_url, region) for S3 and DynamoDB.",
+    )
+    signing_key: SecretStr = Field(
+        description=(
+            "Secret that seals every registry record (HMAC-SHA256, at least 16 bytes). Records altered "
+            "outside the registry are refused. Keep it only here: no instance or S3 policy needs it."
+        ),
+    )
+    state_lock_table: str | None = Field(
+        default="icd-terraform-locks",
+        description="DynamoDB table (hash key LockID) that Terraform locks each workspace's state in.",
     )
 
+    _s3: Any = PrivateAttr(default=None)
+
+    def s3_client(self) -> Any:
+        """One boto3 S3 client per block instance (boto3 clients are thread-safe and slow to build)."""
+        if self._s3 is None:
+            self._s3 = self.aws_credentials.get_s3_client()
+        return self._s3
+
     def registry(self) -> Registry:
-        return Registry(self.aws_credentials.get_s3_client(), self.bucket, self.prefix)
+        sealer = Sealer(self.signing_key.get_secret_value().encode())
+        return Registry(self.s3_client(), self.bucket, self.prefix, sealer=sealer)
 
     def plan_store(self) -> PlanStore:
-        return PlanStore(self.aws_credentials.get_s3_client(), self.bucket, f"{self.prefix}plans/")
+        return PlanStore(self.s3_client(), self.bucket, f"{self.prefix}plans/")
+
+    def state_backend(self) -> StateBackend:
+        endpoint = self.aws_credentials.aws_client_parameters.endpoint_url
+        return StateBackend(
+            bucket=self.bucket,
+            key_prefix=self.prefix,
+            region=self.aws_credentials.region_name or "us-east-1",
+            endpoint=str(endpoint) if endpoint else None,
+            lock_table=self.state_lock_table,
+            dynamodb_endpoint=str(endpoint) if endpoint and self.state_lock_table else None,
+        )
+
+    def terraform_env(self) -> dict[str, str]:
+        """The backend credentials, for Terraform's environment only: never argv, logs or provisioners."""
+        creds = self.aws_credentials
+        env: dict[str, str] = {}
+        if creds.aws_access_key_id:
+            env["AWS_ACCESS_KEY_ID"] = creds.aws_access_key_id
+        if creds.aws_secret_access_key:
+            env["AWS_SECRET_ACCESS_KEY"] = creds.aws_secret_access_key.get_secret_value()
+        if creds.aws_session_token:
+            env["AWS_SESSION_TOKEN"] = creds.aws_session_token
+        if creds.region_name:
+            env["AWS_DEFAULT_REGION"] = creds.region_name
+        return env

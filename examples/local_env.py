@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+STATE_LOCK_TABLE = "icd-terraform-locks"
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
@@ -232,7 +234,14 @@ def provision(server: PrefectServer, services: LocalServices, *, pool: str = "lo
         aws_client_parameters={"endpoint_url": services.s3_endpoint},
     )
     credentials.get_s3_client().create_bucket(Bucket=services.bucket)
-    registry = ArtifactRegistry(bucket=services.bucket, aws_credentials=credentials)
+    registry = ArtifactRegistry(
+        bucket=services.bucket,
+        aws_credentials=credentials,
+        # The seal of every registry record; generated once here, kept only in the block.
+        signing_key=secrets.token_urlsafe(32),
+        state_lock_table=STATE_LOCK_TABLE,
+    )
+    create_lock_table(credentials, STATE_LOCK_TABLE)
     registry.save("registry", overwrite=True)
     SlackNotifier(
         credentials=SlackCredentials(token=services.slack_token),
@@ -256,6 +265,18 @@ def provision(server: PrefectServer, services: LocalServices, *, pool: str = "lo
     if deploy.returncode != 0:
         raise RuntimeError(f"prefect deploy --all failed:\n{deploy.stdout}\n{deploy.stderr}")
     return registry
+
+
+def create_lock_table(credentials: AwsCredentials, table: str) -> None:
+    """The DynamoDB table Terraform's S3 backend locks each workspace's state in (hash key ``LockID``)."""
+    dynamodb = credentials.get_client("dynamodb")
+    with contextlib.suppress(dynamodb.exceptions.ResourceInUseException):  # already there: fine
+        dynamodb.create_table(
+            TableName=table,
+            AttributeDefinitions=[{"AttributeName": "LockID", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "LockID", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
 
 
 def worker_env(icd_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -26,8 +26,9 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Cancelled
 
 from blocks.notifier import SlackNotifier
-from tasks import workspace_lock
-from tasks.notifications import Notification
+from icd.deploy import lock
+from icd.notify.message import Notification
+from tasks.notify import notify
 
 DEPLOY_FLOW_NAME = "push-to-deploy"
 
@@ -72,13 +73,14 @@ def expire_timed_out_approvals(notifier: SlackNotifier | None, *, now: datetime 
             workspace = str(run.parameters.get("workspace", "staging"))
             message = "no approval before the deadline; nothing applied"
             client.set_flow_run_state(run.id, Cancelled(name="ApprovalTimedOut", message=message), force=True)
-            holder = workspace_lock.current_holder(workspace)
+            holder = lock.current_holder(workspace)
             released = holder is not None and holder.holder_flow_run_id == str(run.id)
             if holder is not None and released:
-                workspace_lock.release(holder)
+                lock.release(holder)
             logger.info("run %s (%s): approval timed out; lock released: %s", run.name, run.id, released)
             if notifier is not None:
-                notifier.send(
+                notify(
+                    notifier,
                     Notification(
                         title=f"Approval timed out on {workspace}",
                         text=f"Run {run.name}: {message}. Push again or re-run to plan afresh.",
@@ -86,7 +88,7 @@ def expire_timed_out_approvals(notifier: SlackNotifier | None, *, now: datetime 
                         fields={"workspace": workspace, "run": run.name},
                         link_url=notifier.flow_run_url(run.id),
                         link_text="Open the run",
-                    )
+                    ),
                 )
             ended.append(TimedOutRun(str(run.id), run.name, workspace, released))
     return ended

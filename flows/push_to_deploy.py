@@ -1,31 +1,29 @@
 """push-to-deploy: one run takes a git push to a deployed, healthy, promoted artifact.
 
     resolve source -> build (Packer) -> register (S3 registry) -> lock workspace -> plan (Terraform)
-    -> summarize + notify -> suspend for approval -> apply exactly the approved plan -> health gate
-    (Consul) -> promote channel -> notify
+    -> notify -> suspend for approval -> apply exactly the approved plan -> health gate (Consul)
+    -> promote channel -> record + notify
 
 The approval wait uses ``suspend_flow_run``: no process waits, and the run survives worker and server
-restarts. On resume the flow re-runs from the top, so every step before the wait is a task whose result is
-cached per run (see ``tasks/run_cache.py``); code in this function outside tasks must be free of side
-effects or idempotent.
+restarts. On resume the flow re-runs from the top, so every step before the wait is a task cached per run
+and per inputs (``tasks/policies.py``); code here outside tasks is free of side effects.
 
-Outcomes an operator expects are returned as the run's final state, never raised: ``Deployed``,
-``NothingToDeploy``, ``Rejected``, ``StalePlan``, ``LockHeld``, ``RolledBack`` (``ApprovalTimedOut`` is set by
-``flows/approval_housekeeping.py``, since a suspended run has no process to notice its own timeout).
-Faults (a broken template, a tampered plan, S3 down after retries) raise and fail the run. The workspace
-lock is released on every path except the suspension itself.
+Every run ends in one place, :func:`finish`: it records the deploy, notifies operators and returns the
+final state. Outcomes an operator expects are named states (``Deployed``, ``NothingToDeploy``,
+``Rejected``, ``StalePlan``, ``LockHeld``, ``RolledBack``, ``Unhealthy``; ``ApprovalTimedOut`` is set by
+``flows/approval_housekeeping.py``); a fault (a broken template, a tampered plan, S3 down after retries)
+ends ``Failed`` with its reason, and is told too. The workspace lock is released on every path except
+the suspension itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 from prefect.exceptions import Pause
 from prefect.flow_runs import suspend_flow_run
@@ -35,34 +33,42 @@ from prefect.states import Cancelled, Completed, Failed
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
-from tasks import workspace_lock
-from tasks.approval import MAX_APPROVAL_ATTEMPTS, ApprovalDecision, approval_form, check_approval
-from tasks.deploy import (
-    AppliedDeploy,
-    PlannedDeploy,
-    StalePlan,
-    apply_plan,
-    build_artifact,
-    find_existing_build,
-    next_build_label,
-    plan_deploy,
-    promote_channel,
-    register_artifact,
-    state_home,
+from icd.deploy.apply import AppliedDeploy, StalePlan
+from icd.deploy.approval import MAX_APPROVAL_ATTEMPTS, ApprovalDecision, approval_form, check_approval
+from icd.deploy.artifacts import artifact_for
+from icd.deploy.lock import LockHeld
+from icd.deploy.plan import PlannedDeploy
+from icd.errors import DeployError
+from icd.notify.message import Notification, Severity
+from icd.paths import PROJECT_ROOT, state_home
+from icd.registry.models import ArtifactVersion, ChannelMoved
+from icd.rules import (
+    PLAN_AND_APPLY_MARGIN_SECONDS,
+    ApprovalTimeout,
+    GitRef,
+    HealthDeadline,
+    LockWait,
+    Name,
+    Namespace,
+    Workspace,
+    check_channel,
 )
-from tasks.errors import ConsulError, TransientNotificationError
-from tasks.health_gate import wait_until_healthy
-from tasks.health_watch import close_deploy_window, open_deploy_window
-from tasks.notifications import Notification, Severity
-from tasks.registry import ArtifactVersion, validate_namespace
-from tasks.retries import retry_on
-from tasks.run_cache import run_scoped_cache_key
+from icd.text import one_line
+from tasks.apply import apply_plan
+from tasks.approve import publish_plan
+from tasks.build import build_artifact, find_existing_build, next_build_label
+from tasks.gate import close_window, gate_health, open_window
+from tasks.lock import lock_workspace, unlock_workspace
+from tasks.notify import notify
+from tasks.plan import plan_deploy
+from tasks.policies import ONCE_PER_RUN
+from tasks.promote import promote_channel
+from tasks.record import record_deploy
+from tasks.register import register_artifact
 from tasks.source import resolve_source
-from tasks.toolpaths import PROJECT_ROOT
-from tasks.workspace_lock import LockHeld, WorkspaceLease
 
-# The lease covers the approval wait plus this much for planning before it and applying after it.
-PLAN_AND_APPLY_MARGIN_SECONDS = 1800
+StateKind = Literal["completed", "cancelled", "failed"]
+_STATES = {"completed": Completed, "cancelled": Cancelled, "failed": Failed}
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ class DeployContext:
     channel: str
     stack_dir: str
     service_name: str
-    artifact_platform: str
+    platform: str
     registry: ArtifactRegistry
     notifier: SlackNotifier
     consul: ConsulConnection
@@ -105,133 +111,62 @@ class DeployContext:
         )
 
 
-def _artifact_key(kind: str, workspace: str) -> str:
-    return f"{kind}-{workspace}".replace("_", "-").lower()
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ends: its final state, the operator's message and the deploy record's facts."""
+
+    kind: StateKind
+    name: str
+    title: str
+    message: str
+    severity: Severity
+    record: Mapping[str, str] = field(default_factory=dict)
+    facts: Mapping[str, str] = field(default_factory=dict)
 
 
-# --- small tasks whose side effects must happen once per run, even though the flow re-runs on resume ---
+def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
+    """The one place a run ends: record the deploy, tell operators, return the final state."""
+    if outcome.record:
+        record_deploy(ctx.workspace, {"outcome": outcome.name, **outcome.record})
+    notify(ctx.notifier, ctx.notice(outcome.title, outcome.message, outcome.severity, facts=outcome.facts))
+    get_run_logger().info("push-to-deploy finished: %s: %s", outcome.name, outcome.message)
+    return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
 
 
-@task(
-    name="notify-once",
-    persist_result=True,
-    cache_key_fn=run_scoped_cache_key,
-    retries=3,
-    retry_delay_seconds=[2, 5, 10],
-    retry_condition_fn=retry_on(TransientNotificationError),
-)
-def notify_once(notifier: SlackNotifier, notification: Notification, *, step: str) -> str:
-    return notifier.send(notification).ts
-
-
-@task(
-    name="notify",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[2, 5, 10],
-    retry_condition_fn=retry_on(TransientNotificationError),
-)
-def notify(notifier: SlackNotifier, notification: Notification) -> str:
-    return notifier.send(notification).ts
-
-
-@task(name="lock-workspace", persist_result=True, cache_key_fn=run_scoped_cache_key)
-def lock_workspace(
-    workspace: str, *, run_id: str, run_name: str, lease_seconds: float, wait_seconds: float
-) -> WorkspaceLease | LockHeld:
-    logger = get_run_logger()
-    logger.info("waiting up to %.0fs for workspace %s", wait_seconds, workspace)
-    result = workspace_lock.acquire(
-        workspace,
-        holder_flow_run_id=run_id,
-        holder_name=run_name,
-        lease_seconds=lease_seconds,
-        wait_seconds=wait_seconds,
-    )
-    if isinstance(result, WorkspaceLease):
-        logger.info("holding workspace %s (lease %s until %s)", workspace, result.lease_id, result.expires_at)
-    return result
-
-
-@task(name="unlock-workspace", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 9])
-def unlock_workspace(lease: WorkspaceLease) -> None:
-    workspace_lock.release(lease)
-    get_run_logger().info("released workspace %s", lease.workspace)
-
-
-@task(name="publish-plan", persist_result=True, cache_key_fn=run_scoped_cache_key)
-def publish_plan(planned: PlannedDeploy, *, run_url: str | None, step: str = "deploy") -> str:
-    markdown = planned.view.markdown(workspace=planned.workspace, extra={"Run": run_url or "-"})
-    create_markdown_artifact(
-        markdown, key=_artifact_key("plan", planned.workspace), description=f"Plan {planned.plan_sha256[:12]}"
-    )
-    if planned.view.table_rows():
-        create_table_artifact(
-            planned.view.table_rows(),
-            key=_artifact_key("plan-resources", planned.workspace),
-            description=planned.view.version_diff,
-        )
-    return markdown
-
-
-@task(name="record-deploy", cache_policy=NO_CACHE)
-def record_deploy(workspace: str, lines: dict[str, str]) -> None:
-    body = "\n".join(f"| {key} | {value} |" for key, value in lines.items())
-    create_markdown_artifact(
-        f"## Deploy record: `{workspace}`\n\n| | |\n|---|---|\n{body}\n",
-        key=_artifact_key("deploy", workspace),
-        description=lines.get("outcome", ""),
+def fault(ctx: DeployContext, exc: BaseException, facts: Mapping[str, str] | None = None) -> Outcome:
+    reason = str(exc) or type(exc).__name__
+    return Outcome(
+        "failed",
+        "Failed",
+        f"Deploy failed on {ctx.workspace}: {type(exc).__name__}",
+        reason,
+        "critical",
+        record={**(facts or {}), "error": reason},
     )
 
 
-# --- the approval wait ---------------------------------------------------------------------------------
-
-
-def wait_for_approval(
-    ctx: DeployContext, planned: PlannedDeploy, markdown: str, timeout_seconds: int
-) -> ApprovalDecision:
-    """Suspend until an operator answers; an answer that can't be acted on is reported and asked again."""
-    logger = get_run_logger()
-    for attempt in range(MAX_APPROVAL_ATTEMPTS):
-        form = approval_form(planned.plan_sha256, markdown)
-        answer = suspend_flow_run(wait_for_input=form, timeout=timeout_seconds, key=f"approval-{attempt}")
-        checked = check_approval(answer, expected_sha256=planned.plan_sha256)
-        if isinstance(checked, ApprovalDecision):
-            return checked
-        logger.warning("approval %d not accepted: %s", attempt + 1, checked.reason)
-        notify_once(
-            ctx.notifier,
-            ctx.notice(
-                f"Approval not accepted for {ctx.workspace}",
-                f"{checked.reason}. The plan is still waiting; answer the form again.",
-                "warning",
-                facts={"plan": planned.plan_sha256[:12]},
-                link_text="Open the run",
-            ),
-            step=f"invalid-approval-{attempt}",
-        )
-    return ApprovalDecision(False, "push-to-deploy", "too many invalid approval answers", planned.plan_sha256)
-
-
-# --- the flow --------------------------------------------------------------------------------------------
+@task(name="approval-deadline", persist_result=True, cache_policy=ONCE_PER_RUN)
+def approval_deadline(plan_sha256: str, timeout_seconds: int) -> datetime:
+    """When the approval wait ends: fixed at the first suspension, never moved by a re-ask."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=timeout_seconds)
 
 
 @flow(name="push-to-deploy", log_prints=False)
 def push_to_deploy(
     repo: str,
-    ref: str = "main",
-    namespace: str = "acmeinc/web",
-    workspace: str = "staging",
-    approval_timeout_seconds: int = 3600,
+    ref: GitRef = "main",
+    namespace: Namespace = "acmeinc/web",
+    workspace: Workspace = "staging",
+    approval_timeout_seconds: ApprovalTimeout = 3600,
     channel: str = "",
     template_dir: str = "packer",
     packer_only: list[str] | None = None,
     stack_dir: str = "examples/stacks/local",
-    service_name: str = "web",
+    service_name: Name = "web",
     artifact_platform: str = "local",
-    health_deadline_seconds: float = 60.0,
+    health_deadline_seconds: HealthDeadline = 60.0,
     rollback_on_unhealthy: bool = True,
-    lock_wait_seconds: float = 3600.0,
+    lock_wait_seconds: LockWait = 3600.0,
     rebuild: bool = False,
     registry_block: str = "registry",
     notifier_block: str = "ops-slack",
@@ -256,52 +191,23 @@ def push_to_deploy(
         lock_wait_seconds: how long to queue behind another deploy of the same workspace.
         rebuild: build even if this commit was already built into a deployable version.
     """
-    logger = get_run_logger()
-    validate_namespace(namespace)
-    workspace_lock.validate_workspace(workspace)
-    if approval_timeout_seconds < 1:
-        raise ValueError("approval_timeout_seconds must be positive")
     ctx = DeployContext(
         run_id=str(flow_run.id),
         run_name=str(flow_run.name),
         namespace=namespace,
         workspace=workspace,
-        channel=channel or workspace,
+        channel=check_channel(channel or workspace),
         stack_dir=str(PROJECT_ROOT / stack_dir),  # an absolute stack_dir stays as it is
         service_name=service_name,
-        artifact_platform=artifact_platform,
+        platform=artifact_platform,
         registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
         notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
         consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
     )
-    home = state_home()
-    source = resolve_source(repo, ref, str(home / "runs" / ctx.run_id / "src"))
-    version = None
-    if not rebuild:
-        version = find_existing_build(
-            ctx.registry,
-            namespace,
-            commit=source.commit,
-            service_name=service_name,
-            platform=artifact_platform,
-        )
-    if version is None:
-        label = next_build_label(ctx.registry, namespace)
-        built = build_artifact(
-            source,
-            namespace=namespace,
-            template_subdir=template_dir,
-            only=packer_only if packer_only is not None else ["null.local_image"],
-            build_label=label,
-            output_dir=str(home / "images" / namespace.replace("/", "__") / ctx.run_id),
-            service_name=service_name,
-        )
-        version = register_artifact(
-            ctx.registry, built, created_by=f"flow-run/{ctx.run_name}", service_name=service_name
-        )
-    else:
-        logger.info("reusing %s v%d, already built from %s", namespace, version.version, source.commit[:12])
-    ctx.registry.registry().resolve_deployable(namespace, version.version)
+    try:
+        version = build_version(ctx, repo, ref, template_dir, packer_only, rebuild)
+    except DeployError as exc:
+        return finish(ctx, fault(ctx, exc))
 
     lease = lock_workspace(
         workspace,
@@ -313,38 +219,53 @@ def push_to_deploy(
     if isinstance(lease, LockHeld):
         holder = lease.holder.holder_name if lease.holder else "an unknown run"
         message = f"workspace {workspace} stayed locked by {holder} for {lease.waited_seconds:.0f}s; nothing deployed"
-        notify_once(
-            ctx.notifier,
-            ctx.notice(f"Deploy skipped: {workspace} is locked", message, "warning"),
-            step="lock-held",
+        return finish(
+            ctx, Outcome("cancelled", "LockHeld", f"Deploy skipped: {workspace} is locked", message, "warning")
         )
-        return Cancelled(name="LockHeld", message=message)
-
     try:
-        outcome = _deploy_under_lock(
-            ctx, version, approval_timeout_seconds, health_deadline_seconds, rollback_on_unhealthy
-        )
+        outcome = deploy_version(ctx, version, approval_timeout_seconds, health_deadline_seconds, rollback_on_unhealthy)
     except Pause:
         raise  # suspended for approval: the lock must outlive this process
+    except DeployError as exc:
+        outcome = fault(ctx, exc)
     except BaseException:
         unlock_workspace(lease)
         raise
     unlock_workspace(lease)
-    logger.info("push-to-deploy finished: %s", outcome.name)
-    return outcome
+    return finish(ctx, outcome)
 
 
-def _stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, str]:
-    try:
-        artifact_id = version.artifacts[ctx.artifact_platform]
-    except KeyError:
-        raise ValueError(
-            f"{ctx.namespace} v{version.version} has no {ctx.artifact_platform!r} artifact "
-            f"(it has {sorted(version.artifacts)})"
-        ) from None
+def build_version(
+    ctx: DeployContext, repo: str, ref: str, template_dir: str, packer_only: list[str] | None, rebuild: bool
+) -> ArtifactVersion:
+    """The version to deploy: this commit's existing build, or a new one built and registered now."""
+    source = resolve_source(repo, ref, str(state_home() / "runs" / ctx.run_id / "src"))
+    if not rebuild:
+        found = find_existing_build(
+            ctx.registry, ctx.namespace, commit=source.commit, service_name=ctx.service_name, platform=ctx.platform
+        )
+        if found is not None:
+            get_run_logger().info(
+                "reusing %s v%d, already built from %s", ctx.namespace, found.version, source.commit[:12]
+            )
+            return found
+    built = build_artifact(
+        source,
+        namespace=ctx.namespace,
+        template_subdir=template_dir,
+        only=packer_only if packer_only is not None else ["null.local_image"],
+        build_label=next_build_label(ctx.registry, ctx.namespace),
+        output_dir=str(state_home() / "images" / ctx.namespace.replace("/", "__") / ctx.run_id),
+        service_name=ctx.service_name,
+    )
+    return register_artifact(ctx.registry, built, created_by=f"flow-run/{ctx.run_name}", service_name=ctx.service_name)
+
+
+def stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, str]:
+    """What every stack is given (docs/service-contract.md)."""
     return {
-        "artifact_id": artifact_id,
-        "artifact_version": _build_label(version),
+        "artifact_id": artifact_for(version, ctx.platform),
+        "artifact_version": version.build_label,
         "namespace": ctx.namespace,
         "service_name": ctx.service_name,
         "consul_addr": ctx.consul.address,
@@ -353,47 +274,43 @@ def _stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, 
     }
 
 
-def _deploy_under_lock(
+def deploy_version(
     ctx: DeployContext,
     version: ArtifactVersion,
     approval_timeout_seconds: int,
     health_deadline_seconds: float,
     rollback_on_unhealthy: bool,
-) -> State[Any]:
+) -> Outcome:
     planned = plan_deploy(
         ctx.registry,
         workspace=ctx.workspace,
         stack_dir=ctx.stack_dir,
         version=version,
-        variables=_stack_variables(ctx, version),
-        plan_id=ctx.run_id,
+        platform=ctx.platform,
         channel=ctx.channel,
+        variables=stack_variables(ctx, version),
+        plan_id=ctx.run_id,
     )
     view = planned.view
     if not planned.has_changes:
         message = f"{view.version_diff}: the plan has no changes; nothing to deploy"
-        notify_once(
-            ctx.notifier,
-            ctx.notice(f"Nothing to deploy to {ctx.workspace}", message, "info"),
-            step="no-changes",
-        )
-        return Completed(name="NothingToDeploy", message=message)
+        return Outcome("completed", "NothingToDeploy", f"Nothing to deploy to {ctx.workspace}", message, "info")
 
     markdown = publish_plan(planned, run_url=ctx.run_url)
-    notify_once(
+    deadline = approval_deadline(planned.plan_sha256, approval_timeout_seconds)
+    notify(
         ctx.notifier,
         ctx.notice(
             f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
-            f"{view.counts}. Approve or reject in the Prefect UI within {approval_timeout_seconds // 60} min.",
+            f"{view.counts}. Approve or reject in the Prefect UI before {deadline:%Y-%m-%d %H:%M} UTC.",
             "warning",
             facts={"artifact": view.version_diff, "plan sha256": planned.plan_sha256, "run": ctx.run_name},
             link_text="Review and approve",
             dedup_key=f"plan-{planned.plan_sha256}",
         ),
-        step="plan-waiting",
     )
-    decision = wait_for_approval(ctx, planned, markdown, approval_timeout_seconds)
-    base_record = {
+    decision = wait_for_approval(ctx, planned, markdown, deadline)
+    record = {
         "artifact": view.version_diff,
         "plan sha256": planned.plan_sha256,
         "decided by": decision.approver,
@@ -403,195 +320,191 @@ def _deploy_under_lock(
     }
     if not decision.approved:
         message = f"rejected by {decision.approver}: {decision.comment or 'no comment'}; nothing applied"
-        record_deploy(ctx.workspace, {"outcome": "rejected", **base_record})
+        return Outcome(
+            "cancelled", "Rejected", f"Plan rejected: {view.version_diff} on {ctx.workspace}", message, "info", record
+        )
+    return apply_and_gate(ctx, version, planned, decision, record, health_deadline_seconds, rollback_on_unhealthy)
+
+
+def wait_for_approval(
+    ctx: DeployContext, planned: PlannedDeploy, markdown: str, deadline: datetime
+) -> ApprovalDecision:
+    """Suspend until an operator answers; an answer that can't be acted on is reported and asked again."""
+    refusal = ""
+    for attempt in range(MAX_APPROVAL_ATTEMPTS):
+        form = approval_form(planned.plan_sha256, markdown, refusal=refusal)
+        remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
+        answer = suspend_flow_run(wait_for_input=form, timeout=remaining, key=f"approval-{attempt}")
+        checked = check_approval(answer, expected_sha256=planned.plan_sha256)
+        if isinstance(checked, ApprovalDecision):
+            return checked
+        refusal = checked.reason
+        get_run_logger().warning("approval %d not accepted: %s", attempt + 1, checked.reason)
         notify(
             ctx.notifier,
-            ctx.notice(f"Plan rejected: {view.version_diff} on {ctx.workspace}", message, "info"),
+            ctx.notice(
+                f"Approval not accepted for {ctx.workspace}",
+                f"{checked.reason}. The plan is still waiting; answer the form again.",
+                "warning",
+                facts={"plan": planned.plan_sha256[:12], "attempt": str(attempt + 1)},
+                link_text="Open the run",
+            ),
         )
-        return Cancelled(name="Rejected", message=message)
-
-    return _apply_and_promote(
-        ctx, version, planned, decision, base_record, health_deadline_seconds, rollback_on_unhealthy
-    )
+    return ApprovalDecision(False, "push-to-deploy", "too many invalid approval answers", planned.plan_sha256)
 
 
-def _apply_and_promote(
+def apply_and_gate(
     ctx: DeployContext,
     version: ArtifactVersion,
     planned: PlannedDeploy,
     decision: ApprovalDecision,
-    base_record: dict[str, str],
+    record: dict[str, str],
     health_deadline_seconds: float,
     rollback_on_unhealthy: bool,
-) -> State[Any]:
+) -> Outcome:
     view = planned.view
-    consul = ctx.consul.get_client()
-    from_label = _label_of(ctx, view.from_version)
-    window_open = False
-    if from_label is not None:
-        open_deploy_window(
-            consul,
-            ctx.service_name,
-            deploy_run_id=ctx.run_id,
-            from_version=from_label,
-            to_version=_build_label(version),
-            duration=timedelta(seconds=health_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS),
-        )
-        window_open = True
+    previous = view.from_version  # the one source of "what ran before": the plan's view of the state
+    from_label = ctx.registry.registry().get(ctx.namespace, previous).build_label if previous else ""
+    open_window(
+        ctx.consul,
+        ctx.service_name,
+        deploy_run_id=ctx.run_id,
+        from_version=from_label,
+        to_version=version.build_label,
+        seconds=health_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
+    )
     try:
-        applied = apply_plan(ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir)
-        if isinstance(applied, StalePlan):
-            record_deploy(ctx.workspace, {"outcome": "stale plan, nothing applied", **base_record})
-            notify(
-                ctx.notifier,
-                ctx.notice(
-                    f"Stale plan not applied on {ctx.workspace}",
-                    f"{applied.reason}. Push again or re-run to plan afresh.",
-                    "warning",
-                    facts={"plan sha256": planned.plan_sha256},
-                ),
-            )
-            return Cancelled(name="StalePlan", message=applied.reason)
-
-        previous = promote_channel(
-            ctx.registry,
-            namespace=ctx.namespace,
-            channel=ctx.channel,
-            version=version.version,
-            assigned_by=decision.approver,
-            reason=f"deployed by {ctx.run_name}",
-            metadata={
-                "plan_sha256": planned.plan_sha256,
-                "flow_run_id": ctx.run_id,
-                "approved_by": decision.approver,
-                "comment": decision.comment,
-            },
+        applied = apply_plan(
+            ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
         )
-        gate = gate_health(ctx, applied, health_deadline_seconds)
-        record = {
-            **base_record,
+        if isinstance(applied, StalePlan):
+            return Outcome(
+                "cancelled",
+                "StalePlan",
+                f"Stale plan not applied on {ctx.workspace}",
+                f"{applied.reason}. Push again or re-run to plan afresh.",
+                "warning",
+                {"outcome": "stale plan, nothing applied", **record},
+                {"plan sha256": planned.plan_sha256},
+            )
+        gate = gate_health(
+            ctx.consul,
+            service_name=ctx.service_name,
+            service_id=str(applied.outputs["service_id"]) if applied.outputs.get("service_id") else None,
+            deploy_run_id=ctx.run_id,
+            deadline_seconds=health_deadline_seconds,
+        )
+        record |= {
             "applied in": f"{applied.duration_seconds:.1f}s",
             "outputs": ", ".join(f"{k}={v}" for k, v in sorted(applied.outputs.items())),
             "health": f"{gate.status} after {gate.waited_seconds:.1f}s",
         }
-        if gate.healthy:
-            record_deploy(ctx.workspace, {"outcome": "deployed", **record})
-            notify(
-                ctx.notifier,
-                ctx.notice(
-                    f"Deployed {view.version_diff} to {ctx.workspace}",
-                    f"Approved by {decision.approver}; healthy in Consul after {gate.waited_seconds:.1f}s.",
-                    "success",
-                    facts={"plan sha256": planned.plan_sha256, "channel": ctx.channel},
-                ),
-            )
-            return Completed(name="Deployed", message=f"{view.version_diff} deployed to {ctx.workspace}")
-
-        return _handle_unhealthy(ctx, version, previous, record, gate.output, rollback_on_unhealthy)
+        if not gate.healthy:
+            detail = f"{gate.output[:300] or gate.status}; looked for {gate.criteria}; found {gate.found}"
+            return handle_unhealthy(ctx, version, planned, record, detail, rollback_on_unhealthy)
+        return promote(ctx, version, planned, decision, applied, gate.waited_seconds, record)
     finally:
-        if window_open:
-            try:
-                close_deploy_window(consul, ctx.service_name, deploy_run_id=ctx.run_id)
-            except ConsulError as exc:
-                get_run_logger().warning("could not close the deploy window: %s", exc)
+        close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
 
 
-@dataclass(frozen=True)
-class GateOutcome:
-    healthy: bool
-    status: str
-    output: str
-    waited_seconds: float
-
-
-@task(name="health-gate", cache_policy=NO_CACHE)
-def gate_health(ctx: DeployContext, applied: AppliedDeploy, deadline_seconds: float) -> GateOutcome:
-    service_id = applied.outputs.get("service_id")
-    result = wait_until_healthy(
-        ctx.consul.get_client(),
-        service_name=ctx.service_name,
-        service_id=str(service_id) if service_id else None,
-        expect_meta={"deploy_run_id": ctx.run_id},
-        deadline_seconds=deadline_seconds,
-    )
-    get_run_logger().info("health gate: %s after %.1fs", result.status, result.waited_seconds)
-    return GateOutcome(result.healthy, str(result.status), result.output, result.waited_seconds)
-
-
-def _build_label(version: ArtifactVersion) -> str:
-    """The version baked into the image and its Consul service ID (see ``next_build_label``)."""
-    return version.labels.get("build_label", str(version.version))
-
-
-def _label_of(ctx: DeployContext, version: int | None) -> str | None:
-    return None if version is None else _build_label(ctx.registry.registry().get(ctx.namespace, version))
-
-
-def _handle_unhealthy(
+def promote(
     ctx: DeployContext,
     version: ArtifactVersion,
-    previous: int | None,
+    planned: PlannedDeploy,
+    decision: ApprovalDecision,
+    applied: AppliedDeploy,
+    waited: float,
     record: dict[str, str],
-    check_output: str,
+) -> Outcome:
+    moved = promote_channel(
+        ctx.registry,
+        namespace=ctx.namespace,
+        channel=ctx.channel,
+        version=version.version,
+        assigned_by=decision.approver,
+        reason=f"deployed by {ctx.run_name}",
+        metadata={
+            "plan_sha256": applied.plan_sha256,
+            "flow_run_id": ctx.run_id,
+            "approved_by": decision.approver,
+            "comment": decision.comment,
+        },
+        expected_version=planned.channel_version,
+    )
+    diff = planned.view.version_diff
+    if isinstance(moved, ChannelMoved):
+        return Outcome(
+            "completed",
+            "DeployedChannelMoved",
+            f"Deployed {diff} to {ctx.workspace}; channel not moved",
+            f"Applied and healthy, but channel {ctx.channel} moved to v{moved.actual_version} meanwhile and was "
+            f"left there; promote by hand if v{version.version} should win.",
+            "warning",
+            {"outcome": "deployed, channel moved meanwhile", **record},
+        )
+    return Outcome(
+        "completed",
+        "Deployed",
+        f"Deployed {diff} to {ctx.workspace}",
+        f"Approved by {decision.approver}; healthy in Consul after {waited:.1f}s.",
+        "success",
+        {"outcome": "deployed", **record},
+        {"plan sha256": planned.plan_sha256, "channel": ctx.channel},
+    )
+
+
+def handle_unhealthy(
+    ctx: DeployContext,
+    version: ArtifactVersion,
+    planned: PlannedDeploy,
+    record: dict[str, str],
+    detail: str,
     rollback_on_unhealthy: bool,
-) -> State[Any]:
+) -> Outcome:
+    previous = planned.view.from_version
     title = f"{ctx.namespace} v{version.version} is unhealthy on {ctx.workspace}"
     if not rollback_on_unhealthy or previous is None:
         why = "rollback disabled" if not rollback_on_unhealthy else "no previous version to roll back to"
-        record_deploy(ctx.workspace, {"outcome": f"unhealthy ({why})", **record})
-        notify(
-            ctx.notifier,
-            ctx.notice(title, f"Health gate failed ({why}): {check_output[:300]}", "critical"),
+        return Outcome(
+            "failed",
+            "Unhealthy",
+            title,
+            f"Health gate failed ({why}): {detail}",
+            "critical",
+            {"outcome": f"unhealthy ({why})", **record},
         )
-        return Failed(name="Unhealthy", message=f"{title}; {why}")
-
+    # The deployment's policy (rollback_on_unhealthy) is the approval for restoring a known-good version,
+    # verified exactly like a forward deploy (sealed record, image digest, plan hash, state).
     target = ctx.registry.registry().resolve_deployable(ctx.namespace, previous)
-    notify(
-        ctx.notifier,
-        ctx.notice(title, f"Health gate failed: {check_output[:300]}. Rolling back to v{previous}.", "critical"),
-    )
-    rollback_plan = plan_deploy(
+    rollback = plan_deploy(
         ctx.registry,
         workspace=ctx.workspace,
         stack_dir=ctx.stack_dir,
         version=target,
-        variables=_stack_variables(ctx, target),
-        plan_id=f"{ctx.run_id}-rollback",
+        platform=ctx.platform,
         channel=ctx.channel,
-        step="rollback",
+        variables=stack_variables(ctx, target),
+        plan_id=f"{ctx.run_id}-rollback",
     )
-    if rollback_plan.has_changes:
-        # The deployment's policy (rollback_on_unhealthy) is the approval for restoring a known-good version.
+    if rollback.has_changes:
         applied = apply_plan(
-            ctx.registry, rollback_plan, approved_sha256=rollback_plan.plan_sha256, stack_dir=ctx.stack_dir
+            ctx.registry, rollback, approved_sha256=rollback.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
         )
         if isinstance(applied, StalePlan):
-            record_deploy(ctx.workspace, {"outcome": "unhealthy; rollback plan went stale", **record})
-            return Failed(name="RollbackFailed", message=applied.reason)
-    promote_channel(
-        ctx.registry,
-        namespace=ctx.namespace,
-        channel=ctx.channel,
-        version=previous,
-        assigned_by=f"flow-run/{ctx.run_name}",
-        reason=f"rollback: v{version.version} failed its health gate",
-        metadata={
-            "plan_sha256": rollback_plan.plan_sha256,
-            "flow_run_id": ctx.run_id,
-            "rollback_from": str(version.version),
-        },
+            return Outcome(
+                "failed",
+                "RollbackFailed",
+                title,
+                f"Health gate failed: {detail}. The rollback to v{previous} went stale: {applied.reason}",
+                "critical",
+                {"outcome": "unhealthy; rollback plan went stale", **record},
+            )
+    return Outcome(
+        "failed",
+        "RolledBack",
+        f"Rolled back {ctx.workspace} to v{previous}",
+        f"v{version.version} failed its health gate: {detail}. v{previous} is applied again; the {ctx.channel} "
+        "channel never moved.",
+        "critical",
+        {"outcome": f"rolled back to v{previous}", **record, "rollback plan": rollback.plan_sha256},
     )
-    record_deploy(
-        ctx.workspace,
-        {"outcome": f"rolled back to v{previous}", **record, "rollback plan": rollback_plan.plan_sha256},
-    )
-    notify(
-        ctx.notifier,
-        ctx.notice(
-            f"Rolled back {ctx.workspace} to v{previous}",
-            f"v{version.version} failed its health gate; v{previous} is applied "
-            f"and the {ctx.channel} channel points at it again.",
-            "warning",
-        ),
-    )
-    return Failed(name="RolledBack", message=f"v{version.version} unhealthy; rolled back to v{previous}")

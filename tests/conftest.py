@@ -23,6 +23,14 @@ pytest_plugins = [
 ]
 
 AWS_REGION = "us-east-1"
+# A test that uses one of these needs a Prefect server: it is `slow`, outside the fast tier.
+_SERVER_FIXTURES = frozenset({"prefect_server", "deploy_env"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

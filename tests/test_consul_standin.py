@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -17,10 +19,12 @@ import consul
 import pytest
 from pydantic import SecretStr
 
-from blocks.consul import ConsulConnection, ConsulEndpoint, consul_errors, parse_consul_address
+from blocks.consul import ConsulConnection
+from icd.health.consul import ConsulEndpoint, consul_call, consul_errors, parse_consul_address
 from examples.local_env import free_port
+from icd.errors import ConsulError
 from standins.consul import ConsulStandIn, format_duration, parse_duration
-from tasks.errors import ConsulError
+from tests.waiting import wait_until
 
 
 def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -126,15 +130,15 @@ def test_block_token_is_sent_and_missing_token_becomes_consul_error(
         without_token.get_client().agent.services()
 
 
-def test_block_leader_raises_consul_error_when_agent_is_unreachable() -> None:
-    connection = ConsulConnection(address=f"http://127.0.0.1:{free_port()}", timeout_seconds=2.0)
+def test_an_unreachable_agent_is_a_consul_error() -> None:
+    client = ConsulConnection(address=f"http://127.0.0.1:{free_port()}", timeout_seconds=2.0).get_client()
 
-    with pytest.raises(ConsulError, match="could not be reached"):
-        connection.leader()
+    with pytest.raises(ConsulError, match="could not be reached to read the leader"):
+        consul_call("read the leader", client.status.leader)
 
 
-def test_block_leader_answers_from_standin(consul_connection: ConsulConnection) -> None:
-    assert consul_connection.leader().endswith(":8300")
+def test_the_block_client_talks_to_the_standin(consul_connection: ConsulConnection) -> None:
+    assert consul_call("read the leader", consul_connection.get_client().status.leader).endswith(":8300")
 
 
 # --- index discipline ---------------------------------------------------------------------------------
@@ -146,13 +150,26 @@ def test_no_op_check_update_does_not_bump_index_or_wake_watchers(
     consul_client.agent.service.register("api", service_id="api-1", check=consul.Check.ttl("30s"))
     consul_client.agent.check.ttl_pass("service:api-1", "fine")
     index, _ = consul_client.health.state("any")
+    answered: list[tuple[str, list[dict[str, Any]]]] = []
+
+    def watch() -> None:
+        answered.append(consul_client.health.state("any", index=index, wait="10s"))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    wait_until(lambda: consul_standin.waiting_queries == 1, timeout=10, message="the watcher never started waiting")
 
     consul_client.agent.check.ttl_pass("service:api-1", "fine")
-    started = time.monotonic()
     same_index, _ = consul_client.health.state("any", index=index, wait="500ms")
 
     assert same_index == index
-    assert time.monotonic() - started >= 0.5
+    assert answered == [], "the no-op update woke the watcher"
+    # A real change does wake it, and it answers with that change.
+    consul_client.agent.check.ttl_warn("service:api-1", "slow")
+    watcher.join(timeout=15)
+    [(new_index, checks)] = answered
+    assert int(new_index) > int(index)
+    assert [c["Status"] for c in checks if c["CheckID"] == "service:api-1"] == ["warning"]
 
 
 def test_output_only_change_reaches_agent_view_at_once_and_catalog_later(
@@ -169,27 +186,30 @@ def test_output_only_change_reaches_agent_view_at_once_and_catalog_later(
     assert (same_index, checks[0]["Output"]) == (index, "first")
 
 
-def test_kv_watcher_wakes_for_its_key_not_for_others(consul_client: consul.Consul) -> None:
+def test_kv_watcher_wakes_for_its_key_not_for_others(
+    consul_standin: ConsulStandIn, consul_client: consul.Consul
+) -> None:
     consul_client.kv.put("watched", "1")
     kv_index, _ = consul_client.kv.get("watched")
     answered: list[tuple[float, dict[str, Any]]] = []
 
     def watch() -> None:
-        _, entry = consul_client.kv.get("watched", index=kv_index, wait="5s")
+        _, entry = consul_client.kv.get("watched", index=kv_index, wait="10s")
         answered.append((time.monotonic(), entry))
 
+    started = time.monotonic()
     watcher = threading.Thread(target=watch)
     watcher.start()
-    time.sleep(0.2)
+    wait_until(lambda: consul_standin.waiting_queries == 1, timeout=10, message="the watcher never started waiting")
     consul_client.kv.put("other", "1")
-    time.sleep(0.3)
     assert answered == [], "a write to another key woke the watcher"
-    changed_at = time.monotonic()
+    assert consul_standin.waiting_queries == 1, "a write to another key woke the watcher"
     consul_client.kv.put("watched", "2")
-    watcher.join(timeout=10)
+    watcher.join(timeout=15)
 
     returned_at, entry = answered[0]
-    assert returned_at - changed_at < 0.5
+    # It answered because its key changed, well before its 10 s wait ran out.
+    assert returned_at - started < 5
     assert entry["Value"] == b"2"
 
 
@@ -198,10 +218,12 @@ def test_kv_watcher_wakes_for_its_key_not_for_others(consul_client: consul.Consu
 
 class _SlowOr429(BaseHTTPRequestHandler):
     mode = "429"
+    # In "slow" mode an answer waits for this (set when the test ends), far longer than the check's timeout.
+    release: ClassVar[threading.Event]
 
     def do_GET(self) -> None:
         if type(self).mode == "slow":
-            time.sleep(2)
+            type(self).release.wait(timeout=30)
         body = b"slow down"
         self.send_response(429 if type(self).mode == "429" else 200)
         self.send_header("Content-Length", str(len(body)))
@@ -214,13 +236,18 @@ class _SlowOr429(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def target() -> Iterator[tuple[str, type[_SlowOr429]]]:
-    handler = type("Target", (_SlowOr429,), {"mode": "429"})
+    class Target(_SlowOr429):
+        mode = "429"
+        release: ClassVar[threading.Event] = threading.Event()
+
+    handler = Target
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/", handler
     finally:
+        handler.release.set()
         server.shutdown()
         server.server_close()
 
@@ -275,10 +302,7 @@ def test_ttl_expiry_turns_check_critical_and_deregister_after_reaps_service(
 
     expired = _wait_status(consul_client, "service:batch-1", "critical", timeout=3)
     assert expired["Output"] == "TTL expired"
-    deadline = time.monotonic() + 5
-    while "batch-1" in consul_client.agent.services():
-        assert time.monotonic() < deadline, "service was not reaped"
-        time.sleep(0.1)
+    wait_until(lambda: "batch-1" not in consul_client.agent.services(), timeout=5, message="service was not reaped")
     assert consul_client.catalog.services()[1] == {}
 
 
@@ -317,7 +341,7 @@ def test_interval_shows_as_given_but_runs_no_faster_than_one_second(consul_clien
             "web", service_id="web-1", check={"HTTP": url, "Interval": "200ms", "Timeout": "2s"}
         )
         passing = _wait_status(consul_client, "service:web-1", "passing")
-        time.sleep(2.2)
+        wait_until(lambda: len(handler.hits) >= 3, timeout=10, message="the check did not keep running")
     finally:
         server.shutdown()
         server.server_close()
@@ -448,6 +472,43 @@ def test_ten_thousand_ttl_checks_register_and_health_state_answers(
     assert len(critical) == 10_000
 
 
+# --- clients that go away -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hang_up", ["close", "reset"])
+def test_client_leaving_a_blocking_query_is_not_an_error(
+    consul_standin: ConsulStandIn, capfd: pytest.CaptureFixture[str], hang_up: str
+) -> None:
+    base = consul_standin.http_addr
+    assert _put(f"{base}/v1/kv/watched", 1) == 200
+    _, headers, _ = _get(f"{base}/v1/kv/watched")
+    threads_before = set(threading.enumerate())
+    host, port = consul_standin.address.rsplit(":", 1)
+    watcher = socket.create_connection((host, int(port)), timeout=10)
+    index = headers["X-Consul-Index"]
+    watcher.sendall(f"GET /v1/kv/watched?index={index}&wait=10s HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    wait_until(
+        lambda: consul_standin.waiting_queries == 1, timeout=10, message="the blocking query never started waiting"
+    )
+    # The stand-in serves each connection on its own thread: the ones started since are this watcher's.
+    handlers = set(threading.enumerate()) - threads_before
+
+    if hang_up == "reset":  # an abortive close: the stand-in's next write meets ECONNRESET
+        watcher.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    watcher.close()
+    assert _put(f"{base}/v1/kv/watched", 2) == 200  # wakes the query; its answer has no one to go to
+    wait_until(
+        lambda: not any(t.is_alive() for t in handlers),
+        timeout=10,
+        message="the abandoned query's handler never finished",
+    )
+
+    assert capfd.readouterr().err == ""
+    status, _, body = _get(f"{base}/v1/kv/watched?index={index}&wait=10s")
+    assert status == 200
+    assert [entry["Value"] for entry in json.loads(body)] == ["Mg=="]  # base64 of "2"
+
+
 # --- CLI ----------------------------------------------------------------------------------------------
 
 
@@ -458,15 +519,16 @@ def test_module_runs_as_a_server_from_the_command_line() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def leader() -> tuple[int, bytes] | None:
+        try:
+            status, _, body = _get(f"http://127.0.0.1:{port}/v1/status/leader")
+        except urllib.error.URLError:
+            return None
+        return status, body
+
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                status, _, body = _get(f"http://127.0.0.1:{port}/v1/status/leader")
-                break
-            except urllib.error.URLError:
-                assert time.monotonic() < deadline, "stand-in did not start"
-                time.sleep(0.1)
+        status, body = wait_until(leader, timeout=15, message="stand-in did not start")
         assert (status, json.loads(body)) == (200, "127.0.0.1:8300")
     finally:
         process.terminate()

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,12 +22,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import boto3  # type: ignore[import-untyped]  # ships no type information
+import boto3
 import pytest
 
+from icd.tools.binaries import packer_binary, terraform_binary, terraform_cli_config
+from icd.tools.process import CompletedCommand, run_command
 from standins.consul import ConsulStandIn
-from tasks.process import CompletedCommand, run_command
-from tasks.toolpaths import packer_binary, terraform_binary, terraform_cli_config
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.tools
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMESPACE = "acmeinc/web"
@@ -53,14 +55,10 @@ def agent_services(consul_addr: str, token: str | None = None) -> dict[str, dict
 def wait_for_check_status(
     consul_addr: str, check_id: str, status: str, token: str | None = None, timeout: float = 15.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = consul_get(consul_addr, "/v1/agent/checks", token).get(check_id, {}).get("Status")
-        if seen == status:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"check {check_id} stayed {seen!r}, expected {status!r}")
+    def current() -> object:
+        return consul_get(consul_addr, "/v1/agent/checks", token).get(check_id, {}).get("Status")
+
+    wait_until(lambda: current() == status, timeout=timeout, message=f"check {check_id} never became {status!r}")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -83,12 +81,9 @@ def process_alive(pid: int) -> bool:
 
 
 def wait_for_file(path: Path, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and (text := path.read_text()).strip():
-            return text
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear within {timeout}s")
+    return wait_until(
+        lambda: path.read_text().strip() if path.exists() else "", timeout=timeout, message=f"{path} never appeared"
+    )
 
 
 def kill_group_if_alive(pid_file: Path) -> None:
@@ -122,7 +117,10 @@ def packer_build(tree: AppTree, only: str, version: str, output_dir: Path, **ext
     for name, value in variables.items():
         argv += ["-var", f"{name}={value}"]
     argv.append(".")
+    # Packer gets only what its build needs: no credentials for a local image, test ones for moto's EC2.
     env = {"CHECKPOINT_DISABLE": "1", "PACKER_NO_COLOR": "1"}
+    if only.startswith("amazon-ebs"):
+        env |= {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     return run_command(argv, cwd=tree.template_dir, env=env, timeout=120)
 
 

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from prefect import flow
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 from prefect_slack import SlackCredentials
 from pydantic import SecretStr
 
 from blocks.notifier import SlackNotifier
+from icd.errors import NotificationError, TransientNotificationError
+from icd.notify.message import Notification, NotificationReceipt, Severity, redact_notification, redact_text
+from icd.notify.slack import render_slack_message
 from standins.slack import SlackStandIn
-from tasks.errors import NotificationError, TransientNotificationError
-from tasks.notifications import (
-    Notification,
-    NotificationReceipt,
-    Severity,
-    redact_notification,
-    redact_text,
-    render_slack_message,
-    send_notification,
-)
+from tasks.notify import notify
 from tests.plugins.slack import SLACK_TEST_TOKEN
 
 
@@ -163,7 +153,7 @@ def test_send_posts_one_message_with_rendered_blocks_and_text(
         dedup_key="deploy-1234",
     )
 
-    receipt = slack_notifier.send(notification)
+    receipt = slack_notifier.sender().send(notification)
 
     [message] = slack_standin.wait_for_messages(1)
     fallback, blocks = render_slack_message(notification)
@@ -172,13 +162,6 @@ def test_send_posts_one_message_with_rendered_blocks_and_text(
     assert receipt == NotificationReceipt(channel=message.channel_id, ts=message.ts)
     assert "http://127.0.0.1:4200/runs/flow-run/1234" in str(message.blocks)
     assert slack_standin.call_count("chat.postMessage") == 1
-
-
-def test_send_text_posts_plain_text(slack_standin: SlackStandIn, slack_notifier: SlackNotifier) -> None:
-    receipt = slack_notifier.send_text("health: all *3* instances passing")
-
-    [message] = slack_standin.wait_for_messages(1)
-    assert (message.text, message.blocks, receipt.ts) == ("health: all *3* instances passing", [], message.ts)
 
 
 def test_token_and_extra_secrets_are_redacted_in_what_slack_receives(
@@ -192,8 +175,9 @@ def test_token_and_extra_secrets_are_redacted_in_what_slack_receives(
         fields={"db": db_password},
     )
 
-    slack_notifier.send(notification, extra_secrets=[SecretStr(db_password)])
-    slack_notifier.send_text(f"again {SLACK_TEST_TOKEN} {db_password}", extra_secrets=[db_password])
+    sender = slack_notifier.sender()
+    sender.send(notification, extra_secrets=[SecretStr(db_password)])
+    sender.send(Notification(f"again {SLACK_TEST_TOKEN}", db_password, "info"), extra_secrets=[db_password])
 
     messages = slack_standin.wait_for_messages(2)
     received = str([m.payload for m in messages])
@@ -210,7 +194,7 @@ def test_wrong_token_raises_notification_error_without_the_token(
     notifier = slack_notifier.model_copy(update={"credentials": SlackCredentials(token=wrong_token)})
 
     with pytest.raises(NotificationError, match="invalid_auth") as raised:
-        notifier.send(Notification("t", "x", "info"))
+        notifier.sender().send(Notification("t", "x", "info"))
 
     assert not isinstance(raised.value, TransientNotificationError)
     assert wrong_token not in str(raised.value)
@@ -221,7 +205,7 @@ def test_unknown_channel_raises_notification_error(slack_standin: SlackStandIn, 
     notifier = slack_notifier.model_copy(update={"channel": "#nowhere"})
 
     with pytest.raises(NotificationError, match="channel_not_found"):
-        notifier.send(Notification("t", "x", "info"))
+        notifier.sender().send(Notification("t", "x", "info"))
 
     assert slack_standin.messages == []
 
@@ -230,15 +214,11 @@ def test_rate_limited_twice_then_delivered_exactly_once(
     slack_standin: SlackStandIn, slack_notifier: SlackNotifier
 ) -> None:
     slack_standin.rate_limit_next(2, retry_after_seconds=1)
-    started = time.monotonic()
 
-    slack_notifier.send(Notification("t", "x", "info"))
+    slack_notifier.sender().send(Notification("t", "x", "info"))
 
-    elapsed = time.monotonic() - started
     assert len(slack_standin.messages) == 1
     assert slack_standin.call_count("chat.postMessage") == 3
-    # Two waits of Retry-After (1 s) plus slack-sdk's jitter of under 1 s each.
-    assert 2.0 <= elapsed < 5.0
 
 
 def test_persistent_server_errors_raise_transient_error(
@@ -247,7 +227,7 @@ def test_persistent_server_errors_raise_transient_error(
     slack_standin.fail_next(5, status=503)
 
     with pytest.raises(TransientNotificationError, match="HTTP 503"):
-        slack_notifier.send(Notification("t", "x", "info"))
+        slack_notifier.sender().send(Notification("t", "x", "info"))
 
     assert slack_standin.messages == []
 
@@ -259,7 +239,7 @@ def test_unreachable_slack_raises_transient_error_without_the_token(slack_notifi
     notifier = slack_notifier.model_copy(update={"api_url": dead_url, "timeout_seconds": 1})
 
     with pytest.raises(TransientNotificationError, match="unreachable") as raised:
-        notifier.send(Notification("t", "x", "info"))
+        notifier.sender().send(Notification("t", "x", "info"))
 
     assert SLACK_TEST_TOKEN not in str(raised.value)
 
@@ -294,46 +274,36 @@ def test_standin_records_incoming_webhooks(slack_standin: SlackStandIn) -> None:
 # --- the Prefect task inside a flow ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A throwaway Prefect API (25-40 s to start), shared by this module's flow tests only."""
-    results = tmp_path_factory.mktemp("prefect-results")
-    with (
-        temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: results}),
-        # The default 30 s start-up limit is too tight when the rest of the suite loads the machine.
-        prefect_test_harness(server_startup_timeout=120),
-    ):
-        yield
-
-
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_api")
-def test_task_in_flow_posts_once_per_dedup_key_and_does_not_retry_permanent_errors(
+@pytest.mark.usefixtures("prefect_server")
+def test_task_in_flow_posts_once_per_notification_and_does_not_retry_permanent_errors(
     slack_standin: SlackStandIn, slack_notifier: SlackNotifier
 ) -> None:
-    dedup_key = f"approval-{uuid.uuid4()}"
-    notification = Notification("Awaiting approval", "Plan ready", "warning", dedup_key=dedup_key)
+    notification = Notification("Awaiting approval", f"Plan ready {uuid.uuid4()}", "warning")
+    other = Notification("Awaiting approval", "another plan", "warning")
     bad_channel = slack_notifier.model_copy(update={"channel": "#nowhere"})
 
     @flow
-    def notify_twice() -> tuple[NotificationReceipt, NotificationReceipt, bool]:
-        first = send_notification(slack_notifier, notification)
-        # The same key again, as after a suspend/resume re-run: answered from the task cache.
-        second = send_notification(slack_notifier, notification)
-        failed = send_notification(bad_channel, Notification("t", "x", "info"), return_state=True)
-        return first, second, failed.is_failed()
+    def notify_twice() -> tuple[NotificationReceipt, NotificationReceipt, NotificationReceipt, bool]:
+        first = notify(slack_notifier, notification)
+        # The same notification again, as after a suspend/resume re-run: answered from the run's cache.
+        second = notify(slack_notifier, notification)
+        # Another notification in the same run is another step: it is posted.
+        third = notify(slack_notifier, other)
+        failed = notify(bad_channel, Notification("t", "x", "info"), return_state=True)
+        return first, second, third, failed.is_failed()
 
-    first, second, bad_channel_failed = notify_twice()
+    first, second, third, bad_channel_failed = notify_twice()
 
     assert first == second
-    assert [m.ts for m in slack_standin.messages] == [first.ts]
+    assert [m.ts for m in slack_standin.messages] == [first.ts, third.ts]
     assert bad_channel_failed
     # Permanent errors are not retried: one attempt against the unknown channel.
-    assert slack_standin.call_count("chat.postMessage") == 2
+    assert slack_standin.call_count("chat.postMessage") == 3
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.usefixtures("prefect_server")
 def test_task_retries_when_slack_keeps_failing_past_the_clients_own_retries(
     slack_standin: SlackStandIn, slack_notifier: SlackNotifier
 ) -> None:
@@ -341,10 +311,37 @@ def test_task_retries_when_slack_keeps_failing_past_the_clients_own_retries(
     slack_standin.fail_next(2, status=503)
 
     @flow
-    def notify() -> NotificationReceipt:
-        return send_notification(slack_notifier, Notification("Health degraded", "1 of 3 failing", "warning"))
+    def notify_once() -> NotificationReceipt:
+        return notify(slack_notifier, Notification("Health degraded", "1 of 3 failing", "warning"))
 
-    receipt = notify()
+    receipt = notify_once()
 
     assert [m.ts for m in slack_standin.messages] == [receipt.ts]
     assert slack_standin.call_count("chat.postMessage") == 3
+
+
+# --- operator text is escaped where it is shown ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "shown"),
+    [
+        ("<!channel> deploy now", "&lt;!channel&gt; deploy now"),
+        ("<http://evil.example|innocent>", "&lt;http://evil.example|innocent&gt;"),
+        ("a & b", "a &amp; b"),
+        ("<@U123>", "&lt;@U123&gt;"),
+    ],
+)
+def test_operator_text_cannot_ping_mention_or_disguise_a_link(typed: str, shown: str) -> None:
+    fallback, blocks = render_slack_message(
+        Notification(f"Rejected by {typed}", f"comment: {typed}", "info", fields={"approver": typed})
+    )
+    # plain_text (the header) is shown literally by Slack; every mrkdwn text and the fallback are escaped.
+    mrkdwn = [block["text"]["text"] for block in blocks if block.get("text", {}).get("type") == "mrkdwn"]
+    mrkdwn += [field["text"] for block in blocks for field in block.get("fields", [])]
+    rendered = " ".join([*mrkdwn, fallback])
+    assert "<!channel>" not in rendered
+    assert "<http" not in rendered
+    assert "<@" not in rendered
+    assert shown in blocks[1]["text"]["text"]
+    assert shown in fallback

@@ -6,7 +6,6 @@ Each test uses its own namespace, workspace and service name, so they share one 
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -17,8 +16,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.flow_runs import resume_flow_run
 
 from flows.approval_housekeeping import approval_housekeeping
-from tasks import workspace_lock
+from icd.deploy import lock as workspace_lock
 from tests.plugins.deploy_env import DeployEnv
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -120,9 +120,7 @@ def test_invalid_approval_is_asked_again_then_a_valid_one_applies(deploy_env: De
     run = _deploy(env, names)
     sha = _plan_sha(env, names["workspace"], run.id)
     _approve(run.id, "0" * 64)  # a stale or mistyped hash
-    again = env.wait_for(run.id, states={"PAUSED", "COMPLETED", "FAILED", "CANCELLED"})
-    time.sleep(1)
-    again = env.wait_for(run.id, states={"PAUSED", "COMPLETED", "FAILED", "CANCELLED"})
+    again = env.wait_for_pause(run.id, "approval-1")
     assert again.state and again.state.type.value == "PAUSED", "a wrong hash applies nothing and asks again"
     assert _services(env, names["service_name"]) == []
     _approve(run.id, sha)
@@ -134,7 +132,9 @@ def test_invalid_approval_is_asked_again_then_a_valid_one_applies(deploy_env: De
 def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -> None:
     env, names = deploy_env, _names()
     run = _deploy(env, names, approval_timeout_seconds=2)
-    time.sleep(3)
+    # The server fails a suspension whose deadline passed (its pause-expiration service); then nothing can
+    # resume it, and housekeeping must release the lock and tell operators.
+    env.wait_for(run.id, states={"FAILED"}, timeout=60)
     ended = approval_housekeeping()
     assert str(run.id) in [e.flow_run_id for e in ended]
     done = env.read(run.id)
@@ -203,7 +203,11 @@ def test_concurrent_runs_serialize_per_workspace_and_parallelize_across(deploy_e
     first = _deploy(env, a)
     second = env.start(ref="main", **a)
     other_ws = _deploy(env, {**b})  # a different workspace reaches its approval while `a` is held
-    time.sleep(3)
+    wait_until(
+        lambda: any(t.state and t.state.type.value == "RUNNING" for t in _task_runs(second.id, "lock-workspace")),
+        timeout=120,
+        message="the second run never asked for the workspace",
+    )
     waiting = env.read(second.id)
     assert waiting.state and waiting.state.type.value == "RUNNING", "the second run waits for the workspace"
     _approve(first.id, _plan_sha(env, a["workspace"], first.id), decision="reject")
@@ -263,6 +267,7 @@ def test_unhealthy_deploy_rolls_back_and_moves_the_channel_back(deploy_env: Depl
     assert done.state and done.state.name == "RolledBack", done.state
     reg = env.registry.registry()
     assert reg.get_channel(names["namespace"], names["workspace"]).version == 1  # type: ignore[union-attr]
-    assert [h.to_version for h in reg.channel_history(names["namespace"], names["workspace"])] == [1, 2, 1]
+    # Gate, then promote: the channel never moved to the unhealthy version.
+    assert [h.to_version for h in reg.channel_history(names["namespace"], names["workspace"])] == [1]
     services = _services(env, names["service_name"])
     assert [s["Service"]["ID"] for s in services] == [f"{names['service_name']}-1"]

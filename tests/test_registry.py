@@ -14,17 +14,22 @@ import pytest
 from prefect_aws import AwsCredentials
 
 from blocks.registry import ArtifactRegistry
-from tasks.errors import (
+from cli.registry import SIGNING_KEY_ENV
+from cli.registry import main as registry_cli
+from icd.errors import (
     InvalidChannelError,
     InvalidNamespaceError,
+    RegistryIntegrityError,
     RegistryStorageError,
     RevokedVersionError,
     VersionNotFoundError,
 )
-from tasks.registry import LATEST, ArtifactVersion, RegistrationResult, Registry, validate_namespace
-from tasks.registry_cli import main as registry_cli
+from icd.registry import ArtifactVersion, ChannelAssignment, ChannelMoved, RegistrationResult, Registry, Sealer
+from icd.rules import LATEST, check_namespace
 
 NS = "acme/web"
+SIGNING_KEY = "registry-test-signing-key"
+SEALER = Sealer(SIGNING_KEY.encode())
 
 
 class FakeClock:
@@ -39,7 +44,7 @@ class FakeClock:
 
 @pytest.fixture
 def registry(s3_client: Any, s3_bucket: str) -> Registry:
-    return Registry(s3_client, s3_bucket, prefix="registry/")
+    return Registry(s3_client, s3_bucket, prefix="registry/", sealer=SEALER)
 
 
 def build(registry: Registry, run: str, namespace: str = NS, **overrides: Any) -> RegistrationResult:
@@ -58,9 +63,9 @@ def build(registry: Registry, run: str, namespace: str = NS, **overrides: Any) -
 # --- namespaces ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("namespace", ["acme/web", "a/b", "my-org/my_app-2", "0/9", f"{'a' * 64}/{'b' * 64}"])
+@pytest.mark.parametrize("namespace", ["acme/web", "a/b", "my-org/my-app-2", f"{'a' * 63}/{'b' * 63}"])
 def test_valid_namespaces_are_accepted(namespace: str) -> None:
-    assert validate_namespace(namespace) == namespace
+    assert check_namespace(namespace) == namespace
 
 
 @pytest.mark.parametrize(
@@ -77,8 +82,11 @@ def test_valid_namespaces_are_accepted(namespace: str) -> None:
         "acme\\web",
         "",
         "/",
-        f"{'a' * 65}/web",
+        f"{'a' * 64}/web",
         "acme/../web",
+        "my-org/my_app",
+        "0/9",
+        "acme/web\n",
     ],
 )
 def test_invalid_namespaces_are_refused_with_rule_and_value(namespace: str, registry: Registry) -> None:
@@ -88,7 +96,7 @@ def test_invalid_namespaces_are_refused_with_rule_and_value(namespace: str, regi
     assert "org/name" in str(caught.value)
 
 
-@pytest.mark.parametrize("channel", ["Production", "prod/eu", "", "1st", "a" * 65])
+@pytest.mark.parametrize("channel", ["Production", "prod/eu", "", "1st", "a" * 64, "prod_eu", "prod\n"])
 def test_invalid_channel_names_are_refused(channel: str, registry: Registry) -> None:
     build(registry, "1")
     with pytest.raises(InvalidChannelError, match="invalid channel name"):
@@ -136,7 +144,7 @@ def test_versions_are_immutable_in_storage(registry: Registry, s3_client: Any, s
     registry.revoke(NS, 1, revoked_by="alice", reason="CVE-2026-1")
     after = s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
     assert before == after
-    assert "revocation" not in json.loads(after)
+    assert "revocation" not in json.loads(after)["payload"]
 
 
 # --- idempotency -----------------------------------------------------------------------------------------
@@ -260,8 +268,6 @@ def test_revoked_version_is_refused_for_assignment_and_deploy(registry: Registry
         registry.assign_channel(NS, "staging", 2, assigned_by="alice")
     with pytest.raises(RevokedVersionError, match=r"acme/web v2 is revoked .* by sec-team: CVE-2026-0001"):
         registry.resolve_deployable(NS, 2)
-    with pytest.raises(RevokedVersionError):
-        registry.resolve_channel(NS, "production")
     assert registry.resolve_deployable(NS, 1).version == 1
     revoked = registry.get(NS, 2)
     assert revoked.revocation is not None
@@ -272,7 +278,7 @@ def test_revoked_version_is_refused_for_assignment_and_deploy(registry: Registry
 
 def test_future_revocation_takes_effect_only_from_its_time(s3_client: Any, s3_bucket: str) -> None:
     clock = FakeClock()
-    registry = Registry(s3_client, s3_bucket, clock=clock)
+    registry = Registry(s3_client, s3_bucket, sealer=SEALER, clock=clock)
     build(registry, "1")
     build(registry, "2")
     when = clock.now + timedelta(hours=1)
@@ -321,7 +327,7 @@ def test_revocation_needs_a_reason(registry: Registry) -> None:
 
 
 def test_missing_bucket_is_a_clear_storage_error(s3_client: Any) -> None:
-    registry = Registry(s3_client, "no-such-bucket-here")
+    registry = Registry(s3_client, "no-such-bucket-here", sealer=SEALER)
     with pytest.raises(RegistryStorageError, match="'no-such-bucket-here' does not exist") as caught:
         build(registry, "1")
     assert "testing" not in str(caught.value)
@@ -341,7 +347,7 @@ def test_unreachable_endpoint_is_a_storage_error(s3_bucket: str) -> None:
         config=boto3.session.Config(retries={"max_attempts": 1}, connect_timeout=1),
     )
     with pytest.raises(RegistryStorageError, match="could not be reached") as caught:
-        Registry(client, s3_bucket).get(NS, 1)
+        Registry(client, s3_bucket, sealer=SEALER).get(NS, 1)
     assert "secret-must-not-leak" not in str(caught.value)
 
 
@@ -355,7 +361,7 @@ def make_block(moto_endpoint: str, bucket: str) -> ArtifactRegistry:
         region_name="us-east-1",
         aws_client_parameters={"endpoint_url": moto_endpoint},
     )
-    return ArtifactRegistry(bucket=bucket, aws_credentials=credentials)
+    return ArtifactRegistry(bucket=bucket, aws_credentials=credentials, signing_key=SIGNING_KEY)
 
 
 def test_block_builds_a_working_registry_and_plan_store(moto_endpoint: str, s3_bucket: str, s3_client: Any) -> None:
@@ -370,7 +376,9 @@ def test_block_builds_a_working_registry_and_plan_store(moto_endpoint: str, s3_b
     assert block.registry().get(NS, 1).artifacts == {"us-east-1": "ami-1"}
 
 
-def cli(moto_endpoint: str, bucket: str) -> Callable[..., int]:
+def cli(moto_endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch) -> Callable[..., int]:
+    monkeypatch.setenv(SIGNING_KEY_ENV, SIGNING_KEY)
+
     def run(*argv: str) -> int:
         return registry_cli(["--bucket", bucket, "--endpoint-url", moto_endpoint, "--region", "us-east-1", *argv])
 
@@ -378,14 +386,18 @@ def cli(moto_endpoint: str, bucket: str) -> Callable[..., int]:
 
 
 def test_cli_prints_versions_show_channels_and_history(
-    moto_endpoint: str, s3_client: Any, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+    moto_endpoint: str,
+    s3_client: Any,
+    s3_bucket: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    registry = Registry(s3_client, s3_bucket, prefix="registry/")
+    registry = Registry(s3_client, s3_bucket, prefix="registry/", sealer=SEALER)
     build(registry, "1")
     build(registry, "2")
     registry.revoke(NS, 2, revoked_by="alice", reason="broken")
     registry.assign_channel(NS, "production", 1, assigned_by="alice", reason="go")
-    run = cli(moto_endpoint, s3_bucket)
+    run = cli(moto_endpoint, s3_bucket, monkeypatch)
 
     assert run("namespaces") == 0
     assert capsys.readouterr().out.splitlines() == [NS]
@@ -413,9 +425,9 @@ def test_cli_prints_versions_show_channels_and_history(
 
 
 def test_cli_reports_errors_without_a_traceback(
-    moto_endpoint: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+    moto_endpoint: str, s3_bucket: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = cli(moto_endpoint, s3_bucket)
+    run = cli(moto_endpoint, s3_bucket, monkeypatch)
     assert run("show", NS, "9") == 1
     assert "no version 9" in capsys.readouterr().err
     assert run("versions", "Not A Namespace") == 1
@@ -432,3 +444,98 @@ def test_cli_loads_a_saved_block(
 
     assert registry_cli(["--block", "registry-cli-test", "versions", NS]) == 0
     assert capsys.readouterr().out.startswith("v1\t")
+
+
+# --- integrity: records altered outside the registry are refused ------------------------------------------
+
+
+def _rewrite(s3_client: Any, bucket: str, key: str, change: Callable[[dict[str, Any]], None]) -> None:
+    envelope = json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    change(envelope)
+    s3_client.put_object(Bucket=bucket, Key=key, Body=json.dumps(envelope).encode())
+
+
+def test_a_rewritten_manifest_is_refused_naming_the_object(registry: Registry, s3_client: Any, s3_bucket: str) -> None:
+    build(registry, "1", artifacts={"local": "/images/web-1.tar.gz"}, artifact_sha256={"local": "ab" * 32})
+    key = "registry/namespaces/acme/web/versions/00000001.json"
+
+    def doctor(envelope: dict[str, Any]) -> None:
+        envelope["payload"]["artifact_sha256"] = {"local": "cd" * 32}
+
+    _rewrite(s3_client, s3_bucket, key, doctor)
+    with pytest.raises(RegistryIntegrityError, match=f"{key} was altered outside the registry"):
+        registry.get(NS, 1)
+    with pytest.raises(RegistryIntegrityError):
+        registry.resolve_deployable(NS, 1)
+
+
+def test_a_record_copied_over_another_key_is_refused(registry: Registry, s3_client: Any, s3_bucket: str) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    prefix = "registry/namespaces/acme/web/versions/"
+    body = s3_client.get_object(Bucket=s3_bucket, Key=f"{prefix}00000001.json")["Body"].read()
+    s3_client.put_object(Bucket=s3_bucket, Key=f"{prefix}00000002.json", Body=body)
+    with pytest.raises(RegistryIntegrityError):
+        registry.get(NS, 2)
+
+
+def test_a_deleted_revocation_still_revokes(registry: Registry, s3_client: Any, s3_bucket: str) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.revoke(NS, 2, revoked_by="sec", reason="CVE")
+    s3_client.delete_object(Bucket=s3_bucket, Key="registry/namespaces/acme/web/revocations/00000002.json")
+    with pytest.raises(RevokedVersionError, match="revocation record missing"):
+        registry.resolve_deployable(NS, 2)
+
+
+def test_a_forged_channel_pointer_is_refused(registry: Registry, s3_client: Any, s3_bucket: str) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+    key = "registry/namespaces/acme/web/channels/production.json"
+
+    def forge(envelope: dict[str, Any]) -> None:
+        envelope["payload"]["version"] = 2
+
+    _rewrite(s3_client, s3_bucket, key, forge)
+    with pytest.raises(RegistryIntegrityError):
+        registry.get_channel(NS, "production")
+
+
+def test_another_key_cannot_read_the_registry(registry: Registry, s3_client: Any, s3_bucket: str) -> None:
+    build(registry, "1")
+    stranger = Registry(s3_client, s3_bucket, prefix="registry/", sealer=Sealer(b"another-registry-key"))
+    with pytest.raises(RegistryIntegrityError):
+        stranger.get(NS, 1)
+
+
+# --- look-ups a deploy makes are a fixed number of requests -------------------------------------------------
+
+
+def test_find_build_and_artifact_lookups(registry: Registry) -> None:
+    first = build(registry, "1", git_commit="c1", labels={"service_name": "web"})
+    build(registry, "2", git_commit="c2", labels={"service_name": "web"})
+    again = build(registry, "3", git_commit="c1", labels={"service_name": "web"})
+    other = build(registry, "4", git_commit="c1", labels={"service_name": "api"})
+
+    assert registry.find_build(NS, commit="c1", service_name="web", platform="us-east-1") == again.version
+    assert registry.find_build(NS, commit="c1", service_name="api", platform="us-east-1") == other.version
+    assert registry.find_build(NS, commit="c1", service_name="web", platform="eu-west-1") is None
+    assert registry.find_build(NS, commit="nope", service_name="web", platform="us-east-1") is None
+    registry.revoke(NS, 3, revoked_by="alice", reason="bad")
+    assert registry.find_build(NS, commit="c1", service_name="web", platform="us-east-1") == first.version
+    assert registry.find_by_artifact_id(NS, "ami-2") is not None
+    assert registry.last_version(NS) == 4
+    assert registry.next_build_label(NS) == "5"
+
+
+def test_assignment_with_an_expected_version_does_not_undo_a_later_move(registry: Registry) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    build(registry, "3")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+    hotfix = registry.assign_channel(NS, "production", 3, assigned_by="bob", reason="hotfix", expected_version=1)
+    assert isinstance(hotfix, ChannelAssignment)
+    stale = registry.assign_channel(NS, "production", 2, assigned_by="carol", expected_version=1)
+    assert stale == ChannelMoved(channel="production", expected_version=1, actual_version=3)
+    assert [m.to_version for m in registry.channel_history(NS, "production")] == [1, 3]

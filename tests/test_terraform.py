@@ -7,15 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tasks import toolpaths
-from tasks.errors import (
+from icd.errors import (
     MissingVariableError,
     PlanFormatError,
     PlanIntegrityError,
@@ -24,22 +22,25 @@ from tasks.errors import (
     TerraformError,
     ToolTimeoutError,
 )
-from tasks.terraform import (
+from icd.tools import binaries
+from icd.tools.process import redact_argv
+from icd.tools.terraform import (
     PlanSummary,
     Terraform,
     apply_args,
     build_env,
+    error_diagnostics,
     init_args,
     output_args,
     parse_plan_json,
     plan_args,
-    redact_argv,
     show_plan_args,
     state_pull_args,
 )
+from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures" / "terraform"
-CLI_CONFIG = toolpaths.terraform_cli_config()
+CLI_CONFIG = binaries.terraform_cli_config()
 
 pytestmark = pytest.mark.skipif(CLI_CONFIG is None, reason="run scripts/bootstrap.sh: no provider mirror")
 
@@ -149,12 +150,9 @@ def test_redact_argv_hides_variable_and_backend_values() -> None:
     )
 
 
-def test_build_env_sets_managed_keys_and_blanks_inherited_overrides() -> None:
-    inherited = {"TF_CLI_ARGS_apply": "-auto-approve", "TF_LOG": "trace", "TF_VAR_x": "1", "HOME": "/h"}
-    env = build_env(Path("/m/terraformrc"), {"TF_VAR_token": "t"}, inherited=inherited)
+def test_build_env_sets_managed_keys_and_only_what_the_caller_gives() -> None:
+    env = build_env(Path("/m/terraformrc"), {"TF_VAR_token": "t"})
     assert env == {
-        "TF_CLI_ARGS_apply": "",
-        "TF_LOG": "",
         "TF_VAR_token": "t",
         "TF_IN_AUTOMATION": "1",
         "CHECKPOINT_DISABLE": "1",
@@ -166,7 +164,7 @@ def test_build_env_sets_managed_keys_and_blanks_inherited_overrides() -> None:
 @pytest.mark.parametrize("key", ["TF_CLI_CONFIG_FILE", "CHECKPOINT_DISABLE", "TF_CLI_ARGS", "TF_CLI_ARGS_plan"])
 def test_build_env_refuses_managed_keys_from_caller(key: str) -> None:
     with pytest.raises(ValueError, match=key):
-        build_env(Path("/m/terraformrc"), {key: "x"}, inherited={})
+        build_env(Path("/m/terraformrc"), {key: "x"})
 
 
 # --- pure plan parser ---------------------------------------------------------------------------------
@@ -256,6 +254,7 @@ def _processes_mentioning(token: str) -> list[int]:
     return found
 
 
+@pytest.mark.tools
 def test_create_then_replace_then_no_changes(app: Terraform, lines: list[str]) -> None:
     assert app.state_pull() is None
 
@@ -300,6 +299,7 @@ def test_create_then_replace_then_no_changes(app: Terraform, lines: list[str]) -
     assert after_v2.serial > after_v1.serial
 
 
+@pytest.mark.tools
 def test_stale_saved_plan_is_refused_and_state_is_untouched(app: Terraform) -> None:
     # Terraform 1.0.3 checks staleness only against a plan made on an existing state (lineage set), so
     # the state must exist before plan A; the flow's StateVersion check covers the first deploy.
@@ -320,6 +320,7 @@ def test_stale_saved_plan_is_refused_and_state_is_untouched(app: Terraform) -> N
     assert app.output() == {"artifact_id": "b"}
 
 
+@pytest.mark.tools
 def test_first_deploy_staleness_needs_the_state_version_check(app: Terraform) -> None:
     # Terraform 1.0.3 applies a plan made on an empty state even after another apply created the state,
     # duplicating the resource. Comparing state_pull() before plan and before apply is what catches it.
@@ -335,6 +336,7 @@ def test_first_deploy_staleness_needs_the_state_version_check(app: Terraform) ->
     assert app.output() == {"artifact_id": "a"}
 
 
+@pytest.mark.tools
 def test_missing_variable_is_named(app: Terraform) -> None:
     with pytest.raises(MissingVariableError) as caught:
         app.plan(variables={}, out=Path("p.tfplan"))
@@ -343,6 +345,7 @@ def test_missing_variable_is_named(app: Terraform) -> None:
     assert not (app.working_dir / "p.tfplan").exists()
 
 
+@pytest.mark.tools
 def test_variable_values_never_reach_the_error(tmp_path: Path) -> None:
     terraform = Terraform(_workdir(tmp_path, "app"), timeout=60)
     terraform.init()
@@ -354,13 +357,17 @@ def test_variable_values_never_reach_the_error(tmp_path: Path) -> None:
     assert "-var=undeclared=***" in error.argv
 
 
+@pytest.mark.tools
 def test_inherited_cli_args_cannot_change_the_operation(app: Terraform, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Without blanking, TF_CLI_ARGS_plan=-destroy on an empty state would plan no changes.
+    # Inherited, TF_CLI_ARGS_plan=-destroy on an empty state would plan no changes; the worker's
+    # environment never reaches Terraform.
     monkeypatch.setenv("TF_CLI_ARGS_plan", "-destroy")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "worker-secret")
     result = app.plan(variables={"artifact_id": "ami-v1"}, out=Path("p.tfplan"))
     assert result.has_changes
 
 
+@pytest.mark.tools
 def test_apply_refuses_anything_but_an_approved_plan_file(app: Terraform) -> None:
     with pytest.raises(ValueError, match="saved plan file"):
         app.apply(app.working_dir)
@@ -374,6 +381,7 @@ def test_apply_refuses_anything_but_an_approved_plan_file(app: Terraform) -> Non
     assert app.state_pull() is None
 
 
+@pytest.mark.tools
 def test_held_state_lock_is_reported_with_id_and_holder(tmp_path: Path) -> None:
     assert CLI_CONFIG is not None
     slow = Terraform(_workdir(tmp_path, "slow_apply"), timeout=60)
@@ -384,17 +392,18 @@ def test_held_state_lock_is_reported_with_id_and_holder(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [slow.binary, *apply_args(holder_plan.plan_file)],
         cwd=slow.working_dir,
-        env={**os.environ, **build_env(CLI_CONFIG, inherited=os.environ)},
+        env={**os.environ, **build_env(CLI_CONFIG)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not lock_info.exists():
-            assert holder.poll() is None, "the lock-holding apply exited early"
-            assert time.monotonic() < deadline, "the background apply never took the lock"
-            time.sleep(0.05)
+        wait_until(
+            lambda: lock_info.exists() or holder.poll() is not None,
+            timeout=20,
+            message="the background apply never took the lock",
+        )
+        assert holder.poll() is None, "the lock-holding apply exited early"
         held = json.loads(lock_info.read_text())
 
         with pytest.raises(StateLockedError) as caught:
@@ -408,6 +417,7 @@ def test_held_state_lock_is_reported_with_id_and_holder(tmp_path: Path) -> None:
     assert held["ID"] in str(caught.value)
 
 
+@pytest.mark.tools
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     slow = Terraform(_workdir(tmp_path, "slow_apply"), timeout=60)
     slow.init()
@@ -418,24 +428,17 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     def watch(line: str) -> None:
         # Proves the sleep really ran, so the check after the timeout can fail.
         if "Executing:" in line:
-            deadline = time.monotonic() + 1
-            while not sleeping_pids and time.monotonic() < deadline:
-                sleeping_pids.extend(_processes_mentioning(sleep_for))
+            sleeping_pids.extend(wait_until(lambda: _processes_mentioning(sleep_for), timeout=5, message="no sleep"))
 
     # Long enough for a loaded 2-CPU runner to reach the provisioner, far shorter than the sleep.
     impatient = Terraform(slow.working_dir, timeout=5, on_line=watch)
 
-    started = time.monotonic()
     with pytest.raises(ToolTimeoutError) as caught:
         impatient.apply(plan.plan_file)
 
-    assert time.monotonic() - started < 20
     assert sleeping_pids
     assert caught.value.argv[1] == "apply"
-    deadline = time.monotonic() + 5
-    while _processes_mentioning(sleep_for) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _processes_mentioning(sleep_for) == []
+    wait_until(lambda: not _processes_mentioning(sleep_for), timeout=5, message="the provisioner outlived the kill")
 
 
 def test_constructor_requires_a_mirror_config(tmp_path: Path) -> None:
@@ -443,3 +446,22 @@ def test_constructor_requires_a_mirror_config(tmp_path: Path) -> None:
         Terraform(tmp_path, cli_config_file=tmp_path / "absent.tfrc")
     with pytest.raises(ValueError, match="TF_CLI_CONFIG_FILE"):
         Terraform(tmp_path, env={"TF_CLI_CONFIG_FILE": "/elsewhere"})
+
+
+@pytest.mark.tools
+def test_errors_carry_terraforms_own_diagnostics(tmp_path: Path) -> None:
+    workdir = tmp_path / "broken"
+    workdir.mkdir()
+    (workdir / "main.tf").write_text('resource "null_resource" "x" {\n  triggers = { a = var.nope }\n}\n')
+    terraform = Terraform(workdir, timeout=60)
+    terraform.init()
+    with pytest.raises(TerraformError) as caught:
+        terraform.plan(variables={}, out=Path("p"))
+    message = str(caught.value)
+    assert "Reference to undeclared input variable" in message
+    assert "main.tf line 2" in message
+
+
+def test_error_diagnostics_fold_each_block_to_a_line() -> None:
+    stderr = "\nError: Unsupported argument\n\n  on main.tf line 3:\n   3:   bogus = 1\n\nNo such thing.\n"
+    assert error_diagnostics(stderr) == ["Error: Unsupported argument on main.tf line 3: 3:   bogus = 1 No such thing."]

@@ -7,13 +7,33 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Iterator
+from typing import Any
 
 import consul
 import pytest
+import requests
 
 from blocks.consul import ConsulConnection
 from standins.consul import ConsulStandIn
+
+
+class CountingClient:
+    """A real py-consul client whose HTTP requests are counted by path (a requests response hook)."""
+
+    def __init__(self, http_addr: str) -> None:
+        host, port = http_addr.removeprefix("http://").split(":")
+        self.client = consul.Consul(host=host, port=int(port))
+        self.paths: list[str] = []
+        session: requests.Session = self.client.http.session
+        session.hooks["response"].append(self._count)
+
+    def _count(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self.paths.append(urllib.parse.urlsplit(response.url).path)
+
+    def count(self, path: str) -> int:
+        return self.paths.count(path)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ Slack stand-ins, and a git repository holding the example app as a developer wou
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +12,6 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
@@ -31,6 +29,7 @@ from examples.local_env import (
 )
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
+from tests.waiting import wait_until
 
 POOL = "local-pool"
 SLACK_TOKEN = "xoxb-e2e-token"
@@ -80,15 +79,31 @@ class DeployEnv:
 
     def wait_for(self, flow_run_id: Any, *, states: set[str], timeout: float = 240) -> FlowRun:
         """Wait until the run's state type is one of ``states`` (PAUSED, COMPLETED, ...)."""
-        deadline = time.monotonic() + timeout
-        run = self.read(flow_run_id)
-        while time.monotonic() < deadline:
+        seen: list[FlowRun] = []
+
+        def reached() -> FlowRun | None:
             run = self.read(flow_run_id)
-            if run.state and run.state.type.value in states:
+            seen[:] = [run]
+            return run if run.state and run.state.type.value in states else None
+
+        try:
+            return wait_until(reached, timeout=timeout, interval=0.2)
+        except AssertionError:
+            state = seen[0].state if seen else None
+            logs = self.worker.log_tail(80)
+            raise AssertionError(f"run stuck in {state!r}; wanted {states}\nworker log:\n{logs}") from None
+
+    def wait_for_pause(self, flow_run_id: Any, pause_key: str, timeout: float = 240) -> FlowRun:
+        """Wait until the run is suspended under ``pause_key`` (each re-ask uses a new key)."""
+
+        def paused_under_key() -> FlowRun | None:
+            run = self.read(flow_run_id)
+            state = run.state
+            if state is not None and state.type.value == "PAUSED" and state.state_details.pause_key == pause_key:
                 return run
-            time.sleep(0.5)
-        logs = self.worker.log_tail(80)
-        raise AssertionError(f"run {run.name} stuck in {run.state!r}; wanted {states}\nworker log:\n{logs}")
+            return None
+
+        return wait_until(paused_under_key, timeout=timeout, message=f"run never paused under {pause_key!r}")
 
     def restart_worker(self) -> None:
         self.worker.stop()
@@ -115,9 +130,9 @@ def deploy_env(
     registry = provision(prefect_server, services, pool=POOL)
     with get_client(sync_client=True) as client:
         # The scheduled flows have their own tests; here they would post Slack messages of their own.
+        # pause_deployment also deletes the runs already scheduled (update_deployment(paused=True) does not).
         for name in ("consul-health/consul-health", "approval-housekeeping/approval-housekeeping"):
-            deployment = client.read_deployment_by_name(name)
-            client.update_deployment(deployment.id, DeploymentUpdate(paused=True))
+            client.pause_deployment(client.read_deployment_by_name(name).id)
 
     repo = AppRepo(make_app_repo(tmp_path_factory.mktemp("app-repo")))
     env_for_worker = worker_env(

@@ -1,0 +1,102 @@
+"""``icd-registry``: views of the artifact registry for operators.
+
+Point it at a saved block (``--block NAME``) or straight at a bucket (``--bucket B [--endpoint-url URL]
+[--prefix P]``, credentials from the usual AWS environment, the signing key from ``ICD_REGISTRY_SIGNING_KEY``:
+records are verified on every read). ``show`` prints JSON; the rest print one line per item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import boto3
+
+from icd.errors import DeployError, RegistryError
+from icd.registry.models import ArtifactVersion
+from icd.registry.registry import Registry
+from icd.registry.signing import Sealer
+
+SIGNING_KEY_ENV = "ICD_REGISTRY_SIGNING_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icd-registry", description="Inspect the artifact registry.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--block", help="name of a saved 'Artifact Registry' block")
+    source.add_argument("--bucket", help="S3 bucket holding the registry")
+    parser.add_argument("--endpoint-url", help="S3 endpoint (e.g. a moto server); only with --bucket")
+    parser.add_argument("--region", default=None, help="AWS region; only with --bucket")
+    parser.add_argument("--prefix", default="registry/", help="key prefix (default: %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("namespaces", help="list namespaces")
+    commands.add_parser("versions", help="list a namespace's versions").add_argument("namespace")
+    commands.add_parser("channels", help="list a namespace's channels").add_argument("namespace")
+    show = commands.add_parser("show", help="print one version as JSON")
+    show.add_argument("namespace")
+    show.add_argument("version", type=int)
+    history = commands.add_parser("history", help="print a channel's assignment history")
+    history.add_argument("namespace")
+    history.add_argument("channel")
+    return parser
+
+
+def _open_registry(args: argparse.Namespace) -> Registry:
+    if args.block:
+        from blocks.registry import ArtifactRegistry  # Prefect is imported only when a block is used.
+
+        # `load` is async-dispatched; from synchronous code it returns the block itself.
+        block = ArtifactRegistry.load(args.block)
+        if not isinstance(block, ArtifactRegistry):
+            raise RegistryError(f"block {args.block!r} is not an Artifact Registry block")
+        return block.registry()
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if not key:
+        raise RegistryError(f"--bucket needs the registry's signing key in ${SIGNING_KEY_ENV} (or use --block)")
+    client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region)
+    return Registry(client, args.bucket, args.prefix, sealer=Sealer(key.encode()))
+
+
+def _version_line(record: ArtifactVersion) -> str:
+    state = "revoked" if record.is_revoked() else ("revoking" if record.revocation else "ok")
+    artifacts = ",".join(f"{where}={artifact}" for where, artifact in sorted(record.artifacts.items()))
+    return (
+        f"v{record.version}\t{record.created_at.isoformat()}\t{record.git_ref}@{record.git_commit[:12]}"
+        f"\t{state}\t{artifacts}"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    registry = _open_registry(args)
+    if args.command == "namespaces":
+        for namespace in registry.list_namespaces():
+            print(namespace)
+    elif args.command == "versions":
+        for record in registry.list_versions(args.namespace):
+            print(_version_line(record))
+    elif args.command == "channels":
+        for pointer in registry.list_channels(args.namespace):
+            print(f"{pointer.channel}\tv{pointer.version}\t{pointer.updated_at.isoformat()}\t{pointer.updated_by}")
+    elif args.command == "show":
+        print(registry.get(args.namespace, args.version).model_dump_json(indent=2))
+    elif args.command == "history":
+        for move in registry.channel_history(args.namespace, args.channel):
+            source = f"v{move.from_version}" if move.from_version is not None else "-"
+            target = f"v{move.to_version}" if move.to_version is not None else "-"
+            print(f"{move.assigned_at.isoformat()}\t{source} -> {target}\t{move.assigned_by}\t{move.reason}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DeployError as exc:
+        print(f"icd-registry: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

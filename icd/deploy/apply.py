@@ -1,0 +1,88 @@
+"""Apply exactly the approved plan: the same bytes, against the same state, channel and image, or nothing.
+
+Checked right before Terraform starts, in this order:
+
+1. the approved hash is this run's plan (both full hashes and where they differ otherwise);
+2. the version was not revoked and the channel did not move since planning (a hotfix promoted during the
+   approval wait must not be undone by an older approval);
+3. the image still hashes to the registered digest;
+4. the plan fetched from S3 hashes to the approved hash;
+5. the Terraform state's serial and lineage are the ones the plan was made against.
+
+A stale plan is an expected outcome (:class:`StalePlan`): nothing is applied and the operator plans again.
+Tampering is a fault: :class:`PlanIntegrityError` / :class:`ArtifactIntegrityError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from icd.deploy.artifacts import verify_image
+from icd.deploy.plan import PlannedDeploy
+from icd.deploy.workdir import PLAN_FILENAME, STATE_LOCK_TIMEOUT
+from icd.errors import ArtifactIntegrityError, PlanIntegrityError, StalePlanError
+from icd.registry.plans import PlanStore
+from icd.registry.registry import Registry
+from icd.text import hash_difference
+from icd.tools.terraform import StateVersion, Terraform
+
+
+@dataclass(frozen=True)
+class AppliedDeploy:
+    plan_sha256: str
+    outputs: dict[str, Any]
+    duration_seconds: float
+
+
+@dataclass(frozen=True)
+class StalePlan:
+    """The expected outcome when something moved after planning: nothing was applied."""
+
+    reason: str
+
+
+def _describe(state: StateVersion | None) -> str:
+    return "no state" if state is None else f"serial {state.serial} of lineage {state.lineage[:8]}"
+
+
+def apply_approved(
+    *,
+    registry: Registry,
+    plans: PlanStore,
+    open_workdir: Callable[[str], Terraform],
+    planned: PlannedDeploy,
+    approved_sha256: str,
+    platform: str,
+) -> AppliedDeploy | StalePlan:
+    if approved_sha256 != planned.plan_sha256:
+        raise PlanIntegrityError(f"the approved plan {hash_difference(approved_sha256, planned.plan_sha256)}")
+    version = registry.resolve_deployable(planned.namespace, planned.version)
+    current = registry.get_channel(planned.namespace, planned.channel)
+    now_at = current.version if current else None
+    if now_at != planned.channel_version:
+        return StalePlan(
+            f"channel {planned.channel!r} of {planned.namespace} moved from v{planned.channel_version} to v{now_at} "
+            "since this plan was made; nothing was applied"
+        )
+    if verify_image(version, platform) != planned.artifact_id:
+        raise ArtifactIntegrityError(
+            f"{planned.namespace} v{planned.version}'s {platform} artifact is no longer the one planned "
+            f"({planned.artifact_id}); nothing was applied"
+        )
+    plan_bytes = plans.get(planned.workspace, planned.plan_id, expected_sha256=approved_sha256)
+    terraform = open_workdir(f"{planned.plan_id}-apply")
+    plan_file = terraform.working_dir / PLAN_FILENAME
+    plan_file.write_bytes(plan_bytes)
+    state_now = terraform.state_pull()
+    if state_now != planned.state_before:
+        return StalePlan(
+            f"the state of workspace {planned.workspace!r} moved since planning "
+            f"({_describe(planned.state_before)} -> {_describe(state_now)}); nothing was applied"
+        )
+    try:
+        applied = terraform.apply(plan_file, expected_sha256=approved_sha256, lock_timeout=STATE_LOCK_TIMEOUT)
+    except StalePlanError as exc:
+        return StalePlan(f"Terraform refused the saved plan as stale: {exc}; nothing was applied")
+    return AppliedDeploy(approved_sha256, terraform.output(), applied.duration_seconds)

@@ -1,0 +1,75 @@
+"""The human approval step: a typed form the Prefect UI renders, and the rules an answer must pass.
+
+The flow suspends (``suspend_flow_run``), so no process waits while an operator reads the plan; on resume
+the flow re-runs from the top and ``suspend_flow_run`` returns the stored answer. An answer that breaks a
+rule (no approver name, a hash that is not the plan's) applies nothing: the flow asks again under a new
+pause key, and the plan stays where it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from prefect.input import RunInput
+from pydantic import Field
+
+from icd.text import hash_difference, markdown_inline, normalize_identity
+
+MAX_APPROVAL_ATTEMPTS = 5
+
+
+class PlanApproval(RunInput):
+    """Approve or reject the Terraform plan shown on this run."""
+
+    decision: Literal["approve", "reject"] = Field(
+        description="Approve applies exactly the plan shown; reject discards it. No default: choose one."
+    )
+    approver: str = Field(description="Your name. Recorded with the deploy.")
+    comment: str = Field(default="", description="Why; shown in the deploy record and notifications.")
+    plan_sha256: str = Field(
+        default="",
+        description="The plan being approved (pre-filled). Leave as is: it guards against a stale plan.",
+    )
+
+
+@dataclass(frozen=True)
+class ApprovalDecision:
+    approved: bool
+    approver: str
+    comment: str
+    plan_sha256: str
+
+
+@dataclass(frozen=True)
+class InvalidApproval:
+    """An answer that can't be acted on; the flow asks again."""
+
+    reason: str
+
+
+def check_approval(answer: PlanApproval, *, expected_sha256: str) -> ApprovalDecision | InvalidApproval:
+    approver = normalize_identity(answer.approver)
+    if approver is None:
+        return InvalidApproval("the approver name is required and must contain visible characters")
+    comment = answer.comment.strip()
+    if answer.decision == "reject":
+        # A rejection needs no hash: rejecting a stale plan is as good as rejecting the current one.
+        return ApprovalDecision(False, approver, comment, answer.plan_sha256.strip())
+    given = answer.plan_sha256.strip().lower()
+    if given != expected_sha256:
+        return InvalidApproval(
+            f"the plan hash {hash_difference(given, expected_sha256)}; a stale or mistyped plan hash is never applied"
+        )
+    return ApprovalDecision(True, approver, comment, given)
+
+
+def approval_form(expected_sha256: str, summary_markdown: str, *, refusal: str = "") -> type[PlanApproval]:
+    """The form with the plan hash pre-filled and the plan summary as its description.
+
+    Only the hash is pre-filled: ``with_initial_data`` turns every field it fills into an optional one, and
+    the decision and the approver must stay required, with no default, so nothing is approved by accident.
+    A previous answer that was refused is named at the top.
+    """
+    header = f"**Your previous answer was not accepted:** {markdown_inline(refusal)}\n\n" if refusal else ""
+    return PlanApproval.with_initial_data(description=header + summary_markdown, plan_sha256=expected_sha256)

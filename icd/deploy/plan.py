@@ -1,0 +1,101 @@
+"""Plan one version into one workspace: the saved plan in S3, and everything the apply will re-check.
+
+A plan records what it was made against, so the apply can refuse anything that moved since: the Terraform
+state (serial and lineage; Terraform 1.0.3 does not notice a plan made against an empty state), the
+channel (another promotion during the approval wait) and the version itself (revoked meanwhile). The
+image is verified against its registered digest before Terraform ever sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from icd.deploy.artifacts import verify_image
+from icd.deploy.plan_view import PlanView, summarize_plan
+from icd.deploy.workdir import PLAN_FILENAME, STATE_LOCK_TIMEOUT
+from icd.errors import ArtifactIntegrityError, PlanIntegrityError
+from icd.registry.models import ArtifactVersion
+from icd.registry.plans import PlanStore
+from icd.registry.registry import Registry
+from icd.tools.terraform import StateVersion, Terraform
+
+
+@dataclass(frozen=True)
+class PlannedDeploy:
+    workspace: str
+    plan_id: str
+    namespace: str
+    version: int
+    channel: str
+    channel_version: int | None  # where the channel pointed when the plan was made
+    artifact_id: str
+    has_changes: bool
+    plan_sha256: str
+    state_before: StateVersion | None
+    view: PlanView
+
+
+def make_plan(
+    *,
+    registry: Registry,
+    plans: PlanStore,
+    open_workdir: Callable[[str], Terraform],
+    workspace: str,
+    version: ArtifactVersion,
+    platform: str,
+    channel: str,
+    variables: Mapping[str, str],
+    plan_id: str,
+    destroy: bool = False,
+) -> PlannedDeploy:
+    """``init`` + ``plan -out``; a plan with changes goes to S3 with its sha256 before anyone approves it.
+
+    ``open_workdir(name)`` returns an initialised Terraform working directory named ``name``.
+    """
+    artifact_id = verify_image(version, platform)
+    if variables.get("artifact_id") != artifact_id:
+        raise ArtifactIntegrityError(
+            f"the stack variables deploy {variables.get('artifact_id')!r}, not {version.namespace} "
+            f"v{version.version}'s {platform} artifact {artifact_id!r}"
+        )
+    current = registry.get_channel(version.namespace, channel)
+    terraform = open_workdir(plan_id)
+    # Recorded so the apply can prove nothing else wrote the state since this plan was made.
+    state_before = terraform.state_pull()
+    result = terraform.plan(
+        variables=dict(variables), out=Path(PLAN_FILENAME), destroy=destroy, lock_timeout=STATE_LOCK_TIMEOUT
+    )
+    plan = terraform.show_plan(result.plan_file)
+    view = summarize_plan(
+        plan,
+        namespace=version.namespace,
+        to_version=version.version,
+        channel=channel,
+        channel_version=current.version if current else None,
+        find_version=lambda found: registry.find_by_artifact_id(version.namespace, found),
+    )
+    has_changes = result.has_changes and plan.has_changes
+    if has_changes:
+        stored = plans.put(
+            workspace,
+            plan_id,
+            result.plan_file.read_bytes(),
+            metadata={"namespace": version.namespace, "version": str(version.version)},
+        )
+        if stored.sha256 != plan.sha256:
+            raise PlanIntegrityError(f"stored plan {stored.key} hashes to {stored.sha256}, expected {plan.sha256}")
+    return PlannedDeploy(
+        workspace=workspace,
+        plan_id=plan_id,
+        namespace=version.namespace,
+        version=version.version,
+        channel=channel,
+        channel_version=current.version if current else None,
+        artifact_id=artifact_id,
+        has_changes=has_changes,
+        plan_sha256=plan.sha256,
+        state_before=state_before,
+        view=view,
+    )

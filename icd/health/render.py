@@ -1,0 +1,97 @@
+"""What operators read about health: one notification per alert, and the current-health table."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+
+from icd.health.config import WatchConfig
+from icd.health.engine import Alert, AlertKind, WatchState, instance_status
+from icd.health.snapshot import HealthSnapshot
+from icd.notify.message import Notification
+
+_TITLES: Mapping[AlertKind, str] = {
+    "status": "{service} is {status} on {node}",
+    "appeared": "{service}: new instance is {status} on {node}",
+    "disappeared": "{service}: instance left {node}",
+    "maintenance_on": "{service}: maintenance mode ON on {node}",
+    "maintenance_off": "{service}: maintenance mode OFF on {node}",
+    "reminder": "{service} is still {status} on {node}",
+}
+
+
+def alert_title(alert: Alert) -> str:
+    status = "recovered (passing)" if alert.kind == "status" and alert.status == "passing" else alert.status
+    return _TITLES[alert.kind].format(service=alert.service_name, status=status, node=alert.node)
+
+
+def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None] | None = None) -> Notification:
+    """The operator message for one alert: what changed, why (failing checks), and which deploy it runs."""
+    title = alert_title(alert)
+    lines: list[str] = []
+    if alert.expected_by is not None:
+        window = alert.expected_by
+        lines.append(
+            f"_Expected during deploy of {window.from_version} -> {window.to_version} (run {window.deploy_run_id})._"
+        )
+    if alert.previous_status is not None and alert.kind != "reminder":
+        lines.append(f"`{alert.service_id}`: {alert.previous_status} -> {alert.status}")
+    lines.extend(
+        f"• *{check.name}* (`{check.check_id}`) {check.status}: {check.output or 'no output'}"
+        for check in alert.failing_checks
+    )
+    meta = alert.meta or {}
+    fields = {
+        "Service": alert.service_name,
+        "Instance": alert.service_id,
+        "Node": alert.node,
+        "Status": alert.status,
+        "Version": meta.get("artifact_version", "unknown"),
+        "Deploy run": meta.get("deploy_run_id", "unknown"),
+    }
+    if "commit" in meta:
+        fields["Commit"] = meta["commit"]
+    run_id = meta.get("deploy_run_id", "")
+    link = deploy_run_url(run_id) if deploy_run_url is not None and _is_uuid(run_id) else None
+    return Notification(
+        title=title,
+        text="\n".join(lines) or title,
+        severity=alert.severity,
+        fields=fields,
+        link_url=link,
+        link_text="Open deploy run" if link else None,
+        dedup_key=alert.dedup_key,
+    )
+
+
+def _is_uuid(value: str) -> bool:
+    # Only a Prefect flow run ID makes a working link; other run identifiers are shown as text.
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def health_table(snapshot: HealthSnapshot, state: WatchState, config: WatchConfig) -> list[dict[str, str]]:
+    """Rows for the Prefect table artifact: one per watched instance, worst first."""
+    rows: list[dict[str, str]] = []
+    for key, instance in snapshot.instances.items():
+        if config.ignores_instance(instance.service_name, instance.node):
+            continue
+        current = instance_status(instance, config)
+        rec = state.instances.get(key)
+        meta = (rec.meta if rec is not None else None) or {}
+        rows.append(
+            {
+                "service": instance.service_name,
+                "instance": instance.service_id,
+                "node": instance.node,
+                "status": "maintenance" if current.maintenance else current.status,
+                "failing_checks": ", ".join(c.name for c in current.failing),
+                "version": meta.get("artifact_version", ""),
+            }
+        )
+    rank = {"critical": 0, "warning": 1, "maintenance": 2, "passing": 3}
+    rows.sort(key=lambda r: (rank[r["status"]], r["service"], r["node"], r["instance"]))
+    return rows

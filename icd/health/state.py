@@ -1,0 +1,208 @@
+"""The health watch's state in Consul KV: a versioned schema with named fields, written with CAS.
+
+The state lives at ``icd/health-watch/<watch_name>/state``, beside the data it describes (a Consul restore
+brings both back together), surviving Prefect server resets, and written with ``?cas=<ModifyIndex>`` so
+two overlapping runs can't both claim one transition: the loser's write fails, it re-reads the winner's
+state and finds nothing left to report. A Prefect variable has no compare-and-swap.
+
+The document carries ``schema`` and is checked on read: a document of another schema is refused with a
+message naming both, never misread. It is compact JSON, zlib-compressed above 256 KiB so thousands of
+instances stay under Consul's 512 KiB value limit.
+
+**Saving cannot adopt another writer's index.** Consul's KV ``PUT ?cas=`` answers only true/false, so the
+new ModifyIndex has to be read back, and a writer that slipped in between would hand us *its* index.
+Every save therefore writes a fresh ``writer`` token; the read-back index is ours only if the document
+still carries our token. Otherwise the save reports that it succeeded but was superseded, and the caller
+reloads instead of swapping against an index it does not own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import consul
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from icd.errors import ConsulError
+from icd.health.consul import consul_call
+from icd.health.engine import InstanceRecord, WatchState
+from icd.notify.message import Notification
+
+SCHEMA = 2
+STATE_KEY_TEMPLATE = "icd/health-watch/{watch_name}/state"
+_COMPRESS_ABOVE_BYTES = 256 * 1024
+_ZLIB_PREFIX = b"zlib:"
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    service_name: str
+    node: str
+    service_id: str
+    alerted_status: str | None
+    observed_status: str
+    observed_since: float
+    maintenance: bool = False
+    last_alert_at: float | None = None
+    meta: dict[str, str] | None = None
+
+
+class _Outgoing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str
+    text: str
+    severity: Literal["info", "success", "warning", "critical"]
+    fields: dict[str, str]
+    link_url: str | None = None
+    link_text: str | None = None
+    dedup_key: str | None = None
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    writer: str
+    instances: dict[str, _Row]
+    outbox: list[_Outgoing]
+    outbox_since: float | None = None
+
+
+def _ts(moment: datetime | None) -> float | None:
+    return None if moment is None else round(moment.timestamp(), 3)
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(frozen=True)
+class StoredState:
+    state: WatchState
+    outbox: tuple[Notification, ...]
+    outbox_since: datetime | None
+    modify_index: int  # 0: the key does not exist yet (a CAS of 0 creates it only if still absent)
+
+
+def encode_state(
+    state: WatchState,
+    outbox: Sequence[Notification] = (),
+    outbox_since: datetime | None = None,
+    *,
+    writer: str = "",
+) -> bytes:
+    document = {
+        "schema_version": SCHEMA,
+        "writer": writer,
+        "instances": {
+            key: {
+                "service_name": rec.service_name,
+                "node": rec.node,
+                "service_id": rec.service_id,
+                "alerted_status": rec.alerted_status,
+                "observed_status": rec.observed_status,
+                "observed_since": _ts(rec.observed_since),
+                "maintenance": rec.maintenance,
+                "last_alert_at": _ts(rec.last_alert_at),
+                "meta": dict(rec.meta) if rec.meta is not None else None,
+            }
+            for key, rec in state.instances.items()
+        },
+        "outbox": [notification.to_dict() for notification in outbox],
+        "outbox_since": _ts(outbox_since),
+    }
+    raw = _Document.model_validate(document).model_dump_json().encode()
+    if len(raw) > _COMPRESS_ABOVE_BYTES:
+        return _ZLIB_PREFIX + base64.b64encode(zlib.compress(raw, 6))
+    return raw
+
+
+def decode_state(
+    raw: bytes, *, where: str = "the health watch state"
+) -> tuple[WatchState, tuple[Notification, ...], datetime | None, str]:
+    """State, outbox, outbox time and writer token; :class:`ConsulError` for another schema or a bad document."""
+    try:
+        if raw.startswith(_ZLIB_PREFIX):
+            raw = zlib.decompress(base64.b64decode(raw[len(_ZLIB_PREFIX) :]))
+        parsed: Any = json.loads(raw)
+    except (ValueError, zlib.error) as exc:
+        raise ConsulError(f"{where} is not a JSON document: {exc}") from exc
+    found = parsed.get("schema_version") if isinstance(parsed, dict) else None
+    if found != SCHEMA:
+        raise ConsulError(
+            f"{where} has schema {found!r}, but this watch reads schema {SCHEMA} (an older or newer watch wrote "
+            "it); refusing to misread it. Delete the key to start afresh: the next run reports current health once."
+        )
+    try:
+        document = _Document.model_validate(parsed)
+    except ValidationError as exc:
+        raise ConsulError(
+            f"{where} breaks schema {SCHEMA}: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
+        ) from exc
+    instances = {
+        key: InstanceRecord(
+            service_name=row.service_name,
+            node=row.node,
+            service_id=row.service_id,
+            alerted_status=row.alerted_status,
+            observed_status=row.observed_status,
+            observed_since=datetime.fromtimestamp(row.observed_since, UTC),
+            maintenance=row.maintenance,
+            last_alert_at=_dt(row.last_alert_at),
+            meta=row.meta,
+        )
+        for key, row in document.instances.items()
+    }
+    outbox = tuple(Notification(**item.model_dump()) for item in document.outbox)
+    return WatchState(instances=instances), outbox, _dt(document.outbox_since), document.writer
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """``written``: our CAS won. ``modify_index``: the index of our write, or None if another writer has
+    already replaced it (then reload before the next CAS)."""
+
+    written: bool
+    modify_index: int | None
+
+
+class HealthStateStore:
+    """The watch state in Consul KV, always written with ``?cas=`` against the last read ModifyIndex."""
+
+    def __init__(self, client: consul.Consul, watch_name: str) -> None:
+        self.client = client
+        self.key = STATE_KEY_TEMPLATE.format(watch_name=watch_name)
+
+    def load(self) -> StoredState:
+        _, item = consul_call("read the health watch state", self.client.kv.get, self.key)
+        if item is None or not item.get("Value"):
+            return StoredState(WatchState(), (), None, int(item["ModifyIndex"]) if item else 0)
+        state, outbox, since, _ = decode_state(item["Value"], where=f"Consul key {self.key}")
+        return StoredState(state, outbox, since, int(item["ModifyIndex"]))
+
+    def save(
+        self,
+        state: WatchState,
+        *,
+        cas: int,
+        outbox: Sequence[Notification] = (),
+        outbox_since: datetime | None = None,
+    ) -> SaveResult:
+        writer = uuid.uuid4().hex
+        body = encode_state(state, outbox, outbox_since, writer=writer)
+        if not consul_call("write the health watch state", self.client.kv.put, self.key, body, cas=cas):
+            return SaveResult(written=False, modify_index=None)
+        _, item = consul_call("read the health watch state", self.client.kv.get, self.key)
+        if item is None or not item.get("Value"):
+            return SaveResult(written=True, modify_index=None)
+        *_, found_writer = decode_state(item["Value"], where=f"Consul key {self.key}")
+        return SaveResult(written=True, modify_index=int(item["ModifyIndex"]) if found_writer == writer else None)

@@ -1,0 +1,245 @@
+"""The health watch loop: blocking queries on Consul, the engine, the CAS-written state, delivery.
+
+Why not consul-alerts: it waits a fixed change threshold (60 s by default) before it even looks, keeps its
+state in memory plus a KV tree without compare-and-swap, and so can lose an alert across a restart or send
+it twice from two instances. Here:
+
+* **One request per round.** A round is one blocking query on ``/v1/health/state/any`` with the last
+  ``X-Consul-Index``: Consul answers the moment anything changes, so a flip is seen within milliseconds.
+  Service Meta (``artifact_version``, ``commit``, ``deploy_run_id``) is not part of that answer; it is
+  fetched lazily with one ``/v1/health/service/:name`` per service that has a transition (or is inside a
+  deploy window), and remembered in the persisted state.
+* **Exactly one owner per transition.** The new state is written with CAS (``state.py``) before anything
+  is sent; a run that loses the swap re-reads the winner's state and finds nothing left to report.
+* **At-least-once delivery.** A round with alerts writes the new state together with an *outbox* (the
+  rendered notifications) in ONE CAS write, then sends, then removes what it sent. A crash or a Slack
+  outage in between loses nothing: the outbox is re-sent once it is older than ``OUTBOX_STALE_SECONDS``,
+  by this run or the next, under the same dedup key ``kind:node/service_id:from->to@index``. Sending
+  before persisting would risk a lost alert, and losing an alert is worse than repeating one.
+* **Expected transitions are recorded, not paged.** Alerts covered by an open deploy window (``windows.py``)
+  go to ``on_alerts`` (the flow turns every alert into a Prefect event) but not to the notifier: the
+  deploy's health gate sends the one message about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import consul
+
+from icd.errors import ConsulError, NotificationError
+from icd.health.config import WatchConfig
+from icd.health.consul import consul_call
+from icd.health.engine import Alert, WatchState, evaluate, next_wakeup, services_needing_meta
+from icd.health.render import alert_notification
+from icd.health.snapshot import HealthSnapshot, parse_health_state, parse_service_meta
+from icd.health.state import HealthStateStore, StoredState
+from icd.health.windows import read_deploy_windows
+from icd.notify.message import Notification, Sender
+
+# An unsent outbox is (re)sent once it is this old: a live run that just wrote it is never doubled.
+OUTBOX_STALE_SECONDS = 30.0
+# The longest one blocking query waits (Consul caps ?wait at 10 minutes).
+MAX_QUERY_WAIT_SECONDS = 300.0
+_MAX_CAS_ATTEMPTS = 5
+
+Logger = logging.LoggerAdapter[Any] | logging.Logger
+
+
+def fetch_health_state(client: consul.Consul, *, index: int, wait_seconds: float) -> HealthSnapshot:
+    """One blocking query on ``/v1/health/state/any``; returns at once when ``index`` is 0 or stale."""
+    kwargs: dict[str, Any] = {}
+    if index > 0:
+        kwargs = {"index": str(index), "wait": f"{max(1, int(wait_seconds * 1000))}ms"}
+    new_index, entries = consul_call("query health state", client.health.state, "any", **kwargs)
+    return parse_health_state(int(new_index), entries or ())
+
+
+def fetch_service_meta(client: consul.Consul, service_name: str) -> dict[str, dict[str, str]]:
+    _, entries = consul_call(f"describe service {service_name}", client.health.service, service_name)
+    return parse_service_meta(entries or ())
+
+
+@dataclass(frozen=True)
+class WatchReport:
+    rounds: int
+    alerts_sent: int
+    alerts_recorded: int  # expected during a deploy: recorded, not sent
+    conflicts: int
+    snapshot: HealthSnapshot | None
+    state: WatchState
+
+
+class _Delivery:
+    """Sends the outbox and removes what was sent, with CAS; a failed send stays for a later attempt."""
+
+    def __init__(self, store: HealthStateStore, sender: Sender, log: Logger, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.sender = sender
+        self.log = log
+        self.clock = clock
+        self.sent = 0
+
+    def send(self, notifications: Sequence[Notification]) -> StoredState:
+        delivered: set[str | None] = set()
+        for notification in notifications:
+            try:
+                self.sender.send(notification)
+            except NotificationError as exc:
+                # Keep watching: the outbox stays written and is re-sent once it is stale.
+                self.log.error("Could not send %r (kept for a later attempt): %s", notification.title, exc)
+                continue
+            delivered.add(notification.dedup_key)
+            self.sent += 1
+        return self._remove(delivered)
+
+    def _remove(self, delivered: set[str | None]) -> StoredState:
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            stored = self.store.load()
+            if not delivered:
+                return stored
+            left = tuple(n for n in stored.outbox if n.dedup_key not in delivered)
+            if left == stored.outbox:
+                return stored
+            result = self.store.save(
+                stored.state, cas=stored.modify_index, outbox=left, outbox_since=stored.outbox_since if left else None
+            )
+            if result.written:
+                return (
+                    self.store.load()
+                    if result.modify_index is None
+                    else StoredState(stored.state, left, stored.outbox_since if left else None, result.modify_index)
+                )
+        raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
+
+    def flush_stale(self, stored: StoredState) -> StoredState:
+        """Claim and send an outbox that nobody sent for ``OUTBOX_STALE_SECONDS`` (a crash, an outage)."""
+        now = self.clock()
+        if not stored.outbox or (
+            stored.outbox_since is not None and (now - stored.outbox_since).total_seconds() < OUTBOX_STALE_SECONDS
+        ):
+            return stored
+        claimed = self.store.save(stored.state, cas=stored.modify_index, outbox=stored.outbox, outbox_since=now)
+        if not claimed.written:
+            return self.store.load()
+        self.log.warning("Sending %d notification(s) left unsent earlier", len(stored.outbox))
+        return self.send(stored.outbox)
+
+
+def watch(
+    client: consul.Consul,
+    sender: Sender,
+    config: WatchConfig,
+    window_seconds: float,
+    *,
+    watch_name: str = "default",
+    logger: Logger | None = None,
+    clock: Callable[[], datetime] | None = None,
+    deploy_run_url: Callable[[str], str | None] | None = None,
+    on_alerts: Callable[[Sequence[Alert]], None] | None = None,
+    stop: threading.Event | None = None,
+    max_wait_seconds: float = MAX_QUERY_WAIT_SECONDS,
+) -> WatchReport:
+    """Watch Consul for ``window_seconds`` (or until ``stop`` is set), alert every transition, and persist
+    the state with CAS.
+
+    A plain function (no Prefect context needed) so tests drive it directly; the flow wraps it. One blocking
+    query waits at most ``max_wait_seconds``, which bounds how long ``stop`` takes to be noticed. Raises
+    ``ConsulError`` when Consul fails; a notifier failure is logged and the alert stays in the outbox.
+    """
+    log = logger or logging.getLogger(__name__)
+    now_fn = clock or (lambda: datetime.now(UTC))
+    store = HealthStateStore(client, watch_name)
+    delivery = _Delivery(store, sender, log, now_fn)
+    stored = store.load()
+    deadline = time.monotonic() + window_seconds
+    index = 0
+    rounds = recorded = conflicts = 0
+    snapshot: HealthSnapshot | None = None
+    log.info("Watching Consul health as %r (run %s) for %.0f s", watch_name, uuid.uuid4().hex[:8], window_seconds)
+
+    while True:
+        stored = delivery.flush_stale(stored)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or (stop is not None and stop.is_set()):
+            break
+        wakeup = next_wakeup(stored.state, config)
+        wait = min(remaining, max_wait_seconds)
+        if wakeup is not None:
+            wait = min(wait, max(0.0, (wakeup - now_fn()).total_seconds()))
+        fetched = fetch_health_state(client, index=index, wait_seconds=wait)
+        rounds += 1
+        # Consul's index can go backwards (a restore, a new leader); then start over with a plain read.
+        index = fetched.index if fetched.index >= index else 0
+        snapshot = fetched
+        for _attempt in range(_MAX_CAS_ATTEMPTS):
+            now = now_fn()
+            alerts, new_state = evaluate(stored.state, snapshot, now, config, {})
+            if not alerts and new_state == stored.state:
+                break
+            windows = read_deploy_windows(client)
+            for service_name in sorted(services_needing_meta(stored.state, new_state, alerts, windows, now)):
+                snapshot = snapshot.with_meta(fetch_service_meta(client, service_name))
+            alerts, new_state = evaluate(stored.state, snapshot, now, config, windows)
+            to_send = [alert_notification(a, deploy_run_url) for a in alerts if a.expected_by is None]
+            # Another run's unsent outbox is kept as it is; it is sent once stale.
+            outbox = (*stored.outbox, *to_send)
+            since = stored.outbox_since or (now if outbox else None)
+            result = store.save(new_state, cas=stored.modify_index, outbox=outbox, outbox_since=since)
+            if not result.written:
+                # Another run persisted first and owns whatever it found; diff against its state instead.
+                conflicts += 1
+                stored = store.load()
+                continue
+            stored = (
+                StoredState(new_state, outbox, since, result.modify_index)
+                if result.modify_index is not None
+                else store.load()
+            )
+            _report(alerts, log, on_alerts)
+            recorded += len(alerts) - len(to_send)
+            if to_send:
+                stored = delivery.send(to_send)
+            break
+        else:
+            raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
+    log.info(
+        "Watch ended after %d round(s): %d alert(s) sent, %d recorded as expected, %d CAS conflict(s)",
+        rounds,
+        delivery.sent,
+        recorded,
+        conflicts,
+    )
+    return WatchReport(
+        rounds=rounds,
+        alerts_sent=delivery.sent,
+        alerts_recorded=recorded,
+        conflicts=conflicts,
+        snapshot=snapshot,
+        state=stored.state,
+    )
+
+
+def _report(alerts: Sequence[Alert], log: Logger, on_alerts: Callable[[Sequence[Alert]], None] | None) -> None:
+    for alert in alerts:
+        expected = " (expected during a deploy)" if alert.expected_by is not None else ""
+        log.info(
+            "Alert %s: %s %s -> %s%s",
+            alert.dedup_key,
+            alert.service_name,
+            alert.previous_status,
+            alert.status,
+            expected,
+        )
+    if on_alerts is not None and alerts:
+        try:
+            on_alerts(alerts)
+        except Exception:  # an observer (event emission) must never stop the watch
+            log.exception("Could not report %d alert(s) to the observer", len(alerts))

@@ -1,0 +1,2 @@
+"""Operator notifications: the message model (``message.py``) and its Slack rendering and delivery
+(``slack.py``)."""

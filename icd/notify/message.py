@@ -1,0 +1,96 @@
+"""One operator-facing message, whatever carries it: what happened, how bad, the facts, a link."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Protocol
+
+from pydantic import SecretStr
+
+Severity = Literal["info", "success", "warning", "critical"]
+REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class SeverityStyle:
+    emoji: str
+    # Block Kit blocks carry no colour; this is for attachment-based receivers and the docs table.
+    colour: str
+    label: str
+
+
+SEVERITY_STYLES: Mapping[Severity, SeverityStyle] = MappingProxyType(
+    {
+        "info": SeverityStyle(":information_source:", "#439FE0", "Info"),
+        "success": SeverityStyle(":white_check_mark:", "#2EB67D", "Success"),
+        "warning": SeverityStyle(":warning:", "#ECB22E", "Warning"),
+        "critical": SeverityStyle(":rotating_light:", "#E01E5A", "Critical"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One operator-facing message.
+
+    ``text`` may use Slack's ``*bold*``/```code``` formatting; everything is escaped when rendered, so a
+    value interpolated into it (an approver's comment) can never ping, mention or disguise a link.
+    ``fields`` are short facts shown as a grid.
+    """
+
+    title: str
+    text: str
+    severity: Severity
+    fields: Mapping[str, str] = field(default_factory=dict)
+    link_url: str | None = None
+    link_text: str | None = None
+    # Same key, same message: receivers and re-sends can tell a repeat from a new event.
+    dedup_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITY_STYLES:
+            raise ValueError(f"unknown severity {self.severity!r}; expected one of {sorted(SEVERITY_STYLES)}")
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self) | {"fields": dict(self.fields)}
+
+
+@dataclass(frozen=True)
+class NotificationReceipt:
+    """Where Slack put the message: the channel ID and the message timestamp (its ID within the channel)."""
+
+    channel: str
+    ts: str
+
+
+class Sender(Protocol):
+    """Anything that delivers a notification now, or raises ``NotificationError``."""
+
+    def send(self, notification: Notification) -> NotificationReceipt: ...
+
+
+def redact_text(text: str, secrets: Iterable[str]) -> str:
+    """Replace every occurrence of each non-empty secret with ``***``; longest first so none leaks partly."""
+    for secret in sorted({s for s in secrets if s.strip()}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_notification(notification: Notification, secrets: Iterable[str | SecretStr]) -> Notification:
+    """A copy of ``notification`` with every secret value removed from everything a human will see."""
+    plain = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
+
+    def clean(value: str) -> str:
+        return redact_text(value, plain)
+
+    return dataclasses.replace(
+        notification,
+        title=clean(notification.title),
+        text=clean(notification.text),
+        fields={clean(key): clean(value) for key, value in notification.fields.items()},
+        link_url=clean(notification.link_url) if notification.link_url is not None else None,
+        link_text=clean(notification.link_text) if notification.link_text is not None else None,
+    )

@@ -1,0 +1,126 @@
+"""Notifications on Slack: Block Kit rendering (slack-sdk's own models) and the one place that posts.
+
+Rendering is pure and tested as tables. Every text is escaped for mrkdwn (``icd/text.py``) and secrets are
+redacted before anything leaves the process. :class:`SlackSender` posts through a configured
+``slack_sdk.WebClient`` (the ``SlackNotifier`` block hands one out); slack-sdk's own retry handlers absorb
+short connection blips, rate limits and 5xx answers, and whatever is left surfaces as our
+``NotificationError`` (``TransientNotificationError`` when a later retry may succeed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from urllib.error import URLError
+
+from pydantic import SecretStr
+from slack_sdk import WebClient
+from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.models.blocks import (
+    ActionsBlock,
+    Block,
+    ButtonElement,
+    ContextBlock,
+    HeaderBlock,
+    MarkdownTextObject,
+    PlainTextObject,
+    SectionBlock,
+)
+
+from icd.errors import NotificationError, TransientNotificationError
+from icd.notify.message import SEVERITY_STYLES, Notification, NotificationReceipt, redact_notification, redact_text
+from icd.text import slack_mrkdwn
+
+# Block Kit limits (https://api.slack.com/reference/block-kit/blocks); Slack rejects longer values outright.
+_HEADER_MAX = 150
+_SECTION_TEXT_MAX = 3000
+_FIELD_TEXT_MAX = 2000
+_FIELDS_PER_SECTION = 10
+_BUTTON_TEXT_MAX = 75
+_FALLBACK_MAX = 3000
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def render_blocks(notification: Notification) -> list[Block]:
+    """The Block Kit blocks of one notification: header, text, fact grid, link button, severity."""
+    style = SEVERITY_STYLES[notification.severity]
+    blocks: list[Block] = [
+        HeaderBlock(text=PlainTextObject(text=_clip(f"{style.emoji} {notification.title}", _HEADER_MAX), emoji=True)),
+        SectionBlock(text=MarkdownTextObject(text=_clip(slack_mrkdwn(notification.text), _SECTION_TEXT_MAX))),
+    ]
+    facts = [
+        MarkdownTextObject(text=_clip(f"*{slack_mrkdwn(key)}*\n{slack_mrkdwn(value)}", _FIELD_TEXT_MAX))
+        for key, value in notification.fields.items()
+    ]
+    for start in range(0, len(facts), _FIELDS_PER_SECTION):
+        blocks.append(SectionBlock(fields=facts[start : start + _FIELDS_PER_SECTION]))
+    if notification.link_url:
+        button = ButtonElement(
+            text=PlainTextObject(text=_clip(notification.link_text or "Open", _BUTTON_TEXT_MAX)),
+            url=notification.link_url,
+        )
+        blocks.append(ActionsBlock(elements=[button]))
+    blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"severity: *{notification.severity}*")]))
+    return blocks
+
+
+def render_slack_message(notification: Notification) -> tuple[str, list[dict[str, Any]]]:
+    """The fallback text (push notifications, screen readers) and the blocks as Slack's JSON."""
+    style = SEVERITY_STYLES[notification.severity]
+    fallback = slack_mrkdwn(f"{style.emoji} [{style.label}] {notification.title}: {notification.text}")
+    return _clip(fallback, _FALLBACK_MAX), [block.to_dict() for block in render_blocks(notification)]
+
+
+def metadata_of(notification: Notification) -> dict[str, Any] | None:
+    """Message metadata that lets a receiver (or a later reader of the channel) drop exact repeats."""
+    if notification.dedup_key is None:
+        return None
+    return {
+        "event_type": "icd_notification",
+        "event_payload": {"dedup_key": notification.dedup_key, "severity": notification.severity},
+    }
+
+
+class SlackSender:
+    """Posts notifications to one channel through a configured client; the token never leaves it."""
+
+    def __init__(
+        self, client: WebClient, channel: str, *, api_url: str, secrets: Sequence[str | SecretStr] = ()
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.api_url = api_url
+        self._secrets = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
+        if client.token:
+            self._secrets.append(client.token)
+
+    def send(self, notification: Notification, *, extra_secrets: Sequence[str | SecretStr] = ()) -> NotificationReceipt:
+        """Redact, render and post; raises ``TransientNotificationError`` when Slack is unreachable, still
+        rate limiting after the client's retries, or failing with 5xx; ``NotificationError`` when it refuses
+        (bad token, unknown channel, malformed blocks). Neither message ever contains the token."""
+        secrets = [*self._secrets, *(s.get_secret_value() if isinstance(s, SecretStr) else s for s in extra_secrets)]
+        fallback, blocks = render_slack_message(redact_notification(notification, secrets))
+        method = "chat.postMessage"
+        try:
+            response = self.client.chat_postMessage(
+                channel=self.channel, text=fallback, blocks=blocks, metadata=metadata_of(notification)
+            )
+        except SlackApiError as exc:
+            status = exc.response.status_code
+            data = exc.response.data
+            code = data.get("error", "unknown_error") if isinstance(data, dict) else "unknown_error"
+            message = redact_text(f"Slack {method} to {self.channel} failed: {code} (HTTP {status})", secrets)
+            if status == 429 or status >= 500:
+                raise TransientNotificationError(message) from exc
+            raise NotificationError(message) from exc
+        except (URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            message = redact_text(f"Slack API at {self.api_url} unreachable for {method}: {reason}", secrets)
+            raise TransientNotificationError(message) from exc
+        except SlackClientError as exc:
+            message = redact_text(f"Slack {method} to {self.channel} failed: {exc}", secrets)
+            raise NotificationError(message) from exc
+        return NotificationReceipt(channel=str(response["channel"]), ts=str(response["ts"]))

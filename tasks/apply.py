@@ -1,0 +1,36 @@
+"""Step 7: apply exactly the approved plan, or nothing (see ``icd/deploy/apply.py`` for every check)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.registry import ArtifactRegistry
+from icd.deploy.apply import AppliedDeploy, StalePlan, apply_approved
+from icd.deploy.plan import PlannedDeploy
+from icd.errors import StateLockedError
+from tasks.plan import workdir_opener
+from tasks.policies import retry_on
+
+
+@task(
+    name="apply-plan",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[5, 15, 30],
+    retry_condition_fn=retry_on(StateLockedError),
+)
+def apply_plan(
+    registry: ArtifactRegistry, planned: PlannedDeploy, *, approved_sha256: str, stack_dir: str, platform: str
+) -> AppliedDeploy | StalePlan:
+    result = apply_approved(
+        registry=registry.registry(),
+        plans=registry.plan_store(),
+        open_workdir=workdir_opener(registry, planned.workspace, stack_dir),
+        planned=planned,
+        approved_sha256=approved_sha256,
+        platform=platform,
+    )
+    if isinstance(result, AppliedDeploy):
+        get_run_logger().info("applied plan %s in %.1fs", approved_sha256[:12], result.duration_seconds)
+    return result

@@ -1,0 +1,51 @@
+"""Step 9: move the channel to the deployed version, only if it is still where the plan saw it
+(``expected_version``): a promotion that happened meanwhile is never undone."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks.registry import ArtifactRegistry
+from icd.errors import ConflictError, RegistryStorageError
+from icd.registry.models import ChannelAssignment, ChannelMoved
+from tasks.policies import retry_on
+
+
+@task(
+    name="promote-channel",
+    cache_policy=NO_CACHE,
+    retries=4,
+    retry_delay_seconds=[1, 2, 4, 8],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
+def promote_channel(
+    registry: ArtifactRegistry,
+    *,
+    namespace: str,
+    channel: str,
+    version: int,
+    assigned_by: str,
+    reason: str,
+    metadata: Mapping[str, str],
+    expected_version: int | None,
+) -> ChannelAssignment | ChannelMoved:
+    moved = registry.registry().assign_channel(
+        namespace,
+        channel,
+        version,
+        assigned_by=assigned_by,
+        reason=reason,
+        metadata=dict(metadata),
+        expected_version=expected_version,
+    )
+    logger = get_run_logger()
+    if isinstance(moved, ChannelMoved):
+        logger.warning(
+            "channel %s of %s moved to v%s meanwhile; left as it is", channel, namespace, moved.actual_version
+        )
+    else:
+        logger.info("channel %s of %s: v%s -> v%d", channel, namespace, moved.from_version, version)
+    return moved

@@ -1,0 +1,107 @@
+"""The per-workspace deploy lock against a real Prefect server: serialization, fail-closed, expiry, break."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import uuid
+
+import pytest
+
+from cli.lock import main as lock_cli
+from icd.deploy import lock as workspace_lock
+from icd.deploy.lock import LockHeld, WorkspaceLease
+from icd.errors import InvalidNameError, WorkspaceLockError
+
+
+def _acquire(workspace: str, wait: float = 2.0, lease: float = 60.0) -> WorkspaceLease | LockHeld:
+    return workspace_lock.acquire(
+        workspace,
+        holder_flow_run_id=str(uuid.uuid4()),
+        holder_name="test-run",
+        lease_seconds=lease,
+        wait_seconds=wait,
+    )
+
+
+def _ws() -> str:
+    return f"ws-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.usefixtures("prefect_server")
+class TestWorkspaceLock:
+    def test_second_holder_waits_then_gets_it_after_release(self) -> None:
+        ws = _ws()
+        first = _acquire(ws)
+        assert isinstance(first, WorkspaceLease)
+        held = _acquire(ws, wait=1.5)
+        assert isinstance(held, LockHeld)
+        assert held.holder is not None
+        assert held.holder.lease_id == first.lease_id
+
+        got: list[WorkspaceLease | LockHeld] = []
+        asked = threading.Event()
+        # Prefect's settings (the API URL) live in a context variable; the thread must inherit it.
+        context = contextvars.copy_context()
+
+        def second_holder() -> None:
+            asked.set()
+            got.append(_acquire(ws, wait=30))
+
+        waiter = threading.Thread(target=context.run, args=(second_holder,))
+        waiter.start()
+        asked.wait(timeout=10)
+        assert isinstance(_acquire(ws, wait=0), LockHeld), "the workspace is still held by the first"
+        assert not got, "the second holder must wait while the first holds the workspace"
+        workspace_lock.release(first)
+        waiter.join(timeout=40)
+        assert got
+        assert isinstance(got[0], WorkspaceLease)
+        workspace_lock.release(got[0])
+
+    def test_two_workspaces_do_not_block_each_other(self) -> None:
+        a, b = _acquire(_ws()), _acquire(_ws())
+        assert isinstance(a, WorkspaceLease)
+        assert isinstance(b, WorkspaceLease)
+        workspace_lock.release(a)
+        workspace_lock.release(b)
+
+    def test_release_is_idempotent_and_clears_the_holder_record(self) -> None:
+        ws = _ws()
+        lease = _acquire(ws)
+        assert isinstance(lease, WorkspaceLease)
+        assert workspace_lock.current_holder(ws) == lease
+        workspace_lock.release(lease)
+        workspace_lock.release(lease)
+        assert workspace_lock.current_holder(ws) is None
+        again = _acquire(ws)
+        assert isinstance(again, WorkspaceLease)
+        workspace_lock.release(again)
+
+    def test_break_evicts_and_names_the_holder(self, capsys: pytest.CaptureFixture[str]) -> None:
+        ws = _ws()
+        lease = _acquire(ws)
+        assert isinstance(lease, WorkspaceLease)
+        assert lock_cli(["break", ws]) == 0
+        out = capsys.readouterr().out
+        assert lease.holder_flow_run_id in out
+        assert lease.lease_id in out
+        after = _acquire(ws)
+        assert isinstance(after, WorkspaceLease)
+        workspace_lock.release(after)
+
+    def test_a_lease_longer_than_prefect_allows_is_refused_not_capped(self) -> None:
+        with pytest.raises(WorkspaceLockError, match="longer than Prefect allows"):
+            _acquire(_ws(), lease=25 * 3600)
+
+    def test_bad_workspace_name_is_refused(self) -> None:
+        with pytest.raises(InvalidNameError, match="invalid workspace"):
+            _acquire("Prod/Main")
+
+    def test_list_shows_held_locks(self, capsys: pytest.CaptureFixture[str]) -> None:
+        ws = _ws()
+        lease = _acquire(ws)
+        assert isinstance(lease, WorkspaceLease)
+        assert lock_cli(["list"]) == 0
+        assert ws in capsys.readouterr().out
+        workspace_lock.release(lease)
