@@ -274,14 +274,8 @@ def stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, s
     }
 
 
-def deploy_version(
-    ctx: DeployContext,
-    version: ArtifactVersion,
-    approval_timeout_seconds: int,
-    health_deadline_seconds: float,
-    rollback_on_unhealthy: bool,
-) -> Outcome:
-    planned = plan_deploy(
+def plan(ctx: DeployContext, version: ArtifactVersion, *, plan_id: str) -> PlannedDeploy:
+    return plan_deploy(
         ctx.registry,
         workspace=ctx.workspace,
         stack_dir=ctx.stack_dir,
@@ -289,8 +283,18 @@ def deploy_version(
         platform=ctx.platform,
         channel=ctx.channel,
         variables=stack_variables(ctx, version),
-        plan_id=ctx.run_id,
+        plan_id=plan_id,
     )
+
+
+def deploy_version(
+    ctx: DeployContext,
+    version: ArtifactVersion,
+    approval_timeout_seconds: int,
+    health_deadline_seconds: float,
+    rollback_on_unhealthy: bool,
+) -> Outcome:
+    planned = plan(ctx, version, plan_id=ctx.run_id)
     view = planned.view
     if not planned.has_changes:
         message = f"{view.version_diff}: the plan has no changes; nothing to deploy"
@@ -476,16 +480,7 @@ def handle_unhealthy(
     # The deployment's policy (rollback_on_unhealthy) is the approval for restoring a known-good version,
     # verified exactly like a forward deploy (sealed record, image digest, plan hash, state).
     target = ctx.registry.registry().resolve_deployable(ctx.namespace, previous)
-    rollback = plan_deploy(
-        ctx.registry,
-        workspace=ctx.workspace,
-        stack_dir=ctx.stack_dir,
-        version=target,
-        platform=ctx.platform,
-        channel=ctx.channel,
-        variables=stack_variables(ctx, target),
-        plan_id=f"{ctx.run_id}-rollback",
-    )
+    rollback = plan(ctx, target, plan_id=f"{ctx.run_id}-rollback")
     if rollback.has_changes:
         applied = apply_plan(
             ctx.registry, rollback, approved_sha256=rollback.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform

@@ -20,9 +20,9 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.consul import ConsulConnection
-from icd.health.consul import ConsulEndpoint, consul_call, consul_errors, parse_consul_address
 from examples.local_env import free_port
 from icd.errors import ConsulError
+from icd.health.consul import ConsulEndpoint, consul_call, consul_errors, parse_consul_address
 from standins.consul import ConsulStandIn, format_duration, parse_duration
 from tests.waiting import wait_until
 

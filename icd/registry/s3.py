@@ -7,9 +7,9 @@ lost conditional write is a return value, not an exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -22,6 +22,7 @@ else:  # the stubs are a dev dependency; at run time the names only have to exis
     S3Client = object
     PutObjectRequestTypeDef = dict
 
+T = TypeVar("T")
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
@@ -72,11 +73,10 @@ class S3Objects:
     def _fail(self, exc: Exception, key: str) -> RegistryStorageError:
         return storage_error(exc, bucket=self.bucket, key=key)
 
-    def read(self, key: str) -> StoredObject | None:
-        """Body, ETag and user metadata, or None when the key does not exist."""
+    def _get(self, key: str, call: Callable[[], T]) -> T | None:
+        """``call()``, None when the key does not exist, our error for any other failure."""
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
-            return StoredObject(response["Body"].read(), response["ETag"], response.get("Metadata") or {})
+            return call()
         except ClientError as exc:
             if is_not_found(exc):
                 return None
@@ -84,16 +84,18 @@ class S3Objects:
         except BotoCoreError as exc:
             raise self._fail(exc, key) from exc
 
+    def read(self, key: str) -> StoredObject | None:
+        """Body, ETag and user metadata, or None when the key does not exist."""
+
+        def get() -> StoredObject:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return StoredObject(response["Body"].read(), response["ETag"], response.get("Metadata") or {})
+
+        return self._get(key, get)
+
     def head(self, key: str) -> Mapping[str, str] | None:
         """The user metadata of ``key``, or None when it does not exist."""
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata") or {}
-        except ClientError as exc:
-            if is_not_found(exc):
-                return None
-            raise self._fail(exc, key) from exc
-        except BotoCoreError as exc:
-            raise self._fail(exc, key) from exc
+        return self._get(key, lambda: self.client.head_object(Bucket=self.bucket, Key=key).get("Metadata") or {})
 
     def write(
         self,
