@@ -15,8 +15,9 @@ from prefect import flow
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
+from icd.errors import ConsulError
 from icd.health.config import WatchConfig
-from tasks.watch import publish_health, watch_health
+from tasks.watch import publish_health, report_sight, watch_health
 
 
 def build_watch_config(
@@ -62,13 +63,19 @@ def consul_health(
         thresholds=thresholds,
         reminder_minutes=reminder_minutes,
     )
-    report = watch_health(
-        cast(ConsulConnection, ConsulConnection.load(consul_block)),
-        cast(SlackNotifier, SlackNotifier.load(notifier_block)),
-        config,
-        window_seconds=window_seconds,
-        watch_name=watch_name,
-    )
+    notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+    try:
+        report = watch_health(
+            cast(ConsulConnection, ConsulConnection.load(consul_block)),
+            notifier,
+            config,
+            window_seconds=window_seconds,
+            watch_name=watch_name,
+        )
+    except ConsulError as exc:
+        report_sight(notifier, watch_name, error=str(exc), notifier_block=notifier_block)
+        raise
+    report_sight(notifier, watch_name, error=None, notifier_block=notifier_block)
     publish_health(report, config, watch_name)
     return {
         "rounds": report.rounds,

@@ -84,6 +84,7 @@ class DeployContext:
     registry: ArtifactRegistry
     notifier: SlackNotifier
     consul: ConsulConnection
+    notifier_block: str
 
     @property
     def run_url(self) -> str | None:
@@ -110,6 +111,10 @@ class DeployContext:
             dedup_key=dedup_key,
         )
 
+    def tell(self, notification: Notification) -> None:
+        """Notify operators, best effort (``tasks/notify.py``): a Slack failure never changes the outcome."""
+        notify(self.notifier, notification, notifier_block=self.notifier_block)
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -128,7 +133,7 @@ def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
     """The one place a run ends: record the deploy, tell operators, return the final state."""
     if outcome.record:
         record_deploy(ctx.workspace, {"outcome": outcome.name, **outcome.record})
-    notify(ctx.notifier, ctx.notice(outcome.title, outcome.message, outcome.severity, facts=outcome.facts))
+    ctx.tell(ctx.notice(outcome.title, outcome.message, outcome.severity, facts=outcome.facts))
     get_run_logger().info("push-to-deploy finished: %s: %s", outcome.name, outcome.message)
     return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
 
@@ -203,6 +208,7 @@ def push_to_deploy(
         registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
         notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
         consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
+        notifier_block=notifier_block,
     )
     try:
         version = build_version(ctx, repo, ref, template_dir, packer_only, rebuild)
@@ -302,8 +308,7 @@ def deploy_version(
 
     markdown = publish_plan(planned, run_url=ctx.run_url)
     deadline = approval_deadline(planned.plan_sha256, approval_timeout_seconds)
-    notify(
-        ctx.notifier,
+    ctx.tell(
         ctx.notice(
             f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
             f"{view.counts}. Approve or reject in the Prefect UI before {deadline:%Y-%m-%d %H:%M} UTC.",
@@ -344,8 +349,7 @@ def wait_for_approval(
             return checked
         refusal = checked.reason
         get_run_logger().warning("approval %d not accepted: %s", attempt + 1, checked.reason)
-        notify(
-            ctx.notifier,
+        ctx.tell(
             ctx.notice(
                 f"Approval not accepted for {ctx.workspace}",
                 f"{checked.reason}. The plan is still waiting; answer the form again.",

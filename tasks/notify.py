@@ -1,28 +1,71 @@
-"""Tell operators: the one way a flow sends a notification.
+"""Tell operators: the one way a flow sends a notification. Best effort: it never decides an outcome.
 
 Cached per run and per notification, so a flow re-run after a suspension does not post the same message
-again; retried only when Slack's failure is transient.
+again. If Slack can't take the message (an outage, a refusal), the run goes on as if it had: the message is
+handed to the ``deliver-notification`` deployment as a flow run scheduled a little later, which retries with
+backoff, so a Slack outage delays messages but blocks neither an approval nor a run's final state. Only when
+Prefect itself can't take it either is the message lost, and then it is in the run's log.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
 from prefect import get_run_logger, task
+from prefect.deployments import run_deployment
 
 from blocks.notifier import SlackNotifier
-from icd.errors import TransientNotificationError
+from icd.errors import NotificationError
 from icd.notify.message import Notification, NotificationReceipt
-from tasks.policies import ONCE_PER_RUN, retry_on
+from tasks.policies import ONCE_PER_RUN
+
+DELIVERY_DEPLOYMENT = "deliver-notification/deliver-notification"
+# Waits between delivery attempts; after the last one the message is given up, loudly.
+REDELIVERY_BACKOFF_SECONDS = (30, 60, 120, 300, 600, 900, 1800)
 
 
-@task(
-    name="notify",
-    persist_result=True,
-    cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[2, 5, 10],
-    retry_condition_fn=retry_on(TransientNotificationError),  # a bad token or channel won't heal
-)
-def notify(notifier: SlackNotifier, notification: Notification) -> NotificationReceipt:
-    receipt = notifier.sender().send(notification)
+def schedule_redelivery(notification: Notification, *, notifier_block: str, attempt: int, reason: str) -> bool:
+    """Schedule delivery attempt ``attempt`` (1-based); False when there is none left or Prefect refused."""
+    logger = get_run_logger()
+    if attempt > len(REDELIVERY_BACKOFF_SECONDS):
+        logger.error("giving up on notification %r after %d attempts: %s", notification.title, attempt - 1, reason)
+        return False
+    delay = REDELIVERY_BACKOFF_SECONDS[attempt - 1]
+    parameters: dict[str, Any] = {
+        "notification": notification.to_dict(),
+        "attempt": attempt,
+        "notifier_block": notifier_block,
+    }
+    try:
+        run = run_deployment(
+            DELIVERY_DEPLOYMENT,
+            parameters=parameters,
+            scheduled_time=datetime.now(UTC) + timedelta(seconds=delay),
+            timeout=0,
+            as_subflow=False,
+            tags=["housekeeping"],
+        )
+    except Exception as exc:  # noqa: BLE001  # best effort: whatever Prefect says, the deploy goes on
+        logger.error(
+            "notification %r is lost (%s), and redelivery could not be scheduled: %s", notification.title, reason, exc
+        )
+        return False
+    logger.warning(
+        "notification %r not delivered (%s); retrying in %ds as run %s", notification.title, reason, delay, run.name
+    )
+    return True
+
+
+@task(name="notify", persist_result=True, cache_policy=ONCE_PER_RUN)
+def notify(
+    notifier: SlackNotifier, notification: Notification, *, notifier_block: str = "ops-slack"
+) -> NotificationReceipt | None:
+    """Post ``notification``; when Slack can't take it, schedule its redelivery and return None."""
+    try:
+        receipt = notifier.sender().send(notification)
+    except NotificationError as exc:
+        schedule_redelivery(notification, notifier_block=notifier_block, attempt=1, reason=str(exc))
+        return None
     get_run_logger().info("posted %s notification %r (ts %s)", notification.severity, notification.title, receipt.ts)
     return receipt

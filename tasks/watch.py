@@ -7,12 +7,15 @@ import re
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.variables import Variable
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
 from icd.health.config import WatchConfig
 from icd.health.render import health_table
 from icd.health.watch import WatchReport, watch
+from icd.notify.message import Notification
+from tasks.notify import notify
 
 
 def artifact_key(watch_name: str) -> str:
@@ -50,3 +53,43 @@ def publish_health(report: WatchReport, config: WatchConfig, watch_name: str) ->
             f"{unhealthy} not passing; {report.alerts_sent} alert(s) sent this run."
         ),
     )
+
+
+def _blind_marker(watch_name: str) -> str:
+    return f"icd-health-blind-{artifact_key(watch_name)}"
+
+
+@task(name="report-watch-sight", cache_policy=NO_CACHE)
+def report_sight(notifier: SlackNotifier, watch_name: str, *, error: str | None, notifier_block: str) -> None:
+    """Tell operators once when the watch goes blind (Consul unreachable) and once when it sees again.
+
+    The marker lives in a Prefect variable, not in Consul: Consul is what can't be reached.
+    """
+    marker = _blind_marker(watch_name)
+    blind_since = Variable.get(marker, default=None)
+    if error is not None and blind_since is None:
+        Variable.set(marker, "blind", overwrite=True)
+        notify(
+            notifier,
+            Notification(
+                title=f"Health watch {watch_name!r} is blind: Consul can't be reached",
+                text=f"No health transition is seen or alerted until Consul answers again. {error}",
+                severity="critical",
+                fields={"watch": watch_name},
+            ),
+            notifier_block=notifier_block,
+        )
+    elif error is None and blind_since is not None:
+        Variable.unset(marker)
+        notify(
+            notifier,
+            Notification(
+                title=f"Health watch {watch_name!r} sees again",
+                text="Consul answers; transitions missed meanwhile are reported now.",
+                severity="success",
+                fields={"watch": watch_name},
+            ),
+            notifier_block=notifier_block,
+        )
+    elif error is not None:
+        get_run_logger().error("the health watch is still blind: %s", error)

@@ -7,6 +7,9 @@ import threading
 import uuid
 
 import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.states import Crashed, Running
 
 from cli.lock import main as lock_cli
 from icd.deploy import lock as workspace_lock
@@ -15,9 +18,10 @@ from icd.errors import InvalidNameError, WorkspaceLockError
 
 
 def _acquire(workspace: str, wait: float = 2.0, lease: float = 60.0) -> WorkspaceLease | LockHeld:
+    """Acquire as a live run: a lock whose holder run has ended or is gone is reclaimed by the next one."""
     return workspace_lock.acquire(
         workspace,
-        holder_flow_run_id=str(uuid.uuid4()),
+        holder_flow_run_id=_run_in(Running()),
         holder_name="test-run",
         lease_seconds=lease,
         wait_seconds=wait,
@@ -78,10 +82,12 @@ class TestWorkspaceLock:
         assert isinstance(again, WorkspaceLease)
         workspace_lock.release(again)
 
-    def test_break_evicts_and_names_the_holder(self, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_break_evicts_a_dead_holder_and_names_it(self, capsys: pytest.CaptureFixture[str]) -> None:
         ws = _ws()
         lease = _acquire(ws)
         assert isinstance(lease, WorkspaceLease)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(lease.holder_flow_run_id, Crashed(), force=True)  # type: ignore[arg-type]
         assert lock_cli(["break", ws]) == 0
         out = capsys.readouterr().out
         assert lease.holder_flow_run_id in out
@@ -105,3 +111,51 @@ class TestWorkspaceLock:
         assert lock_cli(["list"]) == 0
         assert ws in capsys.readouterr().out
         workspace_lock.release(lease)
+
+
+@flow(name="lock-holder")
+def _holder_flow() -> None:
+    """Never called: a flow to create runs of, in any state, for the lock to look at."""
+
+
+def _run_in(state: object) -> str:
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(_holder_flow, state=state)  # type: ignore[arg-type]
+    return str(run.id)
+
+
+@pytest.mark.usefixtures("prefect_server")
+class TestLocksThatCantLeakOrLie:
+    def test_break_refuses_while_the_holder_run_is_alive_unless_forced(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        ws = _ws()
+        run_id = _run_in(Running())
+        lease = workspace_lock.acquire(
+            ws, holder_flow_run_id=run_id, holder_name="busy-run", lease_seconds=600, wait_seconds=1
+        )
+        assert isinstance(lease, WorkspaceLease)
+
+        assert lock_cli(["break", ws]) == 2
+        assert "still RUNNING" in capsys.readouterr().out
+        assert workspace_lock.current_holder(ws) == lease
+
+        assert lock_cli(["break", ws, "--force"]) == 0
+        assert run_id in capsys.readouterr().out
+        assert workspace_lock.current_holder(ws) is None
+
+    def test_a_lock_whose_run_crashed_is_reclaimed_by_the_next_deploy(self) -> None:
+        ws = _ws()
+        run_id = _run_in(Running())
+        leaked = workspace_lock.acquire(
+            ws, holder_flow_run_id=run_id, holder_name="doomed", lease_seconds=3600, wait_seconds=1
+        )
+        assert isinstance(leaked, WorkspaceLease)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run_id, Crashed(message="worker killed"), force=True)  # type: ignore[arg-type]
+
+        # The next deploy does not wait out the hour-long lease of a run that is gone.
+        taken = _acquire(ws, wait=5)
+        assert isinstance(taken, WorkspaceLease)
+        assert taken.lease_id != leaked.lease_id
+        workspace_lock.release(taken)

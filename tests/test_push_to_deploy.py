@@ -185,7 +185,7 @@ def test_stale_plan_is_not_applied(deploy_env: DeployEnv) -> None:
     stale_sha = _plan_sha(env, names["workspace"], stale.id)
     lease = workspace_lock.current_holder(names["workspace"])
     assert lease is not None
-    workspace_lock.break_lock(names["workspace"])  # an operator forces another deploy through
+    workspace_lock.break_lock(names["workspace"], force=True)  # an operator forces another deploy through
     env.repo.commit("v-other", {"src/app.py": env.repo.read("src/app.py") + "\n# other\n"}, branch="other")
     other = _deploy(env, names, ref="other")
     _approve(other.id, _plan_sha(env, names["workspace"], other.id))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -29,9 +30,9 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.variables import Variable
 
@@ -42,6 +43,7 @@ LIMIT_PREFIX = "deploy-workspace-"
 RECORD_PREFIX = "deploy-lock-"
 # Prefect's lease API accepts 60 s to 24 h (the upper bound lives with the other bounds in icd/rules.py).
 MIN_LEASE_SECONDS = 60.0
+logger = logging.getLogger(__name__)
 # A waiting deploy re-asks at most this often; Prefect's own helper may sleep up to 30 s between tries and
 # serializes all acquisitions of one process, which is too coarse for an operator watching a queue.
 _MAX_POLL_SECONDS = 2.0
@@ -130,6 +132,8 @@ def acquire(
                 if exc.response.status_code != 423:
                     raise WorkspaceLockError(f"could not lock workspace {workspace!r}: {exc}") from exc
                 retry_after = float(exc.response.headers.get("Retry-After", _MAX_POLL_SECONDS))
+            if _reclaim_from_finished_holder(workspace, client):
+                continue
             now = time.monotonic()
             if now >= deadline:
                 return LockHeld(workspace=workspace, holder=current_holder(workspace), waited_seconds=now - started)
@@ -153,6 +157,40 @@ def acquire(
     return lease
 
 
+TERMINAL_STATES = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED})
+
+
+def holder_state(holder: WorkspaceLease, client: SyncPrefectClient) -> StateType | None:
+    """The state type of the run that holds the lock; None when the run no longer exists."""
+    try:
+        run = client.read_flow_run(UUID(holder.holder_flow_run_id))
+    except ObjectNotFound:
+        return None
+    return run.state.type if run.state is not None else None
+
+
+def _reclaim_from_finished_holder(workspace: str, client: SyncPrefectClient) -> bool:
+    """Free a lock whose holder run has ended (crashed, failed, timed out) without releasing it.
+
+    The lease would expire on its own, but only after the approval timeout plus a margin: a lock must not
+    outlive its run. True when the lock was reclaimed (try again at once).
+    """
+    holder = current_holder(workspace)
+    if holder is None:
+        return False
+    state = holder_state(holder, client)
+    if state is not None and state not in TERMINAL_STATES:
+        return False
+    logger.warning(
+        "workspace %s was still locked by run %s, which is %s; reclaiming its lock",
+        workspace,
+        holder.holder_name,
+        state.value if state else "gone",
+    )
+    release(holder)
+    return True
+
+
 def _release_lease(lease_id: str) -> None:
     with get_client(sync_client=True) as client:
         try:
@@ -170,10 +208,24 @@ def release(lease: WorkspaceLease) -> None:
         Variable.unset(_record_name(lease.workspace))
 
 
-def break_lock(workspace: str) -> WorkspaceLease | None:
-    """Evict whoever holds the workspace (a dead run whose lease has not expired yet)."""
+def break_lock(workspace: str, *, force: bool = False) -> WorkspaceLease | None:
+    """Evict whoever holds the workspace; refuses while the holder's run is alive, unless ``force``.
+
+    A run that is running, pending or waiting for approval may be in the middle of an apply; breaking its
+    lock would let a second apply run on the same state, so that takes ``force`` and an operator's judgement.
+    """
     name = limit_name(workspace)
     holder = current_holder(workspace)
+    if holder is not None and not force:
+        with get_client(sync_client=True) as client:
+            state = holder_state(holder, client)
+        if state is not None and state not in TERMINAL_STATES:
+            raise WorkspaceLockError(
+                f"workspace {workspace!r} is held by run {holder.holder_name} ({holder.holder_flow_run_id}), "
+                f"which is still {state.value}: it may be applying. Wait for it, cancel it in the UI, or break "
+                "the lock with --force if you know its process is gone (Terraform's own state lock still guards "
+                "the state)"
+            )
     if holder is not None:
         _release_lease(holder.lease_id)
         Variable.unset(_record_name(workspace))

@@ -12,12 +12,16 @@ The adapters build their argv with pure functions and hand it here. This module 
 * **No silent hangs after exit.** Reading the output after the tool exits is bounded: a daemon the tool
   started that kept its stdout or stderr open is named in a :class:`ToolOutputHeldError` instead of
   blocking the run forever.
+* **No orphans.** The tool is started through ``setpriv --pdeathsig TERM`` (util-linux): if the process
+  that runs it dies (a worker killed mid-apply), the kernel sends the tool SIGTERM, and Terraform stops
+  gracefully, saving its state and releasing its state lock, instead of applying on unsupervised.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -41,6 +45,7 @@ REDACTED = "***"
 _VALUE_FLAGS = ("-var", "-backend-config")
 # What every tool may see of the worker's environment; nothing else is inherited.
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ", "USER", "LOGNAME")
+_SETPRIV = shutil.which("setpriv")
 
 
 @dataclass(frozen=True)
@@ -144,12 +149,18 @@ def run_command(
     exception raised while waiting (a cancelled Prefect run delivers one) also kills the group.
     """
     shown = redact_argv(argv)
+    full_env = {**base_environment(), **(env or {})}
+    binary = shutil.which(argv[0], path=full_env.get("PATH")) if argv else None
+    if binary is None:
+        raise ToolError(f"could not start {Path(argv[0]).name if argv else '(nothing)'!r}: not found", argv=shown)
+    # The tool dies with its supervisor (see the module docstring); setpriv execs it in place.
+    launch = [_SETPRIV, "--pdeathsig", "TERM", "--", binary, *argv[1:]] if _SETPRIV else [binary, *argv[1:]]
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
-            list(argv),
+            launch,
             cwd=cwd,
-            env={**base_environment(), **(env or {})},
+            env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -87,23 +87,31 @@ variable "instance_type" {
 locals {
   image_path = abspath("${var.output_dir}/${var.service_name}-${var.version}.tar.gz")
   src_dir    = abspath("${path.root}/../src")
-  assemble_args = join(" ", [
-    "--src-dir '${local.src_dir}'",
-    "--output-dir '${abspath(var.output_dir)}'",
-    "--namespace '${var.namespace}'",
-    "--service-name '${var.service_name}'",
-    "--version '${var.version}'",
-    "--commit '${var.commit}'",
-    "--health-interval '${var.health_interval}'",
-    "--health-timeout '${var.health_timeout}'",
-  ])
+  # Values reach the provisioners as environment variables (data), never spliced into a command line
+  # (code): the commands below are constant strings, so no variable can inject shell syntax.
+  assemble_env = [
+    "ICD_ASSEMBLE=${abspath("${path.root}/assemble_image.py")}",
+    "ICD_SRC_DIR=${local.src_dir}",
+    "ICD_OUTPUT_DIR=${abspath(var.output_dir)}",
+    "ICD_NAMESPACE=${var.namespace}",
+    "ICD_SERVICE_NAME=${var.service_name}",
+    "ICD_VERSION=${var.version}",
+    "ICD_COMMIT=${var.commit}",
+    "ICD_HEALTH_INTERVAL=${var.health_interval}",
+    "ICD_HEALTH_TIMEOUT=${var.health_timeout}",
+  ]
+  install_env = [
+    "SERVICE_NAME=${var.service_name}",
+    "SERVICE_ID=${var.service_name}-${var.version}",
+    "APP_PORT=${var.app_port}",
+  ]
   # Turns the baked API-shaped definition into an agent config file: ID, fixed port, check URL.
   consul_config_script = join("; ", [
-    "import json, sys",
-    "d = json.load(open(sys.argv[1]))",
-    "d.update(ID=sys.argv[2], Port=int(sys.argv[3]))",
-    "d[\"Check\"][\"HTTP\"] = d[\"Check\"][\"HTTP\"].format(address=\"127.0.0.1\", port=sys.argv[3])",
-    "json.dump({\"service\": d}, open(sys.argv[4], \"w\"), indent=2)",
+    "import json, os",
+    "d = json.load(open('/opt/' + os.environ['SERVICE_NAME'] + '/consul/service.json'))",
+    "d.update(ID=os.environ['SERVICE_ID'], Port=int(os.environ['APP_PORT']))",
+    "d[\"Check\"][\"HTTP\"] = d[\"Check\"][\"HTTP\"].format(address=\"127.0.0.1\", port=os.environ['APP_PORT'])",
+    "json.dump({\"service\": d}, open('/etc/consul.d/' + os.environ['SERVICE_NAME'] + '.json', \"w\"), indent=2)",
   ])
   image_tags = {
     Name      = "${var.service_name}-${var.version}"
@@ -156,7 +164,8 @@ build {
   # Both builds assemble the image tarball: locally it IS the artifact; for the AMI it is what gets
   # uploaded and unpacked on the instance.
   provisioner "shell-local" {
-    inline = ["python3 '${path.root}/assemble_image.py' ${local.assemble_args}"]
+    environment_vars = local.assemble_env
+    inline           = ["python3 \"$ICD_ASSEMBLE\""]
   }
 
   # The real AMI build (source.amazon-ebs.ami_ssh) installs the image and its Consul service definition on
@@ -168,12 +177,13 @@ build {
     generated   = true # assembled by the shell-local step above
   }
   provisioner "shell" {
-    only = ["amazon-ebs.ami_ssh"]
+    only             = ["amazon-ebs.ami_ssh"]
+    environment_vars = local.install_env
     inline = [
-      "sudo mkdir -p /opt/${var.service_name} /etc/consul.d",
-      "sudo tar -xzf /tmp/image.tar.gz -C /opt/${var.service_name}",
+      "sudo mkdir -p \"/opt/$SERVICE_NAME\" /etc/consul.d",
+      "sudo tar -xzf /tmp/image.tar.gz -C \"/opt/$SERVICE_NAME\"",
       # The agent's config file takes the same definition wrapped in {"service": ...}, with the fixed port.
-      "sudo python3 -c '${local.consul_config_script}' /opt/${var.service_name}/consul/service.json ${var.service_name}-${var.version} ${var.app_port} /etc/consul.d/${var.service_name}.json",
+      "sudo -E python3 -c \"${local.consul_config_script}\"",
     ]
   }
 

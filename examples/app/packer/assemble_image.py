@@ -92,16 +92,29 @@ def assemble(args: argparse.Namespace) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Arguments, each defaulting to its ``ICD_*`` environment variable: Packer passes values that way, as
+    data, so that no value is ever part of a shell command line."""
+    env = os.environ.get
     parser = argparse.ArgumentParser(description="assemble the local app image")
-    parser.add_argument("--src-dir", type=Path, required=True)
-    parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--namespace", required=True)
-    parser.add_argument("--service-name", required=True)
-    parser.add_argument("--version", required=True)
-    parser.add_argument("--commit", required=True)
-    parser.add_argument("--health-interval", default="10s")
-    parser.add_argument("--health-timeout", default="2s")
-    return parser.parse_args(argv)
+    parser.add_argument("--src-dir", type=Path, default=env("ICD_SRC_DIR"))
+    parser.add_argument("--output-dir", type=Path, default=env("ICD_OUTPUT_DIR"))
+    parser.add_argument("--namespace", default=env("ICD_NAMESPACE"))
+    parser.add_argument("--service-name", default=env("ICD_SERVICE_NAME"))
+    parser.add_argument("--version", default=env("ICD_VERSION"))
+    parser.add_argument("--commit", default=env("ICD_COMMIT"))
+    parser.add_argument("--health-interval", default=env("ICD_HEALTH_INTERVAL", "10s"))
+    parser.add_argument("--health-timeout", default=env("ICD_HEALTH_TIMEOUT", "2s"))
+    args = parser.parse_args(argv)
+    missing = [
+        name
+        for name in ("src_dir", "output_dir", "namespace", "service_name", "version", "commit")
+        if not getattr(args, name)
+    ]
+    if missing:
+        parser.error(
+            f"missing: {', '.join(missing)} (pass --{missing[0].replace('_', '-')} or ICD_{missing[0].upper()})"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,6 +169,8 @@ def start(args: argparse.Namespace) -> None:
             stderr=log,
             start_new_session=True,  # detached: it outlives this script and Terraform
             close_fds=True,
+            # The app gets only what it needs; no token or credential of whoever started it.
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
         )
     (instance_dir / PID_FILE).write_text(f"{proc.pid}\n")
     try:

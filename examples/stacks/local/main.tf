@@ -53,6 +53,10 @@ variable "instance_root" {
 
 locals {
   instance_dir = abspath("${var.instance_root}/${var.service_name}-${var.artifact_version}")
+  # Provisioners run with an environment built here and nothing else: `env -i` drops whatever Terraform
+  # holds (the state backend's credentials above all), so neither the instance nor anything it starts can
+  # read them. Values are env's arguments (data), never part of the shell command (code).
+  clean_env = ["/usr/bin/env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/nonexistent", "LANG=C.UTF-8"]
 }
 
 resource "null_resource" "instance" {
@@ -93,6 +97,7 @@ resource "null_resource" "instance" {
       printf '%s\n' "$OWNER" > "$dir.unpacking/.owner"
       printf '%s\n' "$SERVICE_NAME" > "$dir.unpacking/.service_name"
       rm -rf "$dir" && mv "$dir.unpacking" "$dir"
+      # bin/start detaches the app (its own session, output to app.log): nothing keeps Terraform's pipes.
       "$dir/bin/start" --instance-dir "$dir" --consul-addr "$CONSUL_ADDR" --deploy-run-id "$DEPLOY_RUN_ID" --port 0
       # Now that the new instance is registered, retire the older ones of this service. A failure to stop
       # one is reported but does not fail the deploy: bin/stop kills the process even when Consul refused
@@ -107,15 +112,16 @@ resource "null_resource" "instance" {
         fi
       done
     EOT
-    environment = {
-      INSTANCE_DIR  = local.instance_dir
-      ARTIFACT      = var.artifact_id
-      CONSUL_ADDR   = var.consul_addr
-      DEPLOY_RUN_ID = var.deploy_run_id
-      OWNER         = self.id
-      SERVICE_NAME  = var.service_name
-      INSTANCE_ROOT = abspath(var.instance_root)
-    }
+    interpreter = concat(local.clean_env, [
+      "INSTANCE_DIR=${local.instance_dir}",
+      "ARTIFACT=${var.artifact_id}",
+      "CONSUL_ADDR=${var.consul_addr}",
+      "DEPLOY_RUN_ID=${var.deploy_run_id}",
+      "OWNER=${self.id}",
+      "SERVICE_NAME=${var.service_name}",
+      "INSTANCE_ROOT=${abspath(var.instance_root)}",
+      "/bin/sh", "-c",
+    ])
   }
 
   # Deregister from Consul, stop the process group, remove the directory. bin/stop is idempotent, and a
@@ -132,11 +138,14 @@ resource "null_resource" "instance" {
       "$dir/bin/stop" --instance-dir "$dir" --consul-addr "$CONSUL_ADDR"
       rm -rf "$dir"
     EOT
-    environment = {
-      INSTANCE_DIR = self.triggers.instance_dir
-      CONSUL_ADDR  = self.triggers.consul_addr
-      OWNER        = self.id
-    }
+    # Destroy-time provisioners may only read self, so the clean environment is spelled out here.
+    interpreter = [
+      "/usr/bin/env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/nonexistent", "LANG=C.UTF-8",
+      "INSTANCE_DIR=${self.triggers.instance_dir}",
+      "CONSUL_ADDR=${self.triggers.consul_addr}",
+      "OWNER=${self.id}",
+      "/bin/sh", "-c",
+    ]
   }
 }
 
