@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import boto3
 
+from icd import events, operations
+from icd.config import load_config
 from icd.errors import DeployError, RegistryError
 from icd.registry.models import ArtifactVersion
 from icd.registry.registry import Registry
@@ -23,7 +25,7 @@ SIGNING_KEY_ENV = "ICD_REGISTRY_SIGNING_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icd-registry", description="Inspect the artifact registry.")
+    parser = argparse.ArgumentParser(prog="icd-registry", description="Inspect and move the artifact registry.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--block", help="name of a saved 'Artifact Registry' block")
     source.add_argument("--bucket", help="S3 bucket holding the registry")
@@ -40,6 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="print a channel's assignment history")
     history.add_argument("namespace")
     history.add_argument("channel")
+    promote = commands.add_parser("promote", help="point a channel at a version; plans the workspaces following it")
+    promote.add_argument("namespace")
+    promote.add_argument("version", type=int)
+    promote.add_argument("channel")
+    revoke = commands.add_parser("revoke", help="revoke a version; operators are told which workspaces run it")
+    revoke.add_argument("namespace")
+    revoke.add_argument("version", type=int)
+    revoke.add_argument("--cascade", action="store_true", help="also revoke every version built on it")
+    for command in (promote, revoke):
+        command.add_argument("--by", required=True, help="who you are; recorded")
+        command.add_argument("--why", required=True, help="why; recorded")
     return parser
 
 
@@ -86,6 +99,20 @@ def run(args: argparse.Namespace) -> None:
             source = f"v{move.from_version}" if move.from_version is not None else "-"
             target = f"v{move.to_version}" if move.to_version is not None else "-"
             print(f"{move.assigned_at.isoformat()}\t{source} -> {target}\t{move.assigned_by}\t{move.reason}")
+    elif args.command == "promote":
+        done = operations.promote(
+            registry, load_config(), args.namespace, args.version, args.channel, by=args.by, why=args.why
+        )
+        events.flush()
+        moved = done.assignment
+        print(f"{args.namespace}@{args.channel}: v{moved.from_version} -> v{moved.to_version}")
+        print(f"plans requested for: {', '.join(done.plans_requested) or 'none'}")
+    elif args.command == "revoke":
+        revoked = operations.revoke(
+            registry, args.namespace, args.version, by=args.by, why=args.why, cascade=args.cascade
+        )
+        events.flush()
+        print(f"revoked: {', '.join(f'v{n}' for n in revoked) or 'nothing new (already revoked)'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

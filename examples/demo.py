@@ -1,10 +1,15 @@
-"""A full push-to-deploy cycle on this machine, offline: `make demo`.
+"""The whole loop on this machine, offline, through the same events a team's setup uses: `make demo`.
 
-Starts moto (S3), the Consul and Slack API stand-ins (or a real `consul agent -dev` when `consul` is on
-PATH), a Prefect server and a process worker; creates the blocks and the deployments from prefect.yaml;
-pushes v1 of the example app to a local git repository and deploys it; then pushes v2 and deploys that.
-Each run pauses for approval. By default the demo approves after showing the plan; with `--interactive`
-it waits for you to approve in the Prefect UI (the link is printed).
+    1. a developer commits; GitHub's signed push webhook reaches icd-inbound
+    2. build -> registered -> staging plan -> approve -> apply -> healthy (Consul)
+    3. promote to production -> production plan -> approve -> apply
+    4. the production instance's health breaks -> icd.health.critical event, Slack alert, webhook notification
+
+Starts moto (S3, DynamoDB), the Consul and Slack API stand-ins (or a real `consul agent -dev` when `consul`
+is on PATH), a Prefect server, a process worker and the inbound webhook app; creates the blocks, the
+deployments (with their triggers) and the automations exactly as an operator would (`icd-setup`).
+Unattended by default: the demo approves each plan after printing it. With `--interactive` it waits for you
+to approve in the Prefect UI (the link is printed). `--keep` leaves everything running at the end.
 """
 
 from __future__ import annotations
@@ -12,31 +17,102 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
+import httpx
 from moto.server import ThreadedMotoServer
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from examples.local_env import (
     LocalServices,
+    ManagedProcess,
+    deliver_webhook,
     free_port,
     git,
+    github_push,
     make_app_repo,
     provision,
     spawn,
+    start_inbound,
     start_prefect_server,
     start_worker,
     stop_instances,
     worker_env,
+    write_config,
 )
+from icd import operations
+from icd.config import load_config
+from standins.slack import RECEIVED_PATH, SlackStandIn
 
 POOL = "local-pool"
 TOKEN = "xoxb-demo-token"
+NAMESPACE = "acmeinc/web"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
+
+
+class Demo:
+    def __init__(self, home: Path, interactive: bool) -> None:
+        self.home = home
+        self.interactive = interactive
+        self.started = time.monotonic()
+        self.processes: list[ManagedProcess] = []
+        self.shown_messages = 0
+
+    def step(self, text: str) -> None:
+        print(f"\n[{time.monotonic() - self.started:5.1f}s] == {text}", flush=True)
+
+    def say(self, text: str) -> None:
+        print(f"         {text}", flush=True)
+
+    def slack(self, slack_url: str) -> None:
+        """Print the Slack messages received since last time, as an operator reads them."""
+        received = httpx.get(f"{slack_url}{RECEIVED_PATH}", timeout=10).json()
+        for message in received["messages"][self.shown_messages :]:
+            lines = message["rendered"].splitlines()
+            self.say(f"Slack #ops > {lines[0] if lines else message['text']}")
+            for line in lines[1:]:
+                self.say(f"            {line}")
+        self.shown_messages = len(received["messages"])
+
+    def wait(self, run_id: Any, states: set[str], timeout: float = 300) -> FlowRun:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.type.value in states:
+                return run
+            time.sleep(0.3)
+        raise TimeoutError(f"flow run {run_id} did not reach {states} in {timeout:.0f}s")
+
+    def next_run(self, deployment: str, after: float, timeout: float = 120) -> FlowRun:
+        """The first run of ``deployment`` created after ``after`` (a trigger made it)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                    flow_run_filter=FlowRunFilter(),
+                    sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                    limit=5,
+                )
+            fresh = [run for run in runs if run.created is not None and run.created.timestamp() > after]
+            if fresh:
+                return fresh[-1]
+            time.sleep(0.3)
+        raise TimeoutError(f"no {deployment} run appeared within {timeout:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,123 +120,179 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interactive", action="store_true", help="wait for approval in the Prefect UI")
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     args = parser.parse_args(argv)
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-    home = Path(tempfile.mkdtemp(prefix="icd-demo-"))
-    print(f"demo state in {home}")
+    demo = Demo(Path(tempfile.mkdtemp(prefix="icd-demo-")), args.interactive)
+    demo.step(f"starting S3/DynamoDB (moto), Consul, Slack, Prefect; state in {demo.home}")
     moto_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     moto.start()
     endpoint = f"http://127.0.0.1:{moto_port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo", AWS_DEFAULT_REGION="us-east-1")
-
-    processes = []
+    consul_standin = None
     if shutil.which("consul"):
         consul_port = free_port()
-        processes.append(
+        demo.processes.append(
             spawn(
                 "consul",
                 ["consul", "agent", "-dev", "-http-port", str(consul_port)],
                 env={},
-                log_dir=home / "logs",
+                log_dir=demo.home / "logs",
             )
         )
         consul_addr = f"http://127.0.0.1:{consul_port}"
-        consul_standin = None
-        time.sleep(3)
     else:
         from standins.consul import ConsulStandIn
 
         consul_standin = ConsulStandIn().start()
         consul_addr = consul_standin.http_addr
-    from standins.slack import SlackStandIn
-
     slack = SlackStandIn(token=TOKEN).start()
-    print("starting the Prefect server (about 30 s on a fresh database) ...")
-    server = start_prefect_server(home / "prefect")
-    # Prefect reads its environment once, at import: point this process at the server explicitly.
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        try:
-            services = LocalServices(
-                s3_endpoint=endpoint,
-                bucket="icd-demo",
-                aws_access_key_id="demo",
-                aws_secret_access_key="demo",
-                slack_api_url=slack.api_url,
-                slack_token=TOKEN,
-                consul_addr=consul_addr,
-            )
-            registry = provision(server, services, pool=POOL)
-            processes.append(start_worker(server, POOL, env=worker_env(home / "icd")))
-            repo = make_app_repo(home / "app-repo")
-
-            for push in (1, 2):
-                if push == 2:
-                    app = repo / "src" / "app.py"
-                    app.write_text(app.read_text() + "\n# v2: a developer's change\n")
-                    git(repo, "commit", "-q", "-am", "v2")
-                print(f"\n== push {push}: {git(repo, 'rev-parse', '--short', 'HEAD')} -> push-to-deploy")
-                run = run_deployment(
-                    "push-to-deploy/push-to-deploy",
-                    parameters={"repo": str(repo), "ref": "main", "workspace": "staging"},
-                    timeout=0,
-                )
-                state = _wait(run.id, {"PAUSED", "COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-                if state.type.value != "PAUSED":
-                    print(f"run ended without asking: {state.name}: {state.message}")
-                    return 1
-                sha = registry.plan_store().sha256_of("staging", str(run.id))
-                print(f"plan {sha} is waiting: {server.ui_url}/runs/flow-run/{run.id}")
-                print(f"slack got: {slack.messages[-1].text if slack.messages else '(nothing)'}")
-                if args.interactive:
-                    print("approve it in the UI (type your name; the plan hash is pre-filled) ...")
-                else:
-                    resume_flow_run(
-                        run.id,
-                        run_input={
-                            "decision": "approve",
-                            "approver": "demo",
-                            "comment": "demo",
-                            "plan_sha256": sha,
-                        },
-                    )
-                state = _wait(run.id, {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}, timeout=7200)
-                print(f"run {run.name}: {state.name}: {state.message}")
-                if state.name != "Deployed":
-                    return 1
-            channel = registry.registry().get_channel("acmeinc/web", "staging")
-            print(
-                f"\nchannel staging -> v{channel.version if channel else '?'}; "
-                f"Slack received {len(slack.messages)} messages"
-            )
-            if args.keep:
-                print(f"Prefect UI: {server.ui_url}  (Ctrl-C to stop)")
-                while True:
-                    time.sleep(3600)
-            return 0
-        finally:
-            for process in processes:
-                process.stop()
-            stop_instances(home / "icd")
-            server.stop()
-            slack.stop()
-            if consul_standin is not None:
-                consul_standin.stop()
-            moto.stop()
+    server = start_prefect_server(demo.home / "prefect")
+    demo.say(f"Prefect UI: {server.ui_url}")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            return run_loop(demo, args, server, endpoint, consul_addr, slack)
+    finally:
+        for process in demo.processes:
+            process.stop()
+        stop_instances(demo.home / "icd")
+        server.stop()
+        slack.stop()
+        if consul_standin is not None:
+            consul_standin.stop()
+        moto.stop()
 
 
-def _wait(run_id: object, states: set[str], timeout: float = 600):  # type: ignore[no-untyped-def]
-    from prefect.client.orchestration import get_client
+def run_loop(
+    demo: Demo, args: argparse.Namespace, server: Any, endpoint: str, consul_addr: str, slack: SlackStandIn
+) -> int:
+    repo = make_app_repo(demo.home / "app-repo")
+    config = write_config(
+        demo.home / "icd.toml",
+        namespaces={NAMESPACE: {"repository": str(repo), "repository_aliases": [NAMESPACE], "service_name": "web"}},
+        workspaces={
+            workspace: {"follows": f"{NAMESPACE}@{follows}", "stack": "examples/stacks/local"}
+            for workspace, follows in (("staging", "latest"), ("production", "production"))
+        },
+    )
+    os.environ["ICD_CONFIG"] = str(config)
+    webhook_secret = secrets.token_urlsafe(24)
+    demo.step("creating blocks, deployments with their triggers, and automations (icd-setup)")
+    registry = provision(
+        server,
+        LocalServices(
+            s3_endpoint=endpoint,
+            bucket="icd-demo",
+            aws_access_key_id="demo",
+            aws_secret_access_key="demo",
+            slack_api_url=slack.api_url,
+            slack_token=TOKEN,
+            consul_addr=consul_addr,
+        ),
+        pool=POOL,
+        alerts_url=slack.webhook_url("alerts"),
+        webhook_secret=webhook_secret,
+    )
+    demo.processes.append(start_worker(server, POOL, env=worker_env(demo.home / "icd", config)))
+    inbound, inbound_url = start_inbound(server, config=config)
+    demo.processes.append(inbound)
+    demo.say(f"webhook endpoint: {inbound_url}/github")
+
+    demo.step("1. a developer pushes v1; GitHub delivers the signed push webhook")
+    commit = git(repo, "rev-parse", "HEAD")
+    pushed_at = time.time()
+    answer = deliver_webhook(
+        f"{inbound_url}/github",
+        webhook_secret,
+        github_push(full_name=NAMESPACE, clone_url=str(repo), branch="main", after=commit),
+        delivery=str(uuid.uuid4()),
+    )
+    demo.say(f"webhook answered {answer.status_code}: {answer.json()}")
+
+    demo.step("2. build -> registered -> staging plan")
+    build = demo.next_run("build-artifact", pushed_at)
+    demo.say(f"build run {build.name}: {server.ui_url}/runs/flow-run/{build.id}")
+    build = demo.wait(build.id, ENDED)
+    if build.state is None or build.state.type.value != "COMPLETED":
+        demo.say(f"the build ended {build.state}")
+        return 1
+    if not approve(demo, server, slack, registry, "staging", after=pushed_at):
+        return 1
+
+    demo.step("3. promote v1 to production (icd-registry promote) -> production plan")
+    promoted_at = time.time()
+    done = operations.promote(
+        registry.registry(), load_config(), NAMESPACE, 1, "production", by="demo", why="staging is healthy"
+    )
+    demo.say(f"{NAMESPACE}@production -> v{done.assignment.to_version}; plans requested for {done.plans_requested}")
+    if not approve(demo, server, slack, registry, "production", after=promoted_at):
+        return 1
+
+    demo.step("4. the production instance's health breaks; the watch sees it")
+    watch = run_deployment("consul-health/consul-health", parameters={"window_seconds": 40}, timeout=0)
+    demo.wait(watch.id, {"RUNNING"})
+    wait_for_baseline(consul_addr)
+    instance = next((demo.home / "icd" / "instances" / "production").glob("web-*"))
+    (instance / "unhealthy").touch()
+    demo.say(f"touched {instance / 'unhealthy'}: /health answers 500 from now on")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not slack.webhook_deliveries:
+        time.sleep(0.3)
+    demo.slack(slack.base_url)
+    for delivery in slack.webhook_deliveries:
+        demo.say(f"webhook notification ({delivery.webhook_id}) > {delivery.payload.get('text')}")
+    for event in stored_events("icd.health."):
+        demo.say(f"event {event.event} about {event.resource.get('prefect.resource.name')}")
+    demo.step(f"done in {time.monotonic() - demo.started:.0f}s; the Event Feed tells it all: {server.ui_url}/events")
+    if args.keep:
+        print(f"Prefect UI: {server.ui_url}  (Ctrl-C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    return 0 if slack.webhook_deliveries else 1
+
+
+def stored_events(prefix: str, timeout: float = 30) -> list[Any]:
+    """Events whose name starts with ``prefix``, once the server has stored them (it does so in batches)."""
+    from prefect.events.filters import EventFilter, EventNameFilter
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state  # type: ignore[arg-type]
-        if state is not None and state.type.value in states:
-            return state
-        time.sleep(1)
-    raise TimeoutError(f"flow run {run_id} did not reach {states} in {timeout:.0f}s")
+            page = client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=10)
+        if page.events:
+            return list(page.events)
+        time.sleep(0.5)
+    return []
+
+
+def wait_for_baseline(consul_addr: str, timeout: float = 60) -> None:
+    """The watch has read the current health once it has persisted its state (so the break is news)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{consul_addr}/v1/kv/icd/health-watch/default/state", timeout=5).status_code == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the health watch never took its baseline")
+
+
+def approve(demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspace: str, *, after: float) -> bool:
+    run = demo.next_run("deploy-artifact", after)
+    paused = demo.wait(run.id, {"PAUSED", *ENDED})
+    if paused.state is None or paused.state.type.value != "PAUSED":
+        demo.say(f"the {workspace} run ended without asking: {paused.state}")
+        return False
+    sha = registry.plan_store().sha256_of(workspace, str(run.id))
+    demo.say(f"plan for {workspace} is waiting: {server.ui_url}/runs/flow-run/{run.id}")
+    demo.slack(slack.base_url)
+    if demo.interactive:
+        demo.say("approve it in the UI (choose approve, type your name; the plan hash is pre-filled) ...")
+    else:
+        answer = {"decision": "approve", "approver": "demo", "comment": "demo", "plan_sha256": sha}
+        resume_flow_run(run.id, run_input=answer)
+        demo.say("approved as 'demo'")
+    done = demo.wait(run.id, ENDED, timeout=7200)
+    demo.say(f"run {done.name}: {done.state.name if done.state else '?'}: {done.state.message if done.state else ''}")
+    demo.slack(slack.base_url)
+    return done.state is not None and done.state.name == "Deployed"
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -8,6 +8,7 @@ Every process is started in its own process group and stopped with it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -16,20 +17,22 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.exceptions import ObjectAlreadyExists
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.blocks.system import Secret
 from prefect_aws import AwsCredentials
 from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # ships no type information
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
+from cli.inbound import SECRET_BLOCK
+from cli.setup import setup
+from icd.config import parse_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STATE_LOCK_TABLE = "icd-terraform-locks"
@@ -178,7 +181,8 @@ def start_worker(
             "--name",
             name,
         ],
-        env={**server.env, **(env or {})},
+        # Deploys wait on this poll twice (start, and resume after approval): 1 s instead of Prefect's 10 s.
+        env={"PREFECT_WORKER_QUERY_SECONDS": "1", **server.env, **(env or {})},
         log_dir=server.home / "logs",
     )
 
@@ -224,9 +228,17 @@ class LocalServices:
     consul_addr: str
 
 
-def provision(server: PrefectServer, services: LocalServices, *, pool: str = "local-pool") -> ArtifactRegistry:
-    """Create what an operator creates once: the bucket, the three blocks the flows load by name, the
-    process work pool, and the deployments of ``prefect.yaml`` (with ``prefect deploy --all``)."""
+def provision(
+    server: PrefectServer,
+    services: LocalServices,
+    *,
+    pool: str = "local-pool",
+    alerts_url: str,
+    webhook_secret: str = "",
+) -> ArtifactRegistry:
+    """Create what an operator creates once: the bucket and the state lock table, the blocks the flows load
+    by name (with their secrets), then run ``icd-setup``: block types, work pool, the deployments of
+    ``prefect.yaml`` with their triggers, and the automations of ``automations.yaml``."""
     credentials = AwsCredentials(
         aws_access_key_id=services.aws_access_key_id,
         aws_secret_access_key=services.aws_secret_access_key,
@@ -250,21 +262,60 @@ def provision(server: PrefectServer, services: LocalServices, *, pool: str = "lo
         prefect_ui_url=server.ui_url,
     ).save("ops-slack", overwrite=True)
     ConsulConnection(address=services.consul_addr, timeout_seconds=10).save("consul", overwrite=True)
-    # suppress: a second provision of the same server finds the pool already there
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-    deploy = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if deploy.returncode != 0:
-        raise RuntimeError(f"prefect deploy --all failed:\n{deploy.stdout}\n{deploy.stderr}")
+    Secret(value=webhook_secret or secrets.token_urlsafe(32)).save(SECRET_BLOCK, overwrite=True)
+    # Where critical-health automations send; operators pick PagerDuty, Teams, e-mail... in the UI.
+    CustomWebhookNotificationBlock(
+        name="ops-alerts",
+        url=alerts_url,
+        json_data={"text": "{{subject}}", "body": "{{body}}"},
+        allow_private_urls=True,
+    ).save("ops-alerts", overwrite=True)
+    with temporary_env({**server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)}):
+        setup(pool)
     return registry
+
+
+@contextlib.contextmanager
+def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def write_config(
+    path: Path, *, namespaces: Mapping[str, Mapping[str, object]], workspaces: Mapping[str, Mapping[str, object]]
+) -> Path:
+    """An ``icd.toml`` for a local loop (the demo's, a test's), checked by the same rules as any other."""
+    lines: list[str] = []
+    for name, settings in namespaces.items():
+        lines.append(f'[namespaces."{name}"]')
+        lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
+        lines.append("")
+    for name, settings in workspaces.items():
+        lines.append(f"[workspaces.{name}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
+        lines.append("")
+    text = "\n".join(lines)
+    parse_config(text, where=str(path))  # refuse a bad config before anything runs with it
+    path.write_text(text)
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return json.dumps(str(value))
 
 
 def create_lock_table(credentials: AwsCredentials, table: str) -> None:
@@ -279,10 +330,11 @@ def create_lock_table(credentials: AwsCredentials, table: str) -> None:
         )
 
 
-def worker_env(icd_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A worker's environment: where runs keep their state, and the venv's pinned tools first on PATH."""
+def worker_env(icd_home: Path, config: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment: where runs keep their state, the pipeline config, the venv's tools first."""
     return {
         "ICD_HOME": str(icd_home),
+        "ICD_CONFIG": str(config),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra or {}),
     }
@@ -292,3 +344,76 @@ def stop_instances(icd_home: Path) -> None:
     """Deployed app instances are detached processes; stop any still running under ``icd_home``."""
     for stop in sorted((icd_home / "instances").glob("*/*/bin/stop")):
         subprocess.run([str(stop), "--instance-dir", str(stop.parent.parent)], check=False, capture_output=True)
+
+
+# --- GitHub, as the webhook sender ------------------------------------------------------------------------
+
+
+def github_push(
+    *, full_name: str, clone_url: str, branch: str, after: str, before: str = "0" * 40
+) -> dict[str, object]:
+    """The parts of GitHub's push payload the webhook reads (the real one has many more)."""
+    return {
+        "ref": f"refs/heads/{branch}",
+        "before": before,
+        "after": after,
+        "deleted": False,
+        "created": before == "0" * 40,
+        "repository": {"full_name": full_name, "clone_url": clone_url, "html_url": f"https://github.com/{full_name}"},
+        "pusher": {"name": "dev", "email": "dev@example.com"},
+        "head_commit": {"id": after, "message": "a change"},
+    }
+
+
+def deliver_webhook(
+    url: str,
+    secret: str,
+    payload: object,
+    *,
+    delivery: str,
+    event: str = "push",
+    signature: str | bool | None = None,
+) -> httpx.Response:
+    """POST ``payload`` as GitHub does: raw JSON body, ``X-Hub-Signature-256`` over it, event and delivery id.
+
+    ``signature``: None signs with ``secret``; a string is sent as is (a forged one); False sends none.
+    """
+    import hashlib
+    import hmac
+
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    digest = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    headers = {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery,
+        "User-Agent": "GitHub-Hookshot/demo",
+    }
+    if signature is None:
+        headers["X-Hub-Signature-256"] = digest
+    elif isinstance(signature, str):
+        headers["X-Hub-Signature-256"] = signature
+    return httpx.post(url, content=body, headers=headers, timeout=30)
+
+
+def start_inbound(server: PrefectServer, *, config: Path, port: int | None = None) -> tuple[ManagedProcess, str]:
+    """``icd-inbound`` in its own process group; returns it and its base URL once it answers."""
+    port = port or free_port()
+    process = spawn(
+        "inbound",
+        [sys.executable, "-m", "cli.inbound", "--host", "127.0.0.1", "--port", str(port)],
+        env={**server.env, "ICD_CONFIG": str(config)},
+        log_dir=server.home / "logs",
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.proc.poll() is not None:
+            raise RuntimeError(f"icd-inbound exited early:\n{process.log_tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.stop()
+    raise RuntimeError(f"icd-inbound did not answer within 60s:\n{process.log_tail()}")

@@ -90,6 +90,10 @@ class InvalidInputError(DeployError, ValueError):
     """A parameter that breaks the project's rules (``icd/rules.py``); rejected before any side effect."""
 
 
+class ConfigError(InvalidInputError):
+    """The pipeline config (icd.toml) is missing, malformed, or names something that does not exist."""
+
+
 class InvalidNameError(InvalidInputError):
     """A namespace, channel, workspace or service name that breaks the one name rule."""
 

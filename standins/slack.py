@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/"
 WEBHOOK_PREFIX = "/webhook/"
+# Not Slack's: what the stand-in received, for demos and operators (GET; `?` nothing).
+RECEIVED_PATH = "/_standin/received"
 _FIRST_TS_SECONDS = 1_700_000_000
 
 
@@ -164,6 +166,25 @@ class SlackStandIn:
         with self._lock:
             self._lock.wait_for(lambda: len(self._messages) >= count, timeout=timeout)
             return list(self._messages)
+
+    def received(self) -> dict[str, Any]:
+        """Everything received so far, as ``GET /_standin/received`` answers it: messages as an operator
+        reads them (``rendered``) and as sent, and incoming-webhook deliveries."""
+        with self._lock:
+            return {
+                "messages": [
+                    {
+                        "channel": m.channel,
+                        "ts": m.ts,
+                        "text": m.text,
+                        "rendered": render_for_reading(m),
+                        "blocks": m.blocks,
+                        "dedup_key": m.dedup_key,
+                    }
+                    for m in self._messages
+                ],
+                "webhooks": [{"webhook_id": d.webhook_id, "payload": d.payload} for d in self._webhooks],
+            }
 
     def clear(self) -> None:
         with self._lock:
@@ -319,6 +340,26 @@ def _slack_message_json(message: ReceivedMessage) -> dict[str, Any]:
     }
 
 
+def _plain(text: str) -> str:
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def render_for_reading(message: ReceivedMessage) -> str:
+    """A message roughly as Slack shows it: header, text, the fact grid, the buttons' labels and links."""
+    lines: list[str] = []
+    for block in message.blocks or ():
+        kind = block.get("type")
+        if kind in ("header", "section") and isinstance(block.get("text"), dict):
+            lines.append(_plain(str(block["text"].get("text", ""))))
+        if kind == "section" and block.get("fields"):
+            lines.append("  ".join(_plain(str(f.get("text", ""))).replace("\n", ": ") for f in block["fields"]))
+        if kind == "actions":
+            lines += [f"[{e['text']['text']}] {e.get('url', '')}" for e in block.get("elements", []) if "text" in e]
+        if kind == "context":
+            lines += [_plain(str(e.get("text", ""))) for e in block.get("elements", [])]
+    return "\n".join(line for line in lines if line) or _plain(message.text)
+
+
 def _bearer_token(authorization: str | None) -> str | None:
     if authorization and authorization.startswith("Bearer "):
         return authorization.removeprefix("Bearer ").strip()
@@ -369,6 +410,8 @@ def _make_handler(standin: SlackStandIn) -> type[BaseHTTPRequestHandler]:
                 self._reply(*standin.handle_api(method, self.headers.get("Authorization"), params))
             elif url.path.startswith(WEBHOOK_PREFIX) and self.command == "POST":
                 self._reply(*standin.handle_webhook(url.path.removeprefix(WEBHOOK_PREFIX), params))
+            elif url.path == RECEIVED_PATH and self.command == "GET":
+                self._reply(HTTPStatus.OK, {}, standin.received())
             else:
                 self._reply(HTTPStatus.NOT_FOUND, {}, "not found")
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from blocks.notifier import SlackNotifier
@@ -38,7 +39,7 @@ def schedule_redelivery(notification: Notification, *, notifier_block: str, atte
         "notifier_block": notifier_block,
     }
     try:
-        run = run_deployment(
+        run: FlowRun = run_deployment(  # type: ignore[assignment]  # the sync variant, in a sync task
             DELIVERY_DEPLOYMENT,
             parameters=parameters,
             scheduled_time=datetime.now(UTC) + timedelta(seconds=delay),

@@ -49,7 +49,8 @@ def plan_deploy(
     stack_dir: str,
     version: ArtifactVersion,
     platform: str,
-    channel: str,
+    follows: str,
+    promotes: str | None,
     variables: Mapping[str, str],
     plan_id: str,
 ) -> PlannedDeploy:
@@ -60,7 +61,8 @@ def plan_deploy(
         workspace=workspace,
         version=version,
         platform=platform,
-        channel=channel,
+        follows=follows,
+        promotes=promotes,
         variables=variables,
         plan_id=plan_id,
     )

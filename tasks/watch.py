@@ -1,8 +1,10 @@
-"""Watch Consul health: every transition alerts once, through the notifier; the table shows current health."""
+"""Watch Consul health: every transition is a Prefect event and, unless a deploy expects it, one Slack
+message; the table artifact shows current health."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -11,7 +13,9 @@ from prefect.variables import Variable
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
+from icd import events
 from icd.health.config import WatchConfig
+from icd.health.engine import Alert
 from icd.health.render import health_table
 from icd.health.watch import WatchReport, watch
 from icd.notify.message import Notification
@@ -22,6 +26,25 @@ def artifact_key(watch_name: str) -> str:
     """Artifact keys allow lowercase letters, digits and dashes only."""
     slug = re.sub(r"[^a-z0-9-]+", "-", watch_name.lower()).strip("-")
     return f"consul-health-{slug}" if slug and slug != "default" else "consul-health"
+
+
+def emit_transitions(alerts: Sequence[Alert]) -> None:
+    """Every transition the watch owns, as an ``icd.health.<status>`` event about the instance."""
+    for alert in alerts:
+        events.emit(
+            events.health_transition(
+                kind=alert.kind,
+                status=alert.status,
+                previous=alert.previous_status,
+                service_name=alert.service_name,
+                service_id=alert.service_id,
+                node=alert.node,
+                meta=alert.meta,
+                expected=alert.expected_by is not None,
+                failing=[f"{check.name}: {check.output}" for check in alert.failing_checks],
+                dedup_key=alert.dedup_key,
+            )
+        )
 
 
 @task(name="watch-health", cache_policy=NO_CACHE)
@@ -36,6 +59,7 @@ def watch_health(
         watch_name=watch_name,
         logger=get_run_logger(),
         deploy_run_url=notifier.flow_run_url,
+        on_alerts=emit_transitions,
     )
 
 
@@ -66,7 +90,7 @@ def report_sight(notifier: SlackNotifier, watch_name: str, *, error: str | None,
     The marker lives in a Prefect variable, not in Consul: Consul is what can't be reached.
     """
     marker = _blind_marker(watch_name)
-    blind_since = Variable.get(marker, default=None)
+    blind_since: object = Variable.get(marker, default=None)
     if error is not None and blind_since is None:
         Variable.set(marker, "blind", overwrite=True)
         notify(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from icd.deploy.artifacts import verify_image
-from icd.deploy.plan import PlannedDeploy
+from icd.deploy.plan import PlannedDeploy, seen
 from icd.deploy.workdir import PLAN_FILENAME, STATE_LOCK_TIMEOUT
 from icd.errors import ArtifactIntegrityError, PlanIntegrityError, StalePlanError
 from icd.registry.plans import PlanStore
@@ -59,13 +59,15 @@ def apply_approved(
     if approved_sha256 != planned.plan_sha256:
         raise PlanIntegrityError(f"the approved plan {hash_difference(approved_sha256, planned.plan_sha256)}")
     version = registry.resolve_deployable(planned.namespace, planned.version)
-    current = registry.get_channel(planned.namespace, planned.channel)
-    now_at = current.version if current else None
-    if now_at != planned.channel_version:
-        return StalePlan(
-            f"channel {planned.channel!r} of {planned.namespace} moved from v{planned.channel_version} to v{now_at} "
-            "since this plan was made; nothing was applied"
-        )
+    for before in (planned.followed, planned.promoted):
+        if before is None:
+            continue
+        now = seen(registry, planned.namespace, before.channel)
+        if now.version != before.version:
+            return StalePlan(
+                f"channel {before.channel!r} of {planned.namespace} moved from v{before.version} to v{now.version} "
+                "since this plan was made; nothing was applied"
+            )
     if verify_image(version, platform) != planned.artifact_id:
         raise ArtifactIntegrityError(
             f"{planned.namespace} v{planned.version}'s {platform} artifact is no longer the one planned "

@@ -23,18 +23,31 @@ from icd.tools.terraform import StateVersion, Terraform
 
 
 @dataclass(frozen=True)
+class ChannelSeen:
+    """Where a channel pointed when the plan was made; the apply refuses if it moved since."""
+
+    channel: str
+    version: int | None
+
+
+@dataclass(frozen=True)
 class PlannedDeploy:
     workspace: str
     plan_id: str
     namespace: str
     version: int
-    channel: str
-    channel_version: int | None  # where the channel pointed when the plan was made
+    followed: ChannelSeen  # what the workspace follows (latest or a channel)
+    promoted: ChannelSeen | None  # what a healthy deploy moves (None: it moves nothing)
     artifact_id: str
     has_changes: bool
     plan_sha256: str
     state_before: StateVersion | None
     view: PlanView
+
+
+def seen(registry: Registry, namespace: str, channel: str) -> ChannelSeen:
+    pointer = registry.get_channel(namespace, channel)
+    return ChannelSeen(channel, pointer.version if pointer else None)
 
 
 def make_plan(
@@ -45,7 +58,8 @@ def make_plan(
     workspace: str,
     version: ArtifactVersion,
     platform: str,
-    channel: str,
+    follows: str,
+    promotes: str | None,
     variables: Mapping[str, str],
     plan_id: str,
     destroy: bool = False,
@@ -60,7 +74,8 @@ def make_plan(
             f"the stack variables deploy {variables.get('artifact_id')!r}, not {version.namespace} "
             f"v{version.version}'s {platform} artifact {artifact_id!r}"
         )
-    current = registry.get_channel(version.namespace, channel)
+    followed = seen(registry, version.namespace, follows)
+    promoted = seen(registry, version.namespace, promotes) if promotes else None
     terraform = open_workdir(plan_id)
     # Recorded so the apply can prove nothing else wrote the state since this plan was made.
     state_before = terraform.state_pull()
@@ -72,8 +87,9 @@ def make_plan(
         plan,
         namespace=version.namespace,
         to_version=version.version,
-        channel=channel,
-        channel_version=current.version if current else None,
+        channel=(promoted or followed).channel,
+        # What this workspace runs now: the plan's own "before" artifacts, else what it last promoted.
+        channel_version=promoted.version if promoted else None,
         find_version=lambda found: registry.find_by_artifact_id(version.namespace, found),
     )
     has_changes = result.has_changes and plan.has_changes
@@ -91,8 +107,8 @@ def make_plan(
         plan_id=plan_id,
         namespace=version.namespace,
         version=version.version,
-        channel=channel,
-        channel_version=current.version if current else None,
+        followed=followed,
+        promoted=promoted,
         artifact_id=artifact_id,
         has_changes=has_changes,
         plan_sha256=plan.sha256,

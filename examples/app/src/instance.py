@@ -60,14 +60,20 @@ def consul_request(consul_addr: str, method: str, path: str, body: dict[str, Any
 
 
 def service_registration(
-    definition: dict[str, Any], *, service_id: str, address: str, port: int, deploy_run_id: str
+    definition: dict[str, Any],
+    *,
+    service_id: str,
+    address: str,
+    port: int,
+    deploy_run_id: str,
+    extra_meta: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The baked definition plus what is only known at start: where it listens and which run deployed it."""
     registration = dict(definition)
     registration["ID"] = service_id
     registration["Address"] = address
     registration["Port"] = port
-    registration["Meta"] = {**definition.get("Meta", {}), "deploy_run_id": deploy_run_id}
+    registration["Meta"] = {**definition.get("Meta", {}), **(extra_meta or {}), "deploy_run_id": deploy_run_id}
     check = dict(definition.get("Check", {}))
     if "HTTP" in check:
         check["HTTP"] = check["HTTP"].format(address=address, port=port)
@@ -149,7 +155,7 @@ def start(args: argparse.Namespace) -> None:
         raise InstanceError(f"an instance is already running in {instance_dir} (pid {running})")
     definition: dict[str, Any] = json.loads((IMAGE_ROOT / "consul" / "service.json").read_text())
     release: dict[str, Any] = json.loads((IMAGE_ROOT / "release.json").read_text())
-    service_id = f"{definition['Name']}-{release['version']}"
+    service_id = args.service_id or f"{definition['Name']}-{release['version']}"
 
     (instance_dir / PORT_FILE).unlink(missing_ok=True)
     with (instance_dir / LOG_FILE).open("ab") as log:
@@ -181,6 +187,7 @@ def start(args: argparse.Namespace) -> None:
             address=args.advertise_address,
             port=port,
             deploy_run_id=args.deploy_run_id,
+            extra_meta=dict(item.split("=", 1) for item in args.meta),
         )
         status = consul_request(args.consul_addr, "PUT", "/v1/agent/service/register", registration)
         if status != 200:
@@ -228,6 +235,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     start_cmd.add_argument("--instance-dir", type=Path, default=IMAGE_ROOT)
     start_cmd.add_argument("--consul-addr", default=os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500"))
     start_cmd.add_argument("--deploy-run-id", required=True)
+    start_cmd.add_argument("--service-id", default=None, help="default: <service name>-<version>")
+    start_cmd.add_argument("--meta", action="append", default=[], help="extra Service Meta, KEY=VALUE")
     start_cmd.add_argument("--port", type=int, default=0, help="0 picks a free port")
     start_cmd.add_argument("--bind", default="127.0.0.1")
     start_cmd.add_argument("--advertise-address", default="127.0.0.1", help="the Address Consul hands out")

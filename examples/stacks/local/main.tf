@@ -46,12 +46,19 @@ variable "deploy_run_id" {
   description = "The Prefect flow run that deploys; put into the service's Meta. Not a trigger, on purpose."
 }
 
+variable "workspace" {
+  type        = string
+  default     = ""
+  description = "The workspace deploying; part of the Consul service ID, so workspaces sharing an agent never clash."
+}
+
 variable "instance_root" {
   type        = string
   description = "The directory instances are unpacked under."
 }
 
 locals {
+  service_id   = var.workspace == "" ? "${var.service_name}-${var.artifact_version}" : "${var.service_name}-${var.workspace}-${var.artifact_version}"
   instance_dir = abspath("${var.instance_root}/${var.service_name}-${var.artifact_version}")
   # Provisioners run with an environment built here and nothing else: `env -i` drops whatever Terraform
   # holds (the state backend's credentials above all), so neither the instance nor anything it starts can
@@ -66,6 +73,7 @@ resource "null_resource" "instance" {
   triggers = {
     artifact_id      = var.artifact_id
     artifact_version = var.artifact_version
+    service_id       = local.service_id
     namespace        = var.namespace
     service_name     = var.service_name
     consul_addr      = var.consul_addr
@@ -98,7 +106,8 @@ resource "null_resource" "instance" {
       printf '%s\n' "$SERVICE_NAME" > "$dir.unpacking/.service_name"
       rm -rf "$dir" && mv "$dir.unpacking" "$dir"
       # bin/start detaches the app (its own session, output to app.log): nothing keeps Terraform's pipes.
-      "$dir/bin/start" --instance-dir "$dir" --consul-addr "$CONSUL_ADDR" --deploy-run-id "$DEPLOY_RUN_ID" --port 0
+      "$dir/bin/start" --instance-dir "$dir" --consul-addr "$CONSUL_ADDR" --deploy-run-id "$DEPLOY_RUN_ID" \
+        --service-id "$SERVICE_ID" --meta "workspace=$WORKSPACE" --port 0
       # Now that the new instance is registered, retire the older ones of this service. A failure to stop
       # one is reported but does not fail the deploy: bin/stop kills the process even when Consul refused
       # the deregistration, so its health check goes critical instead of lingering as passing.
@@ -119,6 +128,8 @@ resource "null_resource" "instance" {
       "DEPLOY_RUN_ID=${var.deploy_run_id}",
       "OWNER=${self.id}",
       "SERVICE_NAME=${var.service_name}",
+      "SERVICE_ID=${local.service_id}",
+      "WORKSPACE=${var.workspace}",
       "INSTANCE_ROOT=${abspath(var.instance_root)}",
       "/bin/sh", "-c",
     ])
@@ -151,7 +162,7 @@ resource "null_resource" "instance" {
 
 output "service_id" {
   description = "The Consul service ID the instance registered."
-  value       = "${null_resource.instance.triggers.service_name}-${null_resource.instance.triggers.artifact_version}"
+  value       = null_resource.instance.triggers.service_id
 }
 
 output "instance_dir" {

@@ -1,0 +1,469 @@
+"""deploy-artifact: one version into one workspace, from plan to a healthy, promoted deploy.
+
+    lock workspace -> plan (Terraform) -> notify -> suspend for approval -> apply exactly the approved plan
+    -> health gate (Consul) -> promote channel -> record + notify -> icd.channel.moved
+
+What the workspace deploys, how, and what a healthy deploy moves come from ``icd.toml``; a run is started
+by an ``icd.plan.requested`` event (a registration or a channel move, see ``icd/events.py``), by
+``push-to-deploy`` (one click: build a ref and deploy it) or by hand with a workspace and a version.
+
+The approval wait uses ``suspend_flow_run``: no process waits, and the run survives worker and server
+restarts. On resume the flow re-runs from the top, so every step before the wait is a task cached per run
+and per inputs (``tasks/policies.py``); code here outside tasks is free of side effects.
+
+Every run ends in one place, :func:`finish`: it records the deploy, notifies operators and returns the
+final state. Outcomes an operator expects are named states (``Deployed``, ``NothingToDeploy``,
+``Rejected``, ``StalePlan``, ``LockHeld``, ``RolledBack``, ``Unhealthy``; ``ApprovalTimedOut`` is set by
+``flows/deploy_ended.py``); a fault (a broken template, a tampered plan, S3 down after retries)
+ends ``Failed`` with its reason, and is told too. The workspace lock is released on every path except
+the suspension itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, cast
+
+from prefect import flow, get_run_logger, task
+from prefect.client.schemas.objects import State
+from prefect.exceptions import Pause
+from prefect.flow_runs import suspend_flow_run
+from prefect.runtime import flow_run
+from prefect.states import Cancelled, Completed, Failed
+from pydantic import Field
+
+from blocks.consul import ConsulConnection
+from blocks.notifier import SlackNotifier
+from blocks.registry import ArtifactRegistry
+from icd.config import load_config
+from icd.deploy.apply import AppliedDeploy, StalePlan
+from icd.deploy.approval import MAX_APPROVAL_ATTEMPTS, ApprovalDecision, approval_form, check_approval
+from icd.deploy.artifacts import artifact_for
+from icd.deploy.lock import LockHeld
+from icd.deploy.plan import PlannedDeploy
+from icd.errors import DeployError
+from icd.notify.message import Notification, Severity
+from icd.paths import PROJECT_ROOT, state_home
+from icd.registry.models import ArtifactVersion, ChannelMoved
+from icd.rules import PLAN_AND_APPLY_MARGIN_SECONDS, Workspace
+from icd.text import one_line
+from tasks.announce import announce_channel_move
+from tasks.apply import apply_plan
+from tasks.approve import publish_plan
+from tasks.gate import close_window, gate_health, open_window
+from tasks.lock import lock_workspace, unlock_workspace
+from tasks.notify import notify
+from tasks.plan import plan_deploy
+from tasks.policies import ONCE_PER_RUN
+from tasks.promote import promote_channel
+from tasks.record import record_deploy
+
+StateKind = Literal["completed", "cancelled", "failed"]
+_STATES = {"completed": Completed, "cancelled": Cancelled, "failed": Failed}
+
+
+@dataclass(frozen=True)
+class DeployContext:
+    run_id: str
+    run_name: str
+    namespace: str
+    workspace: str
+    follows: str  # the channel the workspace follows (latest or a channel)
+    promotes: str | None  # the channel a healthy deploy moves, if any
+    stack_dir: str
+    service_name: str
+    platform: str
+    registry: ArtifactRegistry
+    notifier: SlackNotifier
+    consul: ConsulConnection
+    notifier_block: str
+
+    @property
+    def run_url(self) -> str | None:
+        return self.notifier.flow_run_url(self.run_id)
+
+    def notice(
+        self,
+        title: str,
+        text: str,
+        severity: Severity,
+        *,
+        facts: Mapping[str, str] | None = None,
+        link_text: str | None = None,
+        dedup_key: str | None = None,
+    ) -> Notification:
+        """A notification about this deploy: it always names the workspace and links to the run."""
+        return Notification(
+            title=title,
+            text=text,
+            severity=severity,
+            fields={"workspace": self.workspace, **(facts or {})},
+            link_url=self.run_url,
+            link_text=link_text,
+            dedup_key=dedup_key,
+        )
+
+    def tell(self, notification: Notification) -> None:
+        """Notify operators, best effort (``tasks/notify.py``): a Slack failure never changes the outcome."""
+        notify(self.notifier, notification, notifier_block=self.notifier_block)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ends: its final state, the operator's message and the deploy record's facts."""
+
+    kind: StateKind
+    name: str
+    title: str
+    message: str
+    severity: Severity
+    record: Mapping[str, str] = field(default_factory=dict)
+    facts: Mapping[str, str] = field(default_factory=dict)
+
+
+def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
+    """The one place a run ends: record the deploy, tell operators, return the final state."""
+    if outcome.record:
+        record_deploy(ctx.workspace, {"outcome": outcome.name, **outcome.record})
+    ctx.tell(ctx.notice(outcome.title, outcome.message, outcome.severity, facts=outcome.facts))
+    get_run_logger().info("push-to-deploy finished: %s: %s", outcome.name, outcome.message)
+    return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
+
+
+def fault(ctx: DeployContext, exc: BaseException, facts: Mapping[str, str] | None = None) -> Outcome:
+    reason = str(exc) or type(exc).__name__
+    return Outcome(
+        "failed",
+        "Failed",
+        f"Deploy failed on {ctx.workspace}: {type(exc).__name__}",
+        reason,
+        "critical",
+        record={**(facts or {}), "error": reason},
+    )
+
+
+@task(name="approval-deadline", persist_result=True, cache_policy=ONCE_PER_RUN)
+def approval_deadline(plan_sha256: str, timeout_seconds: int) -> datetime:
+    """When the approval wait ends: fixed at the first suspension, never moved by a re-ask."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=timeout_seconds)
+
+
+@flow(name="deploy-artifact", log_prints=False)
+def deploy_artifact(
+    workspace: Workspace,
+    version: Annotated[int, Field(ge=1, description="The registry version to deploy.")],
+    registry_block: str = "registry",
+    notifier_block: str = "ops-slack",
+    consul_block: str = "consul",
+) -> State[Any]:
+    """Plan ``version`` into ``workspace``, wait for approval, apply, gate on health, promote.
+
+    Everything else (namespace, stack, service, platform, channels, approval and health settings) is the
+    workspace's entry in ``icd.toml``.
+    """
+    config = load_config()
+    settings = config.workspace(workspace)
+    ctx = DeployContext(
+        run_id=str(flow_run.id),
+        run_name=str(flow_run.name),
+        namespace=settings.namespace,
+        workspace=workspace,
+        follows=settings.channel,
+        promotes=config.promoted_channel(workspace),
+        stack_dir=str(PROJECT_ROOT / settings.stack),  # an absolute stack stays as it is
+        service_name=config.namespace(settings.namespace).service_name,
+        platform=settings.platform,
+        registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
+        notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
+        consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
+        notifier_block=notifier_block,
+    )
+    lease = lock_workspace(
+        workspace,
+        run_id=ctx.run_id,
+        run_name=ctx.run_name,
+        lease_seconds=settings.approval_timeout_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
+        wait_seconds=settings.lock_wait_seconds,
+    )
+    if isinstance(lease, LockHeld):
+        holder = lease.holder.holder_name if lease.holder else "an unknown run"
+        message = f"workspace {workspace} stayed locked by {holder} for {lease.waited_seconds:.0f}s; nothing deployed"
+        return finish(
+            ctx, Outcome("cancelled", "LockHeld", f"Deploy skipped: {workspace} is locked", message, "warning")
+        )
+    # Everything after the lock, including what runs again on resume, is inside the release path.
+    try:
+        outcome = deploy_version(
+            ctx,
+            version,
+            settings.approval_timeout_seconds,
+            settings.health_deadline_seconds,
+            settings.rollback_on_unhealthy,
+        )
+    except Pause:
+        raise  # suspended for approval: the lock must outlive this process
+    except DeployError as exc:
+        outcome = fault(ctx, exc)
+    except BaseException:
+        unlock_workspace(lease)
+        raise
+    unlock_workspace(lease)
+    return finish(ctx, outcome)
+
+
+def stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, str]:
+    """What every stack is given (docs/service-contract.md)."""
+    return {
+        "artifact_id": artifact_for(version, ctx.platform),
+        "artifact_version": version.build_label,
+        "namespace": ctx.namespace,
+        "service_name": ctx.service_name,
+        "consul_addr": ctx.consul.address,
+        "deploy_run_id": ctx.run_id,
+        "workspace": ctx.workspace,
+        "instance_root": str(state_home() / "instances" / ctx.workspace),
+    }
+
+
+def plan(ctx: DeployContext, version: ArtifactVersion, *, plan_id: str) -> PlannedDeploy:
+    return plan_deploy(
+        ctx.registry,
+        workspace=ctx.workspace,
+        stack_dir=ctx.stack_dir,
+        version=version,
+        platform=ctx.platform,
+        follows=ctx.follows,
+        promotes=ctx.promotes,
+        variables=stack_variables(ctx, version),
+        plan_id=plan_id,
+    )
+
+
+def deploy_version(
+    ctx: DeployContext,
+    number: int,
+    approval_timeout_seconds: int,
+    health_deadline_seconds: float,
+    rollback_on_unhealthy: bool,
+) -> Outcome:
+    version = ctx.registry.registry().resolve_deployable(ctx.namespace, number)
+    planned = plan(ctx, version, plan_id=ctx.run_id)
+    view = planned.view
+    if not planned.has_changes:
+        message = f"{view.version_diff}: the plan has no changes; nothing to deploy"
+        return Outcome("completed", "NothingToDeploy", f"Nothing to deploy to {ctx.workspace}", message, "info")
+
+    markdown = publish_plan(planned, run_url=ctx.run_url)
+    deadline = approval_deadline(planned.plan_sha256, approval_timeout_seconds)
+    ctx.tell(
+        ctx.notice(
+            f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
+            f"{view.counts}. Approve or reject in the Prefect UI before {deadline:%Y-%m-%d %H:%M} UTC.",
+            "warning",
+            facts={"artifact": view.version_diff, "plan sha256": planned.plan_sha256, "run": ctx.run_name},
+            link_text="Review and approve",
+            dedup_key=f"plan-{planned.plan_sha256}",
+        ),
+    )
+    decision = wait_for_approval(ctx, planned, markdown, deadline)
+    record = {
+        "artifact": view.version_diff,
+        "plan sha256": planned.plan_sha256,
+        "decided by": decision.approver,
+        "comment": decision.comment or "-",
+        "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": ctx.run_url or ctx.run_id,
+    }
+    if not decision.approved:
+        message = f"rejected by {decision.approver}: {decision.comment or 'no comment'}; nothing applied"
+        return Outcome(
+            "cancelled", "Rejected", f"Plan rejected: {view.version_diff} on {ctx.workspace}", message, "info", record
+        )
+    return apply_and_gate(ctx, version, planned, decision, record, health_deadline_seconds, rollback_on_unhealthy)
+
+
+def wait_for_approval(
+    ctx: DeployContext, planned: PlannedDeploy, markdown: str, deadline: datetime
+) -> ApprovalDecision:
+    """Suspend until an operator answers; an answer that can't be acted on is reported and asked again."""
+    refusal = ""
+    for attempt in range(MAX_APPROVAL_ATTEMPTS):
+        form = approval_form(planned.plan_sha256, markdown, refusal=refusal)
+        remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
+        answer = suspend_flow_run(wait_for_input=form, timeout=remaining, key=f"approval-{attempt}")
+        checked = check_approval(answer, expected_sha256=planned.plan_sha256)
+        if isinstance(checked, ApprovalDecision):
+            return checked
+        refusal = checked.reason
+        get_run_logger().warning("approval %d not accepted: %s", attempt + 1, checked.reason)
+        ctx.tell(
+            ctx.notice(
+                f"Approval not accepted for {ctx.workspace}",
+                f"{checked.reason}. The plan is still waiting; answer the form again.",
+                "warning",
+                facts={"plan": planned.plan_sha256[:12], "attempt": str(attempt + 1)},
+                link_text="Open the run",
+            ),
+        )
+    return ApprovalDecision(False, "push-to-deploy", "too many invalid approval answers", planned.plan_sha256)
+
+
+def apply_and_gate(
+    ctx: DeployContext,
+    version: ArtifactVersion,
+    planned: PlannedDeploy,
+    decision: ApprovalDecision,
+    record: dict[str, str],
+    health_deadline_seconds: float,
+    rollback_on_unhealthy: bool,
+) -> Outcome:
+    view = planned.view
+    previous = view.from_version  # the one source of "what ran before": the plan's view of the state
+    from_label = ctx.registry.registry().get(ctx.namespace, previous).build_label if previous else ""
+    open_window(
+        ctx.consul,
+        ctx.service_name,
+        deploy_run_id=ctx.run_id,
+        from_version=from_label,
+        to_version=version.build_label,
+        seconds=health_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
+    )
+    try:
+        applied = apply_plan(
+            ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
+        )
+        if isinstance(applied, StalePlan):
+            return Outcome(
+                "cancelled",
+                "StalePlan",
+                f"Stale plan not applied on {ctx.workspace}",
+                f"{applied.reason}. Push again or re-run to plan afresh.",
+                "warning",
+                {"outcome": "stale plan, nothing applied", **record},
+                {"plan sha256": planned.plan_sha256},
+            )
+        gate = gate_health(
+            ctx.consul,
+            service_name=ctx.service_name,
+            service_id=str(applied.outputs["service_id"]) if applied.outputs.get("service_id") else None,
+            deploy_run_id=ctx.run_id,
+            deadline_seconds=health_deadline_seconds,
+        )
+        record |= {
+            "applied in": f"{applied.duration_seconds:.1f}s",
+            "outputs": ", ".join(f"{k}={v}" for k, v in sorted(applied.outputs.items())),
+            "health": f"{gate.status} after {gate.waited_seconds:.1f}s",
+        }
+        if not gate.healthy:
+            detail = f"{gate.output[:300] or gate.status}; looked for {gate.criteria}; found {gate.found}"
+            return handle_unhealthy(ctx, version, planned, record, detail, rollback_on_unhealthy)
+        return promote(ctx, version, planned, decision, applied, gate.waited_seconds, record)
+    finally:
+        close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
+
+
+def promote(
+    ctx: DeployContext,
+    version: ArtifactVersion,
+    planned: PlannedDeploy,
+    decision: ApprovalDecision,
+    applied: AppliedDeploy,
+    waited: float,
+    record: dict[str, str],
+) -> Outcome:
+    diff = planned.view.version_diff
+    deployed = Outcome(
+        "completed",
+        "Deployed",
+        f"Deployed {diff} to {ctx.workspace}",
+        f"Approved by {decision.approver}; healthy in Consul after {waited:.1f}s.",
+        "success",
+        {"outcome": "deployed", **record},
+        {"plan sha256": planned.plan_sha256, **({"channel": ctx.promotes} if ctx.promotes else {})},
+    )
+    if planned.promoted is None or ctx.promotes is None:
+        return deployed
+    moved = promote_channel(
+        ctx.registry,
+        namespace=ctx.namespace,
+        channel=ctx.promotes,
+        version=version.version,
+        assigned_by=decision.approver,
+        reason=f"deployed by {ctx.run_name}",
+        metadata={
+            "plan_sha256": applied.plan_sha256,
+            "flow_run_id": ctx.run_id,
+            "approved_by": decision.approver,
+            "comment": decision.comment,
+        },
+        expected_version=planned.promoted.version,
+    )
+    if isinstance(moved, ChannelMoved):
+        return Outcome(
+            "completed",
+            "DeployedChannelMoved",
+            f"Deployed {diff} to {ctx.workspace}; channel {ctx.promotes} not moved",
+            f"Applied and healthy, but channel {ctx.promotes} moved to v{moved.actual_version} meanwhile and was "
+            f"left there; promote by hand if v{version.version} should win.",
+            "warning",
+            {"outcome": "deployed, channel moved meanwhile", **record},
+        )
+    announce_channel_move(
+        ctx.namespace,
+        ctx.promotes,
+        from_version=moved.from_version,
+        to_version=version.version,
+        by=decision.approver,
+        reason=f"deployed to {ctx.workspace} by {ctx.run_name}",
+        skip=ctx.workspace,
+    )
+    return deployed
+
+
+def handle_unhealthy(
+    ctx: DeployContext,
+    version: ArtifactVersion,
+    planned: PlannedDeploy,
+    record: dict[str, str],
+    detail: str,
+    rollback_on_unhealthy: bool,
+) -> Outcome:
+    previous = planned.view.from_version
+    title = f"{ctx.namespace} v{version.version} is unhealthy on {ctx.workspace}"
+    if not rollback_on_unhealthy or previous is None:
+        why = "rollback disabled" if not rollback_on_unhealthy else "no previous version to roll back to"
+        return Outcome(
+            "failed",
+            "Unhealthy",
+            title,
+            f"Health gate failed ({why}): {detail}",
+            "critical",
+            {"outcome": f"unhealthy ({why})", **record},
+        )
+    # The deployment's policy (rollback_on_unhealthy) is the approval for restoring a known-good version,
+    # verified exactly like a forward deploy (sealed record, image digest, plan hash, state).
+    target = ctx.registry.registry().resolve_deployable(ctx.namespace, previous)
+    rollback = plan(ctx, target, plan_id=f"{ctx.run_id}-rollback")
+    if rollback.has_changes:
+        applied = apply_plan(
+            ctx.registry, rollback, approved_sha256=rollback.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
+        )
+        if isinstance(applied, StalePlan):
+            return Outcome(
+                "failed",
+                "RollbackFailed",
+                title,
+                f"Health gate failed: {detail}. The rollback to v{previous} went stale: {applied.reason}",
+                "critical",
+                {"outcome": "unhealthy; rollback plan went stale", **record},
+            )
+    return Outcome(
+        "failed",
+        "RolledBack",
+        f"Rolled back {ctx.workspace} to v{previous}",
+        f"v{version.version} failed its health gate: {detail}. v{previous} is applied again; no channel moved.",
+        "critical",
+        {"outcome": f"rolled back to v{previous}", **record, "rollback plan": rollback.plan_sha256},
+    )

@@ -1,0 +1,42 @@
+"""promote: an operator moves a channel to a version, with who and why; its followers are planned.
+
+The same as ``icd-registry promote`` (both call ``icd/operations.py``), for operators in the Prefect UI.
+Moving ``production`` plans every workspace that follows ``org/name@production``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from prefect import flow, get_run_logger
+from pydantic import Field
+
+from blocks.registry import ArtifactRegistry
+from icd import operations
+from icd.config import load_config
+from icd.rules import Channel, Namespace
+
+
+@flow(name="promote")
+def promote(
+    namespace: Namespace,
+    version: Annotated[int, Field(ge=1)],
+    channel: Channel,
+    by: Annotated[str, Field(min_length=1, description="Who promotes; recorded in the channel's history.")],
+    why: Annotated[str, Field(min_length=1, description="Why; recorded in the channel's history.")],
+    registry_block: str = "registry",
+) -> list[str]:
+    """Point ``channel`` of ``namespace`` at ``version``; returns the workspaces asked to plan it."""
+    registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)).registry()
+    done = operations.promote(registry, load_config(), namespace, version, channel, by=by, why=why)
+    moved = done.assignment
+    get_run_logger().info(
+        "%s@%s: v%s -> v%s by %s; plans requested for: %s",
+        namespace,
+        channel,
+        moved.from_version,
+        moved.to_version,
+        moved.assigned_by,
+        ", ".join(done.plans_requested) or "none",
+    )
+    return done.plans_requested

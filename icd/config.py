@@ -1,0 +1,185 @@
+"""What the pipeline builds and where it deploys: ``icd.toml``, versioned with the project, read by every
+flow, command and the webhook.
+
+* ``[namespaces."org/name"]``: one per service. The repository and branches whose pushes build it, its
+  Packer template (directory and ``-only`` sources), and the Consul service name its image bakes.
+* ``[workspaces.<name>]``: one per place it is deployed. What the workspace *follows* (``org/name@latest``
+  or ``org/name@<channel>``), its Terraform stack, the artifact platform the stack deploys, the channel a
+  healthy deploy *promotes*, and the approval, health and rollback settings.
+
+A newly registered version plans every workspace that follows ``latest`` of its namespace; a channel that
+moves plans every workspace that follows it (``icd/events.py``). Every value passes the one rule set of
+``icd/rules.py`` when the file is read, so a bad name is refused before anything runs. The file is found at
+``$ICD_CONFIG``, else ``icd.toml`` in the project.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from icd.errors import ConfigError
+from icd.paths import PROJECT_ROOT
+from icd.rules import (
+    LATEST,
+    MAX_HEALTH_DEADLINE_SECONDS,
+    ApprovalTimeout,
+    Channel,
+    Name,
+    Namespace,
+    check_channel,
+    check_namespace,
+    check_ref,
+)
+
+CONFIG_ENV = "ICD_CONFIG"
+DEFAULT_CONFIG = PROJECT_ROOT / "icd.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NamespaceConfig(_Strict):
+    """One service: where its code is, how its image is built, the Consul name it registers under."""
+
+    repository: str = Field(description="Git URL (or absolute path) the build clones; also what pushes match.")
+    branches: list[str] = Field(default_factory=lambda: ["main"], description="Pushes to these branches build.")
+    service_name: Name
+    template_dir: str = "packer"
+    packer_only: list[str] = Field(default_factory=lambda: ["null.local_image"])
+    repository_aliases: list[str] = Field(
+        default_factory=list, description="Other names of the repository in webhooks: 'owner/repo', HTML URL."
+    )
+
+    @field_validator("branches")
+    @classmethod
+    def _refs(cls, branches: list[str]) -> list[str]:
+        return [check_ref(branch) for branch in branches]
+
+    def matches(self, repository_names: set[str]) -> bool:
+        return bool({self.repository, *self.repository_aliases} & repository_names)
+
+
+class WorkspaceConfig(_Strict):
+    """One place a namespace is deployed: what it follows, how it is deployed, what a healthy deploy moves."""
+
+    follows: str = Field(description="'org/name@latest' or 'org/name@<channel>'.")
+    stack: str = Field(description="Terraform stack directory, relative to the project (or absolute).")
+    platform: str = Field(default="local", description="Which artifact id the stack deploys: 'local' or a region.")
+    promotes: Channel | None = Field(
+        default=None, description="Channel moved after a healthy deploy; default: the workspace name."
+    )
+    approval_timeout_seconds: ApprovalTimeout = 3600
+    health_deadline_seconds: Annotated[float, Field(gt=0, le=MAX_HEALTH_DEADLINE_SECONDS)] = 60.0
+    rollback_on_unhealthy: bool = True
+    lock_wait_seconds: Annotated[float, Field(ge=0, le=24 * 3600)] = 3600.0
+
+    @field_validator("follows")
+    @classmethod
+    def _follows(cls, value: str) -> str:
+        namespace, sep, channel = value.partition("@")
+        if not sep:
+            raise ValueError(f"follows {value!r} must be 'org/name@latest' or 'org/name@<channel>'")
+        check_namespace(namespace)
+        check_channel(channel)
+        return value
+
+    @property
+    def namespace(self) -> str:
+        return self.follows.partition("@")[0]
+
+    @property
+    def channel(self) -> str:
+        """The channel followed (``latest`` for the newest version)."""
+        return self.follows.partition("@")[2]
+
+
+class PipelineConfig(_Strict):
+    namespaces: dict[Namespace, NamespaceConfig] = Field(default_factory=dict)
+    workspaces: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")], WorkspaceConfig] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        for name, workspace in self.workspaces.items():
+            if workspace.namespace not in self.namespaces:
+                raise ValueError(
+                    f"workspace {name!r} follows {workspace.namespace!r}, which no [namespaces] entry defines"
+                )
+        return self
+
+    def workspace(self, name: str) -> WorkspaceConfig:
+        try:
+            return self.workspaces[name]
+        except KeyError:
+            known = ", ".join(sorted(self.workspaces)) or "none"
+            raise ConfigError(f"no workspace {name!r} in the pipeline config (workspaces: {known})") from None
+
+    def namespace(self, name: str) -> NamespaceConfig:
+        try:
+            return self.namespaces[name]
+        except KeyError:
+            known = ", ".join(sorted(self.namespaces)) or "none"
+            raise ConfigError(f"no namespace {name!r} in the pipeline config (namespaces: {known})") from None
+
+    def promoted_channel(self, workspace: str) -> str | None:
+        """The channel a healthy deploy of ``workspace`` moves: ``promotes``, else the workspace's name, unless
+        that is the channel it follows (moving it would only plan itself again)."""
+        config = self.workspace(workspace)
+        channel = config.promotes or workspace
+        return None if channel == config.channel or channel == LATEST else channel
+
+    def followers(self, namespace: str, channel: str) -> list[str]:
+        """The workspaces that follow ``namespace@channel``, sorted."""
+        return sorted(
+            name
+            for name, workspace in self.workspaces.items()
+            if workspace.namespace == namespace and workspace.channel == channel
+        )
+
+    def namespace_for_push(self, repository_names: set[str], branch: str) -> str | None:
+        """The namespace a push to ``branch`` of a repository (known by any of its names) builds, if any."""
+        for name, namespace in sorted(self.namespaces.items()):
+            if namespace.matches(repository_names) and branch in namespace.branches:
+                return name
+        return None
+
+
+def parse_config(text: str, *, where: str = "icd.toml") -> PipelineConfig:
+    """Parse and check a config; :class:`ConfigError` names the file and every field at fault."""
+    try:
+        return PipelineConfig.model_validate(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"{where} breaks the pipeline config rules: {problems}") from exc
+
+
+_LOADED: dict[tuple[Path, int], PipelineConfig] = {}
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(path: Path | None = None) -> PipelineConfig:
+    """The pipeline config, re-read whenever the file changed, so a long-lived worker picks up edits."""
+    path = path or config_path()
+    try:
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise ConfigError(f"no pipeline config at {path} (set ${CONFIG_ENV} or create icd.toml)") from None
+    key = (path, stamp)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = parse_config(path.read_text(encoding="utf-8"), where=str(path))
+    return _LOADED[key]

@@ -1,0 +1,238 @@
+"""Everything that happens is a Prefect event; deployment triggers and automations react to them.
+
+The loop, as events (each shows in the UI's Event Feed with its resources, so an operator can follow a push
+to production and a health change to the deploy that caused it):
+
+    icd.push.received        a verified webhook push of a mapped branch        -> build-artifact
+    icd.artifact.registered  a new version of a namespace                      -> icd.plan.requested
+    icd.channel.moved        a promotion, rollback or operator moved a channel -> icd.plan.requested
+    icd.version.revoked      a version may no longer be deployed               -> operators are told
+    icd.plan.requested       one workspace should plan one version             -> deploy-artifact
+    icd.health.<status>      an instance's health transition (critical, ...)   -> automation -> notification
+
+Fan-out (one registration, several workspaces) is :func:`plan_requests` over ``icd.toml``, so the
+deployment trigger of ``deploy-artifact`` stays one static line in ``prefect.yaml``: one plan request, one
+run, with the workspace and version templated from the event.
+
+Resources follow Prefect's conventions: ``prefect.resource.id`` is stable (``icd.artifact.acmeinc/web.v3``),
+labels carry the values triggers match on (``icd.namespace``, ``icd.version``, ...), related resources carry
+their ``prefect.resource.role``. Builders are pure (tested as tables); :func:`emit` sends.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from icd.config import PipelineConfig
+
+PUSH_RECEIVED = "icd.push.received"
+ARTIFACT_REGISTERED = "icd.artifact.registered"
+CHANNEL_MOVED = "icd.channel.moved"
+VERSION_REVOKED = "icd.version.revoked"
+PLAN_REQUESTED = "icd.plan.requested"
+HEALTH_PREFIX = "icd.health."
+# Deliveries of one GitHub webhook share this namespace: a redelivery gets the same event id.
+_DELIVERY_NAMESPACE = uuid.UUID("6f1e6d4e-51c1-4b8e-9a43-0e3c0c5d3a11")
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One event, ready to emit: what happened, to which resource, what else it concerns."""
+
+    event: str
+    resource: Mapping[str, str]
+    related: Sequence[Mapping[str, str]] = ()
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    id: uuid.UUID | None = None
+
+    @property
+    def resource_id(self) -> str:
+        return self.resource["prefect.resource.id"]
+
+
+def artifact_resource(namespace: str, version: int | str, role: str | None = None) -> dict[str, str]:
+    resource = {
+        "prefect.resource.id": f"icd.artifact.{namespace}.v{version}",
+        "prefect.resource.name": f"{namespace} v{version}",
+        "icd.namespace": namespace,
+        "icd.version": str(version),
+    }
+    if role:
+        resource["prefect.resource.role"] = role
+    return resource
+
+
+def flow_run_resource(flow_run_id: str, role: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": role}
+
+
+def delivery_event_id(delivery: str) -> uuid.UUID:
+    return uuid.uuid5(_DELIVERY_NAMESPACE, delivery)
+
+
+def push_received(
+    *, repository: str, branch: str, commit: str, namespace: str, delivery: str, pusher: str
+) -> EventSpec:
+    return EventSpec(
+        PUSH_RECEIVED,
+        {
+            "prefect.resource.id": f"icd.repository.{repository}",
+            "prefect.resource.name": repository,
+            "icd.namespace": namespace,
+            "icd.branch": branch,
+            "icd.commit": commit,
+        },
+        payload={
+            "repository": repository,
+            "branch": branch,
+            "commit": commit,
+            "namespace": namespace,
+            "delivery": delivery,
+            "pusher": pusher,
+        },
+        id=delivery_event_id(delivery),
+    )
+
+
+def artifact_registered(*, namespace: str, version: int, commit: str, ref: str, build_run_id: str | None) -> EventSpec:
+    related = [{"prefect.resource.id": f"icd.commit.{commit}", "prefect.resource.role": "commit"}]
+    if build_run_id:
+        related.append(flow_run_resource(build_run_id, "build-run"))
+    return EventSpec(
+        ARTIFACT_REGISTERED,
+        {**artifact_resource(namespace, version), "icd.commit": commit},
+        related,
+        {"namespace": namespace, "version": version, "commit": commit, "ref": ref},
+    )
+
+
+def channel_moved(
+    *, namespace: str, channel: str, from_version: int | None, to_version: int, by: str, reason: str
+) -> EventSpec:
+    return EventSpec(
+        CHANNEL_MOVED,
+        {
+            "prefect.resource.id": f"icd.channel.{namespace}@{channel}",
+            "prefect.resource.name": f"{namespace}@{channel}",
+            "icd.namespace": namespace,
+            "icd.channel": channel,
+            "icd.version": str(to_version),
+        },
+        [artifact_resource(namespace, to_version, "artifact-version")],
+        {
+            "namespace": namespace,
+            "channel": channel,
+            "from_version": from_version,
+            "version": to_version,
+            "by": by,
+            "reason": reason,
+        },
+    )
+
+
+def version_revoked(*, namespace: str, version: int, by: str, reason: str) -> EventSpec:
+    return EventSpec(
+        VERSION_REVOKED,
+        artifact_resource(namespace, version),
+        payload={"namespace": namespace, "version": version, "by": by, "reason": reason},
+    )
+
+
+def plan_requests(config: PipelineConfig, cause: EventSpec, *, skip: str | None = None) -> list[EventSpec]:
+    """One ``icd.plan.requested`` per workspace following what ``cause`` moved (``skip``: the workspace whose
+    own deploy moved it). A registration plans followers of ``latest``; a channel move, followers of it."""
+    namespace = str(cause.payload["namespace"])
+    version = int(cause.payload["version"])
+    if cause.event == ARTIFACT_REGISTERED:
+        channel = "latest"
+    elif cause.event == CHANNEL_MOVED:
+        channel = str(cause.payload["channel"])
+    else:
+        return []
+    return [
+        EventSpec(
+            PLAN_REQUESTED,
+            {
+                "prefect.resource.id": f"icd.workspace.{workspace}",
+                "prefect.resource.name": workspace,
+                "icd.workspace": workspace,
+                "icd.namespace": namespace,
+                "icd.version": str(version),
+            },
+            [
+                artifact_resource(namespace, version, "artifact-version"),
+                {"prefect.resource.id": cause.resource_id, "prefect.resource.role": "cause"},
+            ],
+            {"workspace": workspace, "namespace": namespace, "version": version, "because": cause.event},
+        )
+        for workspace in config.followers(namespace, channel)
+        if workspace != skip
+    ]
+
+
+def health_transition(
+    *,
+    kind: str,
+    status: str,
+    previous: str | None,
+    service_name: str,
+    service_id: str,
+    node: str,
+    meta: Mapping[str, str] | None,
+    expected: bool,
+    failing: Sequence[str],
+    dedup_key: str,
+) -> EventSpec:
+    """``icd.health.<status>`` (``<kind>`` for appear/leave/maintenance), about the service instance."""
+    meta = meta or {}
+    name = status if kind in ("status", "appeared", "reminder") else kind.replace("_", "-")
+    related: list[Mapping[str, str]] = []
+    if meta.get("namespace") and meta.get("artifact_version"):
+        related.append(artifact_resource(meta["namespace"], meta["artifact_version"], "artifact-version"))
+    if meta.get("deploy_run_id"):
+        related.append(flow_run_resource(meta["deploy_run_id"], "deploy-run"))
+    return EventSpec(
+        f"{HEALTH_PREFIX}{name}",
+        {
+            "prefect.resource.id": f"icd.instance.{node}/{service_id}",
+            "prefect.resource.name": f"{service_id} on {node}",
+            "icd.service": service_name,
+            "icd.node": node,
+            "icd.status": status,
+            "icd.expected": "true" if expected else "false",
+        },
+        related,
+        {
+            "kind": kind,
+            "previous": previous,
+            "status": status,
+            "failing_checks": list(failing),
+            "expected_during_deploy": expected,
+            "dedup_key": dedup_key,
+        },
+        id=uuid.uuid5(_DELIVERY_NAMESPACE, dedup_key),
+    )
+
+
+def emit(spec: EventSpec) -> bool:
+    """Send one event to the Prefect API; False when events are off or no API is configured."""
+    from prefect.events import emit_event  # the library imports Prefect's client only when it emits
+
+    sent = emit_event(
+        spec.event,
+        resource=dict(spec.resource),
+        related=[dict(item) for item in spec.related],
+        payload=dict(spec.payload),
+        id=spec.id,
+    )
+    return sent is not None
+
+
+def flush() -> None:
+    """Wait until every emitted event reached the API (commands and the webhook exit right after)."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()

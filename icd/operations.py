@@ -1,0 +1,58 @@
+"""Operator actions on the registry, each announced to the loop: promote a version to a channel, revoke one.
+
+The ``icd-registry`` command and the ``promote`` / ``revoke`` flows (so they can be run from the UI) both
+call these, so a channel moved by hand plans its followers exactly as one moved by a deploy does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icd import events
+from icd.config import PipelineConfig
+from icd.errors import InvalidInputError
+from icd.registry.models import ChannelAssignment, ChannelMoved
+from icd.registry.registry import Registry
+from icd.text import normalize_identity
+
+
+def _identity(by: str) -> str:
+    who = normalize_identity(by)
+    if who is None:
+        raise InvalidInputError("say who you are (--by): the registry records who moved or revoked what")
+    return who
+
+
+@dataclass(frozen=True)
+class Promotion:
+    assignment: ChannelAssignment
+    plans_requested: list[str]
+
+
+def promote(
+    registry: Registry, config: PipelineConfig, namespace: str, version: int, channel: str, *, by: str, why: str
+) -> Promotion:
+    """Point ``channel`` at ``version``, then emit ``icd.channel.moved`` and a plan request per follower."""
+    who = _identity(by)
+    if not why.strip():
+        raise InvalidInputError("say why (--why): the channel's history keeps it")
+    moved = registry.assign_channel(namespace, channel, version, assigned_by=who, reason=why.strip())
+    if isinstance(moved, ChannelMoved):  # only a compare-and-swap move can lose; this one has no expectation
+        raise InvalidInputError(f"channel {channel!r} moved under us to v{moved.actual_version}; try again")
+    cause = events.channel_moved(
+        namespace=namespace, channel=channel, from_version=moved.from_version, to_version=version, by=who, reason=why
+    )
+    requests = events.plan_requests(config, cause)
+    for spec in (cause, *requests):
+        events.emit(spec)
+    return Promotion(moved, [str(spec.payload["workspace"]) for spec in requests])
+
+
+def revoke(registry: Registry, namespace: str, version: int, *, by: str, why: str, cascade: bool = False) -> list[int]:
+    """Revoke ``version`` (and its descendants with ``cascade``) and emit ``icd.version.revoked`` for each,
+    which tells operators which workspaces run it (``flows/revocation_notice.py``)."""
+    who = _identity(by)
+    revoked = registry.revoke(namespace, version, revoked_by=who, reason=why, cascade=cascade)
+    for number in revoked:
+        events.emit(events.version_revoked(namespace=namespace, version=number, by=who, reason=why))
+    return revoked
