@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, cast
 
 from prefect import flow, get_run_logger, task
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.exceptions import Pause
 from prefect.flow_runs import suspend_flow_run
@@ -39,7 +40,13 @@ from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
 from icd.config import load_config
 from icd.deploy.apply import AppliedDeploy, StalePlan
-from icd.deploy.approval import MAX_APPROVAL_ATTEMPTS, ApprovalDecision, approval_form, check_approval
+from icd.deploy.approval import (
+    MAX_APPROVAL_ATTEMPTS,
+    ApprovalDecision,
+    PlanApproval,
+    approval_form,
+    check_approval,
+)
 from icd.deploy.artifacts import artifact_for
 from icd.deploy.lock import LockHeld
 from icd.deploy.plan import PlannedDeploy
@@ -284,15 +291,31 @@ def deploy_version(
     return apply_and_gate(ctx, version, planned, decision, record, health_deadline_seconds, rollback_on_unhealthy)
 
 
+def suspend_for_approval(form: type[PlanApproval], *, deadline: datetime, key: str, message: str) -> PlanApproval:
+    """``suspend_flow_run`` until ``deadline`` (fixed at the first suspension: a re-ask never extends it),
+    with ``message`` as the suspended run's state message, so the run page says what it waits for."""
+    remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
+    try:
+        return suspend_flow_run(wait_for_input=form, timeout=remaining, key=key)
+    except Pause as pause:
+        if pause.state is not None:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(
+                    flow_run.id, pause.state.model_copy(update={"message": one_line(message, 1000)}), force=True
+                )
+        raise
+
+
 def wait_for_approval(
     ctx: DeployContext, planned: PlannedDeploy, markdown: str, deadline: datetime
 ) -> ApprovalDecision:
     """Suspend until an operator answers; an answer that can't be acted on is reported and asked again."""
     refusal = ""
+    waiting = f"Waiting for approval of {planned.view.headline(ctx.workspace)} until {deadline:%Y-%m-%d %H:%M} UTC"
     for attempt in range(MAX_APPROVAL_ATTEMPTS):
         form = approval_form(planned.plan_sha256, markdown, refusal=refusal)
-        remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
-        answer = suspend_flow_run(wait_for_input=form, timeout=remaining, key=f"approval-{attempt}")
+        status = f"Your previous answer was not accepted: {refusal} {waiting}" if refusal else waiting
+        answer = suspend_for_approval(form, deadline=deadline, key=f"approval-{attempt}", message=status)
         checked = check_approval(answer, expected_sha256=planned.plan_sha256)
         if isinstance(checked, ApprovalDecision):
             return checked

@@ -9,6 +9,7 @@ Prefect itself can't take it either is the message lost, and then it is in the r
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,17 +23,25 @@ from icd.notify.message import Notification, NotificationReceipt
 from tasks.policies import ONCE_PER_RUN
 
 DELIVERY_DEPLOYMENT = "deliver-notification/deliver-notification"
-# Waits between delivery attempts; after the last one the message is given up, loudly.
+# Waits between delivery attempts; after the last one the message is given up, loudly. A worker's
+# ICD_REDELIVERY_BACKOFF_SECONDS ("30,60,120") overrides them.
 REDELIVERY_BACKOFF_SECONDS = (30, 60, 120, 300, 600, 900, 1800)
+
+
+def redelivery_backoff() -> tuple[int, ...]:
+    configured = os.environ.get("ICD_REDELIVERY_BACKOFF_SECONDS", "")
+    waits = tuple(int(part) for part in configured.split(",") if part.strip().isdigit())
+    return waits or REDELIVERY_BACKOFF_SECONDS
 
 
 def schedule_redelivery(notification: Notification, *, notifier_block: str, attempt: int, reason: str) -> bool:
     """Schedule delivery attempt ``attempt`` (1-based); False when there is none left or Prefect refused."""
     logger = get_run_logger()
-    if attempt > len(REDELIVERY_BACKOFF_SECONDS):
+    backoff = redelivery_backoff()
+    if attempt > len(backoff):
         logger.error("giving up on notification %r after %d attempts: %s", notification.title, attempt - 1, reason)
         return False
-    delay = REDELIVERY_BACKOFF_SECONDS[attempt - 1]
+    delay = backoff[attempt - 1]
     parameters: dict[str, Any] = {
         "notification": notification.to_dict(),
         "attempt": attempt,

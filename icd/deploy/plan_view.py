@@ -54,6 +54,20 @@ class PlanView:
         before = f"v{self.from_version}" if self.from_version is not None else "nothing deployed"
         return f"{self.namespace} {before} -> v{self.to_version}"
 
+    def headline(self, workspace: str) -> str:
+        """One line: what is asked. "acmeinc/web v1 -> v2 to staging: 1 replace"."""
+        parts = [
+            f"{count} {label}"
+            for count, label in (
+                (self.add, "add"),
+                (self.change, "change"),
+                (self.replace, "replace"),
+                (self.destroy, "destroy"),
+            )
+            if count
+        ]
+        return f"{self.version_diff} to {workspace}: {', '.join(parts) or 'no resource changes'}"
+
     @property
     def counts(self) -> str:
         return f"{self.add} to add, {self.change} to change, {self.replace} to replace, {self.destroy} to destroy"

@@ -1,19 +1,29 @@
-"""The whole push-to-deploy loop, for the end-to-end tests: a real Prefect server with a process worker,
-the deployments from ``prefect.yaml`` (``prefect deploy --all``), saved blocks, moto (S3), the Consul and
-Slack stand-ins, and a git repository holding the example app as a developer would push it."""
+"""The whole loop, for the end-to-end tests: a real Prefect server with a process worker, the deployments and
+triggers of ``prefect.yaml`` and the automations of ``automations.yaml`` (``icd-setup``), saved blocks, moto
+(S3, DynamoDB), the Consul and Slack stand-ins, the inbound webhook app, a local receiver for the alerts'
+notification block, and a git repository holding the example app as a developer would push it.
+
+Each test adds its own namespace and workspaces to the session's ``icd.toml`` (``DeployEnv.service``), so
+tests share one environment safely; the worker re-reads the file when it changes.
+"""
 
 from __future__ import annotations
 
+import json
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
+from prefect.flow_runs import resume_flow_run
 
 from blocks.registry import ArtifactRegistry
 from examples.local_env import (
@@ -23,9 +33,11 @@ from examples.local_env import (
     git,
     make_app_repo,
     provision,
+    start_inbound,
     start_worker,
     stop_instances,
     worker_env,
+    write_config,
 )
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
@@ -33,6 +45,8 @@ from tests.waiting import wait_until
 
 POOL = "local-pool"
 SLACK_TOKEN = "xoxb-e2e-token"
+WEBHOOK_SECRET = "e2e-webhook-secret"
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
 @dataclass
@@ -57,6 +71,42 @@ class AppRepo:
         return (self.path / relative).read_text()
 
 
+class Receiver:
+    """A local HTTP endpoint that records what notification blocks post to it."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict[str, Any]] = []
+        received = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body or b"{}"))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass(frozen=True)
+class Names:
+    namespace: str
+    workspace: str
+    service_name: str
+
+
 @dataclass
 class DeployEnv:
     server: PrefectServer
@@ -67,15 +117,40 @@ class DeployEnv:
     registry: ArtifactRegistry
     repo: AppRepo
     icd_home: Path
+    config_path: Path
+    inbound_url: str
+    receiver: Receiver
     workers: list[ManagedProcess] = field(default_factory=list)
+    namespaces: dict[str, dict[str, object]] = field(default_factory=dict)
+    workspaces: dict[str, dict[str, object]] = field(default_factory=dict)
 
-    def start(self, **parameters: Any) -> FlowRun:
-        parameters.setdefault("repo", str(self.repo.path))
-        return run_deployment("push-to-deploy/push-to-deploy", parameters=parameters, timeout=0)
+    # --- icd.toml ----------------------------------------------------------------------------------------
+
+    def service(self, *, stack: str = "examples/stacks/local", **workspace_settings: object) -> Names:
+        """A fresh namespace, service and workspace (following its latest) in the session's icd.toml."""
+        tag = uuid.uuid4().hex[:6]
+        names = Names(f"acmeinc/t{tag}", f"ws{tag}", f"svc{tag}")
+        self.namespaces[names.namespace] = {
+            "repository": str(self.repo.path),
+            "repository_aliases": [f"acmeinc/repo-{tag}"],
+            "service_name": names.service_name,
+        }
+        self.workspace(names.workspace, follows=f"{names.namespace}@latest", stack=stack, **workspace_settings)
+        return names
+
+    def workspace(self, name: str, **settings: object) -> None:
+        self.workspaces[name] = {"health_deadline_seconds": 30, **settings}
+        write_config(self.config_path, namespaces=self.namespaces, workspaces=self.workspaces)
+
+    # --- runs --------------------------------------------------------------------------------------------
 
     def read(self, flow_run_id: Any) -> FlowRun:
         with get_client(sync_client=True) as client:
             return client.read_flow_run(flow_run_id)
+
+    def state_message(self, flow_run_id: Any) -> str:
+        state = self.read(flow_run_id).state
+        return (state.message or "") if state is not None else ""
 
     def wait_for(self, flow_run_id: Any, *, states: set[str], timeout: float = 240) -> FlowRun:
         """Wait until the run's state type is one of ``states`` (PAUSED, COMPLETED, ...)."""
@@ -105,6 +180,57 @@ class DeployEnv:
 
         return wait_until(paused_under_key, timeout=timeout, message=f"run never paused under {pause_key!r}")
 
+    def runs_of(self, deployment: str, **parameters: object) -> list[FlowRun]:
+        """Runs of ``deployment`` whose parameters include ``parameters``, oldest first."""
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                flow_run_filter=FlowRunFilter(),
+                limit=200,
+            )
+        matching = [run for run in runs if all(run.parameters.get(k) == v for k, v in parameters.items())]
+        return sorted(matching, key=lambda run: run.created or run.expected_start_time)  # type: ignore[arg-type, return-value]
+
+    def build(self, names: Names, ref: str = "main", *, expect: str = "COMPLETED", **parameters: object) -> FlowRun:
+        """Run build-artifact for ``names`` without planning anyone (tests plan explicitly)."""
+        run = run_deployment(
+            "build-artifact/build-artifact",
+            parameters={"namespace": names.namespace, "ref": ref, "plan": False, **parameters},
+            timeout=0,
+        )
+        done = self.wait_for(run.id, states=ENDED)
+        assert done.state is not None and done.state.type.value == expect, done.state
+        return done
+
+    def deploy(self, workspace: str, version: int) -> FlowRun:
+        return run_deployment(  # type: ignore[return-value]  # the sync variant
+            "deploy-artifact/deploy-artifact", parameters={"workspace": workspace, "version": version}, timeout=0
+        )
+
+    def deploy_until_paused(self, names: Names, ref: str = "main") -> tuple[FlowRun, int]:
+        """Build ``ref``, start its deploy, and wait for the approval wait; returns the run and the version."""
+        self.build(names, ref)
+        version = self.registry.registry().last_version(names.namespace)
+        run = self.deploy(names.workspace, version)
+        paused = self.wait_for(run.id, states={"PAUSED", *ENDED})
+        assert paused.state is not None and paused.state.type.value == "PAUSED", paused.state
+        return run, version
+
+    def plan_sha(self, workspace: str, run_id: Any) -> str:
+        sha = self.registry.plan_store().sha256_of(workspace, str(run_id))
+        assert sha, "the saved plan must be in S3 before the run pauses"
+        return sha
+
+    def answer(self, run_id: Any, plan_sha256: str, approver: str = "alice", decision: str = "approve") -> None:
+        resume_flow_run(
+            run_id,
+            run_input={"decision": decision, "approver": approver, "comment": "lgtm", "plan_sha256": plan_sha256},
+        )
+
+    def approve(self, run_id: Any, workspace: str, approver: str = "alice") -> FlowRun:
+        self.answer(run_id, self.plan_sha(workspace, run_id), approver)
+        return self.wait_for(run_id, states=ENDED)
+
     def restart_worker(self) -> None:
         self.worker.stop()
         self.worker = start_worker(self.server, POOL, env=self.worker_env, name=f"worker-{uuid.uuid4().hex[:6]}")
@@ -116,8 +242,11 @@ def deploy_env(
     prefect_server: PrefectServer, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DeployEnv]:
     icd_home = tmp_path_factory.mktemp("icd-home")
+    config_path = tmp_path_factory.mktemp("config") / "icd.toml"
+    write_config(config_path, namespaces={}, workspaces={})
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token=SLACK_TOKEN).start()
+    receiver = Receiver()
     services = LocalServices(
         s3_endpoint=moto_endpoint,
         bucket=f"icd-e2e-{uuid.uuid4().hex[:8]}",
@@ -127,25 +256,50 @@ def deploy_env(
         slack_token=SLACK_TOKEN,
         consul_addr=consul.http_addr,
     )
-    registry = provision(prefect_server, services, pool=POOL)
-    with get_client(sync_client=True) as client:
-        # The scheduled flows have their own tests; here they would post Slack messages of their own.
-        # pause_deployment also deletes the runs already scheduled (update_deployment(paused=True) does not).
-        for name in ("consul-health/consul-health", "approval-housekeeping/approval-housekeeping"):
-            client.pause_deployment(client.read_deployment_by_name(name).id)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ICD_CONFIG", str(config_path))
+        # Zombie runs are declared after 3 missed heartbeats of 30 s (the fastest Prefect allows).
+        patch.setenv("ICD_ZOMBIE_AFTER_SECONDS", "90")
+        registry = provision(
+            prefect_server, services, pool=POOL, alerts_url=receiver.url, webhook_secret=WEBHOOK_SECRET
+        )
+        with get_client(sync_client=True) as client:
+            # The scheduled watch has its own tests; here it would post Slack messages of its own.
+            # pause_deployment also deletes the runs already scheduled (update_deployment(paused=True) does not).
+            client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
 
-    repo = AppRepo(make_app_repo(tmp_path_factory.mktemp("app-repo")))
-    env_for_worker = worker_env(
-        icd_home,
-        {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
-    )
-    worker = start_worker(prefect_server, POOL, env=env_for_worker)
-    env = DeployEnv(prefect_server, worker, env_for_worker, consul, slack, registry, repo, icd_home, [worker])
-    try:
-        yield env
-    finally:
-        for process in env.workers:
-            process.stop()
-        stop_instances(icd_home)
-        slack.stop()
-        consul.stop()
+        repo = AppRepo(make_app_repo(tmp_path_factory.mktemp("app-repo")))
+        env_for_worker = worker_env(
+            icd_home,
+            config_path,
+            {
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+                # Redelivery of a notification Slack refused: seconds, not minutes, in tests.
+                "ICD_REDELIVERY_BACKOFF_SECONDS": "1,2,4",
+            },
+        )
+        worker = start_worker(prefect_server, POOL, env=env_for_worker)
+        inbound, inbound_url = start_inbound(prefect_server, config=config_path)
+        env = DeployEnv(
+            prefect_server,
+            worker,
+            env_for_worker,
+            consul,
+            slack,
+            registry,
+            repo,
+            icd_home,
+            config_path,
+            inbound_url,
+            receiver,
+            [worker, inbound],
+        )
+        try:
+            yield env
+        finally:
+            for process in env.workers:
+                process.stop()
+            stop_instances(icd_home)
+            receiver.stop()
+            slack.stop()
+            consul.stop()

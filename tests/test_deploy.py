@@ -1,0 +1,238 @@
+"""End to end: build-artifact and deploy-artifact as deployed flows on a real Prefect server and process
+worker, with real Packer, real Terraform (S3 backend and DynamoDB lock table on moto), the Consul and Slack
+stand-ins. Each test uses its own namespace, workspace and service, so they share one environment safely."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import consul
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from icd.deploy import lock as workspace_lock
+from tests.plugins.deploy_env import ENDED, DeployEnv
+from tests.waiting import wait_until
+
+
+def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
+    host, port = env.consul.address.rsplit(":", 1)
+    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
+    return list(entries)
+
+
+def _task_runs(run_id: Any, task_name: str) -> list[Any]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
+
+
+def _slack_mentions(env: DeployEnv, text: str) -> list[str]:
+    return [m.text for m in env.slack.messages if text in m.text]
+
+
+def test_full_cycle_v1_then_v2(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    ns, ws = names.namespace, names.workspace
+
+    run1, v1 = env.deploy_until_paused(names)
+    assert workspace_lock.current_holder(ws) is not None, "the lock is held across the approval wait"
+    sha1 = env.plan_sha(ws, run1.id)
+    waiting = [m for m in env.slack.messages if sha1 in str(m.payload)]
+    assert waiting, "operators get the plan hash"
+    assert str(run1.id) in str(waiting[0].payload), "and a link to the run"
+    done1 = env.approve(run1.id, ws)
+    assert done1.state is not None and done1.state.name == "Deployed", done1.state
+    reg = env.registry.registry()
+    assert reg.get_channel(ns, ws).version == v1  # type: ignore[union-attr]  # the workspace's own channel
+    history = reg.channel_history(ns, ws)
+    assert history[-1].assigned_by == "alice"
+    assert history[-1].metadata["plan_sha256"] == sha1
+    instances = _services(env, names.service_name)
+    assert len(instances) == 1
+    assert instances[0]["Service"]["Meta"]["deploy_run_id"] == str(run1.id)
+    assert instances[0]["Service"]["Meta"]["workspace"] == ws
+    assert all(check["Status"] == "passing" for check in instances[0]["Checks"])
+    assert workspace_lock.current_holder(ws) is None
+
+    env.repo.commit("v2", {"src/app.py": env.repo.read("src/app.py") + "\n# v2\n"})
+    run2, v2 = env.deploy_until_paused(names)
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    plan_docs = [a for a in artifacts if a.key == f"plan-{ws}" and a.flow_run_id == run2.id]
+    assert plan_docs, "the plan is published as an artifact of the run"
+    assert f"{ns} v{v1} -> v{v2}" in str(plan_docs[0].data), "the plan shows the artifact version diff"
+    done2 = env.approve(run2.id, ws)
+    assert done2.state is not None and done2.state.name == "Deployed", done2.state
+    assert reg.get_channel(ns, ws).version == v2  # type: ignore[union-attr]
+    instances = _services(env, names.service_name)
+    assert [i["Service"]["Meta"]["deploy_run_id"] for i in instances] == [str(run2.id)], "v1 was replaced"
+
+
+def test_rejection_applies_nothing_and_releases_the_lock(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, _ = env.deploy_until_paused(names)
+    env.answer(run.id, env.plan_sha(names.workspace, run.id), approver="bob", decision="reject")
+    done = env.wait_for(run.id, states=ENDED)
+    assert done.state is not None
+    assert (done.state.type.value, done.state.name) == ("CANCELLED", "Rejected")
+    assert env.registry.registry().get_channel(names.namespace, names.workspace) is None
+    assert _services(env, names.service_name) == []
+    assert workspace_lock.current_holder(names.workspace) is None
+
+
+def test_invalid_approval_is_asked_again_then_a_valid_one_applies(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, _ = env.deploy_until_paused(names)
+    env.answer(run.id, "0" * 64)  # a stale or mistyped hash
+    env.wait_for_pause(run.id, "approval-1")
+    wait_until(
+        lambda: "differs from the plan waiting" in env.state_message(run.id),
+        timeout=30,
+        message="the reason never showed on the run",
+    )
+    assert _services(env, names.service_name) == []
+    done = env.approve(run.id, names.workspace)
+    assert done.state is not None and done.state.name == "Deployed"
+
+
+def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service(approval_timeout_seconds=2)
+    run, _ = env.deploy_until_paused(names)
+    # The server fails the expired suspension; the deploy-ended trigger gives it its real ending.
+    done = wait_until(
+        lambda: (r := env.read(run.id)).state is not None and r.state.name == "ApprovalTimedOut" and r,
+        timeout=120,
+        message="the timed-out run never became ApprovalTimedOut",
+    )
+    assert done.state is not None and done.state.type.value == "CANCELLED"
+    assert workspace_lock.current_holder(names.workspace) is None
+    assert _services(env, names.service_name) == []
+    wait_until(lambda: _slack_mentions(env, f"Approval timed out on {names.workspace}"), timeout=60)
+
+
+def test_same_commit_again_is_nothing_to_deploy(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    env.build(names)  # the same commit: reused, not rebuilt
+    assert env.registry.registry().last_version(names.namespace) == version, "no second build"
+    again = env.deploy(names.workspace, version)
+    done = env.wait_for(again.id, states=ENDED)
+    assert done.state is not None and done.state.name == "NothingToDeploy", done.state
+
+
+def test_tampered_plan_is_refused_and_told(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, _ = env.deploy_until_paused(names)
+    sha = env.plan_sha(names.workspace, run.id)
+    key = env.registry.plan_store().key_for(names.workspace, str(run.id))
+    env.registry.s3_client().put_object(
+        Bucket=env.registry.bucket, Key=key, Body=b"not the approved plan", Metadata={"sha256": sha}
+    )
+    env.answer(run.id, sha)
+    done = env.wait_for(run.id, states=ENDED)
+    assert done.state is not None and done.state.type.value == "FAILED"
+    assert "sha256" in (done.state.message or "")
+    assert _services(env, names.service_name) == []
+    assert workspace_lock.current_holder(names.workspace) is None
+    wait_until(lambda: _slack_mentions(env, f"Deploy failed on {names.workspace}: PlanIntegrityError"), timeout=30)
+
+
+def test_stale_plan_is_not_applied(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    stale, version = env.deploy_until_paused(names)
+    stale_sha = env.plan_sha(names.workspace, stale.id)
+    workspace_lock.break_lock(names.workspace, force=True)  # an operator forces another deploy through
+    other = env.deploy(names.workspace, version)
+    env.wait_for(other.id, states={"PAUSED"})
+    assert env.approve(other.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    env.answer(stale.id, stale_sha)
+    done = env.wait_for(stale.id, states=ENDED)
+    assert done.state is not None and done.state.name == "StalePlan", done.state
+    services = _services(env, names.service_name)
+    assert [s["Service"]["Meta"]["deploy_run_id"] for s in services] == [str(other.id)]
+
+
+def test_runs_serialize_per_workspace_and_parallelize_across(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    a, b = env.service(), env.service()
+    first, version = env.deploy_until_paused(a)
+    second = env.deploy(a.workspace, version)
+    other_ws, _ = env.deploy_until_paused(b)  # a different workspace reaches its approval while `a` is held
+    wait_until(
+        lambda: any(t.state and t.state.type.value == "RUNNING" for t in _task_runs(second.id, "lock-workspace")),
+        timeout=120,
+        message="the second run never asked for the workspace",
+    )
+    waiting = env.read(second.id)
+    assert waiting.state is not None and waiting.state.type.value == "RUNNING", "the second run waits for the lock"
+    env.answer(first.id, env.plan_sha(a.workspace, first.id), decision="reject")
+    env.wait_for(second.id, states={"PAUSED"})
+    for run, names in ((second, a), (other_ws, b)):
+        env.answer(run.id, env.plan_sha(names.workspace, run.id), decision="reject")
+        env.wait_for(run.id, states={"CANCELLED"})
+
+
+def test_resume_after_worker_restart_runs_nothing_twice(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, _ = env.deploy_until_paused(names)
+    env.restart_worker()
+    done = env.approve(run.id, names.workspace)
+    assert done.state is not None and done.state.name == "Deployed", done.state
+    plans = _task_runs(run.id, "plan-deploy")
+    assert [p.state.name for p in plans].count("Completed") == 1, [p.state.name for p in plans]
+    assert len(_task_runs(run.id, "apply-plan")) == 1
+
+
+def test_failing_packer_template_fails_the_build_registers_nothing_and_tells(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    template = env.repo.read("packer/app.pkr.hcl")
+    broken = template.replace('source "null" "local_image" {', 'source "null" "local_image" {\n  bogus_setting = 1', 1)
+    env.repo.commit("broken", {"packer/app.pkr.hcl": broken}, branch="broken")
+    done = env.build(names, "broken", expect="FAILED")
+    assert done.state is not None and "app.pkr.hcl" in (done.state.message or ""), done.state.message
+    assert env.registry.registry().last_version(names.namespace) == 0
+    wait_until(lambda: _slack_mentions(env, f"Build of {names.namespace} broken failed"), timeout=30)
+
+
+def test_unhealthy_deploy_rolls_back_and_never_moves_the_channel(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service(health_deadline_seconds=8)
+    run1, v1 = env.deploy_until_paused(names)
+    assert env.approve(run1.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    app = env.repo.read("src/app.py")
+    broken = app.replace("healthy = not (instance_dir / UNHEALTHY_SWITCH).exists()", "healthy = False")
+    assert broken != app
+    env.repo.commit("bad", {"src/app.py": broken}, branch="bad")
+    run2, _ = env.deploy_until_paused(names, ref="bad")
+    done = env.approve(run2.id, names.workspace)
+    assert done.state is not None and done.state.name == "RolledBack", done.state
+    reg = env.registry.registry()
+    assert reg.get_channel(names.namespace, names.workspace).version == v1  # type: ignore[union-attr]
+    # Gate, then promote: the channel never pointed at the unhealthy version.
+    assert [h.to_version for h in reg.channel_history(names.namespace, names.workspace)] == [v1]
+    services = _services(env, names.service_name)
+    assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{names.workspace}-{v1}"]
+
+
+def test_one_click_builds_a_ref_and_starts_its_deploy(deploy_env: DeployEnv) -> None:
+    from prefect.deployments import run_deployment
+
+    env = deploy_env
+    names = env.service()
+    click = run_deployment("push-to-deploy/push-to-deploy", parameters={"workspace": names.workspace}, timeout=0)
+    done = env.wait_for(click.id, states=ENDED)
+    assert done.state is not None and done.state.name == "DeployStarted", done.state
+    [deploy] = env.runs_of("deploy-artifact", workspace=names.workspace)
+    env.wait_for(deploy.id, states={"PAUSED"})
+    assert env.approve(deploy.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
