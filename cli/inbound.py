@@ -90,12 +90,15 @@ def create_app(
         headers = {name.lower(): value for name, value in request.headers.items()}
         answer: Answer = decide(headers=headers, body=body, secret=secret(), config=config(), max_bytes=max_bytes)
         payload: dict[str, Any] = dict(answer.body)
-        if answer.event is not None:
+        duplicates = []
+        for event in answer.events:
             # Both talk to the Prefect API synchronously: off the event loop.
-            if await run_in_threadpool(seen, str(answer.event.id)):
-                payload["duplicate"] = True
+            if await run_in_threadpool(seen, str(event.id)):
+                duplicates.append(str(event.id))
             else:
-                await run_in_threadpool(emit, answer.event)
+                await run_in_threadpool(emit, event)
+        if duplicates:
+            payload["duplicate_event_ids"] = duplicates
         return JSONResponse(payload, status_code=answer.status)
 
     async def health(request: Request) -> JSONResponse:

@@ -143,12 +143,16 @@ class PipelineConfig(_Strict):
             if workspace.namespace == namespace and workspace.channel == channel
         )
 
-    def namespace_for_push(self, repository_names: set[str], branch: str) -> str | None:
-        """The namespace a push to ``branch`` of a repository (known by any of its names) builds, if any."""
-        for name, namespace in sorted(self.namespaces.items()):
-            if namespace.matches(repository_names) and branch in namespace.branches:
-                return name
-        return None
+    def namespaces_for_push(self, repository_names: set[str], branch: str) -> list[str]:
+        """The namespaces a push to ``branch`` of a repository (known by any of its names) builds, sorted.
+
+        More than one when a repository holds several services (a monorepo): each is built.
+        """
+        return sorted(
+            name
+            for name, namespace in self.namespaces.items()
+            if namespace.matches(repository_names) and branch in namespace.branches
+        )
 
 
 def parse_config(text: str, *, where: str = "icd.toml") -> PipelineConfig:

@@ -69,8 +69,9 @@ def flow_run_resource(flow_run_id: str, role: str) -> dict[str, str]:
     return {"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": role}
 
 
-def delivery_event_id(delivery: str) -> uuid.UUID:
-    return uuid.uuid5(_DELIVERY_NAMESPACE, delivery)
+def delivery_event_id(delivery: str, namespace: str) -> uuid.UUID:
+    """One delivery, one event per namespace it builds: a redelivery maps to the same ids."""
+    return uuid.uuid5(_DELIVERY_NAMESPACE, f"{delivery}/{namespace}")
 
 
 def push_received(
@@ -93,7 +94,7 @@ def push_received(
             "delivery": delivery,
             "pusher": pusher,
         },
-        id=delivery_event_id(delivery),
+        id=delivery_event_id(delivery, namespace),
     )
 
 

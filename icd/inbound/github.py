@@ -40,7 +40,7 @@ _REPOSITORY_NAMES = ("full_name", "clone_url", "html_url", "ssh_url", "url")
 class Answer:
     status: int
     body: Mapping[str, Any]
-    event: events.EventSpec | None = field(default=None, compare=False)
+    events: tuple[events.EventSpec, ...] = field(default=(), compare=False)
 
 
 def signature_ok(secret: bytes, body: bytes, header: str | None) -> bool:
@@ -100,19 +100,28 @@ def _push(payload: Mapping[str, Any], delivery: str, config: PipelineConfig) -> 
     commit = str(payload.get("after") or "")
     if payload.get("deleted") or commit == _ZERO_SHA:
         return _ignored("a branch deletion builds nothing", ref=ref)
-    namespace = config.namespace_for_push(names, branch)
-    if namespace is None:
+    namespaces = config.namespaces_for_push(names, branch)
+    if not namespaces:
         return _ignored(f"no namespace in icd.toml builds {full_name} {branch}", repository=full_name, branch=branch)
     if len(commit) != 40 or any(ch not in "0123456789abcdef" for ch in commit):
         return _refused(400, f"'after' is not a commit id: {commit!r}")
     pusher = payload.get("pusher") if isinstance(payload.get("pusher"), dict) else {}
-    event = events.push_received(
-        repository=full_name,
-        branch=branch,
-        commit=commit,
-        namespace=namespace,
-        delivery=delivery,
-        pusher=str((pusher or {}).get("name", "")),
+    started = tuple(
+        events.push_received(
+            repository=full_name,
+            branch=branch,
+            commit=commit,
+            namespace=namespace,
+            delivery=delivery,
+            pusher=str((pusher or {}).get("name", "")),
+        )
+        for namespace in namespaces
     )
-    body = {"event": event.event, "event_id": str(event.id), "namespace": namespace, "branch": branch, "commit": commit}
-    return Answer(202, body, event)
+    body = {
+        "event": events.PUSH_RECEIVED,
+        "event_ids": [str(event.id) for event in started],
+        "namespaces": namespaces,
+        "branch": branch,
+        "commit": commit,
+    }
+    return Answer(202, body, started)

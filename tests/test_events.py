@@ -1,0 +1,205 @@
+"""The loop through events, end to end: the webhook, the triggers of prefect.yaml, the automations, the
+Event Feed. Everything here goes through the real server's trigger service; no flow function is called."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import consul
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.events.schemas.events import ReceivedEvent
+from prefect.states import Cancelling
+
+from examples.local_env import deliver_webhook, git, github_push
+from icd import operations
+from icd.config import load_config
+from tests.plugins.deploy_env import ENDED, WEBHOOK_SECRET, DeployEnv, Names
+from tests.waiting import wait_until
+
+
+def stored_events(name: str, **labels: str) -> list[ReceivedEvent]:
+    """Events the server stored (it stores in batches, so callers poll)."""
+    resource = EventResourceFilter(labels={key: [value] for key, value in labels.items()}) if labels else None
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            filter=EventFilter(event=EventNameFilter(name=[name]), resource=resource),  # type: ignore[arg-type]
+            limit=50,
+        )
+    return list(page.events)
+
+
+def webhook(env: DeployEnv, names: Names, payload: object, **options: Any) -> httpx.Response:
+    options.setdefault("delivery", str(uuid.uuid4()))
+    return deliver_webhook(f"{env.inbound_url}/github", WEBHOOK_SECRET, payload, **options)
+
+
+def push_of(env: DeployEnv, names: Names, commit: str, branch: str = "main", **changes: object) -> dict[str, Any]:
+    alias = env.namespaces[names.namespace]["repository_aliases"][0]  # type: ignore[index]
+    # Known only by its alias: every test's namespace builds from the same local repository.
+    payload = github_push(
+        full_name=str(alias), clone_url=f"https://github.com/{alias}.git", branch=branch, after=commit
+    )
+    payload.update(changes)
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "says"),
+    [
+        ("ping", 200, "pong"),
+        ("unmapped-repository", 202, "no namespace in icd.toml builds"),
+        ("unmapped-branch", 202, "no namespace in icd.toml builds"),
+        ("tag", 202, "a tag push builds nothing"),
+        ("deletion", 202, "a branch deletion builds nothing"),
+        ("bad-signature", 401, "X-Hub-Signature-256"),
+        ("missing-signature", 401, "X-Hub-Signature-256"),
+        ("malformed-json", 400, "not JSON"),
+        ("too-large", 413, "larger than"),
+        ("unknown-event", 400, "unsupported event type"),
+    ],
+)
+def test_the_webhook_answers_every_row_and_starts_nothing_it_should_not(
+    deploy_env: DeployEnv, case: str, status: int, says: str
+) -> None:
+    env = deploy_env
+    names = env.service()
+    commit = git(env.repo.path, "rev-parse", "HEAD")
+    push = push_of(env, names, commit)
+    requests: dict[str, tuple[object, dict[str, Any]]] = {
+        "ping": ({"zen": "Keep it logically awesome.", "hook_id": 1}, {"event": "ping"}),
+        "unmapped-repository": ({**push, "repository": {"full_name": "someone/else"}}, {}),
+        "unmapped-branch": (push_of(env, names, commit, branch="feature"), {}),
+        "tag": ({**push, "ref": "refs/tags/v1"}, {}),
+        "deletion": ({**push, "deleted": True, "after": "0" * 40}, {}),
+        "bad-signature": (push, {"signature": "sha256=" + "0" * 64}),
+        "missing-signature": (push, {"signature": False}),
+        "malformed-json": (b"{not json", {}),
+        "too-large": ({**push, "padding": "x" * (2 * 1024 * 1024)}, {}),
+        "unknown-event": (push, {"event": "issues"}),
+    }
+    payload, options = requests[case]
+    answer = webhook(env, names, payload, **options)
+
+    assert answer.status_code == status, answer.text
+    assert says in answer.text
+    assert stored_events("icd.push.received", **{"icd.namespace": names.namespace}) == []
+    assert env.runs_of("build-artifact", namespace=names.namespace) == []
+
+
+def test_a_signed_push_builds_once_however_often_it_is_delivered(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    commit = git(env.repo.path, "rev-parse", "HEAD")
+    delivery = str(uuid.uuid4())
+    first = webhook(env, names, push_of(env, names, commit), delivery=delivery)
+    assert first.status_code == 202, first.text
+    assert first.json()["event"] == "icd.push.received"
+    assert first.json()["namespaces"] == [names.namespace]
+    [build] = wait_until(lambda: env.runs_of("build-artifact", namespace=names.namespace), timeout=60)
+    again = [webhook(env, names, push_of(env, names, commit), delivery=delivery) for _ in range(3)]
+    assert {answer.status_code for answer in again} == {202}
+    env.wait_for(build.id, states=ENDED)
+    assert len(stored_events("icd.push.received", **{"icd.namespace": names.namespace})) == 1
+    assert len(env.runs_of("build-artifact", namespace=names.namespace)) == 1
+    assert env.registry.registry().last_version(names.namespace) == 1
+
+
+def test_a_registration_plans_the_followers_of_latest_and_only_them(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()  # its workspace follows latest
+    production = f"prod{names.workspace[2:]}"
+    env.workspace(production, follows=f"{names.namespace}@production", stack="examples/stacks/local")
+    other = env.service()  # another namespace's workspace: not touched either
+    commit = git(env.repo.path, "rev-parse", "HEAD")
+    assert webhook(env, names, push_of(env, names, commit)).status_code == 202
+
+    [deploy] = wait_until(lambda: env.runs_of("deploy-artifact", workspace=names.workspace), timeout=120)
+    env.wait_for(deploy.id, states={"PAUSED"})
+    requested = wait_until(
+        lambda: stored_events("icd.plan.requested", **{"icd.namespace": names.namespace}), timeout=30
+    )
+    assert [event.resource["icd.workspace"] for event in requested] == [names.workspace]
+    assert {related.role for related in requested[0].related} >= {"artifact-version", "cause"}
+    assert env.runs_of("deploy-artifact", workspace=production) == []
+    assert env.runs_of("deploy-artifact", workspace=other.workspace) == []
+    env.answer(deploy.id, env.plan_sha(names.workspace, deploy.id), decision="reject")
+    env.wait_for(deploy.id, states=ENDED)
+
+
+def test_a_promotion_plans_the_workspaces_following_the_channel(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    production = f"prod{names.workspace[2:]}"
+    env.workspace(production, follows=f"{names.namespace}@production", stack="examples/stacks/local")
+    env.build(names)
+    registry = env.registry.registry()
+
+    done = operations.promote(registry, load_config(), names.namespace, 1, "production", by="alice", why="go live")
+    assert done.plans_requested == [production]
+    [deploy] = wait_until(lambda: env.runs_of("deploy-artifact", workspace=production), timeout=120)
+    env.wait_for(deploy.id, states={"PAUSED"})
+    assert env.approve(deploy.id, production).state.name == "Deployed"  # type: ignore[union-attr]
+    [moved] = wait_until(
+        lambda: stored_events("icd.channel.moved", **{"icd.namespace": names.namespace, "icd.channel": "production"}),
+        timeout=30,
+    )
+    assert (moved.payload["by"], moved.payload["reason"]) == ("alice", "go live")
+
+
+def test_a_revocation_tells_operators_which_workspace_runs_it(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+
+    operations.revoke(env.registry.registry(), names.namespace, version, by="sec-team", why="CVE-2026-7")
+    [notice] = wait_until(lambda: env.runs_of("revocation-notice", namespace=names.namespace), timeout=60)
+    env.wait_for(notice.id, states=ENDED)
+    told = wait_until(
+        lambda: [m for m in env.slack.messages if f"v{version} was revoked; {names.workspace} runs it" in m.text],
+        timeout=30,
+    )
+    assert "CVE-2026-7" in told[0].text
+
+
+def test_a_health_transition_is_an_event_with_its_deploy_and_version_and_pages_through_the_automation(
+    deploy_env: DeployEnv,
+) -> None:
+    from prefect.deployments import run_deployment
+
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    watch = run_deployment(
+        "consul-health/consul-health",
+        parameters={"window_seconds": 60, "watch_name": names.workspace},
+        timeout=0,
+    )
+    env.wait_for(watch.id, states={"RUNNING"})
+    host, port = env.consul.address.rsplit(":", 1)
+    kv = consul.Consul(host=host, port=int(port)).kv
+    wait_until(lambda: kv.get(f"icd/health-watch/{names.workspace}/state")[1], timeout=60, message="no baseline")
+    instance = next((env.icd_home / "instances" / names.workspace).glob(f"{names.service_name}-*"))
+    (instance / "unhealthy").touch()
+
+    [critical] = wait_until(
+        lambda: stored_events("icd.health.critical", **{"icd.service": names.service_name}), timeout=60
+    )
+    assert critical.resource["prefect.resource.id"].endswith(f"/{names.service_name}-{names.workspace}-{version}")
+    related = {r.role: r.id for r in critical.related}
+    assert related["deploy-run"] == f"prefect.flow-run.{run.id}"
+    assert related["artifact-version"] == f"icd.artifact.{names.namespace}.v{version}"
+    posted = wait_until(
+        lambda: [p for p in env.receiver.posts if names.service_name in json.dumps(p)],
+        timeout=60,
+        message="the critical-health automation never posted to the notification block",
+    )
+    assert "Critical" in posted[0]["text"]
+    with get_client(sync_client=True) as client:  # the worker stops the watch
+        client.set_flow_run_state(watch.id, Cancelling(), force=True)
