@@ -163,7 +163,8 @@ def parse_config(text: str, *, where: str = "icd.toml") -> PipelineConfig:
         raise ConfigError(f"{where} is not valid TOML: {exc}") from exc
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}" for error in exc.errors()
+            ": ".join(filter(None, [".".join(str(part) for part in error["loc"]), error["msg"]]))
+            for error in exc.errors()
         )
         raise ConfigError(f"{where} breaks the pipeline config rules: {problems}") from exc
 

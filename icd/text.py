@@ -56,9 +56,8 @@ def normalize_identity(name: str) -> str | None:
     ``None`` when nothing visible is left (an empty name, only spaces, only zero-width characters): such
     an answer is refused, because a record must say who decided.
     """
-    text = unicodedata.normalize("NFKC", name)
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
-    text = _WHITESPACE.sub(" ", text).strip()
+    text = _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", name))
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in _INVISIBLE_CATEGORIES).strip()
     if not any(unicodedata.category(ch).startswith(_VISIBLE_CATEGORIES) for ch in text):
         return None
     return text[:IDENTITY_MAX]
