@@ -44,8 +44,12 @@ from standins.slack import SlackStandIn
 from tests.waiting import wait_until
 
 POOL = "local-pool"
-SLACK_TOKEN = "xoxb-e2e-token"
-WEBHOOK_SECRET = "e2e-webhook-secret"
+# Every secret of the environment is a canary: unique, so the secret scan (tests/test_trust.py) can search
+# everything the loop writes for it.
+_CANARY = uuid.uuid4().hex[:10]
+SLACK_TOKEN = f"xoxb-canary-slack-{_CANARY}"
+WEBHOOK_SECRET = f"canary-webhook-{_CANARY}"
+AWS_SECRET = f"canary-aws-secret-{_CANARY}"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
@@ -231,6 +235,15 @@ class DeployEnv:
         self.answer(run_id, self.plan_sha(workspace, run_id), approver)
         return self.wait_for(run_id, states=ENDED)
 
+    def secrets(self) -> dict[str, str]:
+        """Every secret value the loop holds, by where it lives."""
+        return {
+            "registry AWS secret key": AWS_SECRET,
+            "registry signing key": self.registry.signing_key.get_secret_value(),
+            "Slack token": SLACK_TOKEN,
+            "webhook secret": WEBHOOK_SECRET,
+        }
+
     def restart_worker(self) -> None:
         self.worker.stop()
         self.worker = start_worker(self.server, POOL, env=self.worker_env, name=f"worker-{uuid.uuid4().hex[:6]}")
@@ -251,7 +264,7 @@ def deploy_env(
         s3_endpoint=moto_endpoint,
         bucket=f"icd-e2e-{uuid.uuid4().hex[:8]}",
         aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_secret_access_key=AWS_SECRET,
         slack_api_url=slack.api_url,
         slack_token=SLACK_TOKEN,
         consul_addr=consul.http_addr,

@@ -1,0 +1,287 @@
+"""The project's promises, pushed on as an attacker and a clumsy operator would: what was approved is what
+runs, one apply at a time, no secret leaves its block, every failure is told. End to end, on the real loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import consul
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+from blocks.registry import ArtifactRegistry
+from icd import operations
+from icd.config import load_config
+from icd.deploy import lock as workspace_lock
+from tests.plugins.deploy_env import ENDED, DeployEnv, Names
+from tests.waiting import wait_until
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _told(env: DeployEnv, *fragments: str) -> list[str]:
+    return [m.text for m in env.slack.messages if all(f in m.text for f in fragments)]
+
+
+def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
+    host, port = env.consul.address.rsplit(":", 1)
+    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
+    return list(entries)
+
+
+def _failed_and_told(env: DeployEnv, names: Names, run: Any, error: str) -> str:
+    done = env.wait_for(run.id, states=ENDED)
+    assert done.state is not None
+    assert done.state.type.value == "FAILED", done.state
+    assert workspace_lock.current_holder(names.workspace) is None, "the lock is released on the failure path"
+    assert _services(env, names.service_name) == [], "nothing was deployed"
+    wait_until(lambda: _told(env, f"Deploy failed on {names.workspace}: {error}"), timeout=30)
+    return done.state.message or ""
+
+
+# --- 1. integrity: the image and the registry's records -------------------------------------------------------
+
+
+def test_a_doctored_image_is_refused_naming_the_version_and_digests(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    env.build(names)
+    record = env.registry.registry().get(names.namespace, 1)
+    Path(record.artifacts["local"]).write_bytes(b"a doctored image")
+
+    message = _failed_and_told(env, names, env.deploy(names.workspace, 1), "ArtifactIntegrityError")
+    assert f"{names.namespace} v1" in message
+    assert record.artifact_sha256["local"] in message
+
+
+def test_a_manifest_rewritten_in_s3_is_refused(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    env.build(names)
+    key = f"{env.registry.prefix}namespaces/{names.namespace}/versions/00000001.json"
+    s3 = env.registry.s3_client()
+    envelope = json.loads(s3.get_object(Bucket=env.registry.bucket, Key=key)["Body"].read())
+    envelope["payload"]["artifacts"]["local"] = "/tmp/somewhere-else.tar.gz"  # an attacker's path
+    s3.put_object(Bucket=env.registry.bucket, Key=key, Body=json.dumps(envelope).encode())
+
+    message = _failed_and_told(env, names, env.deploy(names.workspace, 1), "RegistryIntegrityError")
+    assert key in message
+
+
+def test_an_image_swapped_during_the_approval_wait_is_not_applied(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    record = env.registry.registry().get(names.namespace, version)
+    Path(record.artifacts["local"]).write_bytes(b"swapped after the plan was approved")
+    env.answer(run.id, env.plan_sha(names.workspace, run.id))
+    _failed_and_told(env, names, run, "ArtifactIntegrityError")
+
+
+def test_the_automatic_rollback_verifies_its_image_like_a_forward_deploy(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service(health_deadline_seconds=8)
+    run1, v1 = env.deploy_until_paused(names)
+    assert env.approve(run1.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    app = env.repo.read("src/app.py")
+    env.repo.commit(
+        "bad",
+        {"src/app.py": app.replace("not (instance_dir / UNHEALTHY_SWITCH).exists()", "False")},
+        branch=f"bad-{names.workspace}",
+    )
+    run2, _ = env.deploy_until_paused(names, ref=f"bad-{names.workspace}")
+    Path(env.registry.registry().get(names.namespace, v1).artifacts["local"]).write_bytes(b"doctored v1")
+    done = env.approve(run2.id, names.workspace)
+    assert done.state is not None
+    assert done.state.type.value == "FAILED", done.state
+    assert "doctored" not in (env.icd_home / "instances").as_posix()
+    wait_until(lambda: _told(env, f"Deploy failed on {names.workspace}: ArtifactIntegrityError"), timeout=30)
+    assert env.registry.registry().get_channel(names.namespace, names.workspace).version == v1  # type: ignore[union-attr]
+
+
+# --- 6, 8, 10. the registry moving under a waiting plan; storage failing on resume --------------------------
+
+
+def test_a_channel_moved_during_the_wait_is_not_undone(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    env.repo.commit(
+        "hotfix",
+        {"src/app.py": env.repo.read("src/app.py") + f"\n# hotfix {names.workspace}\n"},
+        branch=f"hotfix-{names.workspace}",
+    )
+    env.build(names, f"hotfix-{names.workspace}")
+    hotfix = env.registry.registry().last_version(names.namespace)
+    operations.promote(
+        env.registry.registry(), load_config(), names.namespace, hotfix, names.workspace, by="bob", why="hotfix"
+    )
+    env.answer(run.id, env.plan_sha(names.workspace, run.id))
+    done = env.wait_for(run.id, states=ENDED)
+    assert done.state is not None
+    assert done.state.name == "StalePlan", done.state
+    history = env.registry.registry().channel_history(names.namespace, names.workspace)
+    assert [move.to_version for move in history] == [hotfix], "the hotfix promoted meanwhile stands"
+    assert version != hotfix
+
+
+def test_a_version_revoked_during_the_wait_is_not_applied_and_the_lock_is_released(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    env.registry.registry().revoke(names.namespace, version, revoked_by="sec", reason="CVE-2026-9")
+    env.answer(run.id, env.plan_sha(names.workspace, run.id))
+    message = _failed_and_told(env, names, run, "RevokedVersionError")
+    assert "CVE-2026-9" in message
+
+
+def test_storage_down_on_resume_fails_told_and_unlocked(deploy_env: DeployEnv) -> None:
+    from examples.local_env import free_port
+
+    env = deploy_env
+    names = env.service()
+    run, _ = env.deploy_until_paused(names)
+    sha = env.plan_sha(names.workspace, run.id)
+    healthy = ArtifactRegistry.load("registry")
+    broken = ArtifactRegistry.load("registry")
+    broken.aws_credentials.aws_client_parameters.endpoint_url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    broken.save("registry", overwrite=True)
+    try:
+        env.answer(run.id, sha)
+        _failed_and_told(env, names, run, "RegistryStorageError")
+    finally:
+        healthy.save("registry", overwrite=True)
+
+
+# --- 9. Slack never decides an outcome ----------------------------------------------------------------------
+
+
+def test_a_slack_outage_blocks_neither_the_approval_nor_the_final_state(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    env.build(names)
+    env.slack.fail_next(2, status=503)  # slack-sdk retries a 503 once: the "plan waiting" post fails
+    run = env.deploy(names.workspace, 1)
+    env.wait_for(run.id, states={"PAUSED"})
+    env.slack.fail_next(2, status=503)  # and the "deployed" post after the apply fails too
+    done = env.approve(run.id, names.workspace)
+    assert done.state is not None
+    assert done.state.name == "Deployed", done.state
+    # Both messages arrive later, through deliver-notification runs.
+    wait_until(lambda: _told(env, "Plan waiting for approval", names.workspace), timeout=90)
+    wait_until(lambda: _told(env, "Deployed", names.workspace), timeout=90)
+    assert env.runs_of("deliver-notification"), "redelivery is a visible flow run"
+
+
+# --- 7. one apply at a time, and a worker that dies mid-apply ----------------------------------------------
+
+
+def _terraform_applying(icd_home: Path, run_id: str) -> list[int]:
+    """Pids of `terraform apply` working in this run's apply directory."""
+    workdir = str(icd_home / "runs" / f"{run_id}-apply")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == workdir and any(part.endswith(b"terraform") for part in cmdline[:1]) and b"apply" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
+    run, _ = env.deploy_until_paused(names)
+    env.answer(run.id, env.plan_sha(names.workspace, run.id))
+    [terraform] = wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
+    supervisor = int(Path(f"/proc/{terraform}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the flow's process
+    os.kill(supervisor, signal.SIGKILL)
+
+    wait_until(
+        lambda: not _terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying"
+    )
+    crashed = env.wait_for(run.id, states={"CRASHED"}, timeout=300)
+    assert crashed.state is not None
+    wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
+    assert workspace_lock.current_holder(names.workspace) is None
+
+
+# --- 2 and the secret scan: no secret leaves its block ---------------------------------------------------------
+
+
+def test_no_secret_leaves_its_block_in_a_full_cycle(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    canaries = env.secrets()
+    seen_in_argv: list[str] = []
+    stop = threading.Event()
+
+    def sample_argv() -> None:
+        while not stop.is_set():
+            for entry in Path("/proc").iterdir():
+                if entry.name.isdigit():
+                    try:
+                        cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                    except OSError:
+                        continue
+                    seen_in_argv.extend(name for name, value in canaries.items() if value in cmdline)
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample_argv, daemon=True)
+    sampler.start()
+    try:
+        names = env.service()
+        run, version = env.deploy_until_paused(names)
+        assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    finally:
+        stop.set()
+        sampler.join(timeout=10)
+    assert seen_in_argv == [], "a secret was visible in a process's arguments"
+
+    def leaks(where: str, text: str) -> list[str]:
+        return [f"{name} in {where}" for name, value in canaries.items() if value in text]
+
+    found: list[str] = []
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        found += leaks("the run's logs", "\n".join(log.message for log in logs))
+        found += leaks("artifacts", json.dumps([a.data for a in client.read_artifacts()], default=str))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        found += leaks("task runs", json.dumps([t.model_dump(mode="json") for t in task_runs], default=str))
+    database = env.server.home / "prefect.db"
+    if database.exists():
+        with sqlite3.connect(database) as db:  # block documents are stored encrypted; nothing else holds secrets
+            for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                if table == "block_document":
+                    continue
+                rows = db.execute(f'SELECT * FROM "{table}"').fetchall()  # noqa: S608  # table names from sqlite
+                found += leaks(f"the Prefect database ({table})", repr(rows))
+    found += leaks("notifications", json.dumps(env.slack.received()))
+    found += leaks("notification webhooks", json.dumps(env.receiver.posts))
+    s3 = env.registry.s3_client()
+    for item in s3.list_objects_v2(Bucket=env.registry.bucket).get("Contents", []):
+        body = s3.get_object(Bucket=env.registry.bucket, Key=item["Key"])["Body"].read()
+        found += leaks(f"s3://{env.registry.bucket}/{item['Key']}", body.decode(errors="replace"))
+    for log_file in (env.server.home / "logs").glob("*.log"):
+        found += leaks(str(log_file.name), log_file.read_text(errors="replace"))
+    instance = next((env.icd_home / "instances" / names.workspace).glob(f"{names.service_name}-*"))
+    pid = int((instance / "app.pid").read_text())
+    environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    found += leaks("the deployed instance's environment", environ)
+    assert "AWS_" not in environ
+    for path in instance.rglob("*"):
+        if path.is_file():
+            found += leaks(f"the instance's {path.name}", path.read_text(errors="replace"))
+    assert found == [], found
+    assert version == 1
