@@ -634,3 +634,27 @@ def test_a_save_superseded_before_its_read_back_does_not_adopt_the_other_writers
     second = store.save(WatchState(), cas=first.modify_index or 0)
     assert second.written
     assert second.modify_index is None, "the index read back is the other writer's, not ours"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_blind_watch_is_told_once_and_its_recovery_too(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    from examples.local_env import free_port
+
+    name = f"blind-{consul_standin.node_name[:4]}-{free_port()}"
+    ConsulConnection(address=f"http://127.0.0.1:{free_port()}", timeout_seconds=1).save("blind-consul", overwrite=True)
+    ConsulConnection(address=consul_standin.http_addr, timeout_seconds=5).save("seeing-consul", overwrite=True)
+    slack_notifier.save("blind-slack", overwrite=True)
+
+    for _ in range(2):  # Consul stays unreachable over two runs: operators are told once
+        with pytest.raises(ConsulError):
+            consul_health(
+                consul_block="blind-consul", notifier_block="blind-slack", window_seconds=0.2, watch_name=name
+            )
+    blind = [m for m in slack_standin.messages if "is blind" in m.text]
+    assert len(blind) == 1
+    assert "severity: *critical*" in str(blind[0].blocks)
+
+    consul_health(consul_block="seeing-consul", notifier_block="blind-slack", window_seconds=0.2, watch_name=name)
+    assert [m for m in slack_standin.messages if "sees again" in m.text]
