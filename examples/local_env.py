@@ -335,6 +335,8 @@ def worker_env(icd_home: Path, config: Path, extra: Mapping[str, str] | None = N
     return {
         "ICD_HOME": str(icd_home),
         "ICD_CONFIG": str(config),
+        # The library's own log lines (one per tool call, with its duration) go to the run log too.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "icd",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra or {}),
     }

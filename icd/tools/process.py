@@ -20,6 +20,7 @@ The adapters build their argv with pure functions and hand it here. This module 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from pathlib import Path
 from icd.errors import ToolError, ToolOutputHeldError, ToolTimeoutError
 
 LineSink = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 # Grace between SIGTERM and SIGKILL: Terraform uses it to release its state lock.
 _TERM_GRACE_SECONDS = 10.0
@@ -208,10 +210,19 @@ def run_command(
             stderr_tail=last_lines("".join(err_lines)),
             holders=holders,
         )
-    return CompletedCommand(
+    completed = CompletedCommand(
         argv=shown,
         returncode=proc.returncode,
         stdout="".join(out_lines),
         stderr="".join(err_lines),
         duration_seconds=time.monotonic() - started,
     )
+    # One line per tool call, for the run log (PREFECT_LOGGING_EXTRA_LOGGERS=icd) and bench/cycle.py.
+    logger.info(
+        "tool %s %s exited %d in %.3fs",
+        name,
+        shown[1] if len(shown) > 1 else "",
+        proc.returncode,
+        completed.duration_seconds,
+    )
+    return completed

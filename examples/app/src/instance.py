@@ -67,6 +67,7 @@ def service_registration(
     port: int,
     deploy_run_id: str,
     extra_meta: dict[str, str] | None = None,
+    initial_status: str | None = None,
 ) -> dict[str, Any]:
     """The baked definition plus what is only known at start: where it listens and which run deployed it."""
     registration = dict(definition)
@@ -77,6 +78,8 @@ def service_registration(
     check = dict(definition.get("Check", {}))
     if "HTTP" in check:
         check["HTTP"] = check["HTTP"].format(address=address, port=port)
+    if initial_status is not None:
+        check["Status"] = initial_status
     registration["Check"] = check
     return registration
 
@@ -125,8 +128,9 @@ def _terminate(pid: int) -> None:
             time.sleep(0.05)
 
 
-def _wait_until_answering(instance_dir: Path, pid: int, bind: str) -> int:
-    """Wait for the app to write its port and answer /health (any HTTP status counts as answering)."""
+def _wait_until_answering(instance_dir: Path, pid: int, bind: str) -> tuple[int, bool]:
+    """Wait for the app to write its port and answer /health (any HTTP status counts as answering); returns
+    the port and whether /health said 2xx."""
     deadline = time.monotonic() + HEALTH_WAIT_SECONDS
     port: int | None = None
     while time.monotonic() < deadline:
@@ -141,9 +145,9 @@ def _wait_until_answering(instance_dir: Path, pid: int, bind: str) -> int:
         host = "127.0.0.1" if bind in ("0.0.0.0", "") else bind  # comparing, not binding
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=1.0):
-                return port
+                return port, True
         except urllib.error.HTTPError:
-            return port
+            return port, False
         except (urllib.error.URLError, OSError):
             time.sleep(0.1)
     raise InstanceError(f"the app did not answer /health within {HEALTH_WAIT_SECONDS:.0f}s")
@@ -180,7 +184,7 @@ def start(args: argparse.Namespace) -> None:
         )
     (instance_dir / PID_FILE).write_text(f"{proc.pid}\n")
     try:
-        port = _wait_until_answering(instance_dir, proc.pid, args.bind)
+        port, healthy = _wait_until_answering(instance_dir, proc.pid, args.bind)
         registration = service_registration(
             definition,
             service_id=service_id,
@@ -188,6 +192,9 @@ def start(args: argparse.Namespace) -> None:
             port=port,
             deploy_run_id=args.deploy_run_id,
             extra_meta=dict(item.split("=", 1) for item in args.meta),
+            # Start already knows how /health answered: register the check in that state (Consul's
+            # `Status`) instead of critical-until-the-first-interval, so a healthy instance is seen at once.
+            initial_status="passing" if healthy else "critical",
         )
         status = consul_request(args.consul_addr, "PUT", "/v1/agent/service/register", registration)
         if status != 200:
