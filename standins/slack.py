@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -44,6 +45,7 @@ class ReceivedMessage:
     ts: str
     metadata: dict[str, Any] | None
     payload: dict[str, Any] = field(repr=False)
+    received_at: float = field(default=0.0, compare=False)  # time.time() when the stand-in stored it
 
     @property
     def dedup_key(self) -> str | None:
@@ -277,6 +279,7 @@ class SlackStandIn:
                 ts=self._next_ts(),
                 metadata=_json_field(params.get("metadata")),
                 payload=dict(params),
+                received_at=time.time(),
             )
             self._messages.append(message)
             self._lock.notify_all()

@@ -132,6 +132,7 @@ def acquire(
                 if exc.response.status_code != 423:
                     raise WorkspaceLockError(f"could not lock workspace {workspace!r}: {exc}") from exc
                 retry_after = float(exc.response.headers.get("Retry-After", _MAX_POLL_SECONDS))
+                logger.info("workspace %s is locked; asking again in %.1fs at most", workspace, retry_after)
             if _reclaim_from_finished_holder(workspace, client):
                 continue
             now = time.monotonic()
