@@ -349,7 +349,9 @@ def timeline(cycle: Cycle) -> None:
         for task in _task_runs(run_id):
             if task.start_time is not None:
                 took = (task.end_time or task.start_time).timestamp() - task.start_time.timestamp()
-                rows.append((task.start_time.timestamp() - start, f"{flow_name}: {task.name} ({task.state.name})", took))
+                rows.append(
+                    (task.start_time.timestamp() - start, f"{flow_name}: {task.name} ({task.state.name})", took)
+                )
         for log in _logs(run_id):
             if _TOOL_LINE.search(log.message):
                 rows.append((log.timestamp.timestamp() - start, f"{flow_name}:   {log.message}", None))

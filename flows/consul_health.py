@@ -1,9 +1,9 @@
 """The scheduled Consul health flow: watch for a window, alert every transition once, publish current health.
 
-Schedule it every minute with ``window_seconds`` a little shorter (e.g. 50 s for a 60 s interval) so runs do
-not pile up; should two overlap anyway, the CAS-written state in Consul KV keeps them from alerting the
-same transition twice (see ``icd/health/state.py``). Inside the window a change is seen at once through a
-blocking query, so the only delay between a check failing and the Slack message is a few HTTP round trips.
+No blind gaps: the deployment runs every 10 minutes and watches for 11, so the next run is watching before
+the last one stops (its process starts in a few seconds). While two overlap, the CAS-written state in Consul
+KV keeps them from alerting the same transition twice (see ``icd/health/state.py``). Inside a window a change
+is seen at once through a blocking query, so a check failing reaches Slack in a few HTTP round trips.
 """
 
 from __future__ import annotations
@@ -42,13 +42,14 @@ def build_watch_config(
 def consul_health(
     consul_block: str = "consul",
     notifier_block: str = "ops-slack",
-    window_seconds: float = 50,
+    window_seconds: float = 660,
     watch_name: str = "default",
     ignore_services: list[str] | None = None,
     ignore_checks: list[str] | None = None,
     ignore_nodes: list[str] | None = None,
     thresholds: dict[str, float] | None = None,
     reminder_minutes: float = 60,
+    min_round_seconds: float = 0.2,
 ) -> dict[str, int]:
     """Watch Consul health for ``window_seconds`` and notify every transition through the notifier block.
 
@@ -71,6 +72,7 @@ def consul_health(
             config,
             window_seconds=window_seconds,
             watch_name=watch_name,
+            min_round_seconds=min_round_seconds,
         )
     except ConsulError as exc:
         report_sight(notifier, watch_name, error=str(exc), notifier_block=notifier_block)

@@ -49,7 +49,13 @@ def emit_transitions(alerts: Sequence[Alert]) -> None:
 
 @task(name="watch-health", cache_policy=NO_CACHE)
 def watch_health(
-    consul: ConsulConnection, notifier: SlackNotifier, config: WatchConfig, *, window_seconds: float, watch_name: str
+    consul: ConsulConnection,
+    notifier: SlackNotifier,
+    config: WatchConfig,
+    *,
+    window_seconds: float,
+    watch_name: str,
+    min_round_seconds: float = 0.2,
 ) -> WatchReport:
     return watch(
         consul.get_client(),
@@ -60,6 +66,7 @@ def watch_health(
         logger=get_run_logger(),
         deploy_run_url=notifier.flow_run_url,
         on_alerts=emit_transitions,
+        min_round_seconds=min_round_seconds,
     )
 
 

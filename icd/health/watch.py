@@ -146,6 +146,7 @@ def watch(
     on_alerts: Callable[[Sequence[Alert]], None] | None = None,
     stop: threading.Event | None = None,
     max_wait_seconds: float = MAX_QUERY_WAIT_SECONDS,
+    min_round_seconds: float = 0.0,
 ) -> WatchReport:
     """Watch Consul for ``window_seconds`` (or until ``stop`` is set), alert every transition, and persist
     the state with CAS.
@@ -165,8 +166,12 @@ def watch(
     snapshot: HealthSnapshot | None = None
     log.info("Watching Consul health as %r (run %s) for %.0f s", watch_name, uuid.uuid4().hex[:8], window_seconds)
 
+    pace = stop or threading.Event()  # waited on between rounds; set only by the caller, to stop
+    last_round = -min_round_seconds
     while True:
         stored = delivery.flush_stale(stored)
+        if (spacing := last_round + min_round_seconds - time.monotonic()) > 0:
+            pace.wait(spacing)
         remaining = deadline - time.monotonic()
         if remaining <= 0 or (stop is not None and stop.is_set()):
             break
@@ -174,6 +179,7 @@ def watch(
         wait = min(remaining, max_wait_seconds)
         if wakeup is not None:
             wait = min(wait, max(0.0, (wakeup - now_fn()).total_seconds()))
+        last_round = time.monotonic()
         fetched = fetch_health_state(client, index=index, wait_seconds=wait)
         rounds += 1
         # Consul's index can go backwards (a restore, a new leader); then start over with a plain read.
