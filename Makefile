@@ -12,8 +12,12 @@ setup:
 demo: setup
 	@$(PY) -m examples.demo $(ARGS)
 
+# One pytest worker per core (at most 4): each has its own Prefect server, worker and stand-ins, and takes
+# whole test files, so module fixtures are made once.
+JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: lint
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
 # The edit-test loop: no Prefect server, no Packer, no Terraform; under a minute.
 test-fast: setup

@@ -1,6 +1,7 @@
 """One deploy cycle through the deployed flows, against the same Packer + Terraform work done by a shell script.
 
     .venv/bin/python bench/cycle.py [--rounds 5] [--database-url postgresql+asyncpg://...]
+    .venv/bin/python bench/cycle.py --concurrent 10 --workspaces 5 --workers 2 --postgres
 
 Everything runs here for real: moto (S3, DynamoDB), the Consul and Slack stand-ins, a Prefect server, one
 process worker (polling every second), the deployments and triggers of prefect.yaml. Each round, interleaved:
@@ -51,6 +52,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from examples.local_env import (
     LocalServices,
+    create_postgres_database,
+    drop_postgres_database,
     free_port,
     git,
     make_app_repo,
@@ -215,6 +218,75 @@ def resumed_run_start(run_id: Any, after: float) -> float:
     return running[0].timestamp.timestamp()
 
 
+def load_workspaces(count: int) -> list[str]:
+    return [f"{WORKSPACE}-{number}" for number in range(1, count + 1)]
+
+
+def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], database: str) -> None:
+    """``deploys`` deploy runs at once over ``workspaces`` (alternating two versions), each approved the
+    moment it waits. Per run: overhead = wall - tool time - health gate - time suspended - time queued for
+    the workspace lock (serializing a workspace is the point, not overhead)."""
+    versions = []
+    for label in ("load v1", "load v2"):
+        app = repo / "src" / "app.py"
+        app.write_text(app.read_text() + f"\n# {label} {uuid.uuid4().hex}\n")
+        git(repo, "commit", "-q", "-am", label)
+        build = run_deployment(
+            "build-artifact/build-artifact", parameters={"namespace": NAMESPACE, "plan": False}, timeout=0
+        )
+        if _wait(build.id, {"COMPLETED", "FAILED", "CRASHED"}).state.type.value != "COMPLETED":
+            raise RuntimeError("the load test's build failed")
+        versions.append(registry.registry().last_version(NAMESPACE))
+    started = time.time()
+    runs = {}
+    for number in range(deploys):
+        workspace = workspaces[number % len(workspaces)]
+        version = versions[(number // len(workspaces)) % 2]
+        run = run_deployment(
+            "deploy-artifact/deploy-artifact", parameters={"workspace": workspace, "version": version}, timeout=0
+        )
+        runs[run.id] = workspace
+    resumed: dict[Any, float] = {}
+    ended: dict[Any, Any] = {}
+    deadline = time.monotonic() + 1800
+    while len(ended) < len(runs) and time.monotonic() < deadline:
+        for run_id, workspace in runs.items():
+            if run_id in ended:
+                continue
+            run = _read(run_id)
+            kind = run.state.type.value if run.state else ""
+            if kind in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+                ended[run_id] = run
+            elif kind == "PAUSED" and run_id not in resumed:
+                sha = registry.plan_store().sha256_of(workspace, str(run_id))
+                resumed[run_id] = time.time()
+                resume_flow_run(
+                    run_id, run_input={"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": sha}
+                )
+        time.sleep(0.2)
+    all_done = time.time() - started
+    not_deployed = [run.state.name for run in ended.values() if run.state.name != "Deployed"]
+    if len(ended) < len(runs) or not_deployed:
+        raise RuntimeError(f"not every deploy ended Deployed: {not_deployed}, {len(runs) - len(ended)} still running")
+    overheads = []
+    for run_id, run in ended.items():
+        pause_state = next(s for s in _states(run_id) if s.type.value == "PAUSED")
+        suspended = resumed[run_id] - pause_state.timestamp.timestamp()
+        wall = run.end_time.timestamp() - run.created.timestamp() - suspended
+        tasks = [t for t in _task_runs(run_id) if t.state and t.state.name != "Cached" and t.total_run_time]
+        gate = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("health-gate"))
+        queued = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("lock-workspace"))
+        overheads.append(wall - _tool_seconds(_logs(run_id)) - gate - queued)
+    print(
+        f"\n{deploys} deploys at once over {len(workspaces)} workspaces, server on {database}: all Deployed "
+        f"in {all_done:.0f}s"
+    )
+    print(
+        f"orchestration overhead per cycle under load: p50 {statistics.median(overheads):5.1f}s  "
+        f"p95 {_p(overheads, 0.95):5.1f}s  max {max(overheads):5.1f}s"
+    )
+
+
 BASELINE = r"""
 set -eu
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -262,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--database-url", default=None, help="PostgreSQL for the Prefect server (default: SQLite)")
+    parser.add_argument("--postgres", action="store_true", help="a fresh database on the local PostgreSQL")
     parser.add_argument("--timeline", action="store_true", help="print the last cycle's task timeline")
+    parser.add_argument(
+        "--concurrent", type=int, default=0, help="instead: this many deploys at once (the team load test)"
+    )
+    parser.add_argument("--workspaces", type=int, default=5, help="with --concurrent: spread over this many")
+    parser.add_argument("--workers", type=int, default=1, help="process workers on the pool")
     args = parser.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="icd-bench-cycle-"))
     moto_port = free_port()
@@ -271,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = f"http://127.0.0.1:{moto_port}"
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token="xoxb-bench").start()
-    server = start_prefect_server(home / "prefect", database_url=args.database_url)
+    database_url = create_postgres_database("icd_bench") if args.postgres else args.database_url
+    server = start_prefect_server(home / "prefect", database_url=database_url)
     processes = []
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
@@ -279,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
             config = write_config(
                 home / "icd.toml",
                 namespaces={NAMESPACE: {"repository": str(repo), "service_name": "web"}},
-                workspaces={WORKSPACE: {"follows": f"{NAMESPACE}@latest", "stack": "examples/stacks/local"}},
+                workspaces={
+                    name: {"follows": f"{NAMESPACE}@latest", "stack": "examples/stacks/local"}
+                    for name in [WORKSPACE, *load_workspaces(args.workspaces if args.concurrent else 0)]
+                },
             )
             os.environ["ICD_CONFIG"] = str(config)
             services = LocalServices(
@@ -288,7 +370,13 @@ def main(argv: list[str] | None = None) -> int:
             registry = provision(server, services, alerts_url=slack.webhook_url("alerts"))
             with get_client(sync_client=True) as client:
                 client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
-            processes.append(start_worker(server, "local-pool", env=worker_env(home / "icd", config)))
+            for number in range(args.workers):
+                processes.append(
+                    start_worker(server, "local-pool", env=worker_env(home / "icd", config), name=f"worker-{number}")
+                )
+            if args.concurrent:
+                under_load(repo, registry, args.concurrent, load_workspaces(args.workspaces), server.database)
+                return 0
             shell_env = {
                 "PATH": os.environ["PATH"],
                 "HOME": os.environ.get("HOME", "/root"),
@@ -329,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             process.stop()
         stop_instances(home / "icd")
         server.stop()
+        if args.postgres and database_url:
+            drop_postgres_database(database_url)
         slack.stop()
         consul.stop()
         moto.stop()

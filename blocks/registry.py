@@ -13,7 +13,7 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr, SecretStr
 
-from icd.deploy.workdir import StateBackend
+from icd.deploy.workdir import StateBackend, fetch_state
 from icd.registry.plans import PlanStore
 from icd.registry.registry import Registry
 from icd.registry.signing import Sealer
@@ -67,6 +67,11 @@ class ArtifactRegistry(Block):
             lock_table=self.state_lock_table,
             dynamodb_endpoint=str(endpoint) if endpoint and self.state_lock_table else None,
         )
+
+    def workspace_state(self, workspace: str) -> tuple[bytes | None, str]:
+        """The workspace's Terraform state as stored (None: it has none yet), and where it is."""
+        backend = self.state_backend()
+        return fetch_state(self.s3_client(), backend, workspace), backend.state_url(workspace)
 
     def terraform_env(self) -> dict[str, str]:
         """The backend credentials, for Terraform's environment only: never argv, logs or provisioners."""

@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("namespace")
     revoke.add_argument("version", type=int)
     revoke.add_argument("--cascade", action="store_true", help="also revoke every version built on it")
-    for command in (promote, revoke):
+    teardown = commands.add_parser(
+        "teardown", help="destroy what a workspace runs: plans the destroy, which waits for approval in the UI"
+    )
+    teardown.add_argument("workspace")
+    for command in (promote, revoke, teardown):
         command.add_argument("--by", required=True, help="who you are; recorded")
         command.add_argument("--why", required=True, help="why; recorded")
     return parser
@@ -113,6 +117,13 @@ def run(args: argparse.Namespace) -> None:
         )
         events.flush()
         print(f"revoked: {', '.join(f'v{n}' for n in revoked) or 'nothing new (already revoked)'}")
+    elif args.command == "teardown":
+        asked = operations.request_teardown(registry, load_config(), args.workspace, by=args.by, why=args.why)
+        events.flush()
+        print(
+            f"teardown of {asked.workspace} ({asked.namespace}) requested: a deploy-artifact run plans the destroy "
+            "and waits for approval in the Prefect UI; remove the workspace from icd.toml so no new version plans it"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

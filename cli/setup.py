@@ -3,9 +3,13 @@ automations.yaml): block types, the work pool, the deployments with their trigge
 
     PREFECT_API_URL=http://prefect:4200/api icd-setup [--pool local-pool]
 
-Blocks with secrets (the registry's credentials and signing key, the Slack token, the webhook secret, the
-alerts' notification block) are the operator's to create, in the UI or in Python (``examples/local_env.py``
-shows every one); this command never sees a secret.
+``icd-setup blocks`` creates the blocks the flows load by name, the registry bucket, the results bucket and
+Terraform's lock table (each only if missing). Secrets come from the environment, never from arguments:
+``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``ICD_SLACK_TOKEN``, ``ICD_WEBHOOK_SECRET``. The registry's
+signing key is generated once and kept when the block already exists (a new key would orphan every record).
+
+    icd-setup blocks --bucket B [--s3-endpoint URL] [--region R] --slack-channel '#ops' [--slack-api-url URL]
+        --ui-url URL --consul-addr URL --alerts-url URL [--allow-private-alerts]
 """
 
 from __future__ import annotations
@@ -14,21 +18,38 @@ import argparse
 import contextlib
 import os
 import re
+import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect.automations import AutomationCore
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # ships no type information
+from pydantic import SecretStr
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
+from cli.inbound import SECRET_BLOCK
 from icd.paths import PROJECT_ROOT
+
+# The block names the flows and automations load by default (flow parameters can name others).
+REGISTRY_BLOCK = "registry"
+NOTIFIER_BLOCK = "ops-slack"
+CONSUL_BLOCK = "consul"
+ALERTS_BLOCK = "ops-alerts"
+# Task results (the cached steps a resumed deploy skips) live in S3, so a run can resume on any worker.
+RESULTS_BLOCK = "icd-results"
+STATE_LOCK_TABLE = "icd-terraform-locks"
 
 AUTOMATIONS_FILE = PROJECT_ROOT / "automations.yaml"
 _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
@@ -105,7 +126,138 @@ def setup(pool: str, project_dir: Path = PROJECT_ROOT, automations: Path = AUTOM
     return apply_automations(automations)
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where the flows' blocks point. The secrets are ``SecretStr`` from here on."""
+
+    bucket: str
+    aws_access_key_id: str
+    aws_secret_access_key: SecretStr
+    slack_token: SecretStr
+    slack_channel: str
+    prefect_ui_url: str
+    consul_addr: str
+    alerts_url: str
+    webhook_secret: SecretStr
+    region: str = "us-east-1"
+    s3_endpoint: str | None = None
+    slack_api_url: str = "https://slack.com/api/"
+    allow_private_alerts: bool = False  # a receiver on a private address (a local one in the walkthrough)
+
+    @property
+    def results_bucket(self) -> str:
+        return f"{self.bucket}-results"
+
+
+def save_blocks(site: Site) -> ArtifactRegistry:
+    """The blocks the flows load by name (``registry``, ``ops-slack``, ``consul``, ``github-webhook-secret``,
+    ``ops-alerts``, ``icd-results``) and the S3 buckets and DynamoDB table they need, each made if missing."""
+    credentials = AwsCredentials(
+        aws_access_key_id=site.aws_access_key_id,
+        aws_secret_access_key=site.aws_secret_access_key,
+        region_name=site.region,
+        aws_client_parameters=AwsClientParameters(endpoint_url=site.s3_endpoint),
+    )
+    s3 = credentials.get_s3_client()
+    for bucket in (site.bucket, site.results_bucket):
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
+            s3.create_bucket(Bucket=bucket)
+    create_lock_table(credentials, STATE_LOCK_TABLE)
+    registry = ArtifactRegistry(
+        bucket=site.bucket,
+        aws_credentials=credentials,
+        signing_key=_existing_signing_key() or SecretStr(secrets.token_urlsafe(32)),
+        state_lock_table=STATE_LOCK_TABLE,
+    )
+    registry.save(REGISTRY_BLOCK, overwrite=True)
+    # Task results in their own bucket: workers need them, the registry's readers don't.
+    S3Bucket(bucket_name=site.results_bucket, credentials=credentials).save(RESULTS_BLOCK, overwrite=True)
+    SlackNotifier(
+        credentials=SlackCredentials(token=site.slack_token),
+        channel=site.slack_channel,
+        api_url=site.slack_api_url,
+        prefect_ui_url=site.prefect_ui_url,
+    ).save(NOTIFIER_BLOCK, overwrite=True)
+    ConsulConnection(address=site.consul_addr, timeout_seconds=10).save(CONSUL_BLOCK, overwrite=True)
+    Secret(value=site.webhook_secret).save(SECRET_BLOCK, overwrite=True)
+    # Where critical-health automations send; operators may pick PagerDuty, Teams, e-mail... in the UI instead.
+    CustomWebhookNotificationBlock(
+        name=ALERTS_BLOCK,
+        url=site.alerts_url,
+        json_data={"text": "{{subject}}", "body": "{{body}}"},
+        headers=None,
+        cookies=None,
+        allow_private_urls=site.allow_private_alerts,
+    ).save(ALERTS_BLOCK, overwrite=True)
+    return registry
+
+
+def _existing_signing_key() -> SecretStr | None:
+    try:
+        existing = ArtifactRegistry.load(REGISTRY_BLOCK)
+    except ValueError:  # Prefect's "Unable to find block document named ..."
+        return None
+    return existing.signing_key if isinstance(existing, ArtifactRegistry) else None
+
+
+def create_lock_table(credentials: AwsCredentials, table: str) -> None:
+    """The DynamoDB table Terraform's S3 backend locks each workspace's state in (hash key ``LockID``)."""
+    dynamodb = credentials.get_client("dynamodb")
+    with contextlib.suppress(dynamodb.exceptions.ResourceInUseException):  # already there: fine
+        dynamodb.create_table(
+            TableName=table,
+            AttributeDefinitions=[{"AttributeName": "LockID", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "LockID", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+
+
+def _secret_from_env(name: str) -> SecretStr:
+    value = os.environ.get(name, "")
+    if not value:
+        raise SystemExit(f"icd-setup blocks: set ${name} (secrets are read from the environment, never argv)")
+    return SecretStr(value)
+
+
+def blocks_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="icd-setup blocks", description="Create the blocks the flows load.")
+    parser.add_argument("--bucket", required=True, help="the registry's S3 bucket (results go to BUCKET-results)")
+    parser.add_argument("--region", default="us-east-1")
+    parser.add_argument("--s3-endpoint", default=None, help="a non-AWS S3 endpoint (moto, MinIO)")
+    parser.add_argument("--slack-channel", required=True, help="#channel or channel ID")
+    parser.add_argument("--slack-api-url", default="https://slack.com/api/", help="Slack's Web API (or a stand-in)")
+    parser.add_argument("--ui-url", required=True, help="the Prefect UI's URL, for links in notifications")
+    parser.add_argument("--consul-addr", required=True, help="the Consul agent's HTTP API")
+    parser.add_argument("--alerts-url", required=True, help="where critical-health alerts are posted")
+    parser.add_argument("--allow-private-alerts", action="store_true", help="the alerts URL is on a private network")
+    args = parser.parse_args(argv)
+    site = Site(
+        bucket=args.bucket,
+        aws_access_key_id=_secret_from_env("AWS_ACCESS_KEY_ID").get_secret_value(),
+        aws_secret_access_key=_secret_from_env("AWS_SECRET_ACCESS_KEY"),
+        slack_token=_secret_from_env("ICD_SLACK_TOKEN"),
+        slack_channel=args.slack_channel,
+        prefect_ui_url=args.ui_url,
+        consul_addr=args.consul_addr,
+        alerts_url=args.alerts_url,
+        webhook_secret=_secret_from_env("ICD_WEBHOOK_SECRET"),
+        region=args.region,
+        s3_endpoint=args.s3_endpoint,
+        slack_api_url=args.slack_api_url,
+        allow_private_alerts=args.allow_private_alerts,
+    )
+    save_blocks(site)
+    print(
+        f"blocks saved: {REGISTRY_BLOCK}, {NOTIFIER_BLOCK}, {CONSUL_BLOCK}, {SECRET_BLOCK}, {ALERTS_BLOCK}, "
+        f"{RESULTS_BLOCK} (s3://{site.bucket}, s3://{site.results_bucket}, lock table {STATE_LOCK_TABLE})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["blocks"]:
+        return blocks_main(argv[1:])
     parser = argparse.ArgumentParser(prog="icd-setup", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--pool", default="local-pool", help="the process work pool (default: %(default)s)")
     args = parser.parse_args(argv)

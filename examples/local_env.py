@@ -7,6 +7,7 @@ Every process is started in its own process group and stopped with it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -17,26 +18,23 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import httpx
-from prefect.blocks.notifications import CustomWebhookNotificationBlock
-from prefect.blocks.system import Secret
-from prefect_aws import AwsCredentials
-from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # ships no type information
+from pydantic import SecretStr
 
-from blocks.consul import ConsulConnection
-from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
-from cli.inbound import SECRET_BLOCK
-from cli.setup import setup
+from cli.setup import RESULTS_BLOCK, Site, save_blocks, setup
 from icd.config import parse_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-STATE_LOCK_TABLE = "icd-terraform-locks"
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+# The PostgreSQL these machines run for teams (trust auth); a fresh database is made on it per server.
+POSTGRES_ADMIN_DSN = os.environ.get("ICD_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def free_port() -> int:
@@ -99,6 +97,7 @@ class PrefectServer:
     home: Path
     process: ManagedProcess
     env: dict[str, str] = field(default_factory=dict)
+    database: str = "sqlite"
 
     def stop(self) -> None:
         self.process.stop()
@@ -148,6 +147,7 @@ def start_prefect_server(
                     home=home,
                     process=process,
                     env=prefect_env(home, api_url),
+                    database="postgresql" if database_url else "sqlite",
                 )
         except httpx.HTTPError:
             pass
@@ -185,6 +185,36 @@ def start_worker(
         env={"PREFECT_WORKER_QUERY_SECONDS": "1", **server.env, **(env or {})},
         log_dir=server.home / "logs",
     )
+
+
+def postgres_available(dsn: str = POSTGRES_ADMIN_DSN) -> bool:
+    try:
+        asyncio.run(_postgres(dsn, "SELECT 1"))
+    except (OSError, asyncpg.PostgresError):
+        return False
+    return True
+
+
+def create_postgres_database(prefix: str = "icd", dsn: str = POSTGRES_ADMIN_DSN) -> str:
+    """A new, empty database on the team PostgreSQL; returns the URL the Prefect server is given."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_postgres(dsn, f'CREATE DATABASE "{name}"'))
+    base = dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{name}"
+
+
+def drop_postgres_database(url: str, dsn: str = POSTGRES_ADMIN_DSN) -> None:
+    """Drop a database made by ``create_postgres_database`` (its server stopped first)."""
+    name = url.rsplit("/", 1)[1]
+    asyncio.run(_postgres(dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _postgres(dsn: str, statement: str) -> None:
+    connection = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
 
 
 # --- the project's own set-up on that server: blocks, pool, deployments, an app repository ------------
@@ -236,41 +266,25 @@ def provision(
     alerts_url: str,
     webhook_secret: str = "",
 ) -> ArtifactRegistry:
-    """Create what an operator creates once: the bucket and the state lock table, the blocks the flows load
-    by name (with their secrets), then run ``icd-setup``: block types, work pool, the deployments of
-    ``prefect.yaml`` with their triggers, and the automations of ``automations.yaml``."""
-    credentials = AwsCredentials(
-        aws_access_key_id=services.aws_access_key_id,
-        aws_secret_access_key=services.aws_secret_access_key,
-        region_name="us-east-1",
-        aws_client_parameters={"endpoint_url": services.s3_endpoint},
-    )
-    credentials.get_s3_client().create_bucket(Bucket=services.bucket)
-    registry = ArtifactRegistry(
+    """Create what an operator creates once (``icd-setup blocks``: the buckets, the state lock table, the
+    blocks the flows load by name, with their secrets), then run ``icd-setup``: block types, work pool, the
+    deployments of ``prefect.yaml`` with their triggers, and the automations of ``automations.yaml``."""
+    site = Site(
         bucket=services.bucket,
-        aws_credentials=credentials,
-        # The seal of every registry record; generated once here, kept only in the block.
-        signing_key=secrets.token_urlsafe(32),
-        state_lock_table=STATE_LOCK_TABLE,
-    )
-    create_lock_table(credentials, STATE_LOCK_TABLE)
-    registry.save("registry", overwrite=True)
-    SlackNotifier(
-        credentials=SlackCredentials(token=services.slack_token),
-        channel="#ops",
-        api_url=services.slack_api_url,
+        aws_access_key_id=services.aws_access_key_id,
+        aws_secret_access_key=SecretStr(services.aws_secret_access_key),
+        slack_token=SecretStr(services.slack_token),
+        slack_channel="#ops",
         prefect_ui_url=server.ui_url,
-    ).save("ops-slack", overwrite=True)
-    ConsulConnection(address=services.consul_addr, timeout_seconds=10).save("consul", overwrite=True)
-    Secret(value=webhook_secret or secrets.token_urlsafe(32)).save(SECRET_BLOCK, overwrite=True)
-    # Where critical-health automations send; operators pick PagerDuty, Teams, e-mail... in the UI.
-    CustomWebhookNotificationBlock(
-        name="ops-alerts",
-        url=alerts_url,
-        json_data={"text": "{{subject}}", "body": "{{body}}"},
-        allow_private_urls=True,
-    ).save("ops-alerts", overwrite=True)
+        consul_addr=services.consul_addr,
+        alerts_url=alerts_url,
+        webhook_secret=SecretStr(webhook_secret or secrets.token_urlsafe(32)),
+        s3_endpoint=services.s3_endpoint,
+        slack_api_url=services.slack_api_url,
+        allow_private_alerts=True,
+    )
     with temporary_env({**server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)}):
+        registry = save_blocks(site)
         setup(pool)
     return registry
 
@@ -318,18 +332,6 @@ def _toml(value: object) -> str:
     return json.dumps(str(value))
 
 
-def create_lock_table(credentials: AwsCredentials, table: str) -> None:
-    """The DynamoDB table Terraform's S3 backend locks each workspace's state in (hash key ``LockID``)."""
-    dynamodb = credentials.get_client("dynamodb")
-    with contextlib.suppress(dynamodb.exceptions.ResourceInUseException):  # already there: fine
-        dynamodb.create_table(
-            TableName=table,
-            AttributeDefinitions=[{"AttributeName": "LockID", "AttributeType": "S"}],
-            KeySchema=[{"AttributeName": "LockID", "KeyType": "HASH"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-
-
 def worker_env(icd_home: Path, config: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A worker's environment: where runs keep their state, the pipeline config, the venv's tools first."""
     return {
@@ -337,6 +339,8 @@ def worker_env(icd_home: Path, config: Path, extra: Mapping[str, str] | None = N
         "ICD_CONFIG": str(config),
         # The library's own log lines (one per tool call, with its duration) go to the run log too.
         "PREFECT_LOGGING_EXTRA_LOGGERS": "icd",
+        # Results in S3 (provision() makes the block): a run suspended on one worker resumes on any other.
+        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"s3-bucket/{RESULTS_BLOCK}",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra or {}),
     }

@@ -1,12 +1,14 @@
 """build-artifact: a pushed commit becomes a registered, immutable artifact, announced to the loop.
 
-    resolve source -> (reuse this commit's build | Packer build -> register) -> icd.artifact.registered
+    resolve source -> pre-flight check -> (reuse this commit's build | Packer build -> register)
+    -> icd.artifact.registered
     -> icd.plan.requested for every workspace following latest
 
 Started by an ``icd.push.received`` event (the GitHub webhook, see ``cli/inbound.py``), by ``push-to-deploy``,
 or by hand. Where the code is and how it is built come from the namespace's entry in ``icd.toml``. A commit
 already built is reused, not rebuilt (immutable artifacts make that safe) and nothing is announced again.
-A failure is told to operators and fails the run; nothing is registered.
+A failure is told to operators and fails the run; nothing is registered. A service that breaks the service
+contract (``docs/service-contract.md``) fails at the pre-flight check, with every breach in the message.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tasks.announce import announce_registration
 from tasks.build import build_artifact as bake
 from tasks.build import find_existing_build, next_build_label
 from tasks.notify import notify
+from tasks.preflight import preflight_check
 from tasks.register import register_artifact
 from tasks.source import resolve_source
 
@@ -54,6 +57,8 @@ def build_artifact(
     run_id, run_name = str(flow_run.id), str(flow_run.name)
     try:
         source = resolve_source(config.repository, commit or ref, str(state_home() / "runs" / run_id / "src"))
+        # Every breach of the service contract, before anything is built (docs/service-contract.md).
+        preflight_check(registry, source, namespace=namespace)
         if not rebuild:
             found = find_existing_build(
                 registry, namespace, commit=source.commit, service_name=config.service_name, platform=platform

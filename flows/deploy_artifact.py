@@ -21,9 +21,11 @@ the suspension itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any, Literal, cast
 
 from prefect import flow, get_run_logger, task
@@ -43,27 +45,29 @@ from icd.deploy.apply import AppliedDeploy, StalePlan
 from icd.deploy.approval import (
     MAX_APPROVAL_ATTEMPTS,
     ApprovalDecision,
+    InvalidApproval,
     PlanApproval,
     approval_form,
     check_approval,
 )
 from icd.deploy.artifacts import artifact_for
-from icd.deploy.lock import LockHeld
+from icd.deploy.lock import LockHeld, WorkspaceLease
 from icd.deploy.plan import PlannedDeploy
 from icd.errors import DeployError
 from icd.notify.message import Notification, Severity
 from icd.paths import PROJECT_ROOT, state_home
 from icd.registry.models import ArtifactVersion, ChannelMoved
 from icd.rules import PLAN_AND_APPLY_MARGIN_SECONDS, Workspace
-from icd.text import one_line
-from tasks.announce import announce_channel_move
+from icd.service.contract import SERVICE_ID_OUTPUT, StackVariables
+from icd.text import one_line, operator_time
+from tasks.announce import announce_channel_move, announce_teardown
 from tasks.apply import apply_plan
 from tasks.approve import publish_plan
 from tasks.gate import close_window, gate_health, open_window
-from tasks.lock import lock_workspace, unlock_workspace
+from tasks.lock import lock_workspace, renew_workspace_lock, unlock_workspace
 from tasks.notify import notify
 from tasks.plan import plan_deploy
-from tasks.policies import ONCE_PER_RUN
+from tasks.policies import ONCE_PER_RUN, once_per_run
 from tasks.promote import promote_channel
 from tasks.record import record_deploy
 
@@ -86,6 +90,7 @@ class DeployContext:
     notifier: SlackNotifier
     consul: ConsulConnection
     notifier_block: str
+    teardown: bool = False  # destroy what the workspace runs, through the same plan-approve-apply path
 
     @property
     def run_url(self) -> str | None:
@@ -164,8 +169,15 @@ def deploy_artifact(
     registry_block: str = "registry",
     notifier_block: str = "ops-slack",
     consul_block: str = "consul",
+    teardown: Annotated[
+        bool,
+        Field(description="Destroy what the workspace runs instead (icd-registry teardown); approved like any plan."),
+    ] = False,
 ) -> State[Any]:
     """Plan ``version`` into ``workspace``, wait for approval, apply, gate on health, promote.
+
+    With ``teardown``, the plan destroys what the workspace runs (``version`` only fills the stack's
+    variables); it waits for approval and applies like any plan, then no gate and no promotion.
 
     Everything else (namespace, stack, service, platform, channels, approval and health settings) is the
     workspace's entry in ``icd.toml``.
@@ -186,13 +198,17 @@ def deploy_artifact(
         notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
         consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
         notifier_block=notifier_block,
+        teardown=teardown,
     )
-    lease = lock_workspace(
-        workspace,
-        run_id=ctx.run_id,
-        run_name=ctx.run_name,
-        lease_seconds=settings.approval_timeout_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
-        wait_seconds=settings.lock_wait_seconds,
+    lease = once_per_run(
+        "workspace-lock",
+        lambda: lock_workspace(
+            workspace,
+            run_id=ctx.run_id,
+            run_name=ctx.run_name,
+            lease_seconds=settings.approval_timeout_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
+            wait_seconds=settings.lock_wait_seconds,
+        ),
     )
     if isinstance(lease, LockHeld):
         holder = lease.holder.holder_name if lease.holder else "an unknown run"
@@ -204,6 +220,7 @@ def deploy_artifact(
     try:
         outcome = deploy_version(
             ctx,
+            lease,
             version,
             settings.approval_timeout_seconds,
             settings.health_deadline_seconds,
@@ -221,17 +238,18 @@ def deploy_artifact(
 
 
 def stack_variables(ctx: DeployContext, version: ArtifactVersion) -> dict[str, str]:
-    """What every stack is given (docs/service-contract.md)."""
-    return {
-        "artifact_id": artifact_for(version, ctx.platform),
-        "artifact_version": version.build_label,
-        "namespace": ctx.namespace,
-        "service_name": ctx.service_name,
-        "consul_addr": ctx.consul.address,
-        "deploy_run_id": ctx.run_id,
-        "workspace": ctx.workspace,
-        "instance_root": str(state_home() / "instances" / ctx.workspace),
-    }
+    """What every stack is given. Contract: docs/service-contract.md#stack-variables (the pre-flight check
+    reports a stack that doesn't declare one of them)."""
+    return StackVariables(
+        artifact_id=artifact_for(version, ctx.platform),
+        artifact_version=version.build_label,
+        namespace=ctx.namespace,
+        service_name=ctx.service_name,
+        consul_addr=ctx.consul.address,
+        deploy_run_id=ctx.run_id,
+        workspace=ctx.workspace,
+        instance_root=str(state_home() / "instances" / ctx.workspace),
+    ).as_vars()
 
 
 def plan(ctx: DeployContext, version: ArtifactVersion, *, plan_id: str) -> PlannedDeploy:
@@ -245,42 +263,69 @@ def plan(ctx: DeployContext, version: ArtifactVersion, *, plan_id: str) -> Plann
         promotes=ctx.promotes,
         variables=stack_variables(ctx, version),
         plan_id=plan_id,
+        destroy=ctx.teardown,
     )
 
 
-def deploy_version(
-    ctx: DeployContext,
-    number: int,
-    approval_timeout_seconds: int,
-    health_deadline_seconds: float,
-    rollback_on_unhealthy: bool,
-) -> Outcome:
+@dataclass(frozen=True)
+class AwaitingApproval:
+    """Everything the run needs after the approval wait, recorded once before the first suspension."""
+
+    version: ArtifactVersion
+    planned: PlannedDeploy
+    form_markdown: str
+    deadline: datetime
+
+
+def plan_and_ask(ctx: DeployContext, number: int, approval_timeout_seconds: int) -> AwaitingApproval | Outcome:
+    """Plan, publish the plan, fix the deadline and tell operators: what precedes the first suspension."""
     version = ctx.registry.registry().resolve_deployable(ctx.namespace, number)
     planned = plan(ctx, version, plan_id=ctx.run_id)
     view = planned.view
-    if not planned.has_changes:
-        message = f"{view.version_diff}: the plan has no changes; nothing to deploy"
+    # A teardown whose plan destroys no resource has nothing to do (outputs left in the state don't count).
+    if not planned.has_changes or (ctx.teardown and not view.destroy):
+        message = (
+            f"nothing of {ctx.namespace} runs in {ctx.workspace}; nothing to tear down"
+            if ctx.teardown
+            else f"{view.version_diff}: the plan has no changes; nothing to deploy"
+        )
         return Outcome("completed", "NothingToDeploy", f"Nothing to deploy to {ctx.workspace}", message, "info")
 
-    markdown = publish_plan(planned, run_url=ctx.run_url)
+    form_markdown = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.prefect_ui_url)
     deadline = approval_deadline(planned.plan_sha256, approval_timeout_seconds)
     ctx.tell(
         ctx.notice(
             f"Plan waiting for approval: {view.version_diff} on {ctx.workspace}",
-            f"{view.counts}. Approve or reject in the Prefect UI before {deadline:%Y-%m-%d %H:%M} UTC.",
+            f"{view.headline(ctx.workspace)}. Approve or reject in the Prefect UI before {operator_time(deadline)}.",
             "warning",
             facts={"artifact": view.version_diff, "plan sha256": planned.plan_sha256, "run": ctx.run_name},
             link_text="Review and approve",
             dedup_key=f"plan-{planned.plan_sha256}",
         ),
     )
-    decision = wait_for_approval(ctx, planned, markdown, deadline)
+    return AwaitingApproval(version, planned, form_markdown, deadline)
+
+
+def deploy_version(
+    ctx: DeployContext,
+    lease: WorkspaceLease,
+    number: int,
+    approval_timeout_seconds: int,
+    health_deadline_seconds: float,
+    rollback_on_unhealthy: bool,
+) -> Outcome:
+    # On a re-run after a resume this is read back, not replayed: no task runs, no log lines again.
+    asked = once_per_run("plan-and-ask", lambda: plan_and_ask(ctx, number, approval_timeout_seconds))
+    if isinstance(asked, Outcome):
+        return asked
+    version, planned, view = asked.version, asked.planned, asked.planned.view
+    decision = wait_for_approval(ctx, planned, asked.form_markdown, asked.deadline)
     record = {
         "artifact": view.version_diff,
         "plan sha256": planned.plan_sha256,
         "decided by": decision.approver,
         "comment": decision.comment or "-",
-        "decided at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "decided at": operator_time(datetime.now(UTC)),
         "run": ctx.run_url or ctx.run_id,
     }
     if not decision.approved:
@@ -288,13 +333,17 @@ def deploy_version(
         return Outcome(
             "cancelled", "Rejected", f"Plan rejected: {view.version_diff} on {ctx.workspace}", message, "info", record
         )
+    # The lease was sized for the approval wait; the apply, the gate and a rollback must not outlive it, however
+    # late the approval came.
+    renew_workspace_lock(lease, seconds=health_deadline_seconds + 2 * PLAN_AND_APPLY_MARGIN_SECONDS)
     return apply_and_gate(ctx, version, planned, decision, record, health_deadline_seconds, rollback_on_unhealthy)
 
 
 def suspend_for_approval(form: type[PlanApproval], *, deadline: datetime, key: str, message: str) -> PlanApproval:
     """``suspend_flow_run`` until ``deadline`` (fixed at the first suspension: a re-ask never extends it),
     with ``message`` as the suspended run's state message, so the run page says what it waits for."""
-    remaining = max(1, int((deadline - datetime.now(UTC)).total_seconds()))
+    # Rounded up: the server expires the wait no earlier than the deadline operators were told.
+    remaining = max(1, math.ceil((deadline - datetime.now(UTC)).total_seconds()))
     try:
         return suspend_flow_run(wait_for_input=form, timeout=remaining, key=key)
     except Pause as pause:
@@ -306,20 +355,19 @@ def suspend_for_approval(form: type[PlanApproval], *, deadline: datetime, key: s
         raise
 
 
-def wait_for_approval(
-    ctx: DeployContext, planned: PlannedDeploy, markdown: str, deadline: datetime
-) -> ApprovalDecision:
-    """Suspend until an operator answers; an answer that can't be acted on is reported and asked again."""
-    refusal = ""
-    waiting = f"Waiting for approval of {planned.view.headline(ctx.workspace)} until {deadline:%Y-%m-%d %H:%M} UTC"
-    for attempt in range(MAX_APPROVAL_ATTEMPTS):
-        form = approval_form(planned.plan_sha256, markdown, refusal=refusal)
-        status = f"Your previous answer was not accepted: {refusal} {waiting}" if refusal else waiting
-        answer = suspend_for_approval(form, deadline=deadline, key=f"approval-{attempt}", message=status)
-        checked = check_approval(answer, expected_sha256=planned.plan_sha256)
-        if isinstance(checked, ApprovalDecision):
-            return checked
-        refusal = checked.reason
+def ask_for_approval(
+    ctx: DeployContext,
+    planned: PlannedDeploy,
+    form: type[PlanApproval],
+    *,
+    deadline: datetime,
+    attempt: int,
+    status: str,
+) -> ApprovalDecision | InvalidApproval:
+    """One question: suspend, then check the answer; a refused one is logged and told once."""
+    answer = suspend_for_approval(form, deadline=deadline, key=f"approval-{attempt}", message=status)
+    checked = check_approval(answer, expected_sha256=planned.plan_sha256)
+    if isinstance(checked, InvalidApproval):
         get_run_logger().warning("approval %d not accepted: %s", attempt + 1, checked.reason)
         ctx.tell(
             ctx.notice(
@@ -330,6 +378,28 @@ def wait_for_approval(
                 link_text="Open the run",
             ),
         )
+    return checked
+
+
+def wait_for_approval(
+    ctx: DeployContext, planned: PlannedDeploy, markdown: str, deadline: datetime
+) -> ApprovalDecision:
+    """Suspend until an operator answers; an answer that can't be acted on is reported and asked again.
+
+    Each answered question is recorded (``once_per_run``), so the re-run after the next answer reads the
+    earlier verdicts instead of loading, logging and reporting them again.
+    """
+    refusal = ""
+    waiting = f"Waiting for approval: {planned.view.headline(ctx.workspace)}; answer before {operator_time(deadline)}"
+    for attempt in range(MAX_APPROVAL_ATTEMPTS):
+        form = approval_form(planned.plan_sha256, markdown, refusal=refusal)
+        # The run page shows the first 70 characters of a state message: the reason comes first.
+        status = f"Answer not accepted: {refusal}. {waiting}" if refusal else waiting
+        question = partial(ask_for_approval, ctx, planned, form, deadline=deadline, attempt=attempt, status=status)
+        checked = once_per_run(f"approval-{attempt}", question)
+        if isinstance(checked, ApprovalDecision):
+            return checked
+        refusal = checked.reason
     return ApprovalDecision(False, "push-to-deploy", "too many invalid approval answers", planned.plan_sha256)
 
 
@@ -342,6 +412,8 @@ def apply_and_gate(
     health_deadline_seconds: float,
     rollback_on_unhealthy: bool,
 ) -> Outcome:
+    if ctx.teardown:
+        return tear_down(ctx, planned, decision, record)
     view = planned.view
     previous = view.from_version  # the one source of "what ran before": the plan's view of the state
     from_label = ctx.registry.registry().get(ctx.namespace, previous).build_label if previous else ""
@@ -370,7 +442,8 @@ def apply_and_gate(
         gate = gate_health(
             ctx.consul,
             service_name=ctx.service_name,
-            service_id=str(applied.outputs["service_id"]) if applied.outputs.get("service_id") else None,
+            # Contract: docs/service-contract.md#stack-outputs (optional: without it the gate matches on Meta).
+            service_id=str(applied.outputs[SERVICE_ID_OUTPUT]) if applied.outputs.get(SERVICE_ID_OUTPUT) else None,
             deploy_run_id=ctx.run_id,
             deadline_seconds=health_deadline_seconds,
         )
@@ -385,6 +458,38 @@ def apply_and_gate(
         return promote(ctx, version, planned, decision, applied, gate.waited_seconds, record)
     finally:
         close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
+
+
+def tear_down(
+    ctx: DeployContext, planned: PlannedDeploy, decision: ApprovalDecision, record: dict[str, str]
+) -> Outcome:
+    """Apply the approved destroy plan. The stack's destroy step stops the instance and deregisters it from
+    Consul; nothing is gated (there is nothing left to be healthy) and no channel moves."""
+    applied = apply_plan(
+        ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
+    )
+    if isinstance(applied, StalePlan):
+        return Outcome(
+            "cancelled",
+            "StalePlan",
+            f"Stale teardown plan not applied on {ctx.workspace}",
+            f"{applied.reason}. Ask for the teardown again to plan afresh.",
+            "warning",
+            {"outcome": "stale plan, nothing applied", **record},
+        )
+    announce_teardown(
+        ctx.workspace, ctx.namespace, version=planned.view.from_version, by=decision.approver, run_id=ctx.run_id
+    )
+    return Outcome(
+        "completed",
+        "TornDown",
+        f"Tore down {ctx.workspace}",
+        f"{planned.view.version_diff} in {ctx.workspace}, approved by {decision.approver}. Remove the workspace "
+        "from icd.toml, or the next version plans it again.",
+        "success",
+        {"outcome": "torn down", **record, "applied in": f"{applied.duration_seconds:.1f}s"},
+        {"plan sha256": planned.plan_sha256},
+    )
 
 
 def promote(

@@ -35,6 +35,7 @@ from icd.rules import (
     check_namespace,
     check_ref,
 )
+from icd.service.contract import DEFAULT_PACKER_ONLY
 
 CONFIG_ENV = "ICD_CONFIG"
 DEFAULT_CONFIG = PROJECT_ROOT / "icd.toml"
@@ -51,7 +52,8 @@ class NamespaceConfig(_Strict):
     branches: list[str] = Field(default_factory=lambda: ["main"], description="Pushes to these branches build.")
     service_name: Name
     template_dir: str = "packer"
-    packer_only: list[str] = Field(default_factory=lambda: ["null.local_image"])
+    # Contract: docs/service-contract.md#sources-built (the pre-flight check reports an entry matching no source).
+    packer_only: list[str] = Field(default_factory=lambda: list(DEFAULT_PACKER_ONLY))
     repository_aliases: list[str] = Field(
         default_factory=list, description="Other names of the repository in webhooks: 'owner/repo', HTML URL."
     )
@@ -92,6 +94,11 @@ class WorkspaceConfig(_Strict):
     @property
     def namespace(self) -> str:
         return self.follows.partition("@")[0]
+
+    @property
+    def stack_path(self) -> Path:
+        """The stack directory: relative to the project, or absolute as written."""
+        return PROJECT_ROOT / self.stack
 
     @property
     def channel(self) -> str:

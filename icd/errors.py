@@ -141,6 +141,16 @@ class InvalidSourceError(InvalidInputError):
     """The git repository or ref can't be resolved."""
 
 
+class ContractBreachError(DeployError):
+    """A service's template, stack or workspace breaks the service contract (docs/service-contract.md).
+
+    Raised by the pre-flight check before anything is built; ``findings`` holds each breach's message."""
+
+    def __init__(self, message: str, *, findings: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.findings = tuple(findings)
+
+
 # --- consul and notifications -------------------------------------------------------------------------
 
 

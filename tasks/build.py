@@ -11,6 +11,7 @@ from icd.deploy.artifacts import LOCAL, BuiltArtifact, collect_artifacts
 from icd.deploy.source import SourceCheckout
 from icd.errors import ConflictError, PackerError, RegistryStorageError
 from icd.registry.models import ArtifactVersion
+from icd.service.contract import PackerVariables
 from icd.tools import packer
 from tasks.policies import ONCE_PER_RUN, retry_on
 
@@ -70,13 +71,15 @@ def build_artifact(
         raise PackerError(f"no Packer template directory {template_subdir!r} in {source.repo}@{source.ref}")
     result = packer.build(
         template_dir,
-        {
-            "namespace": namespace,
-            "version": build_label,
-            "commit": source.commit,
-            "output_dir": output_dir,
-            "service_name": service_name,
-        },
+        # Contract: docs/service-contract.md#packer-variables (the pre-flight check reports an undeclared one).
+        PackerVariables(
+            namespace=namespace,
+            version=build_label,
+            commit=source.commit,
+            output_dir=output_dir,
+            service_name=service_name,
+        ).as_vars(),
+        # Contract: docs/service-contract.md#sources-built (an empty list builds every source).
         only=only or None,
         timeout=BUILD_TIMEOUT_SECONDS,
         on_progress=logger.info,

@@ -15,6 +15,7 @@ from blocks.consul import ConsulConnection
 from icd.errors import ConsulError
 from icd.health.gate import HealthGateResult, wait_until_healthy
 from icd.health.windows import close_deploy_window, open_deploy_window
+from icd.service.contract import GATE_META_KEY
 
 
 @task(name="open-deploy-window", cache_policy=NO_CACHE)
@@ -59,7 +60,9 @@ def gate_health(
         consul.get_client(),
         service_name=service_name,
         service_id=service_id,
-        expect_meta={"deploy_run_id": deploy_run_id},
+        # Contract: docs/service-contract.md#consul-registration (the pre-flight check reports a stack that
+        # never hands the instance this value).
+        expect_meta={GATE_META_KEY: deploy_run_id},
         deadline_seconds=deadline_seconds,
     )
     logger = get_run_logger()

@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from icd.deploy import lock
 from icd.deploy.lock import LockHeld, WorkspaceLease
+from icd.text import operator_time
 from tasks.policies import ONCE_PER_RUN
 
 
@@ -24,7 +25,8 @@ def lock_workspace(
         wait_seconds=wait_seconds,
     )
     if isinstance(result, WorkspaceLease):
-        logger.info("holding workspace %s (lease %s until %s)", workspace, result.lease_id, result.expires_at)
+        until = operator_time(result.expires_at)
+        logger.info("holding workspace %s (lease %s until %s)", workspace, result.lease_id, until)
     return result
 
 
@@ -32,3 +34,10 @@ def lock_workspace(
 def unlock_workspace(lease: WorkspaceLease) -> None:
     lock.release(lease)
     get_run_logger().info("released workspace %s", lease.workspace)
+
+
+@task(name="renew-workspace-lock", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 9])
+def renew_workspace_lock(lease: WorkspaceLease, *, seconds: float) -> WorkspaceLease:
+    renewed = lock.renew(lease, seconds)
+    get_run_logger().info("holding workspace %s until %s", lease.workspace, operator_time(renewed.expires_at))
+    return renewed

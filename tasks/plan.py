@@ -53,6 +53,7 @@ def plan_deploy(
     promotes: str | None,
     variables: Mapping[str, str],
     plan_id: str,
+    destroy: bool = False,
 ) -> PlannedDeploy:
     planned = make_plan(
         registry=registry.registry(),
@@ -65,6 +66,7 @@ def plan_deploy(
         promotes=promotes,
         variables=variables,
         plan_id=plan_id,
+        destroy=destroy,
     )
     if planned.has_changes:
         get_run_logger().info("plan %s stored for %s", planned.plan_sha256, workspace)

@@ -4,6 +4,9 @@ stand-ins. Each test uses its own namespace, workspace and service, so they shar
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from datetime import datetime, timedelta
 from typing import Any
 
 import consul
@@ -97,6 +100,45 @@ def test_invalid_approval_is_asked_again_then_a_valid_one_applies(deploy_env: De
     assert _services(env, names.service_name) == []
     done = env.approve(run.id, names.workspace)
     assert done.state is not None and done.state.name == "Deployed"
+
+
+def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothing(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service(approval_timeout_seconds=900)
+    ws = names.workspace
+    run, _ = env.deploy_until_paused(names)
+    sha = env.plan_sha(ws, run.id)
+    paused = env.read(run.id).state
+    assert paused is not None and paused.state_details.pause_timeout is not None
+    deadline = paused.state_details.pause_timeout
+    told = re.search(r"answer before (.+ UTC)", paused.message or "")
+    assert told, paused.message
+    holder = workspace_lock.current_holder(ws)
+    assert holder is not None
+    assert datetime.fromisoformat(holder.expires_at) >= deadline + timedelta(minutes=5), "the lease covers the wait"
+    for attempt in (1, 2, 3):
+        env.answer(run.id, sha, approver=" \u200b ")  # nothing visible: refused, asked again
+        again = env.wait_for_pause(run.id, f"approval-{attempt}").state
+        assert again is not None and again.state_details.pause_timeout is not None
+        # Each re-ask waits only for what is left (rounded up to the second), so the deadline stays put.
+        assert abs(again.state_details.pause_timeout - deadline) < timedelta(seconds=1), attempt
+        wait_until(lambda: "not accepted" in env.state_message(run.id), timeout=30, message="no reason on the run")
+        assert f"answer before {told.group(1)}" in env.state_message(run.id), "the run names the same deadline"
+        assert workspace_lock.current_holder(ws) == holder, "the same lease still holds the workspace"
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(workspace_lock.limit_name(ws))
+        assert limit.active_slots == 1, "the server still counts the lease"
+    done = env.approve(run.id, ws)
+    assert done.state is not None and done.state.name == "Deployed", done.state
+    # Three refused answers and an approval re-ran the flow four times, yet every step before the wait ran
+    # once and none was replayed as Cached; each refusal was told once.
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
+    assert [t.name for t in tasks if t.state is None or t.state.name != "Completed"] == []
+    steps = Counter(t.name.rsplit("-", 1)[0] for t in tasks)
+    before_the_wait = ("lock-workspace", "plan-deploy", "publish-plan", "approval-deadline")
+    assert [steps[name] for name in before_the_wait] == [1, 1, 1, 1], steps
+    assert len(_slack_mentions(env, f"Approval not accepted for {ws}")) == 3
 
 
 def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -> None:

@@ -167,6 +167,57 @@ def test_a_revocation_tells_operators_which_workspace_runs_it(deploy_env: Deploy
     assert "CVE-2026-7" in told[0].text
 
 
+def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_then_empties_the_workspace(
+    deploy_env: DeployEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.registry import main as icd_registry
+    from icd.deploy import lock as workspace_lock
+
+    env = deploy_env
+    names = env.service()
+    run, version = env.deploy_until_paused(names)
+    assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    assert _instances(env, names.service_name), "deployed and registered"
+
+    argv = ["--block", "registry", "teardown", names.workspace, "--by", "ops", "--why", "retired"]
+    assert icd_registry(argv) == 0
+    assert "waits for approval" in capsys.readouterr().out
+    [teardown] = wait_until(
+        lambda: env.runs_of("deploy-artifact", workspace=names.workspace, teardown=True), timeout=120
+    )
+    env.wait_for(teardown.id, states={"PAUSED"})
+    assert f"Tear down {names.namespace} v{version} in {names.workspace}: 1 destroy" in env.state_message(teardown.id)
+    assert _instances(env, names.service_name), "nothing is destroyed before the approval"
+
+    done = env.approve(teardown.id, names.workspace, approver="carol")
+    assert (done.state.type.value, done.state.name) == ("COMPLETED", "TornDown"), done.state  # type: ignore[union-attr]
+    assert _instances(env, names.service_name) == [], "the instance stopped and left Consul"
+    assert workspace_lock.current_holder(names.workspace) is None
+    [requested] = wait_until(
+        lambda: stored_events("icd.teardown.requested", **{"icd.workspace": names.workspace}), timeout=30
+    )
+    assert (requested.payload["by"], requested.payload["reason"]) == ("ops", "retired")
+    [torn] = wait_until(
+        lambda: stored_events("icd.workspace.torn-down", **{"icd.workspace": names.workspace}), timeout=30
+    )
+    assert torn.payload["by"] == "carol"
+    assert icd_registry(argv) == 0, "asking again is harmless"
+    [again] = wait_until(
+        lambda: [
+            r for r in env.runs_of("deploy-artifact", workspace=names.workspace, teardown=True) if r.id != teardown.id
+        ],
+        timeout=120,
+    )
+    ended = env.wait_for(again.id, states=ENDED)
+    assert ended.state.name == "NothingToDeploy", ended.state  # type: ignore[union-attr]
+    assert "nothing to tear down" in env.state_message(again.id)
+
+
+def _instances(env: DeployEnv, service_name: str) -> list[Any]:
+    host, port = env.consul.address.rsplit(":", 1)
+    return list(consul.Consul(host=host, port=int(port)).health.service(service_name)[1])
+
+
 def test_a_health_transition_is_an_event_with_its_deploy_and_version_and_pages_through_the_automation(
     deploy_env: DeployEnv,
 ) -> None:

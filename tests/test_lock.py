@@ -34,6 +34,19 @@ def _ws() -> str:
 
 @pytest.mark.usefixtures("prefect_server")
 class TestWorkspaceLock:
+    def test_a_renewal_extends_the_lease_and_its_record_and_never_shortens_it(self) -> None:
+        ws = _ws()
+        lease = _acquire(ws, lease=120)
+        assert isinstance(lease, WorkspaceLease)
+        longer = workspace_lock.renew(lease, 3000)
+        assert longer.expires_at > lease.expires_at
+        assert workspace_lock.current_holder(ws) == longer, "operators see the new expiry"
+        assert workspace_lock.renew(longer, 60).expires_at == longer.expires_at, "a renewal never shortens"
+        assert isinstance(_acquire(ws, wait=0.5), LockHeld), "still held"
+        workspace_lock.release(longer)
+        with pytest.raises(WorkspaceLockError, match="could not renew"):
+            workspace_lock.renew(longer, 3000)
+
     def test_second_holder_waits_then_gets_it_after_release(self) -> None:
         ws = _ws()
         first = _acquire(ws)

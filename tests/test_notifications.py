@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 from prefect import flow
 from prefect_slack import SlackCredentials
@@ -14,7 +15,7 @@ from blocks.notifier import SlackNotifier
 from icd.errors import NotificationError, TransientNotificationError
 from icd.notify.message import Notification, NotificationReceipt, Severity, redact_notification, redact_text
 from icd.notify.slack import render_slack_message
-from standins.slack import SlackStandIn
+from standins.slack import RECEIVED_PATH, SlackStandIn
 from tasks.notify import notify
 from tests.plugins.slack import SLACK_TEST_TOKEN
 
@@ -162,6 +163,31 @@ def test_send_posts_one_message_with_rendered_blocks_and_text(
     assert receipt == NotificationReceipt(channel=message.channel_id, ts=message.ts)
     assert "http://127.0.0.1:4200/runs/flow-run/1234" in str(message.blocks)
     assert slack_standin.call_count("chat.postMessage") == 1
+
+
+def test_the_standin_tells_over_http_what_an_operator_reads(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    """What the demo prints: ``GET /_standin/received`` renders messages as Slack draws them."""
+    slack_notifier.sender().send(
+        Notification(
+            "Plan waiting for approval",
+            "Approve *before* 20:29 <!channel>",
+            "warning",
+            fields={"workspace": "staging"},
+            link_url=slack_notifier.flow_run_url("1234"),
+            link_text="Review and approve",
+        )
+    )
+    slack_standin.wait_for_messages(1)
+    [message] = httpx.get(f"{slack_standin.base_url}{RECEIVED_PATH}", timeout=10).json()["messages"]
+    assert message["rendered"].splitlines() == [
+        "\u26a0\ufe0f Plan waiting for approval",
+        "Approve before 20:29 <!channel>",  # shown as typed: the sender escaped it, so it never pinged
+        "workspace: staging",
+        "[Review and approve] http://127.0.0.1:4200/runs/flow-run/1234",
+        "severity: warning",
+    ]
 
 
 def test_token_and_extra_secrets_are_redacted_in_what_slack_receives(

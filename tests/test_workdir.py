@@ -11,7 +11,7 @@ from typing import Any
 import boto3
 import pytest
 
-from examples.local_env import create_lock_table
+from cli.setup import create_lock_table
 from icd.deploy.workdir import StateBackend, open_terraform
 from icd.errors import StateLockedError
 from icd.tools.terraform import Terraform

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from icd.errors import ArtifactIntegrityError, PackerError
 from icd.registry.models import ArtifactVersion
+from icd.service.contract import IMAGE_PATH_KEY, LOCAL_IMAGE_BUILDERS
 from icd.tools.packer import PackerBuild
 
 LOCAL = "local"
@@ -47,8 +48,9 @@ def collect_artifacts(build: PackerBuild) -> tuple[str, dict[str, str], dict[str
     builder_types: list[str] = []
     for entry in build.builds:
         builder_types.append(entry.builder_type)
-        image_path = entry.custom_data.get("image_path")
-        if image_path and entry.builder_type in {"null", "file"}:
+        # Contract: docs/service-contract.md#manifest (the pre-flight check reports a manifest without it).
+        image_path = entry.custom_data.get(IMAGE_PATH_KEY)
+        if image_path and entry.builder_type in LOCAL_IMAGE_BUILDERS:
             path = Path(image_path)
             if not path.is_file():
                 raise PackerError(f"the build reported image {path} but no such file exists")
@@ -59,7 +61,7 @@ def collect_artifacts(build: PackerBuild) -> tuple[str, dict[str, str], dict[str
     if not artifacts:
         raise PackerError(
             "the build produced no artifact ids: a local image must be named in the manifest's "
-            "custom_data.image_path (see docs/service-contract.md)"
+            "custom_data.image_path (see docs/service-contract.md#manifest)"
         )
     return "+".join(sorted(set(builder_types))), artifacts, digests
 

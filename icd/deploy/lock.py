@@ -24,14 +24,19 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+    VariableCreate,
+    VariableUpdate,
+)
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.variables import Variable
@@ -154,8 +159,27 @@ def acquire(
         acquired_at=acquired_at.isoformat(),
         expires_at=(acquired_at + timedelta(seconds=lease_seconds)).isoformat(),
     )
-    Variable.set(_record_name(workspace), json.dumps(asdict(lease)), overwrite=True)
+    _write_record(lease)
     return lease
+
+
+def _write_record(lease: WorkspaceLease) -> None:
+    """Record the holder. Create-or-update by hand: ``Variable.set(overwrite=True)`` reads, then updates,
+    and a previous holder's release deleting its record in between made the update fail with a 404."""
+    name = _record_name(lease.workspace)
+    value = json.dumps(asdict(lease))
+    with get_client(sync_client=True) as client:
+        for _ in range(5):
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_variable(VariableCreate(name=name, value=value))
+                return
+            try:
+                client.update_variable(VariableUpdate(name=name, value=value))
+                return
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise WorkspaceLockError(f"could not record the holder of {lease.workspace!r}: {exc}") from exc
+    raise WorkspaceLockError(f"the holder record of {lease.workspace!r} kept vanishing; is someone breaking locks?")
 
 
 TERMINAL_STATES = frozenset({StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED})
@@ -192,6 +216,25 @@ def _reclaim_from_finished_holder(workspace: str, client: SyncPrefectClient) -> 
     return True
 
 
+def renew(lease: WorkspaceLease, seconds: float) -> WorkspaceLease:
+    """Extend the lease to ``seconds`` from now (never shorter than it is), and record the new expiry."""
+    now = datetime.now(UTC)
+    expires = max(datetime.fromisoformat(lease.expires_at), now + timedelta(seconds=max(seconds, MIN_LEASE_SECONDS)))
+    if expires - now > timedelta(seconds=MAX_LEASE_SECONDS):
+        raise WorkspaceLockError(f"a lease of {seconds:.0f}s is longer than Prefect allows ({MAX_LEASE_SECONDS}s)")
+    with get_client(sync_client=True) as client:
+        try:
+            client.renew_concurrency_lease(UUID(lease.lease_id), lease_duration=(expires - now).total_seconds())
+        except httpx.HTTPStatusError as exc:
+            raise WorkspaceLockError(
+                f"could not renew the lock on {lease.workspace!r} (lease {lease.lease_id}): {exc}; it may have "
+                "expired, so another deploy could hold the workspace"
+            ) from exc
+    renewed = replace(lease, expires_at=expires.isoformat())
+    _write_record(renewed)
+    return renewed
+
+
 def _release_lease(lease_id: str) -> None:
     with get_client(sync_client=True) as client:
         try:
@@ -202,11 +245,15 @@ def _release_lease(lease_id: str) -> None:
 
 
 def release(lease: WorkspaceLease) -> None:
-    """Idempotent: releasing an expired or already released lease is not an error."""
-    _release_lease(lease.lease_id)
+    """Idempotent: releasing an expired or already released lease is not an error.
+
+    The record goes first, while the slot is still ours: once the lease is released the next holder may
+    write its own record, which must not be deleted as ours.
+    """
     holder = current_holder(lease.workspace)
     if holder is not None and holder.lease_id == lease.lease_id:
         Variable.unset(_record_name(lease.workspace))
+    _release_lease(lease.lease_id)
 
 
 def break_lock(workspace: str, *, force: bool = False) -> WorkspaceLease | None:

@@ -9,7 +9,7 @@ image is verified against its registered digest before Terraform ever sees it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from icd.deploy.artifacts import verify_image
@@ -92,6 +92,8 @@ def make_plan(
         channel_version=promoted.version if promoted else None,
         find_version=lambda found: registry.find_by_artifact_id(version.namespace, found),
     )
+    if destroy:
+        view = replace(view, teardown=True)
     has_changes = result.has_changes and plan.has_changes
     if has_changes:
         stored = plans.put(

@@ -16,9 +16,14 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from icd.registry.s3 import S3Objects
 from icd.tools.process import LineSink
 from icd.tools.terraform import Terraform
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 PLAN_FILENAME = "deploy.tfplan"
 BACKEND_OVERRIDE = "icd_backend_override.tf"
@@ -38,9 +43,17 @@ class StateBackend:
     lock_table: str | None = None
     dynamodb_endpoint: str | None = None
 
+    def state_key(self, workspace: str) -> str:
+        """The S3 key of ``workspace``'s state: one state per workspace, so one service per workspace.
+        Contract: docs/service-contract.md#one-service-per-workspace (the pre-flight check reads it)."""
+        return f"{self.key_prefix}state/{workspace}.tfstate"
+
+    def state_url(self, workspace: str) -> str:
+        return f"s3://{self.bucket}/{self.state_key(workspace)}"
+
     def config(self, workspace: str) -> dict[str, str]:
         """``-backend-config`` pairs for one workspace's state."""
-        config = {"bucket": self.bucket, "key": f"{self.key_prefix}state/{workspace}.tfstate", "region": self.region}
+        config = {"bucket": self.bucket, "key": self.state_key(workspace), "region": self.region}
         if self.lock_table:
             config["dynamodb_table"] = self.lock_table
         if self.endpoint:
@@ -55,6 +68,16 @@ class StateBackend:
         if self.dynamodb_endpoint:
             config["dynamodb_endpoint"] = self.dynamodb_endpoint
         return config
+
+
+def fetch_state(s3_client: S3Client, backend: StateBackend, workspace: str) -> bytes | None:
+    """The state document of ``workspace`` as the S3 backend stored it; None when it has none yet.
+
+    Read directly, not through ``terraform state pull``: the pre-flight check reads it before anything runs,
+    without a working directory or Terraform's state lock (a read needs neither).
+    """
+    stored = S3Objects(s3_client, backend.bucket).read(backend.state_key(workspace))
+    return None if stored is None else stored.body
 
 
 def prepare_workdir(stack_dir: Path, workdir: Path) -> Path:

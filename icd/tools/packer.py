@@ -351,7 +351,7 @@ def build(
         raise PackerError(
             f"packer build succeeded but wrote no manifest to {manifest_path}: the build block has no "
             f'`post-processor "manifest" {{}}`, or it sets `output` (leave it out so the manifest lands at '
-            f"{MANIFEST_FILENAME}); see docs/service-contract.md",
+            f"{MANIFEST_FILENAME}); see docs/service-contract.md#manifest",
             argv=completed.argv,
             exit_code=completed.returncode,
         )

@@ -204,7 +204,8 @@ def run_command(
         raise ToolOutputHeldError(
             f"{name} exited with code {proc.returncode}, but {who} still holds its output open "
             f"{drain_seconds:.0f}s later. A daemon started by a provisioner must not inherit the tool's "
-            "stdout/stderr: redirect them (`> app.log 2>&1 < /dev/null`). See docs/service-contract.md.",
+            "stdout/stderr: redirect them (`> app.log 2>&1 < /dev/null`). "
+            "See docs/service-contract.md#detached-daemons.",
             argv=shown,
             exit_code=proc.returncode,
             stderr_tail=last_lines("".join(err_lines)),

@@ -20,8 +20,14 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun, Log
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 
@@ -243,6 +249,26 @@ class DeployEnv:
             "Slack token": SLACK_TOKEN,
             "webhook secret": WEBHOOK_SECRET,
         }
+
+    def logs(self, flow_run_id: Any) -> list[Log]:
+        """Every log line of a run, oldest first."""
+        found: list[Log] = []
+        with get_client(sync_client=True) as client:
+            while True:
+                page = client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                    limit=200,
+                    offset=len(found),
+                )
+                found += page
+                if len(page) < 200:
+                    return sorted(found, key=lambda log: log.timestamp)
+
+    def add_worker(self, name: str) -> ManagedProcess:
+        """One more process worker on the pool, as a second machine would run it."""
+        worker = start_worker(self.server, POOL, env=self.worker_env, name=name)
+        self.workers.append(worker)
+        return worker
 
     def restart_worker(self) -> None:
         self.worker.stop()

@@ -1,7 +1,10 @@
-"""A real Prefect server (SQLite, fresh PREFECT_HOME) started once per test session.
+"""A real Prefect server with a fresh PREFECT_HOME, started once per test session.
 
-Tests that talk to Prefect (blocks, locks, flows, deployments) share it; the test process's own client is
-pointed at it with ``temporary_settings`` for the whole session.
+It runs on the team set-up of ``docs/operations.md``: a fresh database on the machine's PostgreSQL
+(``ICD_POSTGRES_DSN``, default ``postgresql://postgres@127.0.0.1:5432/test``), or SQLite where no PostgreSQL
+answers (``PrefectServer.database`` says which). Tests that talk to Prefect (blocks, locks, flows,
+deployments) share it; the test process's own client is pointed at it with ``temporary_settings`` for the
+whole session.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-from examples.local_env import PrefectServer, start_prefect_server
+from examples.local_env import (
+    PrefectServer,
+    create_postgres_database,
+    drop_postgres_database,
+    postgres_available,
+    start_prefect_server,
+)
 
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     home: Path = tmp_path_factory.mktemp("prefect-home")
-    server = start_prefect_server(home)
+    database_url = create_postgres_database("icd_test") if postgres_available() else None
+    server = start_prefect_server(home, database_url=database_url)
     # Threads (the flow engine's among them) don't inherit the settings context; without the environment
     # they would each start an empty ephemeral server.
     try:
@@ -29,3 +39,5 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
                 yield server
     finally:
         server.stop()
+        if database_url:
+            drop_postgres_database(database_url)

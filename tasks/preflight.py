@@ -1,0 +1,39 @@
+"""Step 1b: the pre-flight check. The service's template, its stacks and its workspaces' states against the
+service contract (docs/service-contract.md), before anything is built: every breach at once, in the run's
+state message and in the notification, instead of one at a time from Packer, Terraform or the health gate."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from blocks.registry import ArtifactRegistry
+from icd.config import load_config
+from icd.deploy.source import SourceCheckout
+from icd.errors import RegistryStorageError
+from icd.service.preflight import breach_error, check_service, service_under_check
+from tasks.policies import ONCE_PER_RUN, retry_on
+
+
+# Retried only for S3 (reading the states); a breach is the same breach on every try.
+@task(
+    name="preflight-check",
+    persist_result=True,
+    cache_policy=ONCE_PER_RUN,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+    retry_condition_fn=retry_on(RegistryStorageError),
+)
+def preflight_check(registry: ArtifactRegistry, source: SourceCheckout, *, namespace: str) -> int:
+    """Raises ``ContractBreachError`` listing every breach; returns how many workspaces were checked."""
+    service = service_under_check(load_config(), namespace, source.path, read_state=registry.workspace_state)
+    findings = check_service(service)
+    if findings:
+        raise breach_error(namespace, findings)
+    workspaces = [target.workspace for target in service.workspaces]
+    get_run_logger().info(
+        "pre-flight: %s@%s honours the service contract (template; workspaces: %s)",
+        namespace,
+        source.commit[:12],
+        ", ".join(workspaces) or "none follows it yet",
+    )
+    return len(workspaces)
