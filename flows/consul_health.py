@@ -1,9 +1,15 @@
 """The scheduled Consul health flow: watch for a window, alert every transition once, publish current health.
 
-No blind gaps: the deployment runs every 10 minutes and watches for 11, so the next run is watching before
-the last one stops (its process starts in a few seconds). While two overlap, the CAS-written state in Consul
-KV keeps them from alerting the same transition twice (see ``icd/health/state.py``). Inside a window a change
-is seen at once through a blocking query, so a check failing reaches Slack in a few HTTP round trips.
+No blind gaps: the deployment runs every 10 minutes and watches for 11, so the next run is normally watching
+before the last one stops. A late next run (a busy worker, a restart, a server outage) is covered too: past
+its window a scheduled run watches on until the next one is watching, for at most ``max_overtime_seconds``
+(``icd/health/handover.py``). While two overlap, the CAS-written state in Consul KV keeps them from alerting
+the same transition twice (see ``icd/health/state.py``). Inside a window a change is seen at once through a
+blocking query, so a check failing reaches Slack in a few HTTP round trips.
+
+Paused means stopped: a run the schedule created before its deployment was paused (``update_deployment
+(paused=True)`` leaves those behind; only ``pause_deployment`` deletes them) ends without watching, and a
+run in overtime stops as soon as the deployment is paused.
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import cast
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
 from icd.errors import ConsulError
 from icd.health.config import WatchConfig
-from tasks.watch import publish_health, report_sight, watch_health
+from tasks.watch import publish_health, report_sight, scheduled_run, watch_health
 
 
 def build_watch_config(
@@ -50,13 +56,20 @@ def consul_health(
     thresholds: dict[str, float] | None = None,
     reminder_minutes: float = 60,
     min_round_seconds: float = 0.2,
+    max_overtime_seconds: float = 600,
 ) -> dict[str, int]:
     """Watch Consul health for ``window_seconds`` and notify every transition through the notifier block.
 
     ``ignore_*`` take glob patterns; ``thresholds`` maps a service name or glob to the seconds a new
-    status must persist before it alerts (flap damping). Returns counts of rounds, alerts and CAS
-    conflicts; raises ``ConsulError`` when Consul fails (an unsent alert stays in the persisted outbox).
+    status must persist before it alerts (flap damping). A scheduled run watches past its window until the
+    next run is watching, for at most ``max_overtime_seconds`` (0: never). Returns counts of rounds, alerts,
+    CAS conflicts and seconds of overtime; raises ``ConsulError`` when Consul fails (an unsent alert stays in
+    the persisted outbox).
     """
+    scheduled = scheduled_run()
+    if scheduled is not None and not scheduled.deployment_active():
+        get_run_logger().info("The deployment is paused: this run, scheduled before that, ends without watching")
+        return {"rounds": 0, "alerts_sent": 0, "alerts_recorded": 0, "conflicts": 0, "overtime_seconds": 0}
     config = build_watch_config(
         ignore_services=ignore_services,
         ignore_checks=ignore_checks,
@@ -73,6 +86,8 @@ def consul_health(
             window_seconds=window_seconds,
             watch_name=watch_name,
             min_round_seconds=min_round_seconds,
+            scheduled=scheduled,
+            max_overtime_seconds=max_overtime_seconds,
         )
     except ConsulError as exc:
         report_sight(notifier, watch_name, error=str(exc), notifier_block=notifier_block)
@@ -84,4 +99,5 @@ def consul_health(
         "alerts_sent": report.alerts_sent,
         "alerts_recorded": report.alerts_recorded,
         "conflicts": report.conflicts,
+        "overtime_seconds": round(report.overtime_seconds),
     }

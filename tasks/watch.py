@@ -4,11 +4,16 @@ message; the table artifact shows current health."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import consul
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.runtime import deployment, flow_run
 from prefect.variables import Variable
 
 from blocks.consul import ConsulConnection
@@ -16,6 +21,7 @@ from blocks.notifier import SlackNotifier
 from icd import events
 from icd.health.config import WatchConfig
 from icd.health.engine import Alert
+from icd.health.handover import HandOver
 from icd.health.render import health_table
 from icd.health.watch import WatchReport, watch
 from icd.notify.message import Notification
@@ -47,6 +53,46 @@ def emit_transitions(alerts: Sequence[Alert]) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ScheduledRun:
+    """This flow run, when its deployment's schedule started it (not a manual or direct run)."""
+
+    run_id: str
+    deployment_id: uuid.UUID
+
+    def deployment_active(self) -> bool:
+        """Whether the schedule still starts runs: the deployment is not paused and a schedule is active.
+
+        When the Prefect API can't say, True: a watch that goes on is safer than one that stops.
+        """
+        try:
+            with get_client(sync_client=True) as client:
+                found = client.read_deployment(self.deployment_id)
+        except Exception as exc:  # noqa: BLE001  # any API failure means "unknown", not "stop watching"
+            get_run_logger().warning("Could not read the deployment (%s); assuming its schedule runs on", exc)
+            return True
+        return not found.paused and any(schedule.active for schedule in found.schedules)
+
+
+def scheduled_run() -> ScheduledRun | None:
+    """This run, if the schedule of a deployment created it; None for a manual run or a direct call."""
+    run_id, deployment_id = flow_run.id, deployment.id
+    if not run_id or not deployment_id:
+        return None
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(uuid.UUID(run_id))
+    return ScheduledRun(run_id, uuid.UUID(str(deployment_id))) if run.auto_scheduled else None
+
+
+def hand_over(
+    client: consul.Consul, watch_name: str, run: ScheduledRun | None, max_overtime_seconds: float
+) -> HandOver | None:
+    """A scheduled run hands over to the next one (see ``icd/health/handover.py``); other runs just end."""
+    if run is None or max_overtime_seconds <= 0:
+        return None
+    return HandOver(client, watch_name, run.run_id, run.deployment_active, max_overtime_seconds)
+
+
 @task(name="watch-health", cache_policy=NO_CACHE)
 def watch_health(
     consul: ConsulConnection,
@@ -56,9 +102,12 @@ def watch_health(
     window_seconds: float,
     watch_name: str,
     min_round_seconds: float = 0.2,
+    scheduled: ScheduledRun | None = None,
+    max_overtime_seconds: float = 0.0,
 ) -> WatchReport:
+    client = consul.get_client()
     return watch(
-        consul.get_client(),
+        client,
         notifier.sender(),
         config,
         window_seconds,
@@ -67,6 +116,7 @@ def watch_health(
         deploy_run_url=notifier.flow_run_url,
         on_alerts=emit_transitions,
         min_round_seconds=min_round_seconds,
+        hand_over=hand_over(client, watch_name, scheduled, max_overtime_seconds),
     )
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
+import random
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,8 +23,9 @@ from flows.consul_health import consul_health
 from icd.errors import ConsulError
 from icd.health.config import WatchConfig
 from icd.health.engine import Alert, WatchState, evaluate, next_wakeup
+from icd.health.handover import HandOver
 from icd.health.render import alert_notification
-from icd.health.snapshot import CheckHealth, HealthSnapshot, InstanceHealth, parse_health_state
+from icd.health.snapshot import CheckHealth, HealthSnapshot, HealthStateParser, InstanceHealth, parse_health_state
 from icd.health.state import HealthStateStore, decode_state, encode_state
 from icd.health.watch import WatchReport, watch
 from icd.health.windows import DeployWindow, close_deploy_window, open_deploy_window, read_deploy_windows
@@ -294,6 +299,137 @@ def test_dedup_key_identifies_one_transition() -> None:
     assert first.dedup_key == "status:node-1/web-1:passing->critical@77"
 
 
+# --- the shortcut under churn: diff only what changed, and find what a full diff finds --------------------
+
+
+def random_snapshot(rng: random.Random, index: int) -> HealthSnapshot:
+    """Up to 8 instances of 2 services on 2 nodes, each present or not, with random checks and maintenance."""
+    instances = []
+    for service in ("web", "db"):
+        for node in ("node-1", "node-2"):
+            for n in (1, 2):
+                if rng.random() < 0.2:
+                    continue  # absent this time: it disappears, or appears later
+                sid = f"{service}-{node[-1]}{n}"
+                extra = (MAINT.__class__(f"_service_maintenance:{sid}", "maint", "critical", ""),)
+                instances.append(
+                    instance(
+                        service,
+                        sid,
+                        node,
+                        rng.choice(["passing", "passing", "warning", "critical"]),
+                        extra=extra if rng.random() < 0.15 else (),
+                    )
+                )
+    meta = {i.key: {"artifact_version": f"v{rng.randrange(3)}"} for i in instances if rng.random() < 0.2}
+    return snap(*instances, index=index, meta=meta)
+
+
+def by_key(alert: Alert) -> str:
+    return alert.dedup_key
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluating_only_the_changed_instances_finds_what_a_full_diff_finds(seed: int) -> None:
+    rng = random.Random(seed)  # noqa: S311  # reproducible test tables, not secrets
+    config = WatchConfig(
+        thresholds={"db": 20}, reminder_interval=timedelta(seconds=90), ignore_nodes=("*-2",) * (seed % 2)
+    )
+    window = {"web": DeployWindow("run-9", "v1", "v2", until=T0 + timedelta(minutes=30))}
+    full = short = WatchState()
+    before = snap(index=0)
+    now = T0
+    for step in range(200):
+        now += timedelta(seconds=rng.choice([0, 1, 5, 25, 60]))
+        after = random_snapshot(rng, step + 1) if rng.random() < 0.7 else dataclasses.replace(before, meta={})
+        changed = {
+            k for k in {*before.instances, *after.instances} if before.instances.get(k) != after.instances.get(k)
+        }
+        windows = window if step % 3 else NO_WINDOWS
+        full_alerts, full = evaluate(full, after, now, config, windows)
+        short_alerts, short = evaluate(short, after, now, config, windows, changed=changed)
+        # The same alerts; their order within a round may differ (records are kept in another order).
+        assert sorted(short_alerts, key=by_key) == sorted(full_alerts, key=by_key), f"step {step}"
+        assert short == full, f"step {step}"
+        before = after
+
+
+class ConsulChecks:
+    """A check table as Consul keeps it: rows with the index of their last change, a table index."""
+
+    def __init__(self) -> None:
+        self.index = 1
+        self.rows: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def put(self, node: str, check_id: str, status: str, service_id: str = "") -> None:
+        self.index += 1
+        row = self.rows.get((node, check_id), {"CreateIndex": self.index})
+        self.rows[(node, check_id)] = {
+            **row,
+            "Node": node,
+            "CheckID": check_id,
+            "Name": check_id,
+            "Status": status,
+            "Output": f"{status} at {self.index}",
+            "ServiceID": service_id,
+            "ServiceName": service_id.split("-")[0] if service_id else "",
+            "ModifyIndex": self.index,
+        }
+
+    def delete(self, key: tuple[str, str]) -> None:
+        self.index += 1
+        del self.rows[key]
+
+    def answer(self) -> tuple[int, list[dict[str, Any]]]:
+        return self.index, [dict(row) for row in self.rows.values()]
+
+
+def comparable(snapshot: HealthSnapshot) -> dict[str, tuple[str, str, str, list[CheckHealth]]]:
+    return {
+        key: (i.node, i.service_id, i.service_name, sorted(i.checks, key=lambda c: c.check_id))
+        for key, i in snapshot.instances.items()
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_parser_reparses_only_changed_rows_and_matches_a_fresh_parse(seed: int) -> None:
+    rng = random.Random(seed)  # noqa: S311  # reproducible test tables, not secrets
+    table = ConsulChecks()
+    for node in ("n1", "n2", "n3"):
+        table.put(node, "serfHealth", "passing")
+        for n in range(4):
+            for c in range(3):
+                table.put(node, f"c{c}-{node}-svc{n}", "passing", f"svc{n}-{node}")
+    parser = HealthStateParser()
+    previous = parser.parse(*table.answer()).snapshot
+    diffed = 0
+    for _ in range(300):
+        for _change in range(rng.choice([0, 1, 1, 3])):
+            roll = rng.random()
+            key = rng.choice(list(table.rows))
+            if roll < 0.7:
+                table.put(*key, rng.choice(["passing", "warning", "critical"]), table.rows[key]["ServiceID"])
+            elif roll < 0.8:
+                table.put(key[0], f"new-{table.index}", "critical", f"svc{rng.randrange(6)}-{key[0]}")
+            elif roll < 0.9:
+                table.delete(key)
+            else:
+                table.put(key[0], "serfHealth", rng.choice(["passing", "critical"]))
+        parsed = parser.parse(*table.answer())
+        fresh = parse_health_state(*table.answer())
+        assert comparable(parsed.snapshot) == comparable(fresh)
+        if parsed.changed is not None:
+            diffed += 1
+            moved = {
+                k
+                for k in {*previous.instances, *fresh.instances}
+                if comparable(previous).get(k) != comparable(fresh).get(k)
+            }
+            assert moved <= parsed.changed
+        previous = parsed.snapshot
+    assert diffed > 150  # most answers were diffed, not parsed afresh
+
+
 # --- against the stand-ins ----------------------------------------------------------------------------
 
 
@@ -307,16 +443,39 @@ def register_ttl(agent: consul.Consul, service_id: str, *, version: str = "v1", 
     return f"ttl-{service_id}"
 
 
+@dataclass(frozen=True)
+class Scheduled:
+    """A watch run as the schedule starts it: its run id, whether a next run is expected, its overtime cap."""
+
+    run_id: str
+    successor_expected: Callable[[], bool] = lambda: True
+    max_overtime_seconds: float = 60.0
+
+
 class WatchThread:
-    def __init__(self, http_addr: str, notifier: SlackNotifier, window: float, config: WatchConfig | None = None):
+    def __init__(
+        self,
+        http_addr: str,
+        notifier: SlackNotifier,
+        window: float,
+        config: WatchConfig | None = None,
+        scheduled: Scheduled | None = None,
+    ):
         self.counting = CountingClient(http_addr)
         self.report: WatchReport | None = None
         self.error: BaseException | None = None
         self.alerts: list[Alert] = []
         self._stop = threading.Event()
+        self._scheduled = scheduled
         self._thread = threading.Thread(target=self._run, args=(notifier, window, config or WatchConfig()), daemon=True)
 
     def _run(self, notifier: SlackNotifier, window: float, config: WatchConfig) -> None:
+        run = self._scheduled
+        hand_over = (
+            HandOver(self.counting.client, "test", run.run_id, run.successor_expected, run.max_overtime_seconds)
+            if run is not None
+            else None
+        )
         try:
             self.report = watch(
                 self.counting.client,
@@ -328,6 +487,7 @@ class WatchThread:
                 on_alerts=self.alerts.extend,
                 stop=self._stop,
                 max_wait_seconds=0.5,
+                hand_over=hand_over,
             )
         except BaseException as exc:  # noqa: BLE001  # surfaced by join()
             self.error = exc
@@ -411,6 +571,60 @@ def test_quiet_round_makes_exactly_one_request(
     assert set(paths[1:]) == {"/v1/health/state/any"}
     assert watcher.report is not None
     assert watcher.report.rounds == len(paths) - 1 <= 3  # a blocking query holds the whole window
+
+
+def announced(client: consul.Consul, run_id: str) -> bool:
+    _, item = client.kv.get("icd/health-watch/test/watcher")
+    return item is not None and json.loads(item["Value"])["run"] == run_id
+
+
+def test_a_scheduled_run_watches_past_its_window_until_the_next_run_does(
+    consul_standin: ConsulStandIn,
+    slack_standin: SlackStandIn,
+    slack_notifier: SlackNotifier,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="icd.health.watch")
+    client = CountingClient(consul_standin.http_addr).client
+    check = register_ttl(client, "web-1")
+    first = WatchThread(consul_standin.http_addr, slack_notifier, window=0.3, scheduled=Scheduled("run-1")).start()
+    wait_until(lambda: "watching on until one is" in caplog.text, message="the run stopped at its window's end")
+    # The next run is late: a change now is still seen, by the run in overtime.
+    client.agent.check.ttl_fail(check, "failed while the next run was starting")
+    [message] = slack_standin.wait_for_messages(1, timeout=5.0)
+    assert "web is critical" in message.text
+    assert first.alive()
+    second = WatchThread(consul_standin.http_addr, slack_notifier, window=30, scheduled=Scheduled("run-2")).start()
+    wait_until(lambda: announced(client, "run-2"), message="the next run never announced itself")
+    report = first.join()  # ... and the first one hands over
+    assert report.overtime_seconds > 0
+    assert "Run run-2 is watching now" in caplog.text
+    assert second.alive()
+    second.stop().join()
+
+
+@pytest.mark.parametrize(
+    ("scheduled", "told"),
+    [
+        pytest.param(Scheduled("run-1", successor_expected=lambda: False), "No next run is expected", id="paused"),
+        pytest.param(Scheduled("run-1", max_overtime_seconds=0.5), "No newer run took over within", id="capped"),
+    ],
+)
+def test_a_run_in_overtime_stops_when_no_next_run_will_come(
+    consul_standin: ConsulStandIn,
+    slack_standin: SlackStandIn,
+    slack_notifier: SlackNotifier,
+    caplog: pytest.LogCaptureFixture,
+    scheduled: Scheduled,
+    told: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger="icd.health.watch")
+    client = CountingClient(consul_standin.http_addr).client
+    register_ttl(client, "web-1")
+    report = WatchThread(consul_standin.http_addr, slack_notifier, window=0.3, scheduled=scheduled).start().join()
+    assert told in caplog.text
+    assert announced(client, "run-1")
+    assert report.overtime_seconds <= scheduled.max_overtime_seconds + 1.5
 
 
 def test_overlapping_runs_alert_a_transition_once(

@@ -17,7 +17,7 @@ tables; ``watch.py`` is the thin I/O around it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -96,10 +96,19 @@ def evaluate(
     now: datetime,
     config: WatchConfig,
     deploy_windows: Mapping[str, DeployWindow],
+    *,
+    changed: Collection[str] | None = None,
 ) -> tuple[list[Alert], WatchState]:
-    """Diff ``snapshot`` against ``previous``: the alerts to send and the state to persist. No I/O."""
+    """Diff ``snapshot`` against ``previous``: the alerts to send and the state to persist. No I/O.
+
+    ``changed`` is a shortcut for a watch that keeps evaluating: when ``previous`` is the state evaluated
+    from the snapshot before this one (by this config), ``changed`` names the instances whose checks
+    changed, appeared or went away since (``HealthStateParser`` says which). Only those, the records a
+    clock can move (a threshold or a reminder falling due) and the instances ``snapshot.meta`` describes
+    are looked at; every other record stays as it is, which is what the full diff would find too.
+    ``None`` diffs every instance.
+    """
     alerts: list[Alert] = []
-    records: dict[str, InstanceRecord] = {}
 
     def alert(
         kind: AlertKind, rec: InstanceRecord, prev: str | None, status: str, failing: tuple[FailingCheck, ...]
@@ -121,11 +130,8 @@ def evaluate(
             )
         )
 
-    for key, instance in snapshot.instances.items():
-        if config.ignores_instance(instance.service_name, instance.node):
-            continue
+    def step(key: str, instance: InstanceHealth, rec: InstanceRecord | None) -> InstanceRecord:
         current = instance_status(instance, config)
-        rec = previous.instances.get(key)
         meta = snapshot.meta.get(key) or (rec.meta if rec is not None else None)
         if rec is None:
             rec = InstanceRecord(
@@ -151,14 +157,42 @@ def evaluate(
                 rec = dataclasses.replace(rec, maintenance=current.maintenance, last_alert_at=now)
         if not rec.maintenance:
             rec = _status_step(rec, current.failing, now, config, alert)
-        records[key] = rec
+        return rec
 
-    for key, rec in previous.instances.items():
-        if key in snapshot.instances or config.ignores_instance(rec.service_name, rec.node):
+    if changed is None:
+        records: dict[str, InstanceRecord] = {}
+        for key, instance in snapshot.instances.items():
+            if not config.ignores_instance(instance.service_name, instance.node):
+                records[key] = step(key, instance, previous.instances.get(key))
+        gone = [rec for key, rec in previous.instances.items() if key not in snapshot.instances]
+    else:
+        records = dict(previous.instances)
+        touched = {*changed, *snapshot.meta}
+        touched.update(key for key, rec in previous.instances.items() if _clock_may_move(rec, config))
+        for key in [key for key in snapshot.instances if key in touched]:  # in snapshot order, as a full diff
+            instance = snapshot.instances[key]
+            if config.ignores_instance(instance.service_name, instance.node):
+                records.pop(key, None)
+            else:
+                records[key] = step(key, instance, previous.instances.get(key))
+        gone = [records.pop(key) for key in previous.instances if key in touched and key not in snapshot.instances]
+
+    for rec in gone:
+        if config.ignores_instance(rec.service_name, rec.node):
             continue
         if rec.alerted_status is not None or rec.maintenance:
             alert("disappeared", rec, rec.alerted_status, "absent", ())
     return alerts, WatchState(instances=records)
+
+
+def _clock_may_move(rec: InstanceRecord, config: WatchConfig) -> bool:
+    """Whether ``_status_step`` could change this record with no change in Consul: a pending threshold or
+    a reminder."""
+    if rec.maintenance:
+        return False
+    if rec.observed_status != rec.alerted_status:
+        return True
+    return config.reminder_interval is not None and rec.alerted_status == "critical" and rec.last_alert_at is not None
 
 
 class _AlertSink(Protocol):

@@ -119,29 +119,108 @@ def _check(entry: Mapping[str, Any]) -> CheckHealth:
 
 def parse_health_state(index: int, entries: Iterable[Mapping[str, Any]]) -> HealthSnapshot:
     """Group the rows of ``/v1/health/state/any`` into instances; node checks apply to every instance."""
-    node_checks: dict[str, list[CheckHealth]] = {}
-    service_checks: dict[tuple[str, str], list[CheckHealth]] = {}
-    service_names: dict[tuple[str, str], str] = {}
-    for entry in entries:
-        check = _check(entry)
-        node = entry["Node"]
-        service_id = entry.get("ServiceID") or ""
-        if service_id:
-            ident = (node, service_id)
-            service_checks.setdefault(ident, []).append(check)
-            service_names[ident] = entry.get("ServiceName") or service_id
-        else:
-            node_checks.setdefault(node, []).append(check)
-    instances = {
-        instance_key(node, service_id): InstanceHealth(
+    return HealthStateParser().parse(index, entries).snapshot
+
+
+@dataclass(frozen=True)
+class ParsedHealth:
+    """One answer parsed: the snapshot, and which instances changed since the answer parsed before it.
+
+    ``changed`` holds the keys of instances whose checks changed, that appeared or that went away; ``None``
+    means the whole answer was parsed afresh (the first answer, or one that could not be diffed).
+    """
+
+    snapshot: HealthSnapshot
+    changed: frozenset[str] | None
+
+
+_Owner = tuple[str, str] | None  # the (node, service id) a check row belongs to; None: a node check
+
+
+class HealthStateParser:
+    """Parses successive answers of ``/v1/health/state/any``, re-parsing only the rows that changed.
+
+    Consul stamps every check row with the ``ModifyIndex`` of its last change and answers with the index of
+    the table (``X-Consul-Index``) from one consistent read. So against the answer parsed before (index
+    ``i``), only rows with ``ModifyIndex > i`` can differ: every other row is exactly as it was, and its
+    parsed form is kept. A row that went away shows in the count (fewer unchanged rows than before); then,
+    as for the first answer, an index that went backwards (a restore) or a check that moved to another
+    service, the answer is parsed afresh. A watch under churn thus builds objects for the few rows that
+    changed, not for ten thousand.
+    """
+
+    def __init__(self) -> None:
+        self._index = -1  # nothing parsed yet
+        self._owners: dict[tuple[str, str], _Owner] = {}  # (node, check id) -> owner, one entry per row
+        self._service_checks: dict[tuple[str, str], dict[str, CheckHealth]] = {}
+        self._service_names: dict[tuple[str, str], str] = {}
+        self._node_checks: dict[str, dict[str, CheckHealth]] = {}
+        self._instances: dict[str, InstanceHealth] = {}  # handed out in snapshots: replaced, never mutated
+
+    def parse(self, index: int, entries: Iterable[Mapping[str, Any]]) -> ParsedHealth:
+        rows = entries if isinstance(entries, Sequence) else list(entries)
+        if self._index < 0 or index < self._index:
+            return self._parse_all(index, rows)
+        since = self._index
+        fresh = [row for row in rows if not isinstance(mi := row.get("ModifyIndex"), int) or mi > since]
+        known = sum(1 for row in fresh if (row["Node"], row["CheckID"]) in self._owners)
+        if len(rows) - len(fresh) + known != len(self._owners):
+            return self._parse_all(index, rows)  # a row went away
+        affected: set[tuple[str, str]] = set()
+        for row in fresh:
+            node, check = row["Node"], _check(row)
+            service_id = row.get("ServiceID") or ""
+            owner: _Owner = (node, service_id) if service_id else None
+            if self._owners.get((node, check.check_id), owner) != owner:
+                return self._parse_all(index, rows)  # the check moved to another service
+            self._owners[(node, check.check_id)] = owner
+            if owner is None:
+                self._node_checks.setdefault(node, {})[check.check_id] = check
+                affected.update(ident for ident in self._service_checks if ident[0] == node)
+            else:
+                self._service_checks.setdefault(owner, {})[check.check_id] = check
+                self._service_names[owner] = row.get("ServiceName") or service_id
+                affected.add(owner)
+        self._index = index
+        if affected:
+            instances = dict(self._instances)
+            for ident in affected:
+                built = self._instance(ident)
+                instances[built.key] = built
+            self._instances = instances
+        return ParsedHealth(
+            HealthSnapshot(index=index, instances=self._instances),
+            frozenset(instance_key(*ident) for ident in affected),
+        )
+
+    def _parse_all(self, index: int, rows: Sequence[Mapping[str, Any]]) -> ParsedHealth:
+        self._owners = {}
+        self._service_checks = {}
+        self._service_names = {}
+        self._node_checks = {}
+        for row in rows:
+            node, check = row["Node"], _check(row)
+            service_id = row.get("ServiceID") or ""
+            if service_id:
+                ident = (node, service_id)
+                self._owners[(node, check.check_id)] = ident
+                self._service_checks.setdefault(ident, {})[check.check_id] = check
+                self._service_names[ident] = row.get("ServiceName") or service_id
+            else:
+                self._owners[(node, check.check_id)] = None
+                self._node_checks.setdefault(node, {})[check.check_id] = check
+        self._instances = {instance_key(*ident): self._instance(ident) for ident in self._service_checks}
+        self._index = index
+        return ParsedHealth(HealthSnapshot(index=index, instances=self._instances), None)
+
+    def _instance(self, ident: tuple[str, str]) -> InstanceHealth:
+        node, service_id = ident
+        return InstanceHealth(
             node=node,
             service_id=service_id,
-            service_name=service_names[(node, service_id)],
-            checks=(*checks, *node_checks.get(node, ())),
+            service_name=self._service_names[ident],
+            checks=(*self._service_checks[ident].values(), *self._node_checks.get(node, {}).values()),
         )
-        for (node, service_id), checks in service_checks.items()
-    }
-    return HealthSnapshot(index=index, instances=instances)
 
 
 @dataclass(frozen=True)

@@ -166,13 +166,28 @@ def decode_state(
     return WatchState(instances=instances), outbox, _dt(document.outbox_since), document.writer
 
 
+def writer_of(raw: bytes) -> str | None:
+    """The ``writer`` token of a stored document, read without checking or building the rest; ``None`` when
+    it is not one of ours (:func:`decode_state` says why, when the state is loaded)."""
+    try:
+        if raw.startswith(_ZLIB_PREFIX):
+            raw = zlib.decompress(base64.b64decode(raw[len(_ZLIB_PREFIX) :]))
+        parsed: Any = json.loads(raw)
+    except (ValueError, zlib.error):
+        return None
+    writer = parsed.get("writer") if isinstance(parsed, dict) else None
+    return writer if isinstance(writer, str) else None
+
+
 @dataclass(frozen=True)
 class SaveResult:
     """``written``: our CAS won. ``modify_index``: the index of our write, or None if another writer has
-    already replaced it (then reload before the next CAS)."""
+    already replaced it (then reload before the next CAS), or if it was not read back yet (``confirm``).
+    ``writer``: the token our write carries."""
 
     written: bool
     modify_index: int | None
+    writer: str | None = None
 
 
 class HealthStateStore:
@@ -196,13 +211,21 @@ class HealthStateStore:
         cas: int,
         outbox: Sequence[Notification] = (),
         outbox_since: datetime | None = None,
+        confirm: bool = True,
     ) -> SaveResult:
+        """Write with CAS, then read the new ModifyIndex back (``confirm=False``: later, with :meth:`confirm`;
+        a watch sends its alerts first, since the won CAS already makes them its own)."""
         writer = uuid.uuid4().hex
         body = encode_state(state, outbox, outbox_since, writer=writer)
         if not consul_call("write the health watch state", self.client.kv.put, self.key, body, cas=cas):
             return SaveResult(written=False, modify_index=None)
+        return self.confirm(writer) if confirm else SaveResult(written=True, modify_index=None, writer=writer)
+
+    def confirm(self, writer: str) -> SaveResult:
+        """Read back the ModifyIndex of the write that carried ``writer``; None if another has replaced it."""
         _, item = consul_call("read the health watch state", self.client.kv.get, self.key)
         if item is None or not item.get("Value"):
-            return SaveResult(written=True, modify_index=None)
-        *_, found_writer = decode_state(item["Value"], where=f"Consul key {self.key}")
-        return SaveResult(written=True, modify_index=int(item["ModifyIndex"]) if found_writer == writer else None)
+            return SaveResult(written=True, modify_index=None, writer=writer)
+        # Only the writer token is needed here (the rest is what we wrote): no full decode.
+        ours = writer_of(item["Value"]) == writer
+        return SaveResult(written=True, modify_index=int(item["ModifyIndex"]) if ours else None, writer=writer)

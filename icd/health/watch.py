@@ -6,6 +6,10 @@ it twice from two instances. Here:
 
 * **One request per round.** A round is one blocking query on ``/v1/health/state/any`` with the last
   ``X-Consul-Index``: Consul answers the moment anything changes, so a flip is seen within milliseconds.
+  Under churn the answer is still every row, but only the rows whose ``ModifyIndex`` moved are parsed
+  again and only their instances (plus the records a clock can move) are evaluated (``HealthStateParser``,
+  ``evaluate(changed=...)``), so a round costs about the JSON decoding of the answer, not ten thousand
+  objects rebuilt and diffed.
   Service Meta (``artifact_version``, ``commit``, ``deploy_run_id``) is not part of that answer; it is
   fetched lazily with one ``/v1/health/service/:name`` per service that has a transition (or is inside a
   deploy window), and remembered in the persisted state.
@@ -16,6 +20,8 @@ it twice from two instances. Here:
   outage in between loses nothing: the outbox is re-sent once it is older than ``OUTBOX_STALE_SECONDS``,
   by this run or the next, under the same dedup key ``kind:node/service_id:from->to@index``. Sending
   before persisting would risk a lost alert, and losing an alert is worse than repeating one.
+* **No blind gap between scheduled runs.** A scheduled run announces itself once it watches, and past its
+  window watches on until a newer run has (``handover.py``), so a late start of the next run is covered.
 * **Expected transitions are recorded, not paged.** Alerts covered by an open deploy window (``windows.py``)
   go to ``on_alerts`` (the flow turns every alert into a Prefect event) but not to the notifier: the
   deploy's health gate sends the one message about it.
@@ -23,6 +29,7 @@ it twice from two instances. Here:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -38,8 +45,9 @@ from icd.errors import ConsulError, NotificationError
 from icd.health.config import WatchConfig
 from icd.health.consul import consul_call
 from icd.health.engine import Alert, WatchState, evaluate, next_wakeup, services_needing_meta
+from icd.health.handover import OVERTIME_POLL_SECONDS, HandOver
 from icd.health.render import alert_notification
-from icd.health.snapshot import HealthSnapshot, parse_health_state, parse_service_meta
+from icd.health.snapshot import HealthSnapshot, HealthStateParser, parse_health_state, parse_service_meta
 from icd.health.state import HealthStateStore, StoredState
 from icd.health.windows import read_deploy_windows
 from icd.notify.message import Notification, Sender
@@ -53,13 +61,19 @@ _MAX_CAS_ATTEMPTS = 5
 Logger = logging.LoggerAdapter[Any] | logging.Logger
 
 
-def fetch_health_state(client: consul.Consul, *, index: int, wait_seconds: float) -> HealthSnapshot:
-    """One blocking query on ``/v1/health/state/any``; returns at once when ``index`` is 0 or stale."""
+def query_health_state(client: consul.Consul, *, index: int, wait_seconds: float) -> tuple[int, list[Any]]:
+    """One blocking query on ``/v1/health/state/any``: its ``X-Consul-Index`` and rows; returns at once when
+    ``index`` is 0 or stale."""
     kwargs: dict[str, Any] = {}
     if index > 0:
         kwargs = {"index": str(index), "wait": f"{max(1, int(wait_seconds * 1000))}ms"}
     new_index, entries = consul_call("query health state", client.health.state, "any", **kwargs)
-    return parse_health_state(int(new_index), entries or ())
+    return int(new_index), list(entries or ())
+
+
+def fetch_health_state(client: consul.Consul, *, index: int, wait_seconds: float) -> HealthSnapshot:
+    """:func:`query_health_state`, parsed."""
+    return parse_health_state(*query_health_state(client, index=index, wait_seconds=wait_seconds))
 
 
 def fetch_service_meta(client: consul.Consul, service_name: str) -> dict[str, dict[str, str]]:
@@ -75,6 +89,7 @@ class WatchReport:
     conflicts: int
     snapshot: HealthSnapshot | None
     state: WatchState
+    overtime_seconds: float = 0.0  # watched past the window, until the next run took over
 
 
 class _Delivery:
@@ -87,7 +102,12 @@ class _Delivery:
         self.clock = clock
         self.sent = 0
 
-    def send(self, notifications: Sequence[Notification]) -> StoredState:
+    def send(self, notifications: Sequence[Notification], stored: StoredState) -> StoredState:
+        """Post, then remove what was posted from the outbox of ``stored`` (the state as last written)."""
+        return self.remove(self.post(notifications), stored)
+
+    def post(self, notifications: Sequence[Notification]) -> set[str | None]:
+        """Post each notification; the dedup keys of those Slack took."""
         delivered: set[str | None] = set()
         for notification in notifications:
             try:
@@ -98,11 +118,12 @@ class _Delivery:
                 continue
             delivered.add(notification.dedup_key)
             self.sent += 1
-        return self._remove(delivered)
+        return delivered
 
-    def _remove(self, delivered: set[str | None]) -> StoredState:
-        for _ in range(_MAX_CAS_ATTEMPTS):
-            stored = self.store.load()
+    def remove(self, delivered: set[str | None], stored: StoredState) -> StoredState:
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            if attempt:
+                stored = self.store.load()  # another writer came in between: remove from what it wrote
             if not delivered:
                 return stored
             left = tuple(n for n in stored.outbox if n.dedup_key not in delivered)
@@ -130,7 +151,47 @@ class _Delivery:
         if not claimed.written:
             return self.store.load()
         self.log.warning("Sending %d notification(s) left unsent earlier", len(stored.outbox))
-        return self.send(stored.outbox)
+        if claimed.modify_index is None:
+            return self.send(stored.outbox, self.store.load())
+        return self.send(
+            stored.outbox, dataclasses.replace(stored, outbox_since=now, modify_index=claimed.modify_index)
+        )
+
+
+class _Overtime:
+    """Whether a run whose window is over watches on: only until the next scheduled run is watching."""
+
+    def __init__(self, hand_over: HandOver | None, log: Logger) -> None:
+        self.hand_over = hand_over
+        self.log = log
+        self.seconds = 0.0
+
+    def watch_on(self, overtime: float) -> bool:
+        hand_over = self.hand_over
+        if hand_over is None:
+            return False
+        successor = hand_over.successor()
+        if successor is not None:
+            if self.seconds:
+                self.log.info("Run %s is watching now: handed over after %.1f s of overtime", successor, overtime)
+            return False
+        if overtime >= hand_over.max_overtime_seconds:
+            self.log.warning(
+                "No newer run took over within %.0f s after the window: stopping; the next run reports what "
+                "changed meanwhile",
+                hand_over.max_overtime_seconds,
+            )
+            return False
+        if not hand_over.successor_expected():
+            self.log.info("No next run is expected (the deployment is paused or has no active schedule): stopping")
+            return False
+        if not self.seconds:
+            self.log.info(
+                "Window over and no newer run is watching yet: watching on until one is (at most %.0f s)",
+                hand_over.max_overtime_seconds,
+            )
+        self.seconds = max(overtime, 1e-6)
+        return True
 
 
 def watch(
@@ -147,9 +208,11 @@ def watch(
     stop: threading.Event | None = None,
     max_wait_seconds: float = MAX_QUERY_WAIT_SECONDS,
     min_round_seconds: float = 0.0,
+    hand_over: HandOver | None = None,
 ) -> WatchReport:
     """Watch Consul for ``window_seconds`` (or until ``stop`` is set), alert every transition, and persist
-    the state with CAS.
+    the state with CAS. With ``hand_over`` (a scheduled run), announce this run once it watches and, past the
+    window, watch on until a newer run has announced itself (``handover.py``).
 
     A plain function (no Prefect context needed) so tests drive it directly; the flow wraps it. One blocking
     query waits at most ``max_wait_seconds``, which bounds how long ``stop`` takes to be noticed. Raises
@@ -159,12 +222,19 @@ def watch(
     now_fn = clock or (lambda: datetime.now(UTC))
     store = HealthStateStore(client, watch_name)
     delivery = _Delivery(store, sender, log, now_fn)
+    parser = HealthStateParser()
     stored = store.load()
+    # The state evaluated from the last snapshot: while ``stored.state`` is this very object, the next round
+    # need only look at the instances that changed. Any state read back from Consul is diffed in full.
+    evaluated: WatchState | None = None
     deadline = time.monotonic() + window_seconds
     index = 0
     rounds = recorded = conflicts = 0
     snapshot: HealthSnapshot | None = None
-    log.info("Watching Consul health as %r (run %s) for %.0f s", watch_name, uuid.uuid4().hex[:8], window_seconds)
+    overtime = _Overtime(hand_over, log)
+    announced = False
+    run_name = hand_over.run_id if hand_over is not None else uuid.uuid4().hex[:8]
+    log.info("Watching Consul health as %r (run %s) for %.0f s", watch_name, run_name, window_seconds)
 
     pace = stop or threading.Event()  # waited on between rounds; set only by the caller, to stop
     last_round = -min_round_seconds
@@ -172,50 +242,68 @@ def watch(
         stored = delivery.flush_stale(stored)
         if (spacing := last_round + min_round_seconds - time.monotonic()) > 0:
             pace.wait(spacing)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or (stop is not None and stop.is_set()):
+        if stop is not None and stop.is_set():
             break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if not overtime.watch_on(-remaining):
+                break
+            remaining = OVERTIME_POLL_SECONDS
         wakeup = next_wakeup(stored.state, config)
         wait = min(remaining, max_wait_seconds)
         if wakeup is not None:
             wait = min(wait, max(0.0, (wakeup - now_fn()).total_seconds()))
         last_round = time.monotonic()
-        fetched = fetch_health_state(client, index=index, wait_seconds=wait)
+        new_index, entries = query_health_state(client, index=index, wait_seconds=wait)
         rounds += 1
         # Consul's index can go backwards (a restore, a new leader); then start over with a plain read.
-        index = fetched.index if fetched.index >= index else 0
-        snapshot = fetched
+        index = new_index if new_index >= index else 0
+        parsed = parser.parse(new_index, entries)
+        snapshot = parsed.snapshot
+        changed = parsed.changed if stored.state is evaluated else None
         for _attempt in range(_MAX_CAS_ATTEMPTS):
             now = now_fn()
-            alerts, new_state = evaluate(stored.state, snapshot, now, config, {})
+            alerts, new_state = evaluate(stored.state, snapshot, now, config, {}, changed=changed)
             if not alerts and new_state == stored.state:
+                evaluated = stored.state
                 break
             windows = read_deploy_windows(client)
             for service_name in sorted(services_needing_meta(stored.state, new_state, alerts, windows, now)):
                 snapshot = snapshot.with_meta(fetch_service_meta(client, service_name))
-            alerts, new_state = evaluate(stored.state, snapshot, now, config, windows)
+            alerts, new_state = evaluate(stored.state, snapshot, now, config, windows, changed=changed)
             to_send = [alert_notification(a, deploy_run_url) for a in alerts if a.expected_by is None]
             # Another run's unsent outbox is kept as it is; it is sent once stale.
             outbox = (*stored.outbox, *to_send)
             since = stored.outbox_since or (now if outbox else None)
-            result = store.save(new_state, cas=stored.modify_index, outbox=outbox, outbox_since=since)
+            # With alerts to send, the new ModifyIndex is read back after posting them: the won CAS already
+            # makes them ours, and the read-back is one round trip an operator need not wait for.
+            result = store.save(
+                new_state, cas=stored.modify_index, outbox=outbox, outbox_since=since, confirm=not to_send
+            )
             if not result.written:
                 # Another run persisted first and owns whatever it found; diff against its state instead.
                 conflicts += 1
                 stored = store.load()
+                changed = None
                 continue
+            evaluated = new_state
+            _report(alerts, log, on_alerts)
+            recorded += len(alerts) - len(to_send)
+            delivered = delivery.post(to_send)
+            if result.modify_index is None and result.writer is not None and to_send:
+                result = store.confirm(result.writer)
             stored = (
                 StoredState(new_state, outbox, since, result.modify_index)
                 if result.modify_index is not None
                 else store.load()
             )
-            _report(alerts, log, on_alerts)
-            recorded += len(alerts) - len(to_send)
-            if to_send:
-                stored = delivery.send(to_send)
+            stored = delivery.remove(delivered, stored)
             break
         else:
             raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
+        if hand_over is not None and not announced:
+            hand_over.announce(now_fn())  # this run watches now: one in overtime may stop
+            announced = True
     log.info(
         "Watch ended after %d round(s): %d alert(s) sent, %d recorded as expected, %d CAS conflict(s)",
         rounds,
@@ -230,6 +318,7 @@ def watch(
         conflicts=conflicts,
         snapshot=snapshot,
         state=stored.state,
+        overtime_seconds=overtime.seconds,
     )
 
 
