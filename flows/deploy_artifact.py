@@ -13,8 +13,8 @@ and per inputs (``tasks/policies.py``); code here outside tasks is free of side 
 
 Every run ends in one place, :func:`finish`: it records the deploy, notifies operators and returns the
 final state. Outcomes an operator expects are named states (``Deployed``, ``NothingToDeploy``,
-``Rejected``, ``StalePlan``, ``LockHeld``, ``RolledBack``, ``Unhealthy``; ``ApprovalTimedOut`` is set by
-``flows/deploy_ended.py``); a fault (a broken template, a tampered plan, S3 down after retries)
+``Rejected``, ``StalePlan``, ``LockHeld``, ``LockLost``, ``RolledBack``, ``Unhealthy``; ``ApprovalTimedOut``
+is set by ``flows/deploy_ended.py``); a fault (a broken template, a tampered plan, S3 down after retries)
 ends ``Failed`` with its reason, and is told too. The workspace lock is released on every path except
 the suspension itself.
 """
@@ -335,8 +335,26 @@ def deploy_version(
         )
     # The lease was sized for the approval wait; the apply, the gate and a rollback must not outlive it, however
     # late the approval came.
-    renew_workspace_lock(lease, seconds=health_deadline_seconds + 2 * PLAN_AND_APPLY_MARGIN_SECONDS)
-    return apply_and_gate(ctx, version, planned, decision, record, health_deadline_seconds, rollback_on_unhealthy)
+    renewed = renew_workspace_lock(lease, seconds=health_deadline_seconds + 2 * PLAN_AND_APPLY_MARGIN_SECONDS)
+    if isinstance(renewed, LockHeld):
+        holder = renewed.holder.holder_name if renewed.holder else "another run"
+        message = (
+            f"the workspace lock lapsed or was broken while this run waited, and {holder} holds {ctx.workspace} "
+            "now; nothing applied. Re-run to plan afresh."
+        )
+        return Outcome(
+            "cancelled",
+            "LockLost",
+            f"Approved plan not applied on {ctx.workspace}: lock lost",
+            message,
+            "warning",
+            {"outcome": "lock lost, nothing applied", **record},
+        )
+    try:
+        return apply_and_gate(ctx, version, planned, decision, record, health_deadline_seconds, rollback_on_unhealthy)
+    finally:
+        if renewed.lease_id != lease.lease_id:
+            unlock_workspace(renewed)  # taken again after the first lease was lost; the caller releases that one
 
 
 def suspend_for_approval(form: type[PlanApproval], *, deadline: datetime, key: str, message: str) -> PlanApproval:

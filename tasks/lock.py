@@ -37,7 +37,8 @@ def unlock_workspace(lease: WorkspaceLease) -> None:
 
 
 @task(name="renew-workspace-lock", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 9])
-def renew_workspace_lock(lease: WorkspaceLease, *, seconds: float) -> WorkspaceLease:
+def renew_workspace_lock(lease: WorkspaceLease, *, seconds: float) -> WorkspaceLease | LockHeld:
     renewed = lock.renew(lease, seconds)
-    get_run_logger().info("holding workspace %s until %s", lease.workspace, operator_time(renewed.expires_at))
+    if isinstance(renewed, WorkspaceLease):
+        get_run_logger().info("holding workspace %s until %s", lease.workspace, operator_time(renewed.expires_at))
     return renewed

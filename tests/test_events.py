@@ -186,7 +186,9 @@ def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_the
         lambda: env.runs_of("deploy-artifact", workspace=names.workspace, teardown=True), timeout=120
     )
     env.wait_for(teardown.id, states={"PAUSED"})
-    assert f"Tear down {names.namespace} v{version} in {names.workspace}: 1 destroy" in env.state_message(teardown.id)
+    # The suspension and its message are two writes: wait for the second.
+    headline = f"Tear down {names.namespace} v{version} in {names.workspace}: 1 destroy"
+    wait_until(lambda: headline in env.state_message(teardown.id), timeout=30, message="the run never said why")
     assert _instances(env, names.service_name), "nothing is destroyed before the approval"
 
     done = env.approve(teardown.id, names.workspace, approver="carol")

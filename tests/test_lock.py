@@ -44,8 +44,28 @@ class TestWorkspaceLock:
         assert workspace_lock.renew(longer, 60).expires_at == longer.expires_at, "a renewal never shortens"
         assert isinstance(_acquire(ws, wait=0.5), LockHeld), "still held"
         workspace_lock.release(longer)
-        with pytest.raises(WorkspaceLockError, match="could not renew"):
-            workspace_lock.renew(longer, 3000)
+
+    def test_a_lost_lease_is_taken_again_when_the_workspace_is_free_and_never_while_another_holds_it(self) -> None:
+        ws = _ws()
+        first = _acquire(ws, lease=120)
+        assert isinstance(first, WorkspaceLease)
+        workspace_lock.break_lock(ws, force=True)  # an operator breaks it while the run waits for approval
+        again = workspace_lock.renew(first, 300)
+        assert isinstance(again, WorkspaceLease), again
+        assert again.lease_id != first.lease_id
+        assert again.holder_flow_run_id == first.holder_flow_run_id
+        assert workspace_lock.current_holder(ws) == again
+        assert isinstance(_acquire(ws, wait=0.5), LockHeld), "the new lease guards the workspace"
+
+        workspace_lock.break_lock(ws, force=True)
+        other = _acquire(ws)
+        assert isinstance(other, WorkspaceLease)
+        lost = workspace_lock.renew(again, 300)
+        assert isinstance(lost, LockHeld), "another run holds it now: nothing may be applied"
+        assert lost.holder is not None
+        assert lost.holder.lease_id == other.lease_id
+        assert workspace_lock.current_holder(ws) == other, "the other holder's record is untouched"
+        workspace_lock.release(other)
 
     def test_second_holder_waits_then_gets_it_after_release(self) -> None:
         ws = _ws()

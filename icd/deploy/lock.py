@@ -73,6 +73,10 @@ class LockHeld:
     waited_seconds: float
 
 
+# What the server answers for a lease that expired or was revoked.
+_LEASE_GONE = frozenset({404, 410})
+
+
 def limit_name(workspace: str) -> str:
     return LIMIT_PREFIX + check_workspace(workspace)
 
@@ -216,8 +220,13 @@ def _reclaim_from_finished_holder(workspace: str, client: SyncPrefectClient) -> 
     return True
 
 
-def renew(lease: WorkspaceLease, seconds: float) -> WorkspaceLease:
-    """Extend the lease to ``seconds`` from now (never shorter than it is), and record the new expiry."""
+def renew(lease: WorkspaceLease, seconds: float) -> WorkspaceLease | LockHeld:
+    """Extend the lease to ``seconds`` from now (never shorter than it is), and record the new expiry.
+
+    A lease that is gone (it lapsed, or an operator broke the lock) is taken again if the workspace is free,
+    as a new lease the caller must release too; held by another run, the answer is ``LockHeld``. Taking it
+    again is safe because an apply only runs a saved plan that still matches the state (``StalePlan``).
+    """
     now = datetime.now(UTC)
     expires = max(datetime.fromisoformat(lease.expires_at), now + timedelta(seconds=max(seconds, MIN_LEASE_SECONDS)))
     if expires - now > timedelta(seconds=MAX_LEASE_SECONDS):
@@ -226,10 +235,22 @@ def renew(lease: WorkspaceLease, seconds: float) -> WorkspaceLease:
         try:
             client.renew_concurrency_lease(UUID(lease.lease_id), lease_duration=(expires - now).total_seconds())
         except httpx.HTTPStatusError as exc:
-            raise WorkspaceLockError(
-                f"could not renew the lock on {lease.workspace!r} (lease {lease.lease_id}): {exc}; it may have "
-                "expired, so another deploy could hold the workspace"
-            ) from exc
+            if exc.response.status_code not in _LEASE_GONE:
+                raise WorkspaceLockError(
+                    f"could not renew the lock on {lease.workspace!r} (lease {lease.lease_id}): {exc}"
+                ) from exc
+            logger.warning(
+                "the lease %s on workspace %s is gone (it lapsed or the lock was broken); taking the workspace again",
+                lease.lease_id,
+                lease.workspace,
+            )
+            return acquire(
+                lease.workspace,
+                holder_flow_run_id=lease.holder_flow_run_id,
+                holder_name=lease.holder_name,
+                lease_seconds=(expires - now).total_seconds(),
+                wait_seconds=0,
+            )
     renewed = replace(lease, expires_at=expires.isoformat())
     _write_record(renewed)
     return renewed
