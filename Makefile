@@ -19,10 +19,10 @@ JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 test: lint
 	@$(PY) -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
 
-# The edit-test loop: no Prefect server, no Packer, no Terraform; under a minute.
+# The edit-test loop: no Prefect server, no Packer, no Terraform; about 40 s on 2 cores.
 test-fast: setup
 	@$(VENV)/bin/lint-imports --no-cache >/dev/null || $(VENV)/bin/lint-imports --no-cache
-	@$(PY) -m pytest -m "not slow and not tools" $(PYTEST_ARGS)
+	@$(PY) -m pytest -n $(JOBS) -m "not slow and not tools" $(PYTEST_ARGS)
 
 # Style, types and the layer contract (library <- blocks <- tasks <- flows | cli). `make test` runs it first.
 lint: setup

@@ -421,6 +421,28 @@ def wait_for_approval(
     return ApprovalDecision(False, "push-to-deploy", "too many invalid approval answers", planned.plan_sha256)
 
 
+def apply_approved(ctx: DeployContext, planned: PlannedDeploy, approved_sha256: str) -> AppliedDeploy | StalePlan:
+    """Apply exactly the saved plan whose sha256 was approved (the task checks it against the plan store)."""
+    return apply_plan(
+        ctx.registry, planned, approved_sha256=approved_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
+    )
+
+
+def stale_plan(
+    ctx: DeployContext, stale: StalePlan, planned: PlannedDeploy, record: dict[str, str], *, what: str, again: str
+) -> Outcome:
+    """The approved plan no longer matches the state: nothing was applied."""
+    return Outcome(
+        "cancelled",
+        "StalePlan",
+        f"{what} not applied on {ctx.workspace}",
+        f"{stale.reason}. {again} to plan afresh.",
+        "warning",
+        {"outcome": "stale plan, nothing applied", **record},
+        {"plan sha256": planned.plan_sha256},
+    )
+
+
 def apply_and_gate(
     ctx: DeployContext,
     version: ArtifactVersion,
@@ -444,19 +466,9 @@ def apply_and_gate(
         seconds=health_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
     )
     try:
-        applied = apply_plan(
-            ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
-        )
+        applied = apply_approved(ctx, planned, decision.plan_sha256)
         if isinstance(applied, StalePlan):
-            return Outcome(
-                "cancelled",
-                "StalePlan",
-                f"Stale plan not applied on {ctx.workspace}",
-                f"{applied.reason}. Push again or re-run to plan afresh.",
-                "warning",
-                {"outcome": "stale plan, nothing applied", **record},
-                {"plan sha256": planned.plan_sha256},
-            )
+            return stale_plan(ctx, applied, planned, record, what="Stale plan", again="Push again or re-run")
         gate = gate_health(
             ctx.consul,
             service_name=ctx.service_name,
@@ -483,18 +495,10 @@ def tear_down(
 ) -> Outcome:
     """Apply the approved destroy plan. The stack's destroy step stops the instance and deregisters it from
     Consul; nothing is gated (there is nothing left to be healthy) and no channel moves."""
-    applied = apply_plan(
-        ctx.registry, planned, approved_sha256=decision.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
-    )
+    applied = apply_approved(ctx, planned, decision.plan_sha256)
     if isinstance(applied, StalePlan):
-        return Outcome(
-            "cancelled",
-            "StalePlan",
-            f"Stale teardown plan not applied on {ctx.workspace}",
-            f"{applied.reason}. Ask for the teardown again to plan afresh.",
-            "warning",
-            {"outcome": "stale plan, nothing applied", **record},
-        )
+        again = "Ask for the teardown again"
+        return stale_plan(ctx, applied, planned, record, what="Stale teardown plan", again=again)
     announce_teardown(
         ctx.workspace, ctx.namespace, version=planned.view.from_version, by=decision.approver, run_id=ctx.run_id
     )
@@ -593,9 +597,7 @@ def handle_unhealthy(
     target = ctx.registry.registry().resolve_deployable(ctx.namespace, previous)
     rollback = plan(ctx, target, plan_id=f"{ctx.run_id}-rollback")
     if rollback.has_changes:
-        applied = apply_plan(
-            ctx.registry, rollback, approved_sha256=rollback.plan_sha256, stack_dir=ctx.stack_dir, platform=ctx.platform
-        )
+        applied = apply_approved(ctx, rollback, rollback.plan_sha256)
         if isinstance(applied, StalePlan):
             return Outcome(
                 "failed",

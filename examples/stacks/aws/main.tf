@@ -34,6 +34,22 @@ variable "deploy_run_id" {
   description = "Recorded in a tag; user_data ignores it, so a new run alone does not replace the instance."
 }
 
+# deploy-artifact passes these to every stack (docs/service-contract.md#stack-variables); on AWS the agent
+# on the instance registers the service and Terraform keeps no local files, so they are declared, not used.
+variable "consul_addr" {
+  type        = string
+  description = "Unused here: the instance's own Consul agent registers the baked service definition."
+}
+
+variable "workspace" {
+  type = string
+}
+
+variable "instance_root" {
+  type        = string
+  description = "Unused here: the instance is the unit, not a directory on the worker."
+}
+
 variable "aws_region" {
   type    = string
   default = "us-east-1"
