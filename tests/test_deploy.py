@@ -203,6 +203,24 @@ def test_stale_plan_is_not_applied(deploy_env: DeployEnv) -> None:
     assert [s["Service"]["Meta"]["deploy_run_id"] for s in services] == [str(other.id)]
 
 
+def test_an_approved_run_whose_lock_was_broken_and_taken_applies_nothing(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    first, version = env.deploy_until_paused(names)
+    first_sha = env.plan_sha(names.workspace, first.id)
+    workspace_lock.break_lock(names.workspace, force=True)  # an operator forces another deploy through
+    other = env.deploy(names.workspace, version)
+    env.wait_for(other.id, states={"PAUSED"})  # holding the workspace while it waits
+    env.answer(first.id, first_sha)
+    done = env.wait_for(first.id, states=ENDED)
+    assert done.state is not None and done.state.name == "LockLost", done.state
+    assert _services(env, names.service_name) == [], "nothing applied"
+    holder = workspace_lock.current_holder(names.workspace)
+    assert holder is not None and holder.holder_flow_run_id == str(other.id), "the other run keeps the workspace"
+    env.answer(other.id, env.plan_sha(names.workspace, other.id), decision="reject")
+    env.wait_for(other.id, states={"CANCELLED"})
+
+
 def test_runs_serialize_per_workspace_and_parallelize_across(deploy_env: DeployEnv) -> None:
     env = deploy_env
     a, b = env.service(), env.service()
