@@ -58,21 +58,6 @@ def pause_probe() -> None:
     get_run_logger().info("%s: %s", MARK, answer.approver)
 
 
-def _read(run_id: Any) -> Any:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id)
-
-
-def _wait(run_id: Any, states: set[str], timeout: float = 180) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _read(run_id)
-        if run.state is not None and run.state.type.value in states:
-            return run
-        time.sleep(0.02)
-    raise TimeoutError(f"run {run_id} never reached {states}")
-
-
 def _mark_time(run_id: Any, timeout: float = 30) -> float:
     """When the probe logged that it had the answer (the log line is stamped where it was written)."""
     deadline = time.monotonic() + timeout
@@ -108,14 +93,16 @@ def _waiting_rss_mb(run_id: Any) -> float:
 
 
 def one_round(deployment: str) -> tuple[float, float, float]:
+    from examples.local_env import wait_for_run  # not at the top: the probes' processes import this module
+
     run = run_deployment(deployment, timeout=0)
-    _wait(run.id, {"PAUSED"})
+    wait_for_run(run.id, {"PAUSED"}, timeout=180, interval=0.02)
     # A real wait lasts minutes: let a suspending process exit and a pausing one settle into its poll loop.
     time.sleep(5)
     rss = _waiting_rss_mb(run.id)
     resumed_at = time.time()
     resume_flow_run(run.id, run_input=ANSWER)
-    done = _wait(run.id, {"COMPLETED", "FAILED", "CRASHED"})
+    done = wait_for_run(run.id, {"COMPLETED", "FAILED", "CRASHED"}, timeout=180, interval=0.02)
     if done.state.type.value != "COMPLETED":
         raise RuntimeError(f"{deployment} ended {done.state}")
     return _running_after(run.id, resumed_at) - resumed_at, _mark_time(run.id) - resumed_at, rss

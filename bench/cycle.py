@@ -39,8 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
-    DeploymentFilter,
-    DeploymentFilterName,
     FlowRunFilter,
     FlowRunFilterId,
     LogFilter,
@@ -54,13 +52,16 @@ from examples.local_env import (
     LocalServices,
     create_postgres_database,
     drop_postgres_database,
+    first_run_after,
     free_port,
     git,
     make_app_repo,
     provision,
+    read_flow_run,
     start_prefect_server,
     start_worker,
     stop_instances,
+    wait_for_run,
     worker_env,
     write_config,
 )
@@ -89,37 +90,6 @@ class Cycle:
     @property
     def overhead(self) -> float:
         return self.wall - self.tool - self.gate
-
-
-def _read(run_id: Any) -> Any:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id)
-
-
-def _wait(run_id: Any, states: set[str], timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = _read(run_id)
-        if run.state is not None and run.state.type.value in states:
-            return run
-        time.sleep(0.05)
-    raise TimeoutError(f"run {run_id} never reached {states}")
-
-
-def _new_deploy_run(after: float, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["deploy-artifact"])),
-                flow_run_filter=FlowRunFilter(),
-                limit=20,
-            )
-        fresh = [r for r in runs if r.created is not None and r.created.timestamp() > after]
-        if fresh:
-            return min(fresh, key=lambda r: r.created)
-        time.sleep(0.05)
-    raise TimeoutError("the trigger started no deploy run")
 
 
 def _logs(run_id: Any) -> list[Any]:
@@ -159,8 +129,8 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
     slack_seen = len(slack.messages)
     build = run_deployment("build-artifact/build-artifact", parameters={"namespace": NAMESPACE}, timeout=0)
     started = build.created.timestamp()
-    deploy = _new_deploy_run(started - 1)
-    paused = _wait(deploy.id, {"PAUSED", "FAILED", "CRASHED", "CANCELLED", "COMPLETED"})
+    deploy = first_run_after("deploy-artifact", started - 1, interval=0.05)
+    paused = wait_for_run(deploy.id, {"PAUSED", "FAILED", "CRASHED", "CANCELLED", "COMPLETED"}, interval=0.05)
     if paused.state.type.value != "PAUSED":
         raise RuntimeError(f"the deploy ended without asking: {paused.state}")
     resumed_at = time.time()
@@ -168,10 +138,10 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
     resume_flow_run(
         deploy.id, run_input={"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": sha}
     )
-    done = _wait(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+    done = wait_for_run(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, interval=0.05)
     if done.state.name != "Deployed":
         raise RuntimeError(f"the deploy ended {done.state.name}: {done.state.message}")
-    build_run = _read(build.id)
+    build_run = read_flow_run(build.id)
     pause_state = next(s for s in _states(deploy.id) if s.type.value == "PAUSED")
     suspended = resumed_at - pause_state.timestamp.timestamp()
     wall = done.end_time.timestamp() - started - suspended
@@ -234,7 +204,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         build = run_deployment(
             "build-artifact/build-artifact", parameters={"namespace": NAMESPACE, "plan": False}, timeout=0
         )
-        if _wait(build.id, {"COMPLETED", "FAILED", "CRASHED"}).state.type.value != "COMPLETED":
+        if wait_for_run(build.id, {"COMPLETED", "FAILED", "CRASHED"}, interval=0.05).state.type.value != "COMPLETED":
             raise RuntimeError("the load test's build failed")
         versions.append(registry.registry().last_version(NAMESPACE))
     started = time.time()
@@ -253,7 +223,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         for run_id, workspace in runs.items():
             if run_id in ended:
                 continue
-            run = _read(run_id)
+            run = read_flow_run(run_id)
             kind = run.state.type.value if run.state else ""
             if kind in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
                 ended[run_id] = run
@@ -431,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def timeline(cycle: Cycle) -> None:
     """Every task run and flow state of one cycle, in seconds from the build run's creation."""
-    start = _read(cycle.build_id).created.timestamp()
+    start = read_flow_run(cycle.build_id).created.timestamp()
     rows = []
     for run_id, flow_name in ((cycle.build_id, "build"), (cycle.deploy_id, "deploy")):
         for state in _states(run_id):

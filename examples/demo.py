@@ -29,9 +29,6 @@ from typing import Any
 import httpx
 from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
-from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -40,6 +37,7 @@ from examples.local_env import (
     LocalServices,
     ManagedProcess,
     deliver_webhook,
+    first_run_after,
     free_port,
     git,
     github_push,
@@ -50,6 +48,7 @@ from examples.local_env import (
     start_prefect_server,
     start_worker,
     stop_instances,
+    wait_for_run,
     worker_env,
     write_config,
 )
@@ -86,33 +85,6 @@ class Demo:
             for line in lines[1:]:
                 self.say(f"            {line}")
         self.shown_messages = len(received["messages"])
-
-    def wait(self, run_id: Any, states: set[str], timeout: float = 300) -> FlowRun:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                run = client.read_flow_run(run_id)
-            if run.state is not None and run.state.type.value in states:
-                return run
-            time.sleep(0.3)
-        raise TimeoutError(f"flow run {run_id} did not reach {states} in {timeout:.0f}s")
-
-    def next_run(self, deployment: str, after: float, timeout: float = 120) -> FlowRun:
-        """The first run of ``deployment`` created after ``after`` (a trigger made it)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
-                    flow_run_filter=FlowRunFilter(),
-                    sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                    limit=5,
-                )
-            fresh = [run for run in runs if run.created is not None and run.created.timestamp() > after]
-            if fresh:
-                return fresh[-1]
-            time.sleep(0.3)
-        raise TimeoutError(f"no {deployment} run appeared within {timeout:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,9 +180,9 @@ def run_loop(
     demo.say(f"webhook answered {answer.status_code}: {answer.json()}")
 
     demo.step("2. build -> registered -> staging plan")
-    build = demo.next_run("build-artifact", pushed_at)
+    build = first_run_after("build-artifact", pushed_at)
     demo.say(f"build run {build.name}: {server.ui_url}/runs/flow-run/{build.id}")
-    build = demo.wait(build.id, ENDED)
+    build = wait_for_run(build.id, ENDED)
     if build.state is None or build.state.type.value != "COMPLETED":
         demo.say(f"the build ended {build.state}")
         return 1
@@ -228,7 +200,7 @@ def run_loop(
 
     demo.step("4. the production instance's health breaks; the watch sees it")
     watch = run_deployment("consul-health/consul-health", parameters={"window_seconds": 40}, timeout=0)
-    demo.wait(watch.id, {"RUNNING"})
+    wait_for_run(watch.id, {"RUNNING"})
     wait_for_baseline(consul_addr)
     instance = next((demo.home / "icd" / "instances" / "production").glob("web-*"))
     (instance / "unhealthy").touch()
@@ -274,8 +246,8 @@ def wait_for_baseline(consul_addr: str, timeout: float = 60) -> None:
 
 
 def approve(demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspace: str, *, after: float) -> bool:
-    run = demo.next_run("deploy-artifact", after)
-    paused = demo.wait(run.id, {"PAUSED", *ENDED})
+    run = first_run_after("deploy-artifact", after)
+    paused = wait_for_run(run.id, {"PAUSED", *ENDED})
     if paused.state is None or paused.state.type.value != "PAUSED":
         demo.say(f"the {workspace} run ended without asking: {paused.state}")
         return False
@@ -288,7 +260,7 @@ def approve(demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspa
         answer = {"decision": "approve", "approver": "demo", "comment": "demo", "plan_sha256": sha}
         resume_flow_run(run.id, run_input=answer)
         demo.say("approved as 'demo'")
-    done = demo.wait(run.id, ENDED, timeout=7200)
+    done = wait_for_run(run.id, ENDED, timeout=7200)
     demo.say(f"run {done.name}: {done.state.name if done.state else '?'}: {done.state.message if done.state else ''}")
     demo.slack(slack.base_url)
     return done.state is not None and done.state.name == "Deployed"

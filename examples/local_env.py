@@ -22,9 +22,14 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import SecretStr
 
 from blocks.registry import ArtifactRegistry
@@ -218,6 +223,40 @@ async def _postgres(dsn: str, statement: str) -> None:
 
 
 # --- the project's own set-up on that server: blocks, pool, deployments, an app repository ------------
+
+
+def read_flow_run(run_id: Any) -> FlowRun:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def wait_for_run(run_id: Any, states: set[str], *, timeout: float = 300, interval: float = 0.3) -> FlowRun:
+    """Poll until the run's state type is one of ``states``; a benchmark passes a short ``interval``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = read_flow_run(run_id)
+        if run.state is not None and run.state.type.value in states:
+            return run
+        time.sleep(interval)
+    raise TimeoutError(f"flow run {run_id} did not reach {states} in {timeout:.0f}s")
+
+
+def first_run_after(deployment: str, after: float, *, timeout: float = 120, interval: float = 0.3) -> FlowRun:
+    """The first run of ``deployment`` created after ``after`` (epoch seconds): the one a trigger made."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                flow_run_filter=FlowRunFilter(),
+                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                limit=20,
+            )
+        fresh = [run for run in runs if run.created is not None and run.created.timestamp() > after]
+        if fresh:
+            return min(fresh, key=lambda run: run.created.timestamp())  # type: ignore[union-attr]  # filtered above
+        time.sleep(interval)
+    raise TimeoutError(f"no {deployment} run appeared within {timeout:.0f}s")
 
 
 def git(repo: Path, *args: str) -> str:
