@@ -41,8 +41,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
-    LogFilter,
-    LogFilterFlowRunId,
 )
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
@@ -58,6 +56,7 @@ from examples.local_env import (
     make_app_repo,
     provision,
     read_flow_run,
+    run_logs,
     start_prefect_server,
     start_worker,
     stop_instances,
@@ -90,18 +89,6 @@ class Cycle:
     @property
     def overhead(self) -> float:
         return self.wall - self.tool - self.gate
-
-
-def _logs(run_id: Any) -> list[Any]:
-    found: list[Any] = []
-    with get_client(sync_client=True) as client:
-        while True:
-            page = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=len(found)
-            )
-            found += page
-            if len(page) < 200:
-                return found
 
 
 def _tool_seconds(logs: list[Any], until: float | None = None) -> float:
@@ -145,7 +132,7 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
     pause_state = next(s for s in _states(deploy.id) if s.type.value == "PAUSED")
     suspended = resumed_at - pause_state.timestamp.timestamp()
     wall = done.end_time.timestamp() - started - suspended
-    logs = [*_logs(build.id), *_logs(deploy.id)]
+    logs = [*run_logs(build.id), *run_logs(deploy.id)]
     tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(deploy.id) if t.state and t.state.name != "Cached"}
     build_tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(build.id)}
     gate = tasks["health-gate"].total_run_time.total_seconds() if "health-gate" in tasks else 0.0
@@ -246,7 +233,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         tasks = [t for t in _task_runs(run_id) if t.state and t.state.name != "Cached" and t.total_run_time]
         gate = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("health-gate"))
         queued = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("lock-workspace"))
-        overheads.append(wall - _tool_seconds(_logs(run_id)) - gate - queued)
+        overheads.append(wall - _tool_seconds(run_logs(run_id)) - gate - queued)
     print(
         f"\n{deploys} deploys at once over {len(workspaces)} workspaces, server on {database}: all Deployed "
         f"in {all_done:.0f}s"
@@ -412,7 +399,7 @@ def timeline(cycle: Cycle) -> None:
                 rows.append(
                     (task.start_time.timestamp() - start, f"{flow_name}: {task.name} ({task.state.name})", took)
                 )
-        for log in _logs(run_id):
+        for log in run_logs(run_id):
             if _TOOL_LINE.search(log.message):
                 rows.append((log.timestamp.timestamp() - start, f"{flow_name}:   {log.message}", None))
     print("\ntimeline of the last cycle (s from the build run's creation):")

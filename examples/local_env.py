@@ -27,8 +27,14 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import httpx
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun, Log
 from prefect.client.schemas.sorting import FlowRunSort
 from pydantic import SecretStr
 
@@ -257,6 +263,19 @@ def first_run_after(deployment: str, after: float, *, timeout: float = 120, inte
             return min(fresh, key=lambda run: run.created.timestamp())  # type: ignore[union-attr]  # filtered above
         time.sleep(interval)
     raise TimeoutError(f"no {deployment} run appeared within {timeout:.0f}s")
+
+
+def run_logs(run_id: Any) -> list[Log]:
+    """Every log line of a run, oldest first."""
+    found: list[Log] = []
+    with get_client(sync_client=True) as client:
+        while True:
+            page = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=len(found)
+            )
+            found += page
+            if len(page) < 200:
+                return sorted(found, key=lambda log: log.timestamp)
 
 
 def git(repo: Path, *args: str) -> str:

@@ -24,8 +24,6 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
     FlowRunFilter,
-    LogFilter,
-    LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.deployments import run_deployment
@@ -39,6 +37,7 @@ from examples.local_env import (
     git,
     make_app_repo,
     provision,
+    run_logs,
     start_inbound,
     start_worker,
     stop_instances,
@@ -252,17 +251,7 @@ class DeployEnv:
 
     def logs(self, flow_run_id: Any) -> list[Log]:
         """Every log line of a run, oldest first."""
-        found: list[Log] = []
-        with get_client(sync_client=True) as client:
-            while True:
-                page = client.read_logs(
-                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                    limit=200,
-                    offset=len(found),
-                )
-                found += page
-                if len(page) < 200:
-                    return sorted(found, key=lambda log: log.timestamp)
+        return run_logs(flow_run_id)
 
     def add_worker(self, name: str) -> ManagedProcess:
         """One more process worker on the pool, as a second machine would run it."""
