@@ -57,8 +57,9 @@ from bench.health_common import (
 )
 from icd.health.config import WatchConfig
 from icd.health.engine import WatchState, evaluate
+from icd.health.snapshot import parse_health_state
 from icd.health.state import HealthStateStore
-from icd.health.watch import fetch_health_state
+from icd.health.watch import query_health_state
 
 STATE_PATH = "/v1/health/state/any"
 WATCH_NAME = "bench-scale"
@@ -211,7 +212,7 @@ def register(client: CountingClient, services: int, checks: int) -> dict[str, li
 
 def seed_state(client: CountingClient) -> None:
     """The state a running deployment has: every instance passing, its Service Meta known."""
-    snapshot = fetch_health_state(client.client, index=0, wait_seconds=0)
+    snapshot = parse_health_state(*query_health_state(client.client, index=0, wait_seconds=0))
     snapshot = snapshot.with_meta({key: META for key in snapshot.instances})
     _, state = evaluate(WatchState(), snapshot, datetime.now(UTC), WatchConfig(), {})
     store = HealthStateStore(client.client, WATCH_NAME)

@@ -47,7 +47,7 @@ from icd.health.consul import consul_call
 from icd.health.engine import Alert, WatchState, evaluate, next_wakeup, services_needing_meta
 from icd.health.handover import OVERTIME_POLL_SECONDS, HandOver
 from icd.health.render import alert_notification
-from icd.health.snapshot import HealthSnapshot, HealthStateParser, parse_health_state, parse_service_meta
+from icd.health.snapshot import HealthSnapshot, HealthStateParser, parse_service_meta
 from icd.health.state import HealthStateStore, StoredState
 from icd.health.windows import read_deploy_windows
 from icd.notify.message import Notification, Sender
@@ -69,11 +69,6 @@ def query_health_state(client: consul.Consul, *, index: int, wait_seconds: float
         kwargs = {"index": str(index), "wait": f"{max(1, int(wait_seconds * 1000))}ms"}
     new_index, entries = consul_call("query health state", client.health.state, "any", **kwargs)
     return int(new_index), list(entries or ())
-
-
-def fetch_health_state(client: consul.Consul, *, index: int, wait_seconds: float) -> HealthSnapshot:
-    """:func:`query_health_state`, parsed."""
-    return parse_health_state(*query_health_state(client, index=index, wait_seconds=wait_seconds))
 
 
 def fetch_service_meta(client: consul.Consul, service_name: str) -> dict[str, dict[str, str]]:
@@ -159,22 +154,30 @@ class _Delivery:
 
 
 class _Overtime:
-    """Whether a run whose window is over watches on: only until the next scheduled run is watching."""
+    """Whether a run whose window is over watches on: only until the next scheduled run is watching.
+
+    Consul (the successor) and Prefect (the schedule) are asked at most once per ``OVERTIME_POLL_SECONDS``:
+    under churn a round comes every ``min_round_seconds``, and each need not cost two more requests.
+    """
 
     def __init__(self, hand_over: HandOver | None, log: Logger) -> None:
         self.hand_over = hand_over
         self.log = log
-        self.seconds = 0.0
+        self.seconds: float | None = None  # None until the window is over and this run watches on
+        self._asked_at = 0.0  # the overtime at which the successor and the schedule were last asked
 
     def watch_on(self, overtime: float) -> bool:
         hand_over = self.hand_over
         if hand_over is None:
             return False
-        successor = hand_over.successor()
-        if successor is not None:
-            if self.seconds:
-                self.log.info("Run %s is watching now: handed over after %.1f s of overtime", successor, overtime)
-            return False
+        due = self.seconds is None or overtime - self._asked_at >= OVERTIME_POLL_SECONDS
+        if due:
+            self._asked_at = overtime
+            successor = hand_over.successor()
+            if successor is not None:
+                if self.seconds is not None:
+                    self.log.info("Run %s is watching now: handed over after %.1f s of overtime", successor, overtime)
+                return False
         if overtime >= hand_over.max_overtime_seconds:
             self.log.warning(
                 "No newer run took over within %.0f s after the window: stopping; the next run reports what "
@@ -182,15 +185,15 @@ class _Overtime:
                 hand_over.max_overtime_seconds,
             )
             return False
-        if not hand_over.successor_expected():
+        if due and not hand_over.successor_expected():
             self.log.info("No next run is expected (the deployment is paused or has no active schedule): stopping")
             return False
-        if not self.seconds:
+        if self.seconds is None:
             self.log.info(
                 "Window over and no newer run is watching yet: watching on until one is (at most %.0f s)",
                 hand_over.max_overtime_seconds,
             )
-        self.seconds = max(overtime, 1e-6)
+        self.seconds = overtime
         return True
 
 
@@ -232,7 +235,6 @@ def watch(
     rounds = recorded = conflicts = 0
     snapshot: HealthSnapshot | None = None
     overtime = _Overtime(hand_over, log)
-    announced = False
     run_name = hand_over.run_id if hand_over is not None else uuid.uuid4().hex[:8]
     log.info("Watching Consul health as %r (run %s) for %.0f s", watch_name, run_name, window_seconds)
 
@@ -290,7 +292,7 @@ def watch(
             _report(alerts, log, on_alerts)
             recorded += len(alerts) - len(to_send)
             delivered = delivery.post(to_send)
-            if result.modify_index is None and result.writer is not None and to_send:
+            if to_send and result.writer is not None:  # saved unconfirmed (above): read the index back now
                 result = store.confirm(result.writer)
             stored = (
                 StoredState(new_state, outbox, since, result.modify_index)
@@ -301,9 +303,8 @@ def watch(
             break
         else:
             raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
-        if hand_over is not None and not announced:
+        if hand_over is not None and rounds == 1:
             hand_over.announce(now_fn())  # this run watches now: one in overtime may stop
-            announced = True
     log.info(
         "Watch ended after %d round(s): %d alert(s) sent, %d recorded as expected, %d CAS conflict(s)",
         rounds,
@@ -318,7 +319,7 @@ def watch(
         conflicts=conflicts,
         snapshot=snapshot,
         state=stored.state,
-        overtime_seconds=overtime.seconds,
+        overtime_seconds=overtime.seconds or 0.0,
     )
 
 
