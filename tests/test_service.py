@@ -243,6 +243,20 @@ MISTAKES: list[tuple[str, list[Edit], bytes | None, list[str]]] = [
         ],
     ),
     (
+        "artifact-key-only-in-tags",  # the plan view reads attributes and triggers, not tags
+        [
+            ("stack", r"    artifact_id += var.artifact_id\n", ""),
+            ("stack", r"(  triggers = \{)", r"  tags = { artifact_id = var.artifact_id }\n\1"),
+        ],
+        None,
+        [
+            "{stack}: no resource records the artifact under a key the plan reads (artifact_id, artifact, ami: an "
+            "attribute or a trigger), so the plan shown for approval names no versions and a rollback can't tell "
+            "which version ran before. Fix: add artifact_id = var.artifact_id to the triggers of the resource that "
+            "runs the image. See docs/service-contract.md#artifact-keys"
+        ],
+    ),
+    (
         "workspace-holds-another-service",
         [],
         WEB_STATE,

@@ -406,13 +406,13 @@ def _value_files(stack_dir: Path) -> tuple[set[str], list[hcl.ParseProblem]]:
     return assigned, problems
 
 
-def _records_key(block: hcl.Block, keys: Iterable[str]) -> bool:
-    """Whether a resource has one of ``keys`` as an attribute, or as a key of its triggers, tags, ..."""
+def _records_key(block: hcl.Block, keys: Iterable[str], maps: Iterable[str] = IDENTITY_MAPS) -> bool:
+    """Whether a resource has one of ``keys`` as an attribute, or as a key of one of its ``maps``."""
     attributes = block.attributes()
     wanted = set(keys)
     if wanted & set(attributes):
         return True
-    return any(isinstance(attributes.get(name), Mapping) and wanted & set(attributes[name]) for name in IDENTITY_MAPS)
+    return any(isinstance(attributes.get(name), Mapping) and wanted & set(attributes[name]) for name in maps)
 
 
 def check_stack(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding]:
@@ -468,7 +468,8 @@ def check_stack(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding
             )
     resource_home = _shown(resources[0].file, PROJECT_ROOT) if resources else home
     findings += _gate_meta(parsed, resources, resource_home)
-    if not any(_records_key(block, ARTIFACT_KEYS) or _has_trigger(block, ARTIFACT_KEYS) for block in resources):
+    # Where the plan view reads it (``plan_view._artifact_of``): an attribute or a trigger, not a tag.
+    if not any(_records_key(block, ARTIFACT_KEYS, maps=("triggers",)) for block in resources):
         findings.append(
             Finding(
                 "artifact-key-missing",
@@ -492,11 +493,6 @@ def check_stack(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding
             )
         )
     return findings
-
-
-def _has_trigger(block: hcl.Block, keys: Iterable[str]) -> bool:
-    triggers = block.attributes().get("triggers")
-    return isinstance(triggers, Mapping) and bool(set(keys) & set(triggers))
 
 
 def _gate_meta(parsed: hcl.HclFiles, resources: Sequence[hcl.Block], home: str) -> list[Finding]:
