@@ -184,20 +184,29 @@ def test_a_slack_outage_blocks_neither_the_approval_nor_the_final_state(deploy_e
 
 
 def _terraform_applying(icd_home: Path, run_id: str) -> list[int]:
-    """Pids of `terraform apply` working in this run's apply directory."""
+    """Pids of `terraform apply` working in this run's apply directory.
+
+    A child terraform has just forked (a provider, the provisioner's shell) looks the same until it execs;
+    it is left out by its parent, which is a match too.
+    """
     workdir = str(icd_home / "runs" / f"{run_id}-apply")
-    found = []
+    found: dict[int, int] = {}  # pid -> parent pid
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             cwd = os.readlink(entry / "cwd")
+            parent = _parent_pid(int(entry.name))
         except OSError:
             continue
         if cwd == workdir and any(part.endswith(b"terraform") for part in cmdline[:1]) and b"apply" in cmdline:
-            found.append(int(entry.name))
-    return found
+            found[int(entry.name)] = parent
+    return [pid for pid, parent in found.items() if parent not in found]
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(deploy_env: DeployEnv) -> None:
@@ -206,7 +215,7 @@ def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(de
     run, _ = env.deploy_until_paused(names)
     env.answer(run.id, env.plan_sha(names.workspace, run.id))
     [terraform] = wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
-    supervisor = int(Path(f"/proc/{terraform}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the flow's process
+    supervisor = _parent_pid(terraform)  # the flow's process
     os.kill(supervisor, signal.SIGKILL)
 
     wait_until(
