@@ -174,24 +174,15 @@ def start_worker(
     env: Mapping[str, str] | None = None,
     limit: int = 4,
     name: str = "worker",
+    warm: bool = True,
 ) -> ManagedProcess:
+    """The project's worker (``icd-worker``, warm flow runs), or with ``warm=False`` Prefect's own process
+    worker, which starts a fresh interpreter per run (the benchmarks' baseline)."""
+    worker = [sys.executable, "-m", "cli.worker"] if warm else [sys.executable, "-m", "prefect", "worker", "start"]
+    kind = [] if warm else ["--type", "process"]
     return spawn(
         name,
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "worker",
-            "start",
-            "--pool",
-            pool,
-            "--type",
-            "process",
-            "--limit",
-            str(limit),
-            "--name",
-            name,
-        ],
+        [*worker, "--pool", pool, *kind, "--limit", str(limit), "--name", name],
         # Deploys wait on this poll twice (start, and resume after approval): 1 s instead of Prefect's 10 s.
         env={"PREFECT_WORKER_QUERY_SECONDS": "1", **server.env, **(env or {})},
         log_dir=server.home / "logs",

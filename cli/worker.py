@@ -1,0 +1,51 @@
+"""``icd-worker``: Prefect's process worker for this project's pool, with warm flow runs (icd/worker/warm.py).
+
+Same pool, job template and settings as ``prefect worker start --type process``; each flow run is forked
+from a process that has already imported Prefect and the project's flows instead of a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS
+from prefect.utilities.processutils import setup_signal_handlers_worker
+
+from icd.paths import PROJECT_ROOT
+from icd.worker.warm import WarmProcessWorker, start_fork_server
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="icd-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--pool", required=True, help="the process work pool to poll")
+    parser.add_argument("--name", help="the worker's name (default: Prefect's generated one)")
+    parser.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    parser.add_argument(
+        "--project-dir",
+        type=Path,
+        default=Path(os.environ.get("ICD_PROJECT_DIR") or PROJECT_ROOT),
+        help="the project whose prefect.yaml names the flows to preload (default: $ICD_PROJECT_DIR)",
+    )
+    args = parser.parse_args(argv)
+    # Before the event loop and its threads: the fork server must start from a single-threaded process.
+    for module, error in start_fork_server(args.project_dir.resolve()).items():
+        print(f"icd-worker: could not preload {module} ({error}); runs that need it import it themselves")
+    setup_signal_handlers_worker(os.getpid(), "the warm process worker", print)
+    worker = WarmProcessWorker(
+        work_pool_name=args.pool,
+        name=args.name,
+        limit=args.limit,
+        heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
+    )
+    try:
+        asyncio.run(worker.start())
+    except KeyboardInterrupt:  # SIGTERM and SIGINT arrive as this (setup_signal_handlers_worker)
+        print(f"Worker {worker.name!r} stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
