@@ -4,7 +4,8 @@
     .venv/bin/python bench/cycle.py --concurrent 10 --workspaces 5 --workers 2 --postgres
 
 Everything runs here for real: moto (S3, DynamoDB), the Consul and Slack stand-ins, a Prefect server, one
-process worker (polling every second), the deployments and triggers of prefect.yaml. Each round, interleaved:
+worker (`icd-worker`, warm runs; `--cold` for Prefect's process worker, polling every second), the
+deployments and triggers of prefect.yaml. Each round, interleaved:
 
 * **baseline**: a shell script that clones the app, runs `packer build`, then `terraform init`, `plan -out`,
   `show -json` and `apply` on the local stack with the same S3 backend and lock table;
@@ -298,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workspaces", type=int, default=5, help="with --concurrent: spread over this many")
     parser.add_argument("--workers", type=int, default=1, help="process workers on the pool")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="Prefect's own process worker (a fresh interpreter per run) instead of icd-worker: the before",
+    )
     args = parser.parse_args(argv)
     home = Path(tempfile.mkdtemp(prefix="icd-bench-cycle-"))
     moto_port = free_port()
@@ -329,7 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                 client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
             for number in range(args.workers):
                 processes.append(
-                    start_worker(server, "local-pool", env=worker_env(home / "icd", config), name=f"worker-{number}")
+                    start_worker(
+                        server,
+                        "local-pool",
+                        env=worker_env(home / "icd", config),
+                        name=f"worker-{number}",
+                        warm=not args.cold,
+                    )
                 )
             if args.concurrent:
                 under_load(repo, registry, args.concurrent, load_workspaces(args.workspaces), server.database)

@@ -254,5 +254,6 @@ def test_a_health_transition_is_an_event_with_its_deploy_and_version_and_pages_t
         message="the critical-health automation never posted to the notification block",
     )
     assert "Critical" in posted[0]["text"]
-    with get_client(sync_client=True) as client:  # the worker stops the watch
+    with get_client(sync_client=True) as client:  # the worker stops the watch (its control channel, then a kill)
         client.set_flow_run_state(watch.id, Cancelling(), force=True)
+    env.wait_for(watch.id, states={"CANCELLED"}, timeout=120)

@@ -96,6 +96,11 @@ def _share_botocore_models() -> None:
         session.create_client(service, region_name="us-east-1", config=unsigned)
 
 
+# Its own session: a signal to the worker's process group (a service manager stopping it) must not kill the
+# fork server first, which would make every running child look as if it had exited. It still ends with the
+# worker: multiprocessing closes its pipe then. (Already a group leader, as a shell's job is: stays.)
+with contextlib.suppress(OSError):
+    os.setsid()
 _import_named_modules()
 _complete_pydantic_models()
 _build_hcl_parser()

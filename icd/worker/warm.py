@@ -25,6 +25,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import signal
 import sys
 import tempfile
 import threading
@@ -58,6 +59,9 @@ if TYPE_CHECKING:
     from prefect.runner._control_channel import ControlChannel
 
 _FORKS = multiprocessing.get_context("forkserver")
+
+# How long a stopping worker lets a suspended run's process finish its teardown (about a second) by itself.
+SUSPENDED_TEARDOWN_SECONDS = 15.0
 
 
 def _scheduled_runs_in(pool_id: UUID) -> EventFilter:
@@ -269,11 +273,55 @@ class ForkedEngineStarter:
             # ProcessHandle reads pid, exitcode and is_alive: any multiprocessing process has them.
             task_status.started(ProcessHandle(process))  # type: ignore[arg-type]
             handed_off = True
-            await anyio.to_thread.run_sync(process.join)
+            # One thread joins (a forkserver child's exit status can be read once); waiting on it can be
+            # abandoned, so a stopping worker gets to decide what happens to the run.
+            exited = threading.Event()
+            threading.Thread(target=_join_then_set, args=(process, exited), daemon=True).start()
+            try:
+                await anyio.to_thread.run_sync(exited.wait, abandon_on_cancel=True)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await _stop_with_the_worker(flow_run.id, process, exited)
+                raise
         except BaseException:
             if control_registered and not handed_off and self._control_channel is not None:
                 self._control_channel.unregister(flow_run.id)
             raise
+
+
+def _join_then_set(process: multiprocessing.process.BaseProcess, exited: threading.Event) -> None:
+    process.join()
+    exited.set()
+
+
+async def _stop_with_the_worker(
+    flow_run_id: UUID, process: multiprocessing.process.BaseProcess, exited: threading.Event
+) -> None:
+    """The worker is stopping while this run's process is alive.
+
+    A run that has suspended is only tearing down (Prefect joins its heartbeat thread): its wait is saved
+    and survives the worker, so it is left to end by itself; a signal now would turn the wait into a crash.
+    Any other run is stopped as Prefect's process worker stops it (SIGTERM; the engine reports ``Crashed``
+    and deploy-ended releases and tells).
+    """
+    if exited.is_set() or process.pid is None:
+        return
+    if await _is_suspended(flow_run_id) and await anyio.to_thread.run_sync(exited.wait, SUSPENDED_TEARDOWN_SECONDS):
+        return
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, sig)
+        if await anyio.to_thread.run_sync(exited.wait, grace):
+            return
+
+
+async def _is_suspended(flow_run_id: UUID) -> bool:
+    try:
+        async with get_client() as client:
+            state = (await client.read_flow_run(flow_run_id)).state
+    except Exception:  # noqa: BLE001 - no answer: treat it as running; a dead server can't record a crash either
+        return False
+    return state is not None and (state.type.value, state.name) == ("PAUSED", "Suspended")
 
 
 class WarmProcessWorker(ProcessWorker):
