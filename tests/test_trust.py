@@ -227,6 +227,25 @@ def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(de
     assert workspace_lock.current_holder(names.workspace) is None
 
 
+def test_a_worker_stopped_mid_apply_stops_the_run_which_ends_crashed_and_unlocked(deploy_env: DeployEnv) -> None:
+    """A worker stopped by its service manager (SIGTERM to its process group) stops the runs it is running,
+    as Prefect's process worker does; deploy-ended then releases the workspace and tells."""
+    env = deploy_env
+    names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
+    run, _ = env.deploy_until_paused(names)
+    env.answer(run.id, env.plan_sha(names.workspace, run.id))
+    wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
+    env.restart_worker()
+
+    wait_until(
+        lambda: not _terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying"
+    )
+    crashed = env.wait_for(run.id, states={"CRASHED"}, timeout=300)
+    assert crashed.state is not None
+    wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
+    assert workspace_lock.current_holder(names.workspace) is None
+
+
 # --- 2 and the secret scan: no secret leaves its block ---------------------------------------------------------
 
 
