@@ -9,8 +9,8 @@ Both probes are deployed flows on a real Prefect server, run by one process work
 * **resume -> running**: from the resume call to the run's next RUNNING state (suspend: the worker must
   start a new process; pause: the waiting process notices);
 * **resume -> answer in hand**: from the resume call to the probe's log line, the latency an operator feels;
-* **held while waiting**: the resident memory of the process that a paused run keeps for the whole wait
-  (a suspended run keeps none), and whether the wait survives its worker being restarted.
+* **held while waiting**: the private memory of the process that a paused run keeps for the whole wait
+  (a suspended run keeps none).
 """
 
 from __future__ import annotations
@@ -78,18 +78,17 @@ def _running_after(run_id: Any, after: float) -> float:
 
 
 def _waiting_rss_mb(run_id: Any) -> float:
-    """Resident memory of processes whose command line carries this run (the paused run's own process)."""
-    total = 0
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes()
-            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ:
-                total += int((proc / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            continue
-    return total / 2**20
+    """Memory the run's own process holds while it waits: its private pages (``Private_*`` of
+    ``/proc/PID/smaps_rollup``), which is what the wait costs. Found by the pid the worker recorded on the run
+    (a forked run's ``/proc/PID/environ`` is its fork server's). A suspended run has no process: 0."""
+    with get_client(sync_client=True) as client:
+        pid = client.read_flow_run(run_id).infrastructure_pid
+    try:
+        rollup = Path(f"/proc/{int(pid or 0)}/smaps_rollup").read_text()
+    except (OSError, ValueError):
+        return 0.0
+    private_kb = sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Private_"))
+    return private_kb / 1024
 
 
 def one_round(deployment: str) -> tuple[float, float, float]:

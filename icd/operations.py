@@ -14,7 +14,6 @@ from icd.config import PipelineConfig
 from icd.errors import InvalidInputError
 from icd.registry.models import ChannelAssignment, ChannelMoved
 from icd.registry.registry import Registry
-from icd.rules import LATEST
 from icd.text import normalize_identity
 
 
@@ -80,12 +79,10 @@ def request_teardown(
     if not why.strip():
         raise InvalidInputError("say why (--why): the deploy record keeps it")
     settings = config.workspace(workspace)
-    version: int | None
-    if settings.channel == LATEST:
-        version = registry.last_version(settings.namespace)
-    else:
-        pointer = registry.get_channel(settings.namespace, settings.channel)
-        version = pointer.version if pointer else None
+    # The channel's pointer, `latest` included: the registry keeps it off revoked and unfinished versions,
+    # which the last version number can be.
+    pointer = registry.get_channel(settings.namespace, settings.channel)
+    version = pointer.version if pointer else None
     if not version:
         raise InvalidInputError(
             f"{settings.namespace} has no version on {settings.channel!r}: nothing can have been deployed to "

@@ -539,3 +539,25 @@ def test_assignment_with_an_expected_version_does_not_undo_a_later_move(registry
     stale = registry.assign_channel(NS, "production", 2, assigned_by="carol", expected_version=1)
     assert stale == ChannelMoved(channel="production", expected_version=1, actual_version=3)
     assert [m.to_version for m in registry.channel_history(NS, "production")] == [1, 3]
+
+
+def test_a_teardown_of_a_latest_follower_names_latest_not_the_last_version_number(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from icd import operations
+    from icd.config import parse_config
+
+    config = parse_config(
+        f'[namespaces."{NS}"]\nrepository = "https://example.com/web.git"\nservice_name = "web"\n'
+        f'[workspaces.staging]\nfollows = "{NS}@latest"\nstack = "examples/stacks/local"\n'
+    )
+    for run in ("1", "2", "3"):
+        build(registry, run)
+    registry.revoke(NS, 3, revoked_by="alice", reason="broken boot")
+    emitted: list[Any] = []
+    monkeypatch.setattr(operations.events, "emit", emitted.append)
+
+    request = operations.request_teardown(registry, config, "staging", by="ops", why="retired")
+
+    assert request.version == 2  # v3 is revoked: a teardown naming it would be refused by the deploy
+    assert [spec.payload["version"] for spec in emitted] == [2]
