@@ -12,8 +12,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, message: str = "", interval: float = 0.02) -> T:
-    """The first truthy value of ``predicate()``; ``AssertionError`` with ``message`` after ``timeout``."""
+def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, message: str = "", interval: float = 0.1) -> T:
+    """The first truthy value of ``predicate()``; ``AssertionError`` with ``message`` after ``timeout``.
+
+    Most predicates read the Prefect API, moto or ``/proc``, on the same two cores as the servers and flows
+    under test: polling them 50 times a second took CPU from what the test waits for. Ten is enough.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
