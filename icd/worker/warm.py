@@ -64,7 +64,7 @@ _FORKS = multiprocessing.get_context("forkserver")
 SUSPENDED_TEARDOWN_SECONDS = 15.0
 
 
-def _scheduled_runs_in(pool_id: UUID) -> EventFilter:
+def _run_states_in(pool_id: UUID) -> EventFilter:
     return EventFilter(
         event=EventNameFilter(prefix=["prefect.flow-run."]),
         related=EventRelatedFilter(resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]),
@@ -393,7 +393,7 @@ class WarmProcessWorker(ProcessWorker):
             try:
                 async with get_client() as client:
                     pool = await client.read_work_pool(self._work_pool_name)
-                async with get_events_subscriber(filter=_scheduled_runs_in(pool.id)) as subscriber:
+                async with get_events_subscriber(filter=_run_states_in(pool.id)) as subscriber:
                     retry = 1.0
                     async for event in subscriber:
                         if _schedules_a_run(event):
