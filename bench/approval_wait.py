@@ -81,8 +81,9 @@ def _waiting_rss_mb(run_id: Any) -> float:
     """Memory the run's own process holds while it waits: its private pages (``Private_*`` of
     ``/proc/PID/smaps_rollup``), which is what the wait costs. Found by the pid the worker recorded on the run
     (a forked run's ``/proc/PID/environ`` is its fork server's). A suspended run has no process: 0."""
-    with get_client(sync_client=True) as client:
-        pid = client.read_flow_run(run_id).infrastructure_pid
+    from examples.local_env import read_flow_run  # not at the top: the probes' processes import this module
+
+    pid = read_flow_run(run_id).infrastructure_pid
     try:
         rollup = Path(f"/proc/{int(pid or 0)}/smaps_rollup").read_text()
     except (OSError, ValueError):

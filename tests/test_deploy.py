@@ -14,7 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from icd.deploy import lock as workspace_lock
-from tests.plugins.deploy_env import ENDED, DeployEnv
+from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
 
@@ -187,14 +187,21 @@ def test_tampered_plan_is_refused_and_told(deploy_env: DeployEnv) -> None:
     wait_until(lambda: _slack_mentions(env, f"Deploy failed on {names.workspace}: PlanIntegrityError"), timeout=30)
 
 
+def _waiting_run_then_another_forced_through(env: DeployEnv, names: Names) -> tuple[Any, str, Any]:
+    """A run waiting for approval (and its plan's hash); an operator breaks its lock and starts another deploy
+    of the same version, which takes the workspace and waits for approval too."""
+    first, version = env.deploy_until_paused(names)
+    first_sha = env.plan_sha(names.workspace, first.id)
+    workspace_lock.break_lock(names.workspace, force=True)
+    other = env.deploy(names.workspace, version)
+    env.wait_for(other.id, states={"PAUSED"})  # holding the workspace while it waits
+    return first, first_sha, other
+
+
 def test_stale_plan_is_not_applied(deploy_env: DeployEnv) -> None:
     env = deploy_env
     names = env.service()
-    stale, version = env.deploy_until_paused(names)
-    stale_sha = env.plan_sha(names.workspace, stale.id)
-    workspace_lock.break_lock(names.workspace, force=True)  # an operator forces another deploy through
-    other = env.deploy(names.workspace, version)
-    env.wait_for(other.id, states={"PAUSED"})
+    stale, stale_sha, other = _waiting_run_then_another_forced_through(env, names)
     assert env.approve(other.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
     env.answer(stale.id, stale_sha)
     done = env.wait_for(stale.id, states=ENDED)
@@ -206,11 +213,7 @@ def test_stale_plan_is_not_applied(deploy_env: DeployEnv) -> None:
 def test_an_approved_run_whose_lock_was_broken_and_taken_applies_nothing(deploy_env: DeployEnv) -> None:
     env = deploy_env
     names = env.service()
-    first, version = env.deploy_until_paused(names)
-    first_sha = env.plan_sha(names.workspace, first.id)
-    workspace_lock.break_lock(names.workspace, force=True)  # an operator forces another deploy through
-    other = env.deploy(names.workspace, version)
-    env.wait_for(other.id, states={"PAUSED"})  # holding the workspace while it waits
+    first, first_sha, other = _waiting_run_then_another_forced_through(env, names)
     env.answer(first.id, first_sha)
     done = env.wait_for(first.id, states=ENDED)
     assert done.state is not None and done.state.name == "LockLost", done.state

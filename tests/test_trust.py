@@ -209,15 +209,16 @@ def _parent_pid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(deploy_env: DeployEnv) -> None:
-    env = deploy_env
+def _approved_into_a_slow_apply(env: DeployEnv) -> tuple[Names, Any, list[int]]:
+    """A deploy approved and applying a stack whose apply takes a while: its names, run and terraform pids."""
     names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
     run, _ = env.deploy_until_paused(names)
     env.answer(run.id, env.plan_sha(names.workspace, run.id))
-    [terraform] = wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
-    supervisor = _parent_pid(terraform)  # the flow's process
-    os.kill(supervisor, signal.SIGKILL)
+    applying = wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
+    return names, run, applying
 
+
+def _assert_stopped_crashed_told_and_unlocked(env: DeployEnv, names: Names, run: Any) -> None:
     wait_until(
         lambda: not _terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying"
     )
@@ -225,25 +226,23 @@ def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(de
     assert crashed.state is not None
     wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
     assert workspace_lock.current_holder(names.workspace) is None
+
+
+def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names, run, [terraform] = _approved_into_a_slow_apply(env)
+    supervisor = _parent_pid(terraform)  # the flow's process
+    os.kill(supervisor, signal.SIGKILL)
+    _assert_stopped_crashed_told_and_unlocked(env, names, run)
 
 
 def test_a_worker_stopped_mid_apply_stops_the_run_which_ends_crashed_and_unlocked(deploy_env: DeployEnv) -> None:
     """A worker stopped by its service manager (SIGTERM to its process group) stops the runs it is running,
     as Prefect's process worker does; deploy-ended then releases the workspace and tells."""
     env = deploy_env
-    names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
-    run, _ = env.deploy_until_paused(names)
-    env.answer(run.id, env.plan_sha(names.workspace, run.id))
-    wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
+    names, run, _ = _approved_into_a_slow_apply(env)
     env.restart_worker()
-
-    wait_until(
-        lambda: not _terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying"
-    )
-    crashed = env.wait_for(run.id, states={"CRASHED"}, timeout=300)
-    assert crashed.state is not None
-    wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
-    assert workspace_lock.current_holder(names.workspace) is None
+    _assert_stopped_crashed_told_and_unlocked(env, names, run)
 
 
 # --- 2 and the secret scan: no secret leaves its block ---------------------------------------------------------

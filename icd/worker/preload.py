@@ -97,8 +97,9 @@ def _share_botocore_models() -> None:
 
 
 # Its own session: a signal to the worker's process group (a service manager stopping it) must not kill the
-# fork server first, which would make every running child look as if it had exited. It still ends with the
-# worker: multiprocessing closes its pipe then. (Already a group leader, as a shell's job is: stays.)
+# fork server first, which would make every running child look as if it had exited. It still ends once the
+# worker and every run it forked have ended (each holds its pipe). (Already a group leader, as a shell's job
+# is: stays.)
 with contextlib.suppress(OSError):
     os.setsid()
 _import_named_modules()

@@ -39,7 +39,7 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import yaml
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import PrefectClient, get_client
 from prefect.events import Event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
@@ -63,6 +63,9 @@ _FORKS = multiprocessing.get_context("forkserver")
 # How long a stopping worker lets a suspended run's process finish its teardown (about a second) by itself.
 SUSPENDED_TEARDOWN_SECONDS = 15.0
 
+# The (type, name) of a suspended run's state: its process is ending (``Paused`` waits in its process).
+_SUSPENDED = ("PAUSED", "Suspended")
+
 
 def _run_states_in(pool_id: UUID) -> EventFilter:
     return EventFilter(
@@ -85,9 +88,8 @@ def _schedules_a_run(event: Event) -> bool:
 
 
 def _suspends_a_run(event: Event) -> UUID | None:
-    """The run a ``Suspended`` state event is about: its process is ending (unlike ``Paused``, which waits
-    in its process)."""
-    if _new_state(event) != ("PAUSED", "Suspended"):
+    """The run a ``Suspended`` state event is about."""
+    if _new_state(event) != _SUSPENDED:
         return None
     try:
         return UUID(event.resource.id.removeprefix("prefect.flow-run."))
@@ -306,7 +308,9 @@ async def _stop_with_the_worker(
     """
     if exited.is_set() or process.pid is None:
         return
-    if await _is_suspended(flow_run_id) and await anyio.to_thread.run_sync(exited.wait, SUSPENDED_TEARDOWN_SECONDS):
+    async with get_client() as client:
+        suspended = await _is_suspended(client, flow_run_id)
+    if suspended and await anyio.to_thread.run_sync(exited.wait, SUSPENDED_TEARDOWN_SECONDS):
         return
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
@@ -315,13 +319,14 @@ async def _stop_with_the_worker(
             return
 
 
-async def _is_suspended(flow_run_id: UUID) -> bool:
+async def _is_suspended(client: PrefectClient, flow_run_id: UUID) -> bool:
+    """Whether the run is Suspended now; no answer counts as no (then nothing is left to end by itself,
+    and a dead server could not record a crash either)."""
     try:
-        async with get_client() as client:
-            state = (await client.read_flow_run(flow_run_id)).state
-    except Exception:  # noqa: BLE001 - no answer: treat it as running; a dead server can't record a crash either
+        state = (await client.read_flow_run(flow_run_id)).state
+    except Exception:  # noqa: BLE001 - see above: any failure to read is "not known to be suspended"
         return False
-    return state is not None and (state.type.value, state.name) == ("PAUSED", "Suspended")
+    return state is not None and (state.type.value, state.name) == _SUSPENDED
 
 
 class WarmProcessWorker(ProcessWorker):
@@ -373,8 +378,7 @@ class WarmProcessWorker(ProcessWorker):
         resumed it (a resumed run is Pending or Running before its process starts)."""
         if self._limiter is None or flow_run_id not in self._running or flow_run_id in self._released_early:
             return
-        state = (await self.client.read_flow_run(flow_run_id)).state
-        if state is None or (state.type.value, state.name) != ("PAUSED", "Suspended"):
+        if not await _is_suspended(self.client, flow_run_id):
             return
         with contextlib.suppress(RuntimeError):  # not holding (already released): nothing to give back
             self._limiter.release_on_behalf_of(flow_run_id)
