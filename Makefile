@@ -13,11 +13,11 @@ demo: setup
 	@$(PY) -m examples.demo $(ARGS)
 
 # One pytest worker per core (at most 4): each has its own Prefect server, worker and stand-ins, and takes
-# whole test files, so module fixtures are made once.
+# whole test files, so module fixtures are made once; the longest files first (tests/conftest.py).
 JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: lint
-	@$(PY) -m pytest -n $(JOBS) --dist loadfile $(PYTEST_ARGS)
+	@$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The edit-test loop: no Prefect server, no Packer, no Terraform; about 40 s on 2 cores.
 test-fast: setup

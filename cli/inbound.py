@@ -25,6 +25,7 @@ from starlette.routing import Route
 from icd import events
 from icd.config import PipelineConfig, load_config
 from icd.inbound.github import MAX_BODY_BYTES, Answer, decide
+from icd.prefect_tls import reuse_tls_context_for_plain_http
 
 SECRET_BLOCK = "github-webhook-secret"  # noqa: S105  # the block's name, not a secret
 
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--secret-block", default=SECRET_BLOCK, help="Prefect Secret block holding the secret")
     args = parser.parse_args(argv)
+    reuse_tls_context_for_plain_http()
     import uvicorn
 
     uvicorn.run(create_app(secret=secret_from_block(args.secret_block)), host=args.host, port=args.port)

@@ -15,6 +15,7 @@ from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS
 from prefect.utilities.processutils import setup_signal_handlers_worker
 
 from icd.paths import PROJECT_ROOT
+from icd.prefect_tls import reuse_tls_context_for_plain_http
 from icd.worker.warm import WarmProcessWorker, start_fork_server
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the project whose prefect.yaml names the flows to preload (default: $ICD_PROJECT_DIR)",
     )
     args = parser.parse_args(argv)
+    reuse_tls_context_for_plain_http()  # the worker's own clients; icd.worker.preload does it for the runs
     # Before the event loop and its threads: the fork server must start from a single-threaded process.
     for module, error in start_fork_server(args.project_dir.resolve()).items():
         print(f"icd-worker: could not preload {module} ({error}); runs that need it import it themselves")

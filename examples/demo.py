@@ -28,7 +28,6 @@ from typing import Any
 
 import httpx
 from moto.server import ThreadedMotoServer
-from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -36,6 +35,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from examples.local_env import (
     LocalServices,
     ManagedProcess,
+    api_client,
     deliver_webhook,
     first_run_after,
     free_port,
@@ -227,8 +227,7 @@ def stored_events(prefix: str, timeout: float = 30) -> list[Any]:
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with get_client(sync_client=True) as client:
-            page = client.read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=10)
+        page = api_client().read_events(filter=EventFilter(event=EventNameFilter(prefix=[prefix])), limit=10)
         if page.events:
             return list(page.events)
         time.sleep(0.5)

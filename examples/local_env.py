@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import httpx
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -36,6 +37,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from blocks.registry import ArtifactRegistry
@@ -71,9 +73,11 @@ class ManagedProcess:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    # Seconds between SIGTERM and SIGKILL: long enough for the process's own stop sequence.
+    stop_grace: float = 10.0
 
     def stop(self) -> None:
-        _stop_group(self.proc)
+        _stop_group(self.proc, self.stop_grace)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -167,6 +171,9 @@ def start_prefect_server(
     raise RuntimeError(f"prefect server did not answer within {timeout:.0f}s:\n{process.log_tail()}")
 
 
+WORKER_STOP_SECONDS = 35.0
+
+
 def start_worker(
     server: PrefectServer,
     pool: str,
@@ -180,13 +187,17 @@ def start_worker(
     worker, which starts a fresh interpreter per run (the benchmarks' baseline)."""
     worker = [sys.executable, "-m", "cli.worker"] if warm else [sys.executable, "-m", "prefect", "worker", "start"]
     kind = [] if warm else ["--type", "process"]
-    return spawn(
+    process = spawn(
         name,
         [*worker, "--pool", pool, *kind, "--limit", str(limit), "--name", name],
         # Deploys wait on this poll twice (start, and resume after approval): 1 s instead of Prefect's 10 s.
         env={"PREFECT_WORKER_QUERY_SECONDS": "1", **server.env, **(env or {})},
         log_dir=server.home / "logs",
     )
+    # A stopping worker stops its runs (SIGTERM, 10 s, SIGKILL, 5 s) or lets a suspended one finish its teardown
+    # (up to 15 s): killed sooner, it would leave a forked run behind, no longer stopped by anyone.
+    process.stop_grace = WORKER_STOP_SECONDS
+    return process
 
 
 def postgres_available(dsn: str = POSTGRES_ADMIN_DSN) -> bool:
@@ -222,9 +233,27 @@ async def _postgres(dsn: str, statement: str) -> None:
 # --- the project's own set-up on that server: blocks, pool, deployments, an app repository ------------
 
 
+_API_CLIENTS: dict[str, SyncPrefectClient] = {}
+_API_CLIENTS_LOCK = threading.Lock()
+
+
+def api_client() -> SyncPrefectClient:
+    """This process's client of the Prefect API it is pointed at: opened once, kept open, used directly
+    (``api_client().read_flow_run(...)``, never in a ``with`` block, which would close it for every thread).
+
+    Polling loops (tests, benchmarks, the demo) read the API several times a second, and every
+    ``get_client()`` builds a new TLS context, parsing the whole CA bundle even for an ``http://`` API:
+    about 25 ms of CPU each, which was a seventh of all the CPU an end-to-end test used."""
+    url = str(PREFECT_API_URL.value())
+    with _API_CLIENTS_LOCK:
+        client = _API_CLIENTS.get(url)
+        if client is None:
+            client = _API_CLIENTS[url] = get_client(sync_client=True).__enter__()
+        return client
+
+
 def read_flow_run(run_id: Any) -> FlowRun:
-    with get_client(sync_client=True) as client:
-        return client.read_flow_run(run_id)
+    return api_client().read_flow_run(run_id)
 
 
 def wait_for_run(run_id: Any, states: set[str], *, timeout: float = 300, interval: float = 0.3) -> FlowRun:
@@ -242,13 +271,12 @@ def first_run_after(deployment: str, after: float, *, timeout: float = 120, inte
     """The first run of ``deployment`` created after ``after`` (epoch seconds): the one a trigger made."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
-                flow_run_filter=FlowRunFilter(),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                limit=20,
-            )
+        runs = api_client().read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=FlowRunFilter(),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=20,
+        )
         fresh = [run for run in runs if run.created is not None and run.created.timestamp() > after]
         if fresh:
             return min(fresh, key=lambda run: run.created.timestamp())  # type: ignore[union-attr]  # filtered above
@@ -259,14 +287,13 @@ def first_run_after(deployment: str, after: float, *, timeout: float = 120, inte
 def run_logs(run_id: Any) -> list[Log]:
     """Every log line of a run, oldest first."""
     found: list[Log] = []
-    with get_client(sync_client=True) as client:
-        while True:
-            page = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=len(found)
-            )
-            found += page
-            if len(page) < 200:
-                return sorted(found, key=lambda log: log.timestamp)
+    while True:
+        page = api_client().read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=len(found)
+        )
+        found += page
+        if len(page) < 200:
+            return sorted(found, key=lambda log: log.timestamp)
 
 
 def git(repo: Path, *args: str) -> str:

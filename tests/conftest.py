@@ -14,6 +14,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from examples.local_env import free_port
+from icd.prefect_tls import reuse_tls_context_for_plain_http
 
 pytest_plugins = [
     "tests.plugins.consul",
@@ -23,14 +24,33 @@ pytest_plugins = [
 ]
 
 AWS_REGION = "us-east-1"
+# As the worker, its runs and the inbound app do: the suite's own API clients share one TLS context.
+reuse_tls_context_for_plain_http()
 # A test that uses one of these needs a Prefect server: it is `slow`, outside the fast tier.
 _SERVER_FIXTURES = frozenset({"prefect_server", "deploy_env"})
+
+
+# The files that take longest, longest first (test time from `--durations`). `make test` hands whole files to
+# its workers in collection order (`--dist loadfile --no-loadscope-reorder`): started first, they run while the
+# short files fill the gaps, and the workers end together instead of one running an end-to-end file alone at
+# the end. xdist's own order (most tests first) put these last. Files not named keep their places after them.
+_LONGEST_FIRST = (
+    "test_deploy.py",
+    "test_trust.py",
+    "test_team_server.py",
+    "test_browser.py",
+    "test_events.py",
+    "test_operator_walkthrough.py",
+    "test_onboarding.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: position for position, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import consul
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+from examples.local_env import api_client
 from icd.deploy import lock as workspace_lock
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
@@ -290,12 +290,11 @@ def fits_across(locator: Locator) -> bool:
 
 
 def artifact_url(env: DeployEnv, key: str, run_id: Any) -> str:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
-            )
+    found = api_client().read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
         )
+    )
     assert found, f"run {run_id} published no artifact {key!r}"
     return f"{env.server.ui_url}/artifacts/artifact/{found[0].id}"
 

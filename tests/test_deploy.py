@@ -10,9 +10,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import consul
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from examples.local_env import api_client
 from icd.deploy import lock as workspace_lock
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
@@ -25,8 +25,7 @@ def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
 
 
 def _task_runs(run_id: Any, task_name: str) -> list[Any]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
 
 
@@ -34,7 +33,7 @@ def _slack_mentions(env: DeployEnv, text: str) -> list[str]:
     return [m.text for m in env.slack.messages if text in m.text]
 
 
-def test_full_cycle_v1_then_v2(deploy_env: DeployEnv) -> None:
+def test_full_cycle_v1_then_the_same_commit_then_v2_across_a_worker_restart(deploy_env: DeployEnv) -> None:
     env = deploy_env
     names = env.service()
     ns, ws = names.namespace, names.workspace
@@ -59,47 +58,28 @@ def test_full_cycle_v1_then_v2(deploy_env: DeployEnv) -> None:
     assert all(check["Status"] == "passing" for check in instances[0]["Checks"])
     assert workspace_lock.current_holder(ws) is None
 
+    # The same commit again: reused, not rebuilt, and already deployed.
+    env.build(names)
+    assert reg.last_version(ns) == v1, "no second build"
+    again = env.wait_for(env.deploy(ws, v1).id, states=ENDED)
+    assert again.state is not None and again.state.name == "NothingToDeploy", again.state
+
     env.repo.commit("v2", {"src/app.py": env.repo.read("src/app.py") + "\n# v2\n"})
     run2, v2 = env.deploy_until_paused(names)
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
+    artifacts = api_client().read_artifacts()
     plan_docs = [a for a in artifacts if a.key == f"plan-{ws}" and a.flow_run_id == run2.id]
     assert plan_docs, "the plan is published as an artifact of the run"
     assert f"{ns} v{v1} -> v{v2}" in str(plan_docs[0].data), "the plan shows the artifact version diff"
+    # v2's wait outlives its worker: another worker resumes it, and nothing before the wait runs twice.
+    env.restart_worker()
     done2 = env.approve(run2.id, ws)
     assert done2.state is not None and done2.state.name == "Deployed", done2.state
+    plans = _task_runs(run2.id, "plan-deploy")
+    assert [p.state.name for p in plans].count("Completed") == 1, [p.state.name for p in plans]
+    assert len(_task_runs(run2.id, "apply-plan")) == 1
     assert reg.get_channel(ns, ws).version == v2  # type: ignore[union-attr]
     instances = _services(env, names.service_name)
     assert [i["Service"]["Meta"]["deploy_run_id"] for i in instances] == [str(run2.id)], "v1 was replaced"
-
-
-def test_rejection_applies_nothing_and_releases_the_lock(deploy_env: DeployEnv) -> None:
-    env = deploy_env
-    names = env.service()
-    run, _ = env.deploy_until_paused(names)
-    env.answer(run.id, env.plan_sha(names.workspace, run.id), approver="bob", decision="reject")
-    done = env.wait_for(run.id, states=ENDED)
-    assert done.state is not None
-    assert (done.state.type.value, done.state.name) == ("CANCELLED", "Rejected")
-    assert env.registry.registry().get_channel(names.namespace, names.workspace) is None
-    assert _services(env, names.service_name) == []
-    assert workspace_lock.current_holder(names.workspace) is None
-
-
-def test_invalid_approval_is_asked_again_then_a_valid_one_applies(deploy_env: DeployEnv) -> None:
-    env = deploy_env
-    names = env.service()
-    run, _ = env.deploy_until_paused(names)
-    env.answer(run.id, "0" * 64)  # a stale or mistyped hash
-    env.wait_for_pause(run.id, "approval-1")
-    wait_until(
-        lambda: "differs from the plan waiting" in env.state_message(run.id),
-        timeout=30,
-        message="the reason never showed on the run",
-    )
-    assert _services(env, names.service_name) == []
-    done = env.approve(run.id, names.workspace)
-    assert done.state is not None and done.state.name == "Deployed"
 
 
 def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothing(deploy_env: DeployEnv) -> None:
@@ -108,32 +88,38 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
     ws = names.workspace
     run, _ = env.deploy_until_paused(names)
     sha = env.plan_sha(ws, run.id)
-    paused = env.read(run.id).state
-    assert paused is not None and paused.state_details.pause_timeout is not None
+    # Prefect suspends the run first; the flow then adds what it waits for to that state's message.
+    paused = wait_until(
+        lambda: (state := env.read(run.id).state) is not None and "answer before" in (state.message or "") and state,
+        timeout=30,
+        message="the suspended run never said what it waits for",
+    )
+    assert paused.state_details.pause_timeout is not None
     deadline = paused.state_details.pause_timeout
     told = re.search(r"answer before (.+ UTC)", paused.message or "")
     assert told, paused.message
     holder = workspace_lock.current_holder(ws)
     assert holder is not None
     assert datetime.fromisoformat(holder.expires_at) >= deadline + timedelta(minutes=5), "the lease covers the wait"
-    for attempt in (1, 2, 3):
-        env.answer(run.id, sha, approver=" \u200b ")  # nothing visible: refused, asked again
+    # A stale or mistyped hash, then twice an approver with nothing visible: each refused and asked again.
+    stale_hash, invisible = ("0" * 64, "alice", "differs from the plan waiting"), (sha, " \u200b ", "not accepted")
+    for attempt, (given_sha, approver, reason) in enumerate((stale_hash, invisible, invisible), start=1):
+        env.answer(run.id, given_sha, approver=approver)
         again = env.wait_for_pause(run.id, f"approval-{attempt}").state
         assert again is not None and again.state_details.pause_timeout is not None
         # Each re-ask waits only for what is left (rounded up to the second), so the deadline stays put.
         assert abs(again.state_details.pause_timeout - deadline) < timedelta(seconds=1), attempt
-        wait_until(lambda: "not accepted" in env.state_message(run.id), timeout=30, message="no reason on the run")
+        wait_until(lambda r=reason: r in env.state_message(run.id), timeout=30, message="the reason never showed")
+        assert _services(env, names.service_name) == [], "a refused answer applies nothing"
         assert f"answer before {told.group(1)}" in env.state_message(run.id), "the run names the same deadline"
         assert workspace_lock.current_holder(ws) == holder, "the same lease still holds the workspace"
-        with get_client(sync_client=True) as client:
-            limit = client.read_global_concurrency_limit_by_name(workspace_lock.limit_name(ws))
+        limit = api_client().read_global_concurrency_limit_by_name(workspace_lock.limit_name(ws))
         assert limit.active_slots == 1, "the server still counts the lease"
     done = env.approve(run.id, ws)
     assert done.state is not None and done.state.name == "Deployed", done.state
     # Three refused answers and an approval re-ran the flow four times, yet every step before the wait ran
     # once and none was replayed as Cached; each refusal was told once.
-    with get_client(sync_client=True) as client:
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
+    tasks = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
     assert [t.name for t in tasks if t.state is None or t.state.name != "Completed"] == []
     steps = Counter(t.name.rsplit("-", 1)[0] for t in tasks)
     before_the_wait = ("lock-workspace", "plan-deploy", "publish-plan", "approval-deadline")
@@ -155,18 +141,6 @@ def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -
     assert workspace_lock.current_holder(names.workspace) is None
     assert _services(env, names.service_name) == []
     wait_until(lambda: _slack_mentions(env, f"Approval timed out on {names.workspace}"), timeout=60)
-
-
-def test_same_commit_again_is_nothing_to_deploy(deploy_env: DeployEnv) -> None:
-    env = deploy_env
-    names = env.service()
-    run, version = env.deploy_until_paused(names)
-    assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
-    env.build(names)  # the same commit: reused, not rebuilt
-    assert env.registry.registry().last_version(names.namespace) == version, "no second build"
-    again = env.deploy(names.workspace, version)
-    done = env.wait_for(again.id, states=ENDED)
-    assert done.state is not None and done.state.name == "NothingToDeploy", done.state
 
 
 def test_tampered_plan_is_refused_and_told(deploy_env: DeployEnv) -> None:
@@ -224,7 +198,9 @@ def test_an_approved_run_whose_lock_was_broken_and_taken_applies_nothing(deploy_
     env.wait_for(other.id, states={"CANCELLED"})
 
 
-def test_runs_serialize_per_workspace_and_parallelize_across(deploy_env: DeployEnv) -> None:
+def test_runs_serialize_per_workspace_and_a_rejection_applies_nothing_and_hands_the_workspace_on(
+    deploy_env: DeployEnv,
+) -> None:
     env = deploy_env
     a, b = env.service(), env.service()
     first, version = env.deploy_until_paused(a)
@@ -237,23 +213,19 @@ def test_runs_serialize_per_workspace_and_parallelize_across(deploy_env: DeployE
     )
     waiting = env.read(second.id)
     assert waiting.state is not None and waiting.state.type.value == "RUNNING", "the second run waits for the lock"
-    env.answer(first.id, env.plan_sha(a.workspace, first.id), decision="reject")
-    env.wait_for(second.id, states={"PAUSED"})
+    env.answer(first.id, env.plan_sha(a.workspace, first.id), approver="bob", decision="reject")
+    rejected = env.wait_for(first.id, states=ENDED)
+    assert rejected.state is not None
+    assert (rejected.state.type.value, rejected.state.name) == ("CANCELLED", "Rejected")
+    env.wait_for(second.id, states={"PAUSED"})  # the rejected run released the workspace; the waiting run took it
+    holder = workspace_lock.current_holder(a.workspace)
+    assert holder is not None and holder.holder_flow_run_id == str(second.id)
+    assert env.registry.registry().get_channel(a.namespace, a.workspace) is None, "the rejection applied nothing"
+    assert _services(env, a.service_name) == []
     for run, names in ((second, a), (other_ws, b)):
         env.answer(run.id, env.plan_sha(names.workspace, run.id), decision="reject")
         env.wait_for(run.id, states={"CANCELLED"})
-
-
-def test_resume_after_worker_restart_runs_nothing_twice(deploy_env: DeployEnv) -> None:
-    env = deploy_env
-    names = env.service()
-    run, _ = env.deploy_until_paused(names)
-    env.restart_worker()
-    done = env.approve(run.id, names.workspace)
-    assert done.state is not None and done.state.name == "Deployed", done.state
-    plans = _task_runs(run.id, "plan-deploy")
-    assert [p.state.name for p in plans].count("Completed") == 1, [p.state.name for p in plans]
-    assert len(_task_runs(run.id, "apply-plan")) == 1
+    assert workspace_lock.current_holder(a.workspace) is None
 
 
 def test_failing_packer_template_fails_the_build_registers_nothing_and_tells(deploy_env: DeployEnv) -> None:

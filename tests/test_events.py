@@ -10,12 +10,11 @@ from typing import Any
 import consul
 import httpx
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.events.schemas.events import ReceivedEvent
 from prefect.states import Cancelling
 
-from examples.local_env import deliver_webhook, git, github_push
+from examples.local_env import api_client, deliver_webhook, git, github_push
 from icd import operations
 from icd.config import load_config
 from tests.plugins.deploy_env import ENDED, WEBHOOK_SECRET, DeployEnv, Names
@@ -25,11 +24,10 @@ from tests.waiting import wait_until
 def stored_events(name: str, **labels: str) -> list[ReceivedEvent]:
     """Events the server stored (it stores in batches, so callers poll)."""
     resource = EventResourceFilter(labels={key: [value] for key, value in labels.items()}) if labels else None
-    with get_client(sync_client=True) as client:
-        page = client.read_events(
-            filter=EventFilter(event=EventNameFilter(name=[name]), resource=resource),  # type: ignore[arg-type]
-            limit=50,
-        )
+    page = api_client().read_events(
+        filter=EventFilter(event=EventNameFilter(name=[name]), resource=resource),  # type: ignore[arg-type]
+        limit=50,
+    )
     return list(page.events)
 
 
@@ -254,6 +252,6 @@ def test_a_health_transition_is_an_event_with_its_deploy_and_version_and_pages_t
         message="the critical-health automation never posted to the notification block",
     )
     assert "Critical" in posted[0]["text"]
-    with get_client(sync_client=True) as client:  # the worker stops the watch (its control channel, then a kill)
-        client.set_flow_run_state(watch.id, Cancelling(), force=True)
+    # The worker stops the watch (its control channel, then a kill).
+    api_client().set_flow_run_state(watch.id, Cancelling(), force=True)
     env.wait_for(watch.id, states={"CANCELLED"}, timeout=120)

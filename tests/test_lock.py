@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 from prefect import flow
-from prefect.client.orchestration import get_client
 from prefect.states import Crashed, Running
 
 from cli.lock import main as lock_cli
+from examples.local_env import api_client
 from icd.deploy import lock as workspace_lock
 from icd.deploy.lock import LockHeld, WorkspaceLease
 from icd.errors import InvalidNameError, WorkspaceLockError
@@ -119,8 +119,7 @@ class TestWorkspaceLock:
         ws = _ws()
         lease = _acquire(ws)
         assert isinstance(lease, WorkspaceLease)
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(lease.holder_flow_run_id, Crashed(), force=True)  # type: ignore[arg-type]
+        api_client().set_flow_run_state(lease.holder_flow_run_id, Crashed(), force=True)  # type: ignore[arg-type]
         assert lock_cli(["break", ws]) == 0
         out = capsys.readouterr().out
         assert lease.holder_flow_run_id in out
@@ -152,8 +151,7 @@ def _holder_flow() -> None:
 
 
 def _run_in(state: object) -> str:
-    with get_client(sync_client=True) as client:
-        run = client.create_flow_run(_holder_flow, state=state)  # type: ignore[arg-type]
+    run = api_client().create_flow_run(_holder_flow, state=state)  # type: ignore[arg-type]
     return str(run.id)
 
 
@@ -184,8 +182,7 @@ class TestLocksThatCantLeakOrLie:
             ws, holder_flow_run_id=run_id, holder_name="doomed", lease_seconds=3600, wait_seconds=1
         )
         assert isinstance(leaked, WorkspaceLease)
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run_id, Crashed(message="worker killed"), force=True)  # type: ignore[arg-type]
+        api_client().set_flow_run_state(run_id, Crashed(message="worker killed"), force=True)  # type: ignore[arg-type]
 
         # The next deploy does not wait out the hour-long lease of a run that is gone.
         taken = _acquire(ws, wait=5)

@@ -11,6 +11,7 @@ from prefect import flow
 from prefect_slack import SlackCredentials
 from pydantic import SecretStr
 
+import tasks.notify as notify_tasks
 from blocks.notifier import SlackNotifier
 from icd.errors import NotificationError, TransientNotificationError
 from icd.notify.message import Notification, NotificationReceipt, Severity, redact_notification, redact_text
@@ -302,8 +303,13 @@ def test_standin_records_incoming_webhooks(slack_standin: SlackStandIn) -> None:
 
 @pytest.mark.usefixtures("prefect_server")
 def test_the_task_posts_once_per_notification_per_run_and_never_fails_the_run(
-    slack_standin: SlackStandIn, slack_notifier: SlackNotifier, caplog: pytest.LogCaptureFixture
+    slack_standin: SlackStandIn,
+    slack_notifier: SlackNotifier,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The session's server may hold the end-to-end fixture's deployments: redelivery must find none here.
+    monkeypatch.setattr(notify_tasks, "DELIVERY_DEPLOYMENT", f"deliver-notification/absent-{uuid.uuid4().hex[:8]}")
     notification = Notification("Awaiting approval", f"Plan ready {uuid.uuid4()}", "warning")
     other = Notification("Awaiting approval", "another plan", "warning")
     bad_channel = slack_notifier.model_copy(update={"channel": "#nowhere"})

@@ -17,11 +17,10 @@ from typing import Any
 import consul
 import httpx
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from cli.service import main as icd_service
-from examples.local_env import git
+from examples.local_env import api_client, git
 from icd.config import load_config
 from icd.service.preflight import check_service, service_under_check
 from tests.plugins.deploy_env import DeployEnv, Names
@@ -57,8 +56,7 @@ def _instances(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
 
 
 def _task_runs(run_id: Any, task_name: str) -> list[Any]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
 
 
@@ -69,8 +67,7 @@ def _answer(instance: dict[str, Any]) -> Any:
 
 
 def _plan_document(workspace: str, run_id: Any) -> str:
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
+    artifacts = api_client().read_artifacts()
     return "".join(str(a.data) for a in artifacts if a.key == f"plan-{workspace}" and a.flow_run_id == run_id)
 
 

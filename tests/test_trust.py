@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import consul
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from blocks.registry import ArtifactRegistry
+from examples.local_env import api_client
 from icd import operations
 from icd.config import load_config
 from icd.deploy import lock as workspace_lock
@@ -280,12 +280,12 @@ def test_no_secret_leaves_its_block_in_a_full_cycle(deploy_env: DeployEnv) -> No
         return [f"{name} in {where}" for name, value in canaries.items() if value in text]
 
     found: list[str] = []
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-        found += leaks("the run's logs", "\n".join(log.message for log in logs))
-        found += leaks("artifacts", json.dumps([a.data for a in client.read_artifacts()], default=str))
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        found += leaks("task runs", json.dumps([t.model_dump(mode="json") for t in task_runs], default=str))
+    client = api_client()
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    found += leaks("the run's logs", "\n".join(log.message for log in logs))
+    found += leaks("artifacts", json.dumps([a.data for a in client.read_artifacts()], default=str))
+    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    found += leaks("task runs", json.dumps([t.model_dump(mode="json") for t in task_runs], default=str))
     database = env.server.home / "prefect.db"
     if database.exists():
         with sqlite3.connect(database) as db:  # block documents are stored encrypted; nothing else holds secrets

@@ -6,7 +6,8 @@ to preload), so the work happens at import time:
 * the modules the worker names (Prefect's engine, each deployment's flow module and all they import);
 * the pydantic models those modules define, completed now instead of at their first use in every run;
 * python-hcl2's Lark parser, which the pre-flight check would otherwise build in every build run;
-* botocore's service models, parsed once and shared by every boto3 session a run creates (below).
+* botocore's service models, parsed once and shared by every boto3 session a run creates (below);
+* one TLS context for the run's Prefect clients of an ``http://`` API (``icd/prefect_tls.py``).
 
 A module that fails to import is left out rather than taking the fork server down: a run that needs it
 imports it again in its own process and fails there, with the real error in the run's log, as a cold start
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 
+from icd.prefect_tls import reuse_tls_context_for_plain_http
 from icd.worker import PRELOAD_ENV, PROJECT_ENV
 
 # Project files changed after this moment are imported again by the run that finds them changed.
@@ -105,6 +107,7 @@ with contextlib.suppress(OSError):
 _import_named_modules()
 _complete_pydantic_models()
 _build_hcl_parser()
+reuse_tls_context_for_plain_http()
 try:
     _share_botocore_models()
 except Exception as exc:  # noqa: BLE001 - botocore's internals moved: runs only parse the models themselves

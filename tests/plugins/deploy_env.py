@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -34,6 +33,7 @@ from examples.local_env import (
     LocalServices,
     ManagedProcess,
     PrefectServer,
+    api_client,
     git,
     make_app_repo,
     provision,
@@ -154,8 +154,7 @@ class DeployEnv:
     # --- runs --------------------------------------------------------------------------------------------
 
     def read(self, flow_run_id: Any) -> FlowRun:
-        with get_client(sync_client=True) as client:
-            return client.read_flow_run(flow_run_id)
+        return api_client().read_flow_run(flow_run_id)
 
     def state_message(self, flow_run_id: Any) -> str:
         state = self.read(flow_run_id).state
@@ -191,12 +190,11 @@ class DeployEnv:
 
     def runs_of(self, deployment: str, **parameters: object) -> list[FlowRun]:
         """Runs of ``deployment`` whose parameters include ``parameters``, oldest first."""
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
-                flow_run_filter=FlowRunFilter(),
-                limit=200,
-            )
+        runs = api_client().read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=FlowRunFilter(),
+            limit=200,
+        )
         matching = [run for run in runs if all(run.parameters.get(k) == v for k, v in parameters.items())]
         return sorted(matching, key=lambda run: run.created or run.expected_start_time)  # type: ignore[arg-type, return-value]
 
@@ -291,10 +289,10 @@ def deploy_env(
         registry = provision(
             prefect_server, services, pool=POOL, alerts_url=receiver.url, webhook_secret=WEBHOOK_SECRET
         )
-        with get_client(sync_client=True) as client:
-            # The scheduled watch has its own tests; here it would post Slack messages of its own.
-            # pause_deployment also deletes the runs already scheduled (update_deployment(paused=True) does not).
-            client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
+        client = api_client()
+        # The scheduled watch has its own tests; here it would post Slack messages of its own.
+        # pause_deployment also deletes the runs already scheduled (update_deployment(paused=True) does not).
+        client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
 
         repo = AppRepo(make_app_repo(tmp_path_factory.mktemp("app-repo")))
         env_for_worker = worker_env(
