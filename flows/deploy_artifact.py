@@ -29,7 +29,6 @@ from functools import partial
 from typing import Annotated, Any, Literal, cast
 
 from prefect import flow, get_run_logger, task
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
 from prefect.exceptions import Pause
 from prefect.flow_runs import suspend_flow_run
@@ -49,6 +48,7 @@ from icd.deploy.approval import (
     PlanApproval,
     approval_form,
     check_approval,
+    describe_suspension,
 )
 from icd.deploy.artifacts import artifact_for
 from icd.deploy.lock import LockHeld, WorkspaceLease
@@ -366,10 +366,7 @@ def suspend_for_approval(form: type[PlanApproval], *, deadline: datetime, key: s
         return suspend_flow_run(wait_for_input=form, timeout=remaining, key=key)
     except Pause as pause:
         if pause.state is not None:
-            with get_client(sync_client=True) as client:
-                client.set_flow_run_state(
-                    flow_run.id, pause.state.model_copy(update={"message": one_line(message, 1000)}), force=True
-                )
+            describe_suspension(flow_run.id, pause.state, message)
         raise
 
 

@@ -8,13 +8,18 @@ pause key, and the plan stays where it is.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+from uuid import UUID
 
+import httpx
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
 from prefect.input import RunInput
 from pydantic import Field
 
-from icd.text import hash_difference, markdown_inline, normalize_identity
+from icd.text import hash_difference, markdown_inline, normalize_identity, one_line
 
 MAX_APPROVAL_ATTEMPTS = 5
 
@@ -73,3 +78,34 @@ def approval_form(expected_sha256: str, summary_markdown: str, *, refusal: str =
     """
     header = f"**Your previous answer was not accepted:** {markdown_inline(refusal)}\n\n" if refusal else ""
     return PlanApproval.with_initial_data(description=header + summary_markdown, plan_sha256=expected_sha256)
+
+
+def describe_suspension(flow_run_id: UUID, suspended: State[Any], message: str) -> None:
+    """Put ``message`` on a run's suspended state, without swallowing an answer given meanwhile.
+
+    Prefect's ``suspend_flow_run`` takes no message, so the state it wrote is written again, forced, with
+    one. An answer given between the two writes (a script, a chat button or a test answering at once) has
+    already moved the run to ``Resuming`` and stored its input: the forced write puts the run back to
+    waiting, and that answer would be lost until the deadline. So, after the write: if the run still shows
+    the written state while an answer is stored, the answer is given again through Prefect's own resume (its
+    stored copy removed first). The server stores an answer and the resumed state in one transaction, so a
+    stored answer is one that was accepted; an answer given after the write has already moved the run on,
+    and stands.
+    """
+    described = suspended.model_copy(update={"message": one_line(message, 1000)})
+    keyset = suspended.state_details.run_input_keyset
+    with get_client(sync_client=True) as client:
+        written = client.set_flow_run_state(flow_run_id, described, force=True).state
+        if written is None or not keyset:
+            return
+        try:
+            answer = client.read_flow_run_input(flow_run_id, keyset["response"])
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == httpx.codes.NOT_FOUND:
+                return  # nobody has answered yet: the run waits, described
+            raise
+        current = client.read_flow_run(flow_run_id).state
+        if current is None or current.id != written.id:
+            return  # answered after the write: that resume stands
+        client.delete_flow_run_input(flow_run_id, keyset["response"])
+        client.resume_flow_run(flow_run_id, run_input=json.loads(answer))
