@@ -43,6 +43,7 @@ from pydantic import SecretStr
 from blocks.registry import ArtifactRegistry
 from cli.setup import RESULTS_BLOCK, Site, save_blocks, setup
 from icd.config import parse_config
+from icd.worker import LONGEST_STOP_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
@@ -171,9 +172,6 @@ def start_prefect_server(
     raise RuntimeError(f"prefect server did not answer within {timeout:.0f}s:\n{process.log_tail()}")
 
 
-WORKER_STOP_SECONDS = 35.0
-
-
 def start_worker(
     server: PrefectServer,
     pool: str,
@@ -194,9 +192,8 @@ def start_worker(
         env={"PREFECT_WORKER_QUERY_SECONDS": "1", **server.env, **(env or {})},
         log_dir=server.home / "logs",
     )
-    # A stopping worker stops its runs (SIGTERM, 10 s, SIGKILL, 5 s) or lets a suspended one finish its teardown
-    # (up to 15 s): killed sooner, it would leave a forked run behind, no longer stopped by anyone.
-    process.stop_grace = WORKER_STOP_SECONDS
+    # Killed before its own stop sequence ends, a worker would leave a forked run behind, stopped by no one.
+    process.stop_grace = LONGEST_STOP_SECONDS + 5.0
     return process
 
 
@@ -243,7 +240,9 @@ def api_client() -> SyncPrefectClient:
 
     Polling loops (tests, benchmarks, the demo) read the API several times a second, and every
     ``get_client()`` builds a new TLS context, parsing the whole CA bundle even for an ``http://`` API:
-    about 25 ms of CPU each, which was a seventh of all the CPU an end-to-end test used."""
+    about 25 ms of CPU each, which was a seventh of all the CPU an end-to-end test used. Where
+    ``icd/prefect_tls.py`` is applied (the test session) that cost is gone; a kept client still saves a
+    client and a connection per read."""
     url = str(PREFECT_API_URL.value())
     with _API_CLIENTS_LOCK:
         client = _API_CLIENTS.get(url)

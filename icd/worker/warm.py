@@ -50,7 +50,7 @@ from prefect.settings import get_current_settings
 from prefect.utilities.processutils import sanitize_subprocess_env
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
-from icd.worker import PRELOAD_ENV, PROJECT_ENV
+from icd.worker import KILL_GRACE_SECONDS, PRELOAD_ENV, PROJECT_ENV, SUSPENDED_TEARDOWN_SECONDS, TERM_GRACE_SECONDS
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -59,9 +59,6 @@ if TYPE_CHECKING:
     from prefect.runner._control_channel import ControlChannel
 
 _FORKS = multiprocessing.get_context("forkserver")
-
-# How long a stopping worker lets a suspended run's process finish its teardown (about a second) by itself.
-SUSPENDED_TEARDOWN_SECONDS = 15.0
 
 # The (type, name) of a suspended run's state: its process is ending (``Paused`` waits in its process).
 _SUSPENDED = ("PAUSED", "Suspended")
@@ -312,7 +309,7 @@ async def _stop_with_the_worker(
         suspended = await _is_suspended(client, flow_run_id)
     if suspended and await anyio.to_thread.run_sync(exited.wait, SUSPENDED_TEARDOWN_SECONDS):
         return
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE_SECONDS), (signal.SIGKILL, KILL_GRACE_SECONDS)):
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, sig)
         if await anyio.to_thread.run_sync(exited.wait, grace):
