@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     # Before the event loop and its threads: the fork server must start from a single-threaded process.
     for module, error in start_fork_server(args.project_dir.resolve()).items():
         print(f"icd-worker: could not preload {module} ({error}); runs that need it import it themselves")
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background of a script (`icd-worker &`, as in the README), the worker inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt for it. Prefect's stop turns SIGTERM into a
+        # SIGINT to itself, which would be dropped: the worker would run on until killed, and a kill leaves
+        # its fork server and runs behind.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     setup_signal_handlers_worker(os.getpid(), "the warm process worker", print)
     worker = WarmProcessWorker(
         work_pool_name=args.pool,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import consul
@@ -240,24 +241,43 @@ def test_failing_packer_template_fails_the_build_registers_nothing_and_tells(dep
     wait_until(lambda: _slack_mentions(env, f"Build of {names.namespace} broken failed"), timeout=30)
 
 
-def test_unhealthy_deploy_rolls_back_and_never_moves_the_channel(deploy_env: DeployEnv) -> None:
+def test_unhealthy_deploy_rolls_back_never_moves_the_channel_and_verifies_the_image_it_rolls_back_to(
+    deploy_env: DeployEnv,
+) -> None:
     env = deploy_env
     names = env.service(health_deadline_seconds=8)
+    ns, ws = names.namespace, names.workspace
     run1, v1 = env.deploy_until_paused(names)
-    assert env.approve(run1.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    assert env.approve(run1.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
     app = env.repo.read("src/app.py")
     broken = app.replace("healthy = not (instance_dir / UNHEALTHY_SWITCH).exists()", "healthy = False")
     assert broken != app
-    env.repo.commit("bad", {"src/app.py": broken}, branch="bad")
-    run2, _ = env.deploy_until_paused(names, ref="bad")
-    done = env.approve(run2.id, names.workspace)
+    env.repo.commit("bad", {"src/app.py": broken}, branch=f"bad-{ws}")
+    run2, v2 = env.deploy_until_paused(names, ref=f"bad-{ws}")
+    done = env.approve(run2.id, ws)
     assert done.state is not None and done.state.name == "RolledBack", done.state
     reg = env.registry.registry()
-    assert reg.get_channel(names.namespace, names.workspace).version == v1  # type: ignore[union-attr]
+    assert reg.get_channel(ns, ws).version == v1  # type: ignore[union-attr]
     # Gate, then promote: the channel never pointed at the unhealthy version.
-    assert [h.to_version for h in reg.channel_history(names.namespace, names.workspace)] == [v1]
+    assert [h.to_version for h in reg.channel_history(ns, ws)] == [v1]
     services = _services(env, names.service_name)
-    assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{names.workspace}-{v1}"]
+    assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{ws}-{v1}"]
+
+    # The rollback goes through the same plan and apply as a forward deploy, so it verifies v1's image the same
+    # way: doctored meanwhile, it is refused, told, and the channel stays on v1.
+    Path(reg.get(ns, v1).artifacts["local"]).write_bytes(b"doctored v1")
+    run3 = env.deploy(ws, v2)
+    env.wait_for(run3.id, states={"PAUSED"})
+    refused = env.approve(run3.id, ws)
+    assert refused.state is not None and refused.state.type.value == "FAILED", refused.state
+    wait_until(lambda: _slack_mentions(env, f"Deploy failed on {ws}: ArtifactIntegrityError"), timeout=30)
+    assert f"{ns} v{v1}: image" in (refused.state.message or ""), refused.state.message
+    services = _services(env, names.service_name)
+    assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{ws}-{v2}"], (
+        "nothing started from the doctored image"
+    )
+    assert workspace_lock.current_holder(ws) is None
+    assert reg.get_channel(ns, ws).version == v1  # type: ignore[union-attr]
 
 
 def test_one_click_builds_a_ref_and_starts_its_deploy(deploy_env: DeployEnv) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from examples.local_env import free_port, stop_instances
+from tests.waiting import wait_until
 
 PROJECT = Path(__file__).resolve().parent.parent
 _BLOCK = re.compile(r"<!-- walkthrough:begin -->\s*```sh\n(.*?)```\s*<!-- walkthrough:end -->", re.DOTALL)
@@ -51,8 +52,11 @@ def test_the_operator_walkthrough_works_as_written(tmp_path: Path) -> None:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        left: list[str] = []
         try:
             code = process.wait(timeout=900)
+            if code == 0:
+                left = _left_running(session=process.pid)
         except subprocess.TimeoutExpired:
             code = None
         finally:
@@ -66,3 +70,26 @@ def test_the_operator_walkthrough_works_as_written(tmp_path: Path) -> None:
     assert '"Status": "passing"' in output, "the deployed instance passed its check in Consul"
     assert "Plan waiting for approval" in output, "Slack got the plan"
     assert "teardown of hello-staging (acmeinc/hello) requested" in output
+    assert "Flow run finished successfully in 'TornDown'" in output, "the teardown run ended as it should"
+    assert "\n[]" in output, "and Consul has no instance of the service left"
+    assert left == [], f"the walkthrough's stop left these running: {left}"
+
+
+def _left_running(session: int, timeout: float = 60) -> list[str]:
+    """What the walkthrough started and its stop left running: its session's processes still alive after
+    ``timeout`` (a worker stopped after its server, or a run still retrying against the stopped server)."""
+    with contextlib.suppress(AssertionError):
+        wait_until(lambda: not _members(session), timeout=timeout)
+    return _members(session)
+
+
+def _members(session: int) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, _parent, _group, member_of = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if int(member_of) == session and state != "Z":  # a zombie is only a record left to reap
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+    return found

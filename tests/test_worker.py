@@ -4,6 +4,9 @@ runs through it; these are the parts those tests cannot reach on purpose."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -17,8 +20,11 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.events import Event
 from prefect.states import Paused, Pending, Running, Suspended
 
+from examples.local_env import PrefectServer
 from icd.paths import PROJECT_ROOT
+from icd.worker import LONGEST_STOP_SECONDS
 from icd.worker.warm import WarmProcessWorker, _schedules_a_run, _suspends_a_run, flow_modules
+from tests.waiting import wait_until
 
 # --- which modules the fork server preloads ------------------------------------------------------------
 
@@ -237,3 +243,38 @@ def test_a_run_imports_project_code_changed_since_the_fork_server_loaded_it(tmp_
     assert "version now: 2" in result.stdout
     assert "prefect kept: True" in result.stdout
     assert "project code changed since the worker started (service.steps)" in result.stderr
+
+
+# --- its stop -----------------------------------------------------------------------------------------------
+
+
+def test_a_worker_started_in_the_background_of_a_script_stops_on_sigterm(
+    prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    """`icd-worker &` in a script inherits SIGINT ignored (a shell does that to asynchronous commands), and
+    Prefect's stop is a SIGINT the worker sends itself on SIGTERM: the worker must still stop."""
+    log = tmp_path / "worker.log"
+    ignoring_sigint_then_the_worker = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'cli.worker', *sys.argv[1:]])"
+    )
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", ignoring_sigint_then_the_worker, "--pool", f"stop-{uuid.uuid4().hex[:6]}"],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **prefect_server.env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: "started!" in log.read_text(), timeout=120, message="the worker never started")
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=LONGEST_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM did not stop the worker:\n{log.read_text()[-2000:]}")
+        assert "stopped" in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
