@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prefect.context import refresh_global_settings_context
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
 from examples.local_env import (
@@ -35,9 +38,18 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PREFECT_API_URL", server.api_url)
             patch.setenv("PREFECT_HOME", str(home))
+            # Prefect's background services (the log and event senders) run without a settings context and
+            # read the process-wide one, made at import from the environment of then: refreshed, they send to
+            # this server instead of starting a temporary one of their own (about 10 s, once per process).
+            refresh_global_settings_context()
             with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
                 yield server
+                # What flow runs in this process (a few tests run one) left queued is sent while the server
+                # still answers.
+                for queued in (APILogWorker, EventsWorker):
+                    queued.drain_all(timeout=30)
     finally:
+        refresh_global_settings_context()
         server.stop()
         if database_url:
             drop_postgres_database(database_url)
