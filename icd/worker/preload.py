@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from icd.prefect_tls import reuse_tls_context_for_plain_http
+from icd.prefect_tls import reuse_tls_context_for_plain_http, shared_tls_context
 from icd.worker import PRELOAD_ENV, PROJECT_ENV
 
 # Project files changed after this moment are imported again by the run that finds them changed.
@@ -108,6 +108,7 @@ _import_named_modules()
 _complete_pydantic_models()
 _build_hcl_parser()
 reuse_tls_context_for_plain_http()
+shared_tls_context()  # built here, inherited by every fork: a run builds none of its own
 try:
     _share_botocore_models()
 except Exception as exc:  # noqa: BLE001 - botocore's internals moved: runs only parse the models themselves
