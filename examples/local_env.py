@@ -165,8 +165,8 @@ def start_prefect_server(
 def _wait_until_healthy(process: ManagedProcess, health_url: str, *, timeout: float, interval: float) -> None:
     """Until ``health_url`` answers 200; stops the process and raises if it exits or the time runs out.
 
-    One HTTP client for all the polls: each new one loads the CA bundle (about 25 ms of CPU), ten times a
-    second here, on the cores the process being waited for needs to start."""
+    One HTTP client for all the polls: each new one would load the CA bundle (about 25 ms of CPU) at every
+    poll, up to ten a second, on the cores the process being waited for needs to start."""
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=2) as http:
         while time.monotonic() < deadline:
