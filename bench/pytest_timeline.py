@@ -48,9 +48,10 @@ def summarize(directory: Path) -> str:
     for worker, worker_rows in sorted(rows.items()):
         files: dict[str, list[float]] = {}
         for row in worker_rows:
-            span = files.setdefault(row["test"].split("::")[0], [row["start"], row["end"]])
+            name = row["test"].split("::")[0]
+            span = files.setdefault(name, [row["start"], row["end"]])
             span[0], span[1] = min(span[0], row["start"]), max(span[1], row["end"])
-            totals[row["test"].split("::")[0]] = totals.get(row["test"].split("::")[0], 0.0) + row["end"] - row["start"]
+            totals[name] = totals.get(name, 0.0) + row["end"] - row["start"]
         lines.append(f"{worker}: finished at {max(r['end'] for r in worker_rows) - origin:.0f} s")
         lines += [f"  {s - origin:6.0f} {e - origin:6.0f}  {e - s:6.1f} s  {name}" for name, (s, e) in files.items()]
     lines.append("test time per file, longest first:")

@@ -32,15 +32,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
     home: Path = tmp_path_factory.mktemp("prefect-home")
     database_url = create_postgres_database("icd_test") if postgres_available() else None
     server = start_prefect_server(home, database_url=database_url)
-    # Threads (the flow engine's among them) don't inherit the settings context; without the environment
-    # they would each start an empty ephemeral server.
+    # Subprocesses read the environment. Threads without a settings context (the flow engine's, Prefect's log
+    # and event senders) read the process-wide one, which Prefect made at import from the environment of
+    # then: refreshed from this environment, they talk to this server instead of each starting a temporary
+    # one of their own (about 10 s of CPU).
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PREFECT_API_URL", server.api_url)
             patch.setenv("PREFECT_HOME", str(home))
-            # Prefect's background services (the log and event senders) run without a settings context and
-            # read the process-wide one, made at import from the environment of then: refreshed, they send to
-            # this server instead of starting a temporary one of their own (about 10 s, once per process).
             refresh_global_settings_context()
             with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_HOME: str(home)}):
                 yield server
