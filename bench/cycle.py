@@ -1,7 +1,7 @@
 """One deploy cycle through the deployed flows, against the same Packer + Terraform work done by a shell script.
 
     .venv/bin/python bench/cycle.py [--rounds 5] [--database-url postgresql+asyncpg://...]
-    .venv/bin/python bench/cycle.py --concurrent 10 --workspaces 5 --workers 2 --postgres
+    .venv/bin/python bench/cycle.py --concurrent 10 --workers 2 --postgres
 
 Everything runs here for real: moto (S3, DynamoDB), the Consul and Slack stand-ins, a Prefect server, one
 worker (`icd-worker`, warm runs; `--cold` for Prefect's process worker, polling every second), the
@@ -181,11 +181,11 @@ def load_workspaces(count: int) -> list[str]:
 
 
 def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], database: str) -> None:
-    """``deploys`` deploy runs at once over ``workspaces`` (alternating two versions), each approved the
-    moment it waits. Per run: overhead = wall - tool time - health gate - time suspended - time queued for
-    the workspace lock (serializing a workspace is the point, not overhead)."""
+    """``deploys`` deploy runs at once, one per workspace (two versions of one workspace at once are one deploy:
+    the newest wins), each approved the moment it waits. Per run: overhead = wall - tool time - health gate -
+    time suspended."""
     versions = []
-    for label in ("load v1", "load v2"):
+    for label in ("load v1",):
         app = repo / "src" / "app.py"
         app.write_text(app.read_text() + f"\n# {label} {uuid.uuid4().hex}\n")
         git(repo, "commit", "-q", "-am", label)
@@ -199,7 +199,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
     runs = {}
     for number in range(deploys):
         workspace = workspaces[number % len(workspaces)]
-        version = versions[(number // len(workspaces)) % 2]
+        version = versions[-1]
         run = run_deployment(
             "deploy-artifact/deploy-artifact", parameters={"workspace": workspace, "version": version}, timeout=0
         )
@@ -233,8 +233,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         wall = run.end_time.timestamp() - run.created.timestamp() - suspended
         tasks = [t for t in _task_runs(run_id) if t.state and t.state.name != "Cached" and t.total_run_time]
         gate = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("health-gate"))
-        queued = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("lock-workspace"))
-        overheads.append(wall - _tool_seconds(run_logs(run_id)) - gate - queued)
+        overheads.append(wall - _tool_seconds(run_logs(run_id)) - gate)
     print(
         f"\n{deploys} deploys at once over {len(workspaces)} workspaces, server on {database}: all Deployed "
         f"in {all_done:.0f}s"
@@ -297,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrent", type=int, default=0, help="instead: this many deploys at once (the team load test)"
     )
-    parser.add_argument("--workspaces", type=int, default=5, help="with --concurrent: spread over this many")
     parser.add_argument("--workers", type=int, default=1, help="process workers on the pool")
     parser.add_argument(
         "--cold",
@@ -323,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 namespaces={NAMESPACE: {"repository": str(repo), "service_name": "web"}},
                 workspaces={
                     name: {"follows": f"{NAMESPACE}@latest", "stack": "examples/stacks/local"}
-                    for name in [WORKSPACE, *load_workspaces(args.workspaces if args.concurrent else 0)]
+                    for name in [WORKSPACE, *load_workspaces(args.concurrent)]
                 },
             )
             os.environ["ICD_CONFIG"] = str(config)
@@ -344,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
             if args.concurrent:
-                under_load(repo, registry, args.concurrent, load_workspaces(args.workspaces), server.database)
+                under_load(repo, registry, args.concurrent, load_workspaces(args.concurrent), server.database)
                 return 0
             shell_env = {
                 "PATH": os.environ["PATH"],

@@ -9,10 +9,11 @@ overlap, the CAS-written state) but its interval and window are shortened (every
 ``--window`` s) so that a few minutes see several hand-overs from one run to the next. The deployment is
 paused first (``pause_deployment`` deletes the runs already scheduled with the deployed 660 s window, which
 would otherwise watch through the whole bench and hide every hand-over), re-parameterised, then resumed.
-``--max-overtime 0`` turns off the hand-over (a run stops at its window's end whether or not the next one is
-watching yet), which is how the flow behaved before. ``--pool-outage N`` makes the next runs late on purpose,
-as a busy or restarting worker does: a third of the way in, the work pool is paused for N seconds (the run
-that is watching keeps running; no new run starts until the pool is resumed).
+Damping is off (``recovery_hold_seconds=0``, ``flap_changes=0``): every transition, recoveries included,
+has a message to time. ``--max-overtime 0`` turns off the hand-over (a run stops at its window's end whether
+or not the next one is watching yet), which is how the flow behaved before. ``--pool-outage N`` makes the
+next runs late on purpose, as a busy or restarting worker does: a third of the way in, the work pool is
+paused for N seconds (the run that is watching keeps running; no new run starts until the pool is resumed).
 
 TTL checks of 30 services turn critical and back at random moments (0.5-4 s apart); each transition is
 timed from just before the Consul call to the moment the Slack stand-in stored *its* message (matched by the
@@ -195,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
                     service_id=f"svc{n}-1",
                     check={"CheckID": f"c-svc{n}", "TTL": "3600s", "Status": "passing"},
                 )
-            parameters = {"window_seconds": args.window, "max_overtime_seconds": args.max_overtime}
+            parameters = {
+                "window_seconds": args.window,
+                "max_overtime_seconds": args.max_overtime,
+                # Damping off: each transition, recoveries included, has a message to time (flap.py measures it).
+                "recovery_hold_seconds": 0,
+                "flap_changes": 0,
+            }
             deployment = prepare_deployment(args.interval, parameters)
             processes.append(start_worker(server, "local-pool", env=worker_env(home / "icd", config)))
             deadline = time.monotonic() + 180

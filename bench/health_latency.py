@@ -12,7 +12,9 @@ fresh watcher thread; before its first run each contender sees every service fli
 ours knows every instance's Service Meta as a long-running deployment does.
 
 * **ours**: ``icd.health.watch.watch`` as the flow runs it (``min_round_seconds=0.2``): the blocking query,
-  the engine, the CAS write of state plus outbox, the Slack post, the outbox clear.
+  the engine, the CAS write of state plus outbox, the Slack post, the outbox clear. Damping is off
+  (``NO_DAMPING``), so that each transition, recoveries included, has a message to time; ``flap.py``
+  measures the damping.
 * **baseline**: ``bench/health_common.py``'s blocking-query loop: diff by check, post, nothing persisted.
 * **poller** (``--poller``): reads everything every second and diffs; the strawman of earlier figures.
 """
@@ -45,7 +47,7 @@ from bench.health_common import (
 )
 from blocks.notifier import SlackNotifier
 from icd.errors import ConsulError
-from icd.health.config import WatchConfig
+from icd.health.config import NO_DAMPING
 from icd.health.watch import watch
 from icd.notify.message import Sender
 from standins.slack import SlackStandIn
@@ -73,7 +75,7 @@ def start_ours(client: CountingClient, sender: Sender, stop: threading.Event) ->
             watch(
                 client.client,
                 sender,
-                WatchConfig(),
+                NO_DAMPING,  # every change one message, as the baseline's: a recovery is timed, not held
                 3600,
                 watch_name="bench-latency",
                 stop=stop,

@@ -17,7 +17,8 @@ checks fail at any moment, each on its own instance, so every change is a transi
 **Contenders**, each a fresh process per run, runs interleaved:
 
 * ``ours``: ``icd.health.watch.watch`` as the flow runs it (``min_round_seconds=0.2``), starting from a
-  persisted state that already knows every instance's Service Meta, as a running deployment's does;
+  persisted state that already knows every instance's Service Meta, as a running deployment's does; with
+  damping off (``NO_DAMPING``), since a check failing for a second is exactly what damping keeps quiet;
 * ``baseline``: ``bench/health_common.py``'s blocking-query loop, back to back as ``consul watch`` runs;
 * ``baseline-paced``: the same loop with ours' 0.2 s round spacing, to compare equal batching.
 
@@ -55,7 +56,7 @@ from bench.health_common import (
     percentile,
     slack_standin_process,
 )
-from icd.health.config import WatchConfig
+from icd.health.config import NO_DAMPING
 from icd.health.engine import WatchState, evaluate
 from icd.health.snapshot import parse_health_state
 from icd.health.state import HealthStateStore
@@ -100,7 +101,7 @@ def watcher(role: str, addr: str, slack_api: str | None, warmup: float, seconds:
             return watch(
                 counting.client,
                 RecordingSender(),
-                WatchConfig(),
+                NO_DAMPING,  # every change one message, as the baseline's: equal work on both sides
                 3600,
                 watch_name=WATCH_NAME,
                 stop=stop,
@@ -214,7 +215,7 @@ def seed_state(client: CountingClient) -> None:
     """The state a running deployment has: every instance passing, its Service Meta known."""
     snapshot = parse_health_state(*query_health_state(client.client, index=0, wait_seconds=0))
     snapshot = snapshot.with_meta({key: META for key in snapshot.instances})
-    _, state = evaluate(WatchState(), snapshot, datetime.now(UTC), WatchConfig(), {})
+    _, state = evaluate(WatchState(), snapshot, datetime.now(UTC), NO_DAMPING, {})
     store = HealthStateStore(client.client, WATCH_NAME)
     client.client.kv.delete(store.key)
     if not store.save(state, cas=0).written:

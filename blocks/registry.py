@@ -13,6 +13,8 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr, SecretStr
 
+from icd.deploy.queue import WorkspaceQueue, prefect_run_alive
+from icd.deploy.queue_store import S3QueueStore
 from icd.deploy.workdir import StateBackend, fetch_state
 from icd.registry.plans import PlanStore
 from icd.registry.registry import Registry
@@ -20,7 +22,8 @@ from icd.registry.signing import Sealer
 
 
 class ArtifactRegistry(Block):
-    """An S3 bucket holding artifact versions, channels, saved Terraform plans and Terraform states."""
+    """An S3 bucket holding artifact versions, channels, saved Terraform plans, Terraform states and each
+    workspace's deploy queue."""
 
     _block_type_name = "Artifact Registry"
     _description = "Artifact versions, channels, saved Terraform plans and states in one S3 bucket."
@@ -50,9 +53,17 @@ class ArtifactRegistry(Block):
             self._s3 = self.aws_credentials.get_s3_client()
         return self._s3
 
+    def _sealer(self) -> Sealer:
+        return Sealer(self.signing_key.get_secret_value().encode())
+
     def registry(self) -> Registry:
-        sealer = Sealer(self.signing_key.get_secret_value().encode())
-        return Registry(self.s3_client(), self.bucket, self.prefix, sealer=sealer)
+        return Registry(self.s3_client(), self.bucket, self.prefix, sealer=self._sealer())
+
+    def workspace_queue(self) -> WorkspaceQueue:
+        """Each workspace's lock and pending request (``icd/deploy/queue.py``), sealed in this bucket; a holder
+        whose Prefect run has ended counts as gone."""
+        store = S3QueueStore(self.s3_client(), self.bucket, self.prefix, sealer=self._sealer())
+        return WorkspaceQueue(store, run_alive=prefect_run_alive)
 
     def plan_store(self) -> PlanStore:
         return PlanStore(self.s3_client(), self.bucket, f"{self.prefix}plans/")

@@ -69,7 +69,10 @@ def answer(args: argparse.Namespace) -> int:
     run_id = UUID(args.run_id)
     before = _read(run_id)
     if before.state is None or before.state.type != StateType.PAUSED:
-        print(f"icd-approve: run {run_id} is not waiting for approval ({before.state.name if before.state else '-'})")
+        # Say why, as the run says it: a superseded plan names what replaced it and the run that plans it.
+        state = before.state
+        why = "-" if state is None else f"{state.name}: {state.message}" if state.message else state.name
+        print(f"icd-approve: run {run_id} is not waiting for approval ({why})")
         return 1
     key = before.state.state_details.pause_key
     decision = "approve" if args.approve else "reject"

@@ -16,6 +16,8 @@ import boto3
 
 from icd import events, operations
 from icd.config import load_config
+from icd.deploy.queue import WorkspaceQueue, prefect_run_alive
+from icd.deploy.queue_store import S3QueueStore
 from icd.errors import DeployError, RegistryError
 from icd.registry.models import ArtifactVersion
 from icd.registry.registry import Registry
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_registry(args: argparse.Namespace) -> Registry:
+def _open_registry(args: argparse.Namespace) -> tuple[Registry, WorkspaceQueue]:
+    """The registry and the workspace queues beside it (requests from this command are queued there)."""
     if args.block:
         from blocks.registry import ArtifactRegistry  # Prefect is imported only when a block is used.
 
@@ -68,12 +71,14 @@ def _open_registry(args: argparse.Namespace) -> Registry:
         block = ArtifactRegistry.load(args.block)
         if not isinstance(block, ArtifactRegistry):
             raise RegistryError(f"block {args.block!r} is not an Artifact Registry block")
-        return block.registry()
+        return block.registry(), block.workspace_queue()
     key = os.environ.get(SIGNING_KEY_ENV)
     if not key:
         raise RegistryError(f"--bucket needs the registry's signing key in ${SIGNING_KEY_ENV} (or use --block)")
     client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region)
-    return Registry(client, args.bucket, args.prefix, sealer=Sealer(key.encode()))
+    sealer = Sealer(key.encode())
+    store = S3QueueStore(client, args.bucket, args.prefix, sealer=sealer)
+    return Registry(client, args.bucket, args.prefix, sealer=sealer), WorkspaceQueue(store, run_alive=prefect_run_alive)
 
 
 def _version_line(record: ArtifactVersion) -> str:
@@ -86,7 +91,7 @@ def _version_line(record: ArtifactVersion) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    registry = _open_registry(args)
+    registry, queue = _open_registry(args)
     if args.command == "namespaces":
         for namespace in registry.list_namespaces():
             print(namespace)
@@ -105,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{move.assigned_at.isoformat()}\t{source} -> {target}\t{move.assigned_by}\t{move.reason}")
     elif args.command == "promote":
         done = operations.promote(
-            registry, load_config(), args.namespace, args.version, args.channel, by=args.by, why=args.why
+            registry, queue, load_config(), args.namespace, args.version, args.channel, by=args.by, why=args.why
         )
         events.flush()
         moved = done.assignment
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
         events.flush()
         print(f"revoked: {', '.join(f'v{n}' for n in revoked) or 'nothing new (already revoked)'}")
     elif args.command == "teardown":
-        asked = operations.request_teardown(registry, load_config(), args.workspace, by=args.by, why=args.why)
+        asked = operations.request_teardown(registry, queue, load_config(), args.workspace, by=args.by, why=args.why)
         events.flush()
         print(
             f"teardown of {asked.workspace} ({asked.namespace}) requested: a deploy-artifact run plans the destroy "

@@ -192,7 +192,14 @@ def run_loop(
     demo.step("3. promote v1 to production (icd-registry promote) -> production plan")
     promoted_at = time.time()
     done = operations.promote(
-        registry.registry(), load_config(), NAMESPACE, 1, "production", by="demo", why="staging is healthy"
+        registry.registry(),
+        registry.workspace_queue(),
+        load_config(),
+        NAMESPACE,
+        1,
+        "production",
+        by="demo",
+        why="staging is healthy",
     )
     demo.say(f"{NAMESPACE}@production -> v{done.assignment.to_version}; plans requested for {done.plans_requested}")
     if not approve(demo, server, slack, registry, "production", after=promoted_at):

@@ -46,7 +46,6 @@ from icd.config import parse_config
 from icd.worker import LONGEST_STOP_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 # The PostgreSQL these machines run for teams (trust auth); a fresh database is made on it per server.
 POSTGRES_ADMIN_DSN = os.environ.get("ICD_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -123,7 +122,6 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
     env = {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
         # Flow code and blocks are imported by module path from the project.
         "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
         "PREFECT_LOGGING_LEVEL": "INFO",
@@ -140,8 +138,6 @@ def start_prefect_server(
     env = prefect_env(home)
     env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
     env["PREFECT_SERVER_API_PORT"] = str(port)
-    # Repossess expired workspace-lock leases promptly rather than on the default cadence.
-    env["PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS"] = "5"
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     process = spawn(
@@ -485,12 +481,15 @@ def deliver_webhook(
     return httpx.post(url, content=body, headers=headers, timeout=30)
 
 
-def start_inbound(server: PrefectServer, *, config: Path, port: int | None = None) -> tuple[ManagedProcess, str]:
+def start_inbound(
+    server: PrefectServer, *, config: Path, port: int | None = None, refusal_window: float | None = None
+) -> tuple[ManagedProcess, str]:
     """``icd-inbound`` in its own process group; returns it and its base URL once it answers."""
     port = port or free_port()
+    window = ["--refusal-window", str(refusal_window)] if refusal_window is not None else []
     process = spawn(
         "inbound",
-        [sys.executable, "-m", "cli.inbound", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "cli.inbound", "--host", "127.0.0.1", "--port", str(port), *window],
         env={**server.env, "ICD_CONFIG": str(config)},
         log_dir=server.home / "logs",
     )

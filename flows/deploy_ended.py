@@ -1,6 +1,9 @@
 """deploy-ended: what a deploy run can't do for itself once it has ended badly.
 
-Triggered (``prefect.yaml``) by a ``deploy-artifact`` run entering ``Failed`` or ``Crashed``:
+Triggered (``prefect.yaml``) by a ``deploy-artifact`` run entering ``Failed``, ``Crashed`` or ``Cancelled``
+(the state names: a run's own named endings, ``Rejected`` or ``Superseded``, don't trigger it). Whatever the
+ending, the workspace is released if the run still held it, and the newest request queued behind it gets its
+run (``icd/deploy/queue.py``), so a queue never stalls behind a dead run:
 
 * **An approval that timed out.** A suspended run holds no process, so nothing inside it notices its
   deadline; the server's pause-expiration service fails it ("paused and never resumed") within seconds.
@@ -9,6 +12,8 @@ Triggered (``prefect.yaml``) by a ``deploy-artifact`` run entering ``Failed`` or
 * **A crash** (the worker or the flow process died, or the heartbeat automation declared it a zombie).
   Its ``finally`` never ran: the lock is released here and operators are told. Terraform's own state lock
   (DynamoDB) still guards the state, and the tool died with its process (``icd/tools/process.py``).
+* **A cancellation** by an operator (the UI's Cancel): a run cancelled while it waited for approval has no
+  process to release anything; it is released here, and operators are told.
 
 A run that failed on a fault ended through ``finish`` and has told operators already; here it only has its
 lock checked.
@@ -25,22 +30,24 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled
 
 from blocks.notifier import SlackNotifier
-from icd.deploy import lock
+from blocks.registry import ArtifactRegistry
 from icd.notify.message import Notification, Severity
 from tasks.notify import notify
+from tasks.queue import release_workspace
 
 TIMED_OUT = "never resumed"
 
 
 @flow(name="deploy-ended")
-def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack") -> str:
+def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_block: str = "registry") -> str:
     """Finish what the deploy run ``flow_run_id`` left behind; returns what was done."""
     logger = get_run_logger()
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
     state = run.state
     workspace = str(run.parameters.get("workspace", ""))
-    released = _release_if_held(workspace, str(run.id)) if workspace else False
+    registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
+    released = release_workspace(registry, workspace, str(run.id)).was_holder if workspace else False
     notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
     if state is not None and state.type == StateType.FAILED and TIMED_OUT in (state.message or ""):
         message = "no approval before the deadline; nothing applied"
@@ -57,6 +64,10 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack") -> str:
             "check the run's last log lines, then plan again."
         )
         severity, done = "critical", "crash handled"
+    elif state is not None and state.type == StateType.CANCELLED and state.name == "Cancelled" and released:
+        title = f"Deploy run cancelled on {workspace}"
+        text = f"Run {run.name} was cancelled ({state.message or 'no message'}); nothing more is applied by it."
+        severity, done = "warning", "cancellation handled"
     else:
         logger.info("run %s ended %s and has told operators itself; lock released: %s", run.name, state, released)
         return "nothing to do"
@@ -74,11 +85,3 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack") -> str:
     )
     logger.info("run %s: %s; lock released: %s", run.name, done, released)
     return done
-
-
-def _release_if_held(workspace: str, flow_run_id: str) -> bool:
-    holder = lock.current_holder(workspace)
-    if holder is None or holder.holder_flow_run_id != flow_run_id:
-        return False
-    lock.release(holder)
-    return True

@@ -27,8 +27,10 @@ def promote(
     registry_block: str = "registry",
 ) -> list[str]:
     """Point ``channel`` of ``namespace`` at ``version``; returns the workspaces asked to plan it."""
-    registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)).registry()
-    done = operations.promote(registry, load_config(), namespace, version, channel, by=by, why=why)
+    block = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
+    done = operations.promote(
+        block.registry(), block.workspace_queue(), load_config(), namespace, version, channel, by=by, why=why
+    )
     moved = done.assignment
     get_run_logger().info(
         "%s@%s: v%s -> v%s by %s; plans requested for: %s",

@@ -4,15 +4,21 @@ The loop, as events (each shows in the UI's Event Feed with its resources, so an
 to production and a health change to the deploy that caused it):
 
     icd.push.received        a verified webhook push of a mapped branch        -> build-artifact
+    icd.push.refused         a webhook request refused, and why; signed ones   -> automation -> notification
     icd.artifact.registered  a new version of a namespace                      -> icd.plan.requested
     icd.channel.moved        a promotion, rollback or operator moved a channel -> icd.plan.requested
     icd.version.revoked      a version may no longer be deployed               -> operators are told
-    icd.plan.requested       one workspace should plan one version             -> deploy-artifact
-    icd.health.<status>      an instance's health transition (critical, ...)   -> automation -> notification
+    icd.plan.requested       one workspace should plan one version             -> the workspace queue
+    icd.plan.dispatched      the queue starts a run for a workspace's newest request -> deploy-artifact
+    icd.plan.superseded      a request or a waiting plan was replaced by a newer one (latest wins)
+    icd.health.<status>      an instance's health transition (critical, ...); the one labelled
+                             icd.page=true per incident                        -> automation -> notification
+    icd.health.flapping      an instance changes too often: one notice; .settled when it held again
 
-Fan-out (one registration, several workspaces) is :func:`plan_requests` over ``icd.toml``, so the
-deployment trigger of ``deploy-artifact`` stays one static line in ``prefect.yaml``: one plan request, one
-run, with the workspace and version templated from the event.
+Fan-out (one registration, several workspaces) is :func:`plan_requests` over ``icd.toml``. Requests are not
+runs: each goes into its workspace's queue (``icd/deploy/queue.py``), where a newer one replaces an older
+one, and the queue emits ``icd.plan.dispatched`` only when a run must start, so the deployment trigger of
+``deploy-artifact`` stays one static line in ``prefect.yaml`` and 200 registrations make a handful of runs.
 
 Resources follow Prefect's conventions: ``prefect.resource.id`` is stable (``icd.artifact.acmeinc/web.v3``),
 labels carry the values triggers match on (``icd.namespace``, ``icd.version``, ...), related resources carry
@@ -26,13 +32,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from icd import text
 from icd.config import PipelineConfig
 
 PUSH_RECEIVED = "icd.push.received"
+PUSH_REFUSED = "icd.push.refused"
 ARTIFACT_REGISTERED = "icd.artifact.registered"
 CHANNEL_MOVED = "icd.channel.moved"
 VERSION_REVOKED = "icd.version.revoked"
 PLAN_REQUESTED = "icd.plan.requested"
+PLAN_DISPATCHED = "icd.plan.dispatched"
+PLAN_SUPERSEDED = "icd.plan.superseded"
 TEARDOWN_REQUESTED = "icd.teardown.requested"
 WORKSPACE_TORN_DOWN = "icd.workspace.torn-down"
 HEALTH_PREFIX = "icd.health."
@@ -98,6 +108,63 @@ def push_received(
         },
         id=delivery_event_id(delivery, namespace),
     )
+
+
+def push_refused(
+    *,
+    reason: str,
+    status: int,
+    signed: bool,
+    detail: str,
+    delivery: str = "",
+    event_type: str = "",
+    repository: str = "",
+    size: int = 0,
+    count: int = 1,
+    since: str | None = None,
+) -> EventSpec:
+    """A webhook request ``icd-inbound`` refused; ``count`` > 1: that many alike, aggregated since ``since``.
+
+    ``signed``: the body's signature was verified, so GitHub sent it (the ``icd-refused-push`` automation
+    tells operators). Everything that came with the request is made safe to show as is: one line, visible
+    characters, bounded, Slack's control characters escaped. A signed delivery refused again is the same event.
+    """
+    delivery, event_type, repository, detail = (
+        _from_request(delivery),
+        _from_request(event_type),
+        _from_request(repository),
+        _from_request(detail, limit=300),
+    )
+    related = [{"prefect.resource.id": f"icd.repository.{repository}", "prefect.resource.role": "repository"}]
+    once = signed and bool(delivery) and count == 1
+    return EventSpec(
+        PUSH_REFUSED,
+        {
+            "prefect.resource.id": "icd.webhook.github",
+            "prefect.resource.name": "GitHub webhook (icd-inbound)",
+            "icd.reason": reason,
+            "icd.signed": "true" if signed else "false",
+            "icd.status": str(status),
+        },
+        related if repository else [],
+        {
+            "reason": reason,
+            "status": status,
+            "signed": signed,
+            "detail": detail,
+            "delivery": delivery,
+            "event_type": event_type,
+            "repository": repository,
+            "size": size,
+            "count": count,
+            "since": since,
+        },
+        id=uuid.uuid5(_DELIVERY_NAMESPACE, f"refused:{reason}:{delivery}") if once else None,
+    )
+
+
+def _from_request(value: str, limit: int = 120) -> str:
+    return text.slack_mrkdwn(text.consul_meta_value(text.one_line(value, limit)))
 
 
 def artifact_registered(*, namespace: str, version: int, commit: str, ref: str, build_run_id: str | None) -> EventSpec:
@@ -185,25 +252,91 @@ def plan_requests(config: PipelineConfig, cause: EventSpec, *, skip: str | None 
         channel = str(cause.payload["channel"])
     else:
         return []
+    by = str(cause.payload.get("by") or f"registration of v{version}")
     return [
-        EventSpec(
-            PLAN_REQUESTED,
-            {
-                "prefect.resource.id": f"icd.workspace.{workspace}",
-                "prefect.resource.name": workspace,
-                "icd.workspace": workspace,
-                "icd.namespace": namespace,
-                "icd.version": str(version),
-            },
-            [
-                artifact_resource(namespace, version, "artifact-version"),
-                {"prefect.resource.id": cause.resource_id, "prefect.resource.role": "cause"},
-            ],
-            {"workspace": workspace, "namespace": namespace, "version": version, "because": cause.event},
+        plan_requested(
+            workspace=workspace,
+            namespace=namespace,
+            version=version,
+            by=by,
+            cause=cause.event,
+            cause_id=cause.resource_id,
         )
         for workspace in config.followers(namespace, channel)
         if workspace != skip
     ]
+
+
+def plan_requested(
+    *,
+    workspace: str,
+    namespace: str,
+    version: int,
+    by: str,
+    cause: str,
+    cause_id: str | None = None,
+    teardown: bool = False,
+    request_id: uuid.UUID | None = None,
+) -> EventSpec:
+    """One request for a workspace (its id is the request's id in the queue, new unless given)."""
+    related = [artifact_resource(namespace, version, "artifact-version")]
+    if cause_id:
+        related.append({"prefect.resource.id": cause_id, "prefect.resource.role": "cause"})
+    request_id = request_id or uuid.uuid4()
+    return EventSpec(
+        PLAN_REQUESTED,
+        _workspace_resource(workspace, namespace, version),
+        related,
+        {
+            "workspace": workspace,
+            "namespace": namespace,
+            "version": version,
+            "teardown": teardown,
+            "because": cause,
+            "by": by,
+            "request_id": str(request_id),
+        },
+        id=request_id,
+    )
+
+
+def plan_dispatched(*, workspace: str, namespace: str, version: int, teardown: bool, request_id: str) -> EventSpec:
+    """The workspace queue asks for a ``deploy-artifact`` run (its trigger) for its newest request."""
+    return EventSpec(
+        PLAN_DISPATCHED,
+        _workspace_resource(workspace, namespace, version),
+        [artifact_resource(namespace, version, "artifact-version")],
+        {
+            "workspace": workspace,
+            "namespace": namespace,
+            "version": version,
+            "teardown": teardown,
+            "request_id": request_id,
+        },
+    )
+
+
+def plan_superseded(
+    *, workspace: str, namespace: str, version: int, by_version: int, run_id: str | None, by_run_id: str | None
+) -> EventSpec:
+    """A request (``run_id`` None: it never had a run) or a run's plan replaced by a newer target."""
+    related: list[Mapping[str, str]] = [artifact_resource(namespace, version, "artifact-version")]
+    if run_id:
+        related.append(flow_run_resource(run_id, "superseded-run"))
+    if by_run_id:
+        related.append(flow_run_resource(by_run_id, "superseding-run"))
+    return EventSpec(
+        PLAN_SUPERSEDED,
+        _workspace_resource(workspace, namespace, version),
+        related,
+        {
+            "workspace": workspace,
+            "namespace": namespace,
+            "version": version,
+            "by_version": by_version,
+            "run_id": run_id,
+        },
+    )
 
 
 def health_transition(
@@ -218,8 +351,13 @@ def health_transition(
     expected: bool,
     failing: Sequence[str],
     dedup_key: str,
+    announced: bool = True,
+    page: bool = False,
+    flap: Mapping[str, float] | None = None,
 ) -> EventSpec:
-    """``icd.health.<status>`` (``<kind>`` for appear/leave/maintenance), about the service instance."""
+    """``icd.health.<status>`` (``<kind>`` for appear/leave/maintenance/flapping/settled), about the service
+    instance. ``icd.page`` labels the one alert of an incident that pages; ``announced`` is False for a damped
+    transition (recorded, not sent); ``flap`` gives a burst's ``changes`` and ``span_seconds``."""
     meta = meta or {}
     name = status if kind in ("status", "appeared", "reminder") else kind.replace("_", "-")
     related: list[Mapping[str, str]] = []
@@ -236,6 +374,7 @@ def health_transition(
             "icd.node": node,
             "icd.status": status,
             "icd.expected": "true" if expected else "false",
+            "icd.page": "true" if page else "false",
         },
         related,
         {
@@ -244,7 +383,9 @@ def health_transition(
             "status": status,
             "failing_checks": list(failing),
             "expected_during_deploy": expected,
+            "announced": announced,
             "dedup_key": dedup_key,
+            **({"flap": dict(flap)} if flap is not None else {}),
         },
         id=uuid.uuid5(_DELIVERY_NAMESPACE, dedup_key),
     )

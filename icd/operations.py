@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from icd import events
 from icd.config import PipelineConfig
+from icd.deploy.dispatch import submit
+from icd.deploy.queue import WorkspaceQueue
 from icd.errors import InvalidInputError
 from icd.registry.models import ChannelAssignment, ChannelMoved
 from icd.registry.registry import Registry
@@ -31,9 +33,18 @@ class Promotion:
 
 
 def promote(
-    registry: Registry, config: PipelineConfig, namespace: str, version: int, channel: str, *, by: str, why: str
+    registry: Registry,
+    queue: WorkspaceQueue,
+    config: PipelineConfig,
+    namespace: str,
+    version: int,
+    channel: str,
+    *,
+    by: str,
+    why: str,
 ) -> Promotion:
-    """Point ``channel`` at ``version``, then emit ``icd.channel.moved`` and a plan request per follower."""
+    """Point ``channel`` at ``version``, then emit ``icd.channel.moved`` and queue a plan request per follower
+    (latest wins: a promotion made while a follower waits for approval of another version supersedes it)."""
     who = _identity(by)
     if not why.strip():
         raise InvalidInputError("say why (--why): the channel's history keeps it")
@@ -43,9 +54,10 @@ def promote(
     cause = events.channel_moved(
         namespace=namespace, channel=channel, from_version=moved.from_version, to_version=version, by=who, reason=why
     )
+    events.emit(cause)
     requests = events.plan_requests(config, cause)
-    for spec in (cause, *requests):
-        events.emit(spec)
+    for spec in requests:
+        submit(queue, spec)
     return Promotion(moved, [str(spec.payload["workspace"]) for spec in requests])
 
 
@@ -67,10 +79,11 @@ class TeardownRequest:
 
 
 def request_teardown(
-    registry: Registry, config: PipelineConfig, workspace: str, *, by: str, why: str
+    registry: Registry, queue: WorkspaceQueue, config: PipelineConfig, workspace: str, *, by: str, why: str
 ) -> TeardownRequest:
-    """Ask for ``workspace`` to be destroyed: emit ``icd.teardown.requested``, which starts a ``deploy-artifact``
-    run that plans the destroy and waits for approval like any plan (nothing is destroyed before that).
+    """Ask for ``workspace`` to be destroyed: emit ``icd.teardown.requested`` and queue the teardown, which gets
+    a ``deploy-artifact`` run that plans the destroy and waits for approval like any plan (nothing is
+    destroyed before that). Like any request, a newer one (a new version) supersedes it while it waits.
 
     The version only fills the stack's variables (the destroy itself reads what the state holds): the one the
     workspace follows now. Remove the workspace from ``icd.toml`` too, or the next version plans it again.
@@ -92,5 +105,16 @@ def request_teardown(
         events.teardown_requested(
             workspace=workspace, namespace=settings.namespace, version=version, by=who, reason=why.strip()
         )
+    )
+    submit(
+        queue,
+        events.plan_requested(
+            workspace=workspace,
+            namespace=settings.namespace,
+            version=version,
+            by=who,
+            cause=events.TEARDOWN_REQUESTED,
+            teardown=True,
+        ),
     )
     return TeardownRequest(workspace, settings.namespace, version)

@@ -1,7 +1,8 @@
 """A local stand-in for the Slack Web API and incoming webhooks, for tests and the offline demo.
 
 It speaks just enough of Slack's wire format for ``slack_sdk.WebClient`` to be pointed at it with
-``base_url=standin.api_url``: ``auth.test``, ``chat.postMessage`` and ``chat.update``, Bearer-token checks,
+``base_url=standin.api_url``: ``auth.test``, ``chat.postMessage`` (a ``thread_ts`` must name a message it
+holds in that channel, else ``invalid_thread_ts``) and ``chat.update``, Bearer-token checks,
 ``channel_not_found``, and injectable rate limiting (HTTP 429 + ``Retry-After``) and 5xx faults, so the
 notifier's retry and error paths run against real HTTP. Incoming-webhook posts to ``/webhook/<id>`` are
 recorded too.
@@ -47,6 +48,12 @@ class ReceivedMessage:
     metadata: dict[str, Any] | None
     payload: dict[str, Any] = field(repr=False)
     received_at: float = field(default=0.0, compare=False)  # time.time() when the stand-in stored it
+
+    @property
+    def thread_ts(self) -> str | None:
+        """The parent message's ts when this is a reply in a thread."""
+        parent = self.payload.get("thread_ts")
+        return str(parent) if parent else None
 
     @property
     def dedup_key(self) -> str | None:
@@ -271,7 +278,12 @@ class SlackStandIn:
         blocks = _json_field(params.get("blocks")) or []
         if not text and not blocks:
             return {"ok": False, "error": "no_text"}
+        thread_ts = str(params.get("thread_ts") or "")
         with self._lock:
+            if thread_ts and not any(
+                m.ts == thread_ts and channel in (m.channel, m.channel_id) for m in self._messages
+            ):
+                return {"ok": False, "error": "invalid_thread_ts"}
             message = ReceivedMessage(
                 channel=channel,
                 channel_id=self._channel_id(channel),

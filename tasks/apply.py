@@ -21,15 +21,15 @@ from tasks.policies import retry_on
     retry_condition_fn=retry_on(StateLockedError),
 )
 def apply_plan(
-    registry: ArtifactRegistry, planned: PlannedDeploy, *, approved_sha256: str, stack_dir: str, platform: str
+    registry: ArtifactRegistry, planned: PlannedDeploy, *, approved_sha256: str
 ) -> AppliedDeploy | StalePlan:
     result = apply_approved(
         registry=registry.registry(),
         plans=registry.plan_store(),
-        open_workdir=workdir_opener(registry, planned.workspace, stack_dir),
+        open_workdir=workdir_opener(registry, planned.workspace, planned.stack_dir),
         planned=planned,
         approved_sha256=approved_sha256,
-        platform=platform,
+        platform=planned.platform,
     )
     if isinstance(result, AppliedDeploy):
         get_run_logger().info("applied plan %s in %.1fs", approved_sha256[:12], result.duration_seconds)

@@ -1,21 +1,51 @@
-"""Step 6: show the plan where the operator approves: the plan artifacts of the run, and the form's text.
+"""Step 6: the approval. Show the plan where the operator approves (the run's plan artifacts and the form's
+text), fix the deadline once, and wait for an answer that can be acted on.
 
-The wait itself is the flow's (``suspend_flow_run`` can't run inside a task); the form and the rules an
-answer must pass are in ``icd/deploy/approval.py``.
+The wait itself suspends the flow (``suspend_flow_run`` can't run inside a task), so
+:func:`wait_for_approval` is a plain function the flow calls: no process waits while an operator reads the
+plan, and on resume the flow re-runs from the top and finds each answered question recorded
+(``once_per_run``). The form and the rules an answer must pass are in ``icd/deploy/approval.py``.
 """
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from uuid import UUID
 
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import Pause
+from prefect.flow_runs import suspend_flow_run
+
+from icd.deploy.approval import (
+    MAX_APPROVAL_ATTEMPTS,
+    ApprovalDecision,
+    InvalidApproval,
+    PlanApproval,
+    approval_form,
+    check_approval,
+    describe_suspension,
+)
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.record import artifact_key
-from tasks.policies import ONCE_PER_RUN
+from icd.notify.message import Notification, NotificationReceipt
+from icd.registry.models import ArtifactVersion
+from icd.text import operator_time
+from tasks.policies import ONCE_PER_RUN, once_per_run
+
+
+@dataclass(frozen=True)
+class PublishedPlan:
+    form_markdown: str  # the approval form's compact description, linking to the full plan
+    artifact_id: str  # the full plan's Markdown artifact
 
 
 @task(name="publish-plan", persist_result=True, cache_policy=ONCE_PER_RUN)
-def publish_plan(planned: PlannedDeploy, *, run_url: str | None, ui_url: str | None = None) -> str:
+def publish_plan(planned: PlannedDeploy, *, run_url: str | None, ui_url: str | None = None) -> PublishedPlan:
     """Publish the full plan (Markdown) and its resource changes (a table) as artifacts of the run; return
     the approval form's compact description, which links to the full plan."""
     markdown = planned.view.markdown(workspace=planned.workspace, extra={"Run": run_url or "-"})
@@ -31,4 +61,120 @@ def publish_plan(planned: PlannedDeploy, *, run_url: str | None, ui_url: str | N
     # The form is only ever read in the Prefect UI, so a path relative to the UI's root works when the UI's
     # address is not configured; the configured address also works behind a path prefix.
     details_url = f"{(ui_url or '').rstrip('/')}/artifacts/artifact/{plan_artifact}"
-    return planned.view.approval_markdown(workspace=planned.workspace, details_url=details_url)
+    form = planned.view.approval_markdown(workspace=planned.workspace, details_url=details_url)
+    return PublishedPlan(form, str(plan_artifact))
+
+
+@task(name="approval-deadline", persist_result=True, cache_policy=ONCE_PER_RUN)
+def approval_deadline(plan_sha256: str, timeout_seconds: int) -> datetime:
+    """When the approval wait ends: fixed at the first suspension, never moved by a re-ask."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=timeout_seconds)
+
+
+def approval_notice(planned: PlannedDeploy, deadline: datetime, *, run_name: str, run_url: str | None) -> Notification:
+    """The "approve me" message: what changes, the plan's whole hash, the deadline, the link to the form."""
+    view = planned.view
+    return Notification(
+        title=f"Plan waiting for approval: {view.version_diff} on {planned.workspace}",
+        text=(
+            f"{view.headline(planned.workspace)}. Approve or reject in the Prefect UI before {operator_time(deadline)}."
+        ),
+        severity="warning",
+        fields={
+            "workspace": planned.workspace,
+            "artifact": view.version_diff,
+            "plan sha256": planned.plan_sha256,
+            "run": run_name,
+        },
+        link_url=run_url,
+        link_text="Review and approve",
+        dedup_key=f"plan-{planned.plan_sha256}",
+    )
+
+
+@dataclass(frozen=True)
+class AwaitingApproval:
+    """Everything the run needs after the approval wait, recorded once before the first suspension."""
+
+    version: ArtifactVersion
+    planned: PlannedDeploy
+    published: PublishedPlan
+    deadline: datetime
+    notice: NotificationReceipt | None  # the "approve me" message, for replies in its thread
+
+
+# Tell operators a warning about this run: (title, text, facts); the flow adds the workspace and the run's link.
+TellWarning = Callable[[str, str, dict[str, str]], object]
+OnSuspended = Callable[[], None]
+
+
+def _suspend(
+    form: type[PlanApproval], *, run_id: UUID, deadline: datetime, key: str, message: str, on_suspended: OnSuspended
+) -> PlanApproval:
+    """``suspend_flow_run`` until ``deadline`` (fixed at the first suspension: a re-ask never extends it),
+    with ``message`` as the suspended run's state message; ``on_suspended`` runs once the run waits."""
+    # Rounded up: the server expires the wait no earlier than the deadline operators were told.
+    remaining = max(1, math.ceil((deadline - datetime.now(UTC)).total_seconds()))
+    try:
+        return suspend_flow_run(wait_for_input=form, timeout=remaining, key=key)
+    except Pause as pause:
+        if pause.state is not None:
+            describe_suspension(run_id, pause.state, message)
+            on_suspended()
+        raise
+
+
+def _ask(
+    waiting: AwaitingApproval,
+    form: type[PlanApproval],
+    *,
+    run_id: UUID,
+    attempt: int,
+    status: str,
+    tell: TellWarning,
+    on_suspended: OnSuspended,
+) -> ApprovalDecision | InvalidApproval:
+    """One question: suspend, then check the answer; a refused one is logged and told once."""
+    key = f"approval-{attempt}"
+    answer = _suspend(
+        form, run_id=run_id, deadline=waiting.deadline, key=key, message=status, on_suspended=on_suspended
+    )
+    planned = waiting.planned
+    checked = check_approval(answer, expected_sha256=planned.plan_sha256)
+    if isinstance(checked, InvalidApproval):
+        get_run_logger().warning("approval %d not accepted: %s", attempt + 1, checked.reason)
+        tell(
+            f"Approval not accepted for {planned.workspace}",
+            f"{checked.reason}. The plan is still waiting; answer the form again.",
+            {"plan": planned.plan_sha256[:12], "attempt": str(attempt + 1)},
+        )
+    return checked
+
+
+def wait_for_approval(
+    waiting: AwaitingApproval, *, run_id: UUID, tell: TellWarning, on_suspended: OnSuspended
+) -> ApprovalDecision:
+    """Suspend until an operator answers; an answer that can't be acted on is reported and asked again.
+
+    Each answered question is recorded (``once_per_run``), so the re-run after the next answer reads the
+    earlier verdicts instead of loading, logging and reporting them again. ``on_suspended`` runs in the
+    process that suspended, once the run waits (the flow checks there that its plan is still wanted).
+    """
+    planned = waiting.planned
+    refusal = ""
+    status_line = (
+        f"Waiting for approval: {planned.view.headline(planned.workspace)}; "
+        f"answer before {operator_time(waiting.deadline)}"
+    )
+    for attempt in range(MAX_APPROVAL_ATTEMPTS):
+        form = approval_form(planned.plan_sha256, waiting.published.form_markdown, refusal=refusal)
+        # The run page shows the first 70 characters of a state message: the reason comes first.
+        status = f"Answer not accepted: {refusal}. {status_line}" if refusal else status_line
+        question = partial(
+            _ask, waiting, form, run_id=run_id, attempt=attempt, status=status, tell=tell, on_suspended=on_suspended
+        )
+        checked = once_per_run(f"approval-{attempt}", question)
+        if isinstance(checked, ApprovalDecision):
+            return checked
+        refusal = checked.reason
+    return ApprovalDecision(False, "push-to-deploy", "too many invalid approval answers", planned.plan_sha256)

@@ -1,21 +1,95 @@
-"""Step 2: bake the commit into an image with Packer, unless this commit is already built."""
+"""Step 2: claim the commit's build, then bake it into an image with Packer, unless it is already built."""
 
 from __future__ import annotations
 
+import logging
+from datetime import timedelta
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 
 from blocks.registry import ArtifactRegistry
 from icd.deploy.artifacts import LOCAL, BuiltArtifact, collect_artifacts
 from icd.deploy.source import SourceCheckout
 from icd.errors import ConflictError, PackerError, RegistryStorageError
-from icd.registry.models import ArtifactVersion
+from icd.registry.models import ArtifactVersion, BuildClaimed, BuildHeld
 from icd.service.contract import PackerVariables
 from icd.tools import packer
 from tasks.policies import ONCE_PER_RUN, retry_on
 
 BUILD_TIMEOUT_SECONDS = 3600.0
+# The claim is taken right before Packer, which is killed at its timeout; ten minutes more cover the
+# registration with its retries and the announce. A holder that crashed frees the claim sooner: its run ends.
+CLAIM_LEASE = timedelta(seconds=BUILD_TIMEOUT_SECONDS + 600)
+logger = logging.getLogger(__name__)
+
+
+def run_may_be_building(run_id: str) -> bool:
+    """For a build claim's holder: False once its Prefect flow run has ended (or was deleted); True while it
+    runs, and when the API can't say (the claim's lease still bounds the wait)."""
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(run_id))
+    except ObjectNotFound:
+        return False
+    except Exception as exc:  # noqa: BLE001  # any API failure means "can't tell", never "ended"
+        logger.warning("could not read flow run %s (%s); its build claim stands", run_id, type(exc).__name__)
+        return True
+    return run.state is None or not run.state.is_final()
+
+
+@task(
+    name="claim-build",
+    persist_result=True,
+    cache_policy=ONCE_PER_RUN,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
+def claim_build(
+    registry: ArtifactRegistry, namespace: str, *, commit: str, run_id: str, run_name: str
+) -> BuildClaimed | BuildHeld:
+    """Take the build of this commit for this run, or learn which live run has it (``icd/registry``)."""
+    outcome = registry.registry().claim_build(
+        namespace, commit, run_id=run_id, run_name=run_name, lease=CLAIM_LEASE, run_alive=run_may_be_building
+    )
+    log = get_run_logger()
+    if isinstance(outcome, BuildHeld):
+        holder = outcome.holder
+        log.info(
+            "%s@%s is being built by run %s (%s)", namespace, commit[:12], holder.holder_run_name, holder.holder_run_id
+        )
+    elif outcome.taken_over is not None:
+        left = outcome.taken_over
+        log.info(
+            "took over the build of %s@%s from run %s (%s), which left it unfinished",
+            namespace,
+            commit[:12],
+            left.holder_run_name,
+            left.holder_run_id,
+        )
+    return outcome
+
+
+@task(
+    name="release-build-claim",
+    persist_result=True,
+    cache_policy=ONCE_PER_RUN,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
+def release_build_claim(registry: ArtifactRegistry, namespace: str, *, commit: str, run_id: str, outcome: str) -> bool:
+    """Give the commit's build back, saying how it ended; False if this run no longer held it."""
+    released = registry.registry().release_build(namespace, commit, run_id=run_id, outcome=outcome)
+    if not released:
+        get_run_logger().warning(
+            "the build claim of %s@%s was no longer this run's (its lease ran out)", namespace, commit[:12]
+        )
+    return released
 
 
 @task(

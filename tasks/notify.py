@@ -69,11 +69,28 @@ def schedule_redelivery(notification: Notification, *, notifier_block: str, atte
 
 @task(name="notify", persist_result=True, cache_policy=ONCE_PER_RUN)
 def notify(
-    notifier: SlackNotifier, notification: Notification, *, notifier_block: str = "ops-slack"
+    notifier: SlackNotifier,
+    notification: Notification,
+    *,
+    notifier_block: str = "ops-slack",
+    reply_to: NotificationReceipt | None = None,
 ) -> NotificationReceipt | None:
-    """Post ``notification``; when Slack can't take it, schedule its redelivery and return None."""
+    """Post ``notification`` (``reply_to``: in the thread of that earlier message); when Slack can't take
+    it, schedule its redelivery (outside the thread) and return None."""
+    return notify_now(notifier, notification, notifier_block=notifier_block, reply_to=reply_to)
+
+
+def notify_now(
+    notifier: SlackNotifier,
+    notification: Notification,
+    *,
+    notifier_block: str = "ops-slack",
+    reply_to: NotificationReceipt | None = None,
+) -> NotificationReceipt | None:
+    """:func:`notify` without its task, for the one place no task may run: a flow run that is already
+    suspended (the server refuses to start a task of a paused run) and has to say how it ended."""
     try:
-        receipt = notifier.sender().send(notification)
+        receipt = notifier.sender().send(notification, reply_to=reply_to)
     except NotificationError as exc:
         schedule_redelivery(notification, notifier_block=notifier_block, attempt=1, reason=str(exc))
         return None

@@ -1,16 +1,22 @@
-"""Step 5: plan the version into the workspace; the saved plan goes to S3 before anyone is asked."""
+"""Step 5: plan the version into the workspace; the saved plan goes to S3 before anyone is asked.
+
+``resolve-version`` reads what is to be planned from the registry (retried like every registry read: an S3
+blip must not fail a deploy), and says when the version is no longer the one the workspace's channel points
+at; ``plan-deploy`` makes the plan of a :class:`~icd.deploy.plan.PlanRequest`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from blocks.registry import ArtifactRegistry
-from icd.deploy.plan import PlannedDeploy, make_plan
+from icd.deploy.plan import PlannedDeploy, PlanRequest, make_plan, not_current
 from icd.deploy.workdir import open_terraform
-from icd.errors import StateLockedError
+from icd.errors import ConflictError, RegistryStorageError, StateLockedError
 from icd.paths import state_home
 from icd.registry.models import ArtifactVersion
 from icd.tools.terraform import Terraform
@@ -35,6 +41,38 @@ def workdir_opener(registry: ArtifactRegistry, workspace: str, stack_dir: str) -
 
 
 @task(
+    name="resolve-version",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
+def resolve_version(
+    registry: ArtifactRegistry, namespace: str, version: int, *, follows: str | None = None
+) -> ArtifactVersion | str:
+    """The version if it may be deployed (``RevokedVersionError`` if not); with ``follows``, a reason instead
+    when it is not where that channel points now (a newer request supersedes it)."""
+    reg = registry.registry()
+    found = reg.resolve_deployable(namespace, version)
+    if follows is not None and (reason := not_current(reg, namespace, version, follows)):
+        get_run_logger().info("not planning v%d: %s", version, reason)
+        return reason
+    return found
+
+
+@task(
+    name="read-version",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
+def read_version(registry: ArtifactRegistry, namespace: str, version: int) -> ArtifactVersion:
+    """A version's record, revoked or not (what ran before a deploy, for its label)."""
+    return registry.registry().get(namespace, version)
+
+
+@task(
     name="plan-deploy",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
@@ -42,34 +80,15 @@ def workdir_opener(registry: ArtifactRegistry, workspace: str, stack_dir: str) -
     retry_delay_seconds=[5, 15, 30],
     retry_condition_fn=retry_on(StateLockedError),
 )
-def plan_deploy(
-    registry: ArtifactRegistry,
-    *,
-    workspace: str,
-    stack_dir: str,
-    version: ArtifactVersion,
-    platform: str,
-    follows: str,
-    promotes: str | None,
-    variables: Mapping[str, str],
-    plan_id: str,
-    destroy: bool = False,
-) -> PlannedDeploy:
+def plan_deploy(registry: ArtifactRegistry, request: PlanRequest) -> PlannedDeploy:
     planned = make_plan(
+        request,
         registry=registry.registry(),
         plans=registry.plan_store(),
-        open_workdir=workdir_opener(registry, workspace, stack_dir),
-        workspace=workspace,
-        version=version,
-        platform=platform,
-        follows=follows,
-        promotes=promotes,
-        variables=variables,
-        plan_id=plan_id,
-        destroy=destroy,
+        open_workdir=workdir_opener(registry, request.workspace, request.stack_dir),
     )
     if planned.has_changes:
-        get_run_logger().info("plan %s stored for %s", planned.plan_sha256, workspace)
+        get_run_logger().info("plan %s stored for %s", planned.plan_sha256, request.workspace)
     else:
-        get_run_logger().info("plan for %s has no changes", workspace)
+        get_run_logger().info("plan for %s has no changes", request.workspace)
     return planned

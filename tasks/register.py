@@ -1,4 +1,4 @@
-"""Step 3: record the build as the next version of its namespace in the registry."""
+"""Step 3: record the build as its commit's version of the namespace in the registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from blocks.registry import ArtifactRegistry
 from icd.deploy.artifacts import BuiltArtifact
 from icd.errors import ConflictError, RegistryStorageError
-from icd.registry.models import ArtifactVersion
+from icd.registry.models import RegistrationResult
 from tasks.policies import ONCE_PER_RUN, retry_on
 
 
@@ -20,8 +20,19 @@ from tasks.policies import ONCE_PER_RUN, retry_on
     retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
 )
 def register_artifact(
-    registry: ArtifactRegistry, built: BuiltArtifact, *, created_by: str, service_name: str
-) -> ArtifactVersion:
+    registry: ArtifactRegistry,
+    built: BuiltArtifact,
+    *,
+    created_by: str,
+    service_name: str,
+    build_run_id: str,
+    rebuild_of: int | None,
+) -> RegistrationResult:
+    """Register the build as its commit's version (or, with ``rebuild_of``, the rebuild of that version).
+
+    The registry keeps one version per commit: when another build of the commit is registered already, that
+    version comes back and this build is left unregistered (its image unused).
+    """
     result = registry.registry().register(
         built.namespace,
         git_commit=built.commit,
@@ -31,8 +42,23 @@ def register_artifact(
         artifacts=built.artifacts,
         artifact_sha256=built.artifact_sha256,
         created_by=created_by,
-        labels={"build_label": built.build_label, "service_name": service_name},
+        # The run that built it: a run that takes over an unfinished build of the commit announces the
+        # version if that run registered it and never got to (flows/build_artifact.py).
+        labels={"build_label": built.build_label, "service_name": service_name, "build_run_id": build_run_id},
+        rebuild_of=rebuild_of,
     )
-    verb = "registered" if result.created else "already registered as"
-    get_run_logger().info("%s %s v%d", verb, built.namespace, result.version.version)
-    return result.version
+    version = result.version
+    log = get_run_logger()
+    if version.packer_run_uuid != built.packer_run_uuid:
+        log.warning(
+            "%s@%s is v%d already, built by %s: this build (packer run %s) is not registered",
+            built.namespace,
+            built.commit[:12],
+            version.version,
+            version.created_by,
+            built.packer_run_uuid,
+        )
+    else:
+        verb = "registered" if result.created else "already registered as"
+        log.info("%s %s v%d", verb, built.namespace, version.version)
+    return result

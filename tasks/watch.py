@@ -1,5 +1,5 @@
-"""Watch Consul health: every transition is a Prefect event and, unless a deploy expects it, one Slack
-message; the table artifact shows current health."""
+"""Watch Consul health: every transition is a Prefect event and, unless a deploy expects it or damping holds
+it back, one Slack message; the table artifact shows current health."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def artifact_key(watch_name: str) -> str:
 
 
 def emit_transitions(alerts: Sequence[Alert]) -> None:
-    """Every transition the watch owns, as an ``icd.health.<status>`` event about the instance."""
+    """Every alert the watch owns, damped or not, as an ``icd.health.*`` event about the instance."""
     for alert in alerts:
+        flap = alert.flap
         events.emit(
             events.health_transition(
                 kind=alert.kind,
@@ -49,6 +50,9 @@ def emit_transitions(alerts: Sequence[Alert]) -> None:
                 expected=alert.expected_by is not None,
                 failing=[f"{check.name}: {check.output}" for check in alert.failing_checks],
                 dedup_key=alert.dedup_key,
+                announced=not alert.damped,
+                page=alert.page,
+                flap=None if flap is None else {"changes": flap.changes, "span_seconds": flap.span.total_seconds()},
             )
         )
 

@@ -37,10 +37,13 @@ _SERVER_FIXTURES = frozenset({"prefect_server", "deploy_env"})
 # tests first) put the end-to-end files last. Files not named (under 5 s each) keep their places after them.
 _LONGEST_FIRST = (
     "test_deploy.py",  # 205
+    "test_event_stream.py",  # 110 (issue 19, measured alone)
     "test_trust.py",  # 104
     "test_operator_walkthrough.py",  # 89
     "test_events.py",  # 89
     "test_team_server.py",  # 78
+    "test_deliveries.py",  # 60 (issue 19, measured alone)
+    "test_health_flaps.py",  # 30 (issue 19, measured alone)
     "test_browser.py",  # 58
     "test_terraform.py",  # 22
     "test_health_watch.py",  # 22
@@ -52,7 +55,6 @@ _LONGEST_FIRST = (
     "test_worker.py",  # 13
     "test_notifications.py",  # 12
     "test_packer.py",  # 9
-    "test_lock.py",  # 6
 )
 
 

@@ -32,7 +32,6 @@ import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from examples.local_env import api_client
-from icd.deploy import lock as workspace_lock
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -407,7 +406,7 @@ def test_approving_in_the_browser(deploy_env: DeployEnv, ui: UI, screens: Screen
     assert done.state is not None and done.state.name == "Deployed", done.state
     assert reg.get_channel(ns, ws).version == v2  # type: ignore[union-attr]  # the workspace's channel moved
     assert reg.channel_history(ns, ws)[-1].assigned_by == "Ada L."
-    assert workspace_lock.current_holder(ws) is None
+    assert env.holder(ws) is None
     record_url = artifact_url(env, f"deploy-{ws}", run.id)
 
     def deployed_and_recorded(page: Page) -> None:
@@ -449,7 +448,7 @@ def test_rejecting_in_the_browser_applies_nothing(deploy_env: DeployEnv, ui: UI,
     assert (done.state.type.value, done.state.name) == ("CANCELLED", "Rejected"), done.state
     assert env.registry.registry().get_channel(names.namespace, names.workspace) is None, "no channel moved"
     assert _services(env, names.service_name) == [], "no instance was started"
-    assert workspace_lock.current_holder(names.workspace) is None
+    assert env.holder(names.workspace) is None
 
     def rejected(page: Page) -> None:
         expect(state_message_on(page, link)).to_contain_text("rejected by bob: not today; nothing applied")

@@ -92,12 +92,17 @@ def test_a_registration_plans_followers_of_latest_and_a_move_followers_of_the_ch
         "workspace": "staging",
         "namespace": "acmeinc/web",
         "version": 3,
+        "teardown": False,
         "because": events.ARTIFACT_REGISTERED,
+        "by": "registration of v3",
+        "request_id": str(request.id),  # the event is the request: the queue knows it by the same id
     }
     moved = events.channel_moved(
         namespace="acmeinc/web", channel="staging", from_version=2, to_version=3, by="x", reason="y"
     )
-    assert [r.payload["workspace"] for r in events.plan_requests(CONFIG, moved)] == ["canary"]
+    [by_hand] = events.plan_requests(CONFIG, moved)
+    assert (by_hand.payload["workspace"], by_hand.payload["by"]) == ("canary", "x")
+    assert by_hand.id != request.id, "every request is its own"
     assert events.plan_requests(CONFIG, moved, skip="canary") == []
     revoked = events.version_revoked(namespace="acmeinc/web", version=3, by="x", reason="y")
     assert events.plan_requests(CONFIG, revoked) == []
@@ -182,7 +187,7 @@ def test_signatures_are_compared_whole() -> None:
     assert not signature_ok(b"", body, _signed(body))
 
 
-def test_the_app_refuses_a_large_body_before_reading_it_and_emits_what_it_decides() -> None:
+def test_the_app_refuses_a_large_body_and_emits_what_it_decides() -> None:
     emitted: list[events.EventSpec] = []
     seen = {str(events.delivery_event_id("d-2", "acmeinc/web"))}
     app = create_app(
@@ -208,8 +213,8 @@ def test_the_app_refuses_a_large_body_before_reading_it_and_emits_what_it_decide
     assert accepted.status_code == 202
     assert accepted.json()["namespaces"] == ["acmeinc/web"]
     assert duplicate.json()["duplicate_event_ids"] == list(seen)
-    assert [spec.event for spec in emitted] == ["icd.push.received"]
-    assert health.json() == {"ok": True}
+    assert [spec.event for spec in emitted] == ["icd.push.refused", "icd.push.received"]
+    assert health.json() == {"ok": True, "refused": {"signed": {}, "unsigned": {"too-large": 1}}}
 
 
 def test_the_project_config_is_valid() -> None:

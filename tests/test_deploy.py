@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import consul
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from examples.local_env import api_client
-from icd.deploy import lock as workspace_lock
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -40,7 +39,7 @@ def test_full_cycle_v1_then_the_same_commit_then_v2_across_a_worker_restart(depl
     ns, ws = names.namespace, names.workspace
 
     run1, v1 = env.deploy_until_paused(names)
-    assert workspace_lock.current_holder(ws) is not None, "the lock is held across the approval wait"
+    assert env.holder(ws) is not None, "the lock is held across the approval wait"
     sha1 = env.plan_sha(ws, run1.id)
     waiting = [m for m in env.slack.messages if sha1 in str(m.payload)]
     assert waiting, "operators get the plan hash"
@@ -57,7 +56,7 @@ def test_full_cycle_v1_then_the_same_commit_then_v2_across_a_worker_restart(depl
     assert instances[0]["Service"]["Meta"]["deploy_run_id"] == str(run1.id)
     assert instances[0]["Service"]["Meta"]["workspace"] == ws
     assert all(check["Status"] == "passing" for check in instances[0]["Checks"])
-    assert workspace_lock.current_holder(ws) is None
+    assert env.holder(ws) is None
 
     # The same commit again: reused, not rebuilt, and already deployed.
     env.build(names)
@@ -99,9 +98,13 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
     deadline = paused.state_details.pause_timeout
     told = re.search(r"answer before (.+ UTC)", paused.message or "")
     assert told, paused.message
-    holder = workspace_lock.current_holder(ws)
-    assert holder is not None
-    assert datetime.fromisoformat(holder.expires_at) >= deadline + timedelta(minutes=5), "the lease covers the wait"
+    holder = wait_until(
+        lambda: (held := env.holder(ws)) is not None and held.phase == "awaiting" and held,
+        timeout=30,
+        message="the waiting run never held the workspace as awaiting approval",
+    )
+    assert holder.expires_at >= deadline + timedelta(minutes=5), "the lease covers the wait"
+    assert holder.plan_sha256 == sha, "the lock names the plan it waits on"
     # A stale or mistyped hash, then twice an approver with nothing visible: each refused and asked again.
     stale_hash, invisible = ("0" * 64, "alice", "differs from the plan waiting"), (sha, " \u200b ", "not accepted")
     for attempt, (given_sha, approver, reason) in enumerate((stale_hash, invisible, invisible), start=1):
@@ -113,9 +116,7 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
         wait_until(lambda r=reason: r in env.state_message(run.id), timeout=30, message="the reason never showed")
         assert _services(env, names.service_name) == [], "a refused answer applies nothing"
         assert f"answer before {told.group(1)}" in env.state_message(run.id), "the run names the same deadline"
-        assert workspace_lock.current_holder(ws) == holder, "the same lease still holds the workspace"
-        limit = api_client().read_global_concurrency_limit_by_name(workspace_lock.limit_name(ws))
-        assert limit.active_slots == 1, "the server still counts the lease"
+        assert env.holder(ws) == holder, "the same lease still holds the workspace"
     done = env.approve(run.id, ws)
     assert done.state is not None and done.state.name == "Deployed", done.state
     # Three refused answers and an approval re-ran the flow four times, yet every step before the wait ran
@@ -123,7 +124,7 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
     tasks = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
     assert [t.name for t in tasks if t.state is None or t.state.name != "Completed"] == []
     steps = Counter(t.name.rsplit("-", 1)[0] for t in tasks)
-    before_the_wait = ("lock-workspace", "plan-deploy", "publish-plan", "approval-deadline")
+    before_the_wait = ("claim-workspace", "plan-deploy", "publish-plan", "approval-deadline")
     assert [steps[name] for name in before_the_wait] == [1, 1, 1, 1], steps
     assert len(_slack_mentions(env, f"Approval not accepted for {ws}")) == 3
 
@@ -139,7 +140,7 @@ def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -
         message="the timed-out run never became ApprovalTimedOut",
     )
     assert done.state is not None and done.state.type.value == "CANCELLED"
-    assert workspace_lock.current_holder(names.workspace) is None
+    assert env.holder(names.workspace) is None
     assert _services(env, names.service_name) == []
     wait_until(lambda: _slack_mentions(env, f"Approval timed out on {names.workspace}"), timeout=60)
 
@@ -158,7 +159,7 @@ def test_tampered_plan_is_refused_and_told(deploy_env: DeployEnv) -> None:
     assert done.state is not None and done.state.type.value == "FAILED"
     assert "sha256" in (done.state.message or "")
     assert _services(env, names.service_name) == []
-    assert workspace_lock.current_holder(names.workspace) is None
+    assert env.holder(names.workspace) is None
     wait_until(lambda: _slack_mentions(env, f"Deploy failed on {names.workspace}: PlanIntegrityError"), timeout=30)
 
 
@@ -167,7 +168,7 @@ def _waiting_run_then_another_forced_through(env: DeployEnv, names: Names) -> tu
     of the same version, which takes the workspace and waits for approval too."""
     first, version = env.deploy_until_paused(names)
     first_sha = env.plan_sha(names.workspace, first.id)
-    workspace_lock.break_lock(names.workspace, force=True)
+    env.registry.workspace_queue().break_lock(names.workspace, force=True)
     other = env.deploy(names.workspace, version)
     env.wait_for(other.id, states={"PAUSED"})  # holding the workspace while it waits
     return first, first_sha, other
@@ -193,40 +194,35 @@ def test_an_approved_run_whose_lock_was_broken_and_taken_applies_nothing(deploy_
     done = env.wait_for(first.id, states=ENDED)
     assert done.state is not None and done.state.name == "LockLost", done.state
     assert _services(env, names.service_name) == [], "nothing applied"
-    holder = workspace_lock.current_holder(names.workspace)
-    assert holder is not None and holder.holder_flow_run_id == str(other.id), "the other run keeps the workspace"
+    holder = env.holder(names.workspace)
+    assert holder is not None and holder.run_id == str(other.id), "the other run keeps the workspace"
     env.answer(other.id, env.plan_sha(names.workspace, other.id), decision="reject")
     env.wait_for(other.id, states={"CANCELLED"})
 
 
-def test_runs_serialize_per_workspace_and_a_rejection_applies_nothing_and_hands_the_workspace_on(
+def test_a_second_run_for_the_plan_waiting_ends_at_once_and_a_rejection_applies_nothing_and_frees_the_workspace(
     deploy_env: DeployEnv,
 ) -> None:
     env = deploy_env
     a, b = env.service(), env.service()
     first, version = env.deploy_until_paused(a)
-    second = env.deploy(a.workspace, version)
-    other_ws, _ = env.deploy_until_paused(b)  # a different workspace reaches its approval while `a` is held
-    wait_until(
-        lambda: any(t.state and t.state.type.value == "RUNNING" for t in _task_runs(second.id, "lock-workspace")),
-        timeout=120,
-        message="the second run never asked for the workspace",
+    # The same version by hand while its plan waits: nothing more to do, and nothing waits in a process.
+    second = env.wait_for(env.deploy(a.workspace, version).id, states=ENDED)
+    assert second.state is not None and (second.state.type.value, second.state.name) == (
+        "COMPLETED",
+        "AlreadyInProgress",
     )
-    waiting = env.read(second.id)
-    assert waiting.state is not None and waiting.state.type.value == "RUNNING", "the second run waits for the lock"
+    assert first.name in (second.state.message or "")
+    other_ws, _ = env.deploy_until_paused(b)  # a different workspace reaches its approval meanwhile
     env.answer(first.id, env.plan_sha(a.workspace, first.id), approver="bob", decision="reject")
     rejected = env.wait_for(first.id, states=ENDED)
     assert rejected.state is not None
     assert (rejected.state.type.value, rejected.state.name) == ("CANCELLED", "Rejected")
-    env.wait_for(second.id, states={"PAUSED"})  # the rejected run released the workspace; the waiting run took it
-    holder = workspace_lock.current_holder(a.workspace)
-    assert holder is not None and holder.holder_flow_run_id == str(second.id)
+    assert env.holder(a.workspace) is None, "the rejection released the workspace"
     assert env.registry.registry().get_channel(a.namespace, a.workspace) is None, "the rejection applied nothing"
     assert _services(env, a.service_name) == []
-    for run, names in ((second, a), (other_ws, b)):
-        env.answer(run.id, env.plan_sha(names.workspace, run.id), decision="reject")
-        env.wait_for(run.id, states={"CANCELLED"})
-    assert workspace_lock.current_holder(a.workspace) is None
+    env.answer(other_ws.id, env.plan_sha(b.workspace, other_ws.id), decision="reject")
+    env.wait_for(other_ws.id, states={"CANCELLED"})
 
 
 def test_failing_packer_template_fails_the_build_registers_nothing_and_tells(deploy_env: DeployEnv) -> None:
@@ -276,7 +272,7 @@ def test_unhealthy_deploy_rolls_back_never_moves_the_channel_and_verifies_the_im
     assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{ws}-{v2}"], (
         "nothing started from the doctored image"
     )
-    assert workspace_lock.current_holder(ws) is None
+    assert env.holder(ws) is None
     assert reg.get_channel(ns, ws).version == v1  # type: ignore[union-attr]
 
 

@@ -46,23 +46,37 @@ def push_of(env: DeployEnv, names: Names, commit: str, branch: str = "main", **c
     return payload
 
 
+def large_push(env: DeployEnv, names: Names, commit: str, size: int, branch: str = "main") -> dict[str, Any]:
+    """A push as GitHub sends a large one: many commits, each listing the files it touched."""
+    files = [f"src/module_{n}/handler_{n}.py" for n in range(200)]
+    pushed = {"id": commit, "message": "a change", "added": files, "modified": files, "removed": []}
+    return push_of(env, names, commit, branch, commits=[pushed] * (size // len(json.dumps(pushed)) + 1))
+
+
+def refused_counts(env: DeployEnv) -> dict[str, dict[str, int]]:
+    """What icd-inbound's /health counts as refused, by signed / unsigned and reason."""
+    counts: dict[str, dict[str, int]] = httpx.get(f"{env.inbound_url}/health", timeout=10).json()["refused"]
+    return counts
+
+
 @pytest.mark.parametrize(
-    ("case", "status", "says"),
+    ("case", "status", "says", "counted"),
     [
-        ("ping", 200, "pong"),
-        ("unmapped-repository", 202, "no namespace in icd.toml builds"),
-        ("unmapped-branch", 202, "no namespace in icd.toml builds"),
-        ("tag", 202, "a tag push builds nothing"),
-        ("deletion", 202, "a branch deletion builds nothing"),
-        ("bad-signature", 401, "X-Hub-Signature-256"),
-        ("missing-signature", 401, "X-Hub-Signature-256"),
-        ("malformed-json", 400, "not JSON"),
-        ("too-large", 413, "larger than"),
-        ("unknown-event", 400, "unsupported event type"),
+        ("ping", 200, "pong", None),
+        ("unmapped-repository", 202, "no namespace in icd.toml builds", None),
+        ("unmapped-branch", 202, "no namespace in icd.toml builds", None),
+        ("tag", 202, "a tag push builds nothing", None),
+        ("deletion", 202, "a branch deletion builds nothing", None),
+        ("bad-signature", 401, "X-Hub-Signature-256", ("unsigned", "bad-signature")),
+        ("missing-signature", 401, "X-Hub-Signature-256", ("unsigned", "unsigned")),
+        ("malformed-json", 400, "not JSON", ("signed", "malformed")),
+        # A 2 MB push (over the old 1 MiB cap) is read whole and decided: this one's branch builds nothing.
+        ("large-unmapped-branch", 202, "no namespace in icd.toml builds", None),
+        ("unknown-event", 400, "unsupported event type", ("signed", "unsupported-event")),
     ],
 )
 def test_the_webhook_answers_every_row_and_starts_nothing_it_should_not(
-    deploy_env: DeployEnv, case: str, status: int, says: str
+    deploy_env: DeployEnv, case: str, status: int, says: str, counted: tuple[str, str] | None
 ) -> None:
     env = deploy_env
     names = env.service()
@@ -77,16 +91,108 @@ def test_the_webhook_answers_every_row_and_starts_nothing_it_should_not(
         "bad-signature": (push, {"signature": "sha256=" + "0" * 64}),
         "missing-signature": (push, {"signature": False}),
         "malformed-json": (b"{not json", {}),
-        "too-large": ({**push, "padding": "x" * (2 * 1024 * 1024)}, {}),
+        "large-unmapped-branch": (large_push(env, names, commit, 2 * 1024 * 1024, branch="feature"), {}),
         "unknown-event": (push, {"event": "issues"}),
     }
     payload, options = requests[case]
+    before = refused_counts(env)
     answer = webhook(env, names, payload, **options)
 
     assert answer.status_code == status, answer.text
     assert says in answer.text
+    if counted is not None:
+        signed, reason = counted
+        assert refused_counts(env)[signed].get(reason, 0) == before[signed].get(reason, 0) + 1
+    else:
+        assert refused_counts(env) == before
     assert stored_events("icd.push.received", **{"icd.namespace": names.namespace}) == []
     assert env.runs_of("build-artifact", namespace=names.namespace) == []
+
+
+def refusals_of(delivery: str, reason: str) -> list[ReceivedEvent]:
+    """The stored icd.push.refused events that name ``delivery`` (a summary names the last one it holds)."""
+    return [
+        event
+        for event in stored_events("icd.push.refused", **{"icd.reason": reason})
+        if event.payload["delivery"] == delivery
+    ]
+
+
+def test_a_signed_8_mb_push_builds(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    commit = git(env.repo.path, "rev-parse", "HEAD")
+    payload = large_push(env, names, commit, 8 * 1024 * 1024)
+    assert len(json.dumps(payload)) > 8 * 1024 * 1024
+
+    answer = webhook(env, names, payload)
+    assert answer.status_code == 202, answer.text
+    [received] = wait_until(
+        lambda: stored_events("icd.push.received", **{"icd.namespace": names.namespace}), timeout=30
+    )
+    assert (received.payload["commit"], received.payload["pusher"]) == (commit, "dev")
+    [build] = wait_until(lambda: env.runs_of("build-artifact", namespace=names.namespace), timeout=60)
+    assert env.wait_for(build.id, states=ENDED).state.type.value == "COMPLETED"  # type: ignore[union-attr]
+    assert env.registry.registry().last_version(names.namespace) == 1
+
+
+def test_a_body_over_25_mib_is_refused_counted_and_recorded(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    commit = git(env.repo.path, "rev-parse", "HEAD")
+    delivery = str(uuid.uuid4())
+    before = refused_counts(env)["signed"].get("too-large", 0)
+
+    answer = webhook(env, names, large_push(env, names, commit, 26 * 1024 * 1024), delivery=delivery)
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["reason"] == "too-large"
+    assert refused_counts(env)["signed"]["too-large"] == before + 1, "signed: it was hashed, not kept"
+    [refused] = wait_until(lambda: refusals_of(delivery, "too-large"), timeout=30)
+    assert refused.resource["icd.signed"] == "true"
+    assert refused.payload["size"] > 26 * 1024 * 1024
+    assert stored_events("icd.push.received", **{"icd.namespace": names.namespace}) == []
+    assert env.runs_of("build-artifact", namespace=names.namespace) == []
+
+
+def test_an_unsigned_push_is_refused_counted_and_recorded(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    commit = git(env.repo.path, "rev-parse", "HEAD")
+    delivery = str(uuid.uuid4())
+    before = refused_counts(env)["unsigned"].get("unsigned", 0)
+
+    answer = webhook(env, names, push_of(env, names, commit), delivery=delivery, signature=False)
+    assert answer.status_code == 401, answer.text
+    assert refused_counts(env)["unsigned"]["unsigned"] == before + 1
+    # Told at once, or (after another unsigned refusal in the same window) in the window's summary.
+    [refused] = wait_until(lambda: refusals_of(delivery, "unsigned"), timeout=30)
+    assert (refused.resource["icd.signed"], refused.payload["status"]) == ("false", 401)
+    assert refused.payload["repository"] == "", "nothing of an unsigned body is read"
+    assert stored_events("icd.push.received", **{"icd.namespace": names.namespace}) == []
+
+
+def test_a_signed_malformed_push_tells_operators_through_the_notification_block(deploy_env: DeployEnv) -> None:
+    env = deploy_env
+    names = env.service()
+    tag = uuid.uuid4().hex
+    # The delivery id is a header, outside the signature: what it says reaches operators escaped.
+    delivery = f"{tag}<!channel>"
+
+    answer = webhook(env, names, b'{"ref": "refs/heads/main", "repository": ', delivery=delivery)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["reason"] == "malformed"
+    [refused] = wait_until(lambda: refusals_of(f"{tag}&lt;!channel&gt;", "malformed"), timeout=30)
+    assert refused.resource["icd.signed"] == "true"
+    [posted] = wait_until(
+        lambda: [post for post in env.receiver.posts if tag in json.dumps(post)],
+        timeout=60,
+        message="the refused-push automation never posted to the notification block",
+    )
+    assert "GitHub push refused" in posted["text"]
+    assert "malformed" in posted["text"]
+    assert f"{tag}&lt;!channel&gt;" in posted["body"]
+    assert "<!channel>" not in json.dumps(posted)
+    assert WEBHOOK_SECRET not in json.dumps(posted)
 
 
 def test_a_signed_push_builds_once_however_often_it_is_delivered(deploy_env: DeployEnv) -> None:
@@ -137,7 +243,10 @@ def test_a_promotion_plans_the_workspaces_following_the_channel(deploy_env: Depl
     env.build(names)
     registry = env.registry.registry()
 
-    done = operations.promote(registry, load_config(), names.namespace, 1, "production", by="alice", why="go live")
+    queue = env.registry.workspace_queue()
+    done = operations.promote(
+        registry, queue, load_config(), names.namespace, 1, "production", by="alice", why="go live"
+    )
     assert done.plans_requested == [production]
     [deploy] = wait_until(lambda: env.runs_of("deploy-artifact", workspace=production), timeout=120)
     env.wait_for(deploy.id, states={"PAUSED"})
@@ -169,7 +278,6 @@ def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_the
     deploy_env: DeployEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from cli.registry import main as icd_registry
-    from icd.deploy import lock as workspace_lock
 
     env = deploy_env
     names = env.service()
@@ -192,7 +300,7 @@ def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_the
     done = env.approve(teardown.id, names.workspace, approver="carol")
     assert (done.state.type.value, done.state.name) == ("COMPLETED", "TornDown"), done.state  # type: ignore[union-attr]
     assert _instances(env, names.service_name) == [], "the instance stopped and left Consul"
-    assert workspace_lock.current_holder(names.workspace) is None
+    assert env.holder(names.workspace) is None
     [requested] = wait_until(
         lambda: stored_events("icd.teardown.requested", **{"icd.workspace": names.workspace}), timeout=30
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import logging
 import random
@@ -19,12 +20,12 @@ from prefect.client.orchestration import get_client
 
 from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
-from flows.consul_health import consul_health
+from flows.consul_health import build_watch_config, consul_health
 from icd.errors import ConsulError
-from icd.health.config import WatchConfig
-from icd.health.engine import Alert, WatchState, evaluate, next_wakeup
+from icd.health.config import NO_DAMPING, WatchConfig
+from icd.health.engine import Alert, FlapSummary, WatchState, evaluate, next_wakeup
 from icd.health.handover import HandOver
-from icd.health.render import alert_notification
+from icd.health.render import alert_notification, alert_title
 from icd.health.snapshot import CheckHealth, HealthSnapshot, HealthStateParser, InstanceHealth, parse_health_state
 from icd.health.state import HealthStateStore, decode_state, encode_state
 from icd.health.watch import WatchReport, watch
@@ -79,7 +80,8 @@ def run(
 
 
 def kinds(alerts: list[Alert]) -> list[tuple[str, str | None, str]]:
-    return [(a.kind, a.previous_status, a.status) for a in alerts]
+    """Each alert as (kind, from, to); a damped one (recorded as an event, not sent) says so in its kind."""
+    return [(f"{a.kind} (damped)" if a.damped else a.kind, a.previous_status, a.status) for a in alerts]
 
 
 MAINT = CheckHealth("_service_maintenance:web-1", "Service Maintenance Mode", "critical", "reason")
@@ -90,9 +92,45 @@ MAINT = CheckHealth("_service_maintenance:web-1", "Service Maintenance Mode", "c
     [
         pytest.param(
             [(0, snap(instance())), (1, snap(instance(status="critical"))), (2, snap(instance()))],
-            WatchConfig(),
+            NO_DAMPING,
             [[], [("status", "passing", "critical")], [("status", "critical", "passing")]],
-            id="critical-then-recovery",
+            id="critical-then-recovery-undamped",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (2, snap(instance())),
+                (61, snap(instance())),
+                (62, snap(instance())),
+            ],
+            WatchConfig(),
+            [
+                [],
+                [("status", "passing", "critical")],
+                [("status (damped)", "critical", "passing")],
+                [],
+                [("settled", "critical", "passing")],
+            ],
+            id="recovery-told-once-it-held",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (2, snap(instance())),
+                (30, snap(instance(status="critical"))),
+                (200, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [
+                [],
+                [("status", "passing", "critical")],
+                [("status (damped)", "critical", "passing")],
+                [("status (damped)", "passing", "critical")],
+                [],
+            ],
+            id="recovery-that-did-not-hold-is-not-news",
         ),
         pytest.param(
             [
@@ -107,7 +145,7 @@ MAINT = CheckHealth("_service_maintenance:web-1", "Service Maintenance Mode", "c
         pytest.param(
             [(0, snap(instance())), (1, snap(instance(status="critical"))), (5, snap(instance()))],
             WatchConfig(thresholds={"web": 30}),
-            [[], [], []],
+            [[], [("status (damped)", "passing", "critical")], [("status (damped)", "critical", "passing")]],
             id="flap-inside-threshold",
         ),
         pytest.param(
@@ -117,7 +155,7 @@ MAINT = CheckHealth("_service_maintenance:web-1", "Service Maintenance Mode", "c
                 (31, snap(instance(status="critical"))),
             ],
             WatchConfig(thresholds={"w*": 30}),
-            [[], [], [("status", "passing", "critical")]],
+            [[], [("status (damped)", "passing", "critical")], [("settled", "passing", "critical")]],
             id="threshold-glob-elapses",
         ),
         pytest.param(
@@ -299,6 +337,193 @@ def test_dedup_key_identifies_one_transition() -> None:
     assert first.dedup_key == "status:node-1/web-1:passing->critical@77"
 
 
+# --- damping: one page per incident; a burst of changes is one "flapping" notice, then "stable again" --------
+
+
+def flips(count: int, every: float, first_at: float = 1.0) -> list[tuple[float, HealthSnapshot]]:
+    """A passing baseline, then ``count`` passing/critical flips ``every`` seconds apart (critical first)."""
+    return [(0, snap(instance())), *((first_at + n * every, flip_snapshot(n)) for n in range(count))]
+
+
+def flip_snapshot(n: int) -> HealthSnapshot:
+    return snap(instance(status="passing" if n % 2 else "critical"), index=100 + n)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_twenty_flips_in_ten_seconds_page_once_and_tell_a_flap_then_stable_again() -> None:
+    # Flips at 1.0, 1.5, ... 10.5 s; nothing changes after, until "stable again" is due 300 s after the last.
+    steps = [*flips(20, every=0.5), (200, snap(instance(), index=200)), (310.5, snap(instance(), index=200))]
+    alerts = [a for step in run(steps) for a in step]
+
+    transitions = [a for a in alerts if a.kind == "status"]
+    assert [a.status for a in transitions] == ["critical", "passing"] * 10, "every flip is recorded"
+    told = [a for a in alerts if a.announced]
+    assert kinds(told) == [
+        ("status", "passing", "critical"),
+        ("flapping", "critical", "critical"),  # at the 5th change in 10 minutes
+        ("settled", "critical", "passing"),
+    ]
+    assert [a for a in alerts if a.page] == [transitions[0]]
+    assert told[1].flap == FlapSummary(changes=5, first=at(1.0), last=at(3.0))
+    assert told[2].flap == FlapSummary(changes=20, first=at(1.0), last=at(10.5))
+    assert told[2].at == at(310.5)
+    assert "5 status changes in 2.0 s, now critical" in alert_notification(told[1]).text
+    stable = alert_notification(told[2])
+    assert stable.title == "web is stable again on node-1: passing"
+    assert "stable again: passing after 20 changes over 9.5 s" in stable.text
+    assert stable.severity == "success"
+
+
+def test_without_damping_every_flip_is_told_and_every_failure_pages() -> None:
+    alerts = [a for step in run(flips(20, every=0.5), NO_DAMPING) for a in step]
+    assert len([a for a in alerts if a.announced]) == 20
+    assert len([a for a in alerts if a.page]) == 10  # what the shipped automation did before damping
+
+
+@pytest.mark.parametrize(
+    ("steps", "config", "pages"),
+    [
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (2, snap(instance())),
+                (3, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [1],
+            id="a-bounce-inside-the-recovery-hold-is-one-incident",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="critical"))),
+                (2, snap(instance())),
+                (70, snap(instance())),
+                (80, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [1, 80],
+            id="a-failure-after-a-told-recovery-is-a-new-incident",
+        ),
+        pytest.param(
+            [
+                (0, snap(instance())),
+                (1, snap(instance(status="warning"))),
+                (2, snap(instance(status="critical"))),
+                (3, snap(instance(status="warning"))),
+                (4, snap(instance(status="critical"))),
+            ],
+            WatchConfig(),
+            [2],
+            id="warning-does-not-page-its-escalation-does-once",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical"))), (7202, snap(instance(status="critical")))],
+            WatchConfig(reminder_interval=timedelta(hours=1)),
+            [1],
+            id="reminders-do-not-page",
+        ),
+        pytest.param(
+            [(0, snap(instance())), (1, snap(instance(status="critical"))), (31, snap(instance(status="critical")))],
+            WatchConfig(thresholds={"web": 30}),
+            [31],
+            id="a-threshold-pages-when-the-failure-held",
+        ),
+        pytest.param(
+            [(0, snap()), (1, snap(instance(status="critical")))],
+            WatchConfig(),
+            [1],
+            id="a-new-critical-instance-pages",
+        ),
+    ],
+)
+def test_one_page_per_incident(
+    steps: list[tuple[float, HealthSnapshot]], config: WatchConfig, pages: list[float]
+) -> None:
+    paged_at = [a.at for step in run(steps, config) for a in step if a.page]
+    assert paged_at == [at(seconds) for seconds in pages]
+    assert all(a.status == "critical" for step in run(steps, config) for a in step if a.page)
+
+
+def test_a_deploys_own_failure_does_not_page_nor_use_up_the_incidents_page() -> None:
+    window = {"web": DeployWindow("run-42", "v3", "v4", until=at(600))}
+    meta = {"node-1/web-1": {"artifact_version": "v3", "deploy_run_id": "run-41"}}
+    config = WatchConfig()
+    _, state = evaluate(WatchState(), snap(instance(), meta=meta), T0, config, NO_WINDOWS)
+    [expected], state = evaluate(state, snap(instance(status="critical")), at(1), config, window)
+    assert expected.expected_by is not None
+    assert not expected.page
+    # Still critical after the window, and another failure: the incident pages now, once.
+    _, state = evaluate(state, snap(instance(status="warning")), at(700), config, window)
+    [late], _ = evaluate(state, snap(instance(status="critical")), at(701), config, window)
+    assert late.expected_by is None
+    assert late.page
+
+
+def test_a_deploys_incoming_instance_turning_healthy_is_not_told_after_its_window_closes() -> None:
+    window = {"web": DeployWindow("run-42", "v3", "v4", until=at(120))}
+    config = WatchConfig()
+    state = WatchState()
+    told: list[Alert] = []
+    for seconds, snapshot in [
+        (0, snap()),
+        (
+            1,
+            snap(
+                instance(sid="web-2", status="critical"),
+                meta={"node-1/web-2": {"artifact_version": "v4", "deploy_run_id": "run-42"}},
+            ),
+        ),
+        (5, snap(instance(sid="web-2"))),  # healthy: the gate passes, the deploy ends
+        (300, snap(instance(sid="web-2"))),  # long after the window and the recovery hold
+    ]:
+        alerts, state = evaluate(state, snapshot, at(seconds), config, window)
+        told += [a for a in alerts if a.announced]
+    assert told == [], "the gate's verdict is the one message about a deploy"
+    assert state.instances["node-1/web-2"].alerted_status == "passing"
+
+
+def test_a_flapping_instance_is_reminded_as_flapping_and_settles_in_its_last_status() -> None:
+    config = WatchConfig(reminder_interval=timedelta(minutes=5), stable_after=timedelta(minutes=10))
+    steps = [
+        *flips(5, every=60),  # the 5th change, at 241 s, makes it flap
+        (400, flip_snapshot(5)),
+        (520, flip_snapshot(6)),  # critical again
+        (545, flip_snapshot(6)),  # a reminder: 5 min since the flapping notice
+        (1200, flip_snapshot(6)),  # 10 min without a change: stable again, critical
+    ]
+    alerts = [a for step in run(steps, config) for a in step]
+    told = [a for a in alerts if a.announced]
+    assert kinds(told) == [
+        ("status", "passing", "critical"),
+        ("flapping", "critical", "critical"),
+        ("reminder", "critical", "critical"),
+        ("settled", "critical", "critical"),
+    ]
+    assert [a.at for a in told] == [at(1), at(241), at(545), at(1200)]
+    assert alert_title(told[2]) == "web is still flapping on node-1"
+    assert "7 changes over 9 min so far" in alert_notification(told[2]).text
+    assert "stable again: critical after 7 changes over 9 min" in alert_notification(told[3]).text
+    assert told[3].severity == "critical"
+    assert [a.at for a in alerts if a.page] == [at(1)], "settling in critical is the same incident"
+
+
+def test_next_wakeup_covers_a_held_recovery_and_a_flap_settling() -> None:
+    config = WatchConfig()
+    state = WatchState()
+    for seconds, snapshot in [(0, snap(instance())), (1, snap(instance(status="critical"))), (2, snap(instance()))]:
+        _, state = evaluate(state, snapshot, at(seconds), config, NO_WINDOWS)
+    assert next_wakeup(state, config) == at(2) + config.recovery_hold
+    for n, seconds in enumerate([3, 4, 5], start=2):
+        _, state = evaluate(state, flip_snapshot(n), at(seconds), config, NO_WINDOWS)
+    assert state.instances["node-1/web-1"].flapping_since == at(1)
+    assert next_wakeup(state, config) == at(5) + config.stable_after
+
+
 # --- the shortcut under churn: diff only what changed, and find what a full diff finds --------------------
 
 
@@ -333,12 +558,17 @@ def by_key(alert: Alert) -> str:
 def test_evaluating_only_the_changed_instances_finds_what_a_full_diff_finds(seed: int) -> None:
     rng = random.Random(seed)  # noqa: S311  # reproducible test tables, not secrets
     config = WatchConfig(
-        thresholds={"db": 20}, reminder_interval=timedelta(seconds=90), ignore_nodes=("*-2",) * (seed % 2)
+        thresholds={"db": 20},
+        reminder_interval=timedelta(seconds=90),
+        ignore_nodes=("*-2",) * (seed % 2),
+        stable_after=timedelta(seconds=120),  # flaps start and settle within the 200 steps
     )
     window = {"web": DeployWindow("run-9", "v1", "v2", until=T0 + timedelta(minutes=30))}
     full = short = WatchState()
     before = snap(index=0)
     now = T0
+    pages_this_incident: dict[str, int] = {}
+    kinds_seen: set[str] = set()
     for step in range(200):
         now += timedelta(seconds=rng.choice([0, 1, 5, 25, 60]))
         after = random_snapshot(rng, step + 1) if rng.random() < 0.7 else dataclasses.replace(before, meta={})
@@ -351,7 +581,18 @@ def test_evaluating_only_the_changed_instances_finds_what_a_full_diff_finds(seed
         # The same alerts; their order within a round may differ (records are kept in another order).
         assert sorted(short_alerts, key=by_key) == sorted(full_alerts, key=by_key), f"step {step}"
         assert short == full, f"step {step}"
+        # One page per incident: an incident ends when passing is told, or the instance goes away.
+        for alert in full_alerts:
+            key = f"{alert.node}/{alert.service_id}"
+            pages_this_incident[key] = pages_this_incident.get(key, 0) + alert.page
+            assert pages_this_incident[key] <= 1, f"step {step}: {key} paged twice in one incident"
+        for key in list(pages_this_incident):
+            rec = full.instances.get(key)
+            if rec is None or rec.alerted_status == "passing":
+                del pages_this_incident[key]
+        kinds_seen.update(a.kind for a in full_alerts)
         before = after
+    assert {"flapping", "settled", "reminder"} <= kinds_seen, "the churn exercised the damping"
 
 
 class ConsulChecks:
@@ -520,24 +761,84 @@ def wait_for_rounds(watcher: WatchThread, rounds: int, timeout: float = 10.0) ->
     )
 
 
-def test_flip_critical_alerts_once_and_recovers(
+def test_flip_critical_alerts_once_and_recovers_once_the_recovery_held(
     consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
 ) -> None:
     client = CountingClient(consul_standin.http_addr).client
     check = register_ttl(client, "web-1")
-    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=20).start()
+    config = WatchConfig(recovery_hold=timedelta(seconds=1))
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=20, config=config).start()
     wait_for_rounds(watcher, 1)  # the baseline is read; any later flip moves the index
     client.agent.check.ttl_fail(check, "connection refused")
     [message] = slack_standin.wait_for_messages(1, timeout=5.0)
     assert "web is critical" in message.text
     assert "connection refused" in message.text
     client.agent.check.ttl_pass(check)
-    messages = slack_standin.wait_for_messages(2, timeout=5.0)
+    wait_until(lambda: len(watcher.alerts) >= 2, timeout=5, message="the recovery was not seen")
+    assert len(slack_standin.messages) == 1  # seen and recorded, but held until it has lasted
+    messages = slack_standin.wait_for_messages(2, timeout=10.0)
     assert "recovered" in messages[1].text
+    assert "held for" in messages[1].text
+    assert watcher.alive(), "woken by the due hold, not by the end of the window"
     report = watcher.stop().join()
     assert len(slack_standin.messages) == 2
     assert report.alerts_sent == 2
     assert "run-v1" in str(messages[0].blocks)  # the deploy run from the Service Meta
+
+
+def flip_check(client: consul.Consul, check: str, n: int) -> None:
+    """The ``n``-th flip of a check that starts passing: critical first."""
+    if n % 2:
+        client.agent.check.ttl_pass(check, f"flip {n}: ok")
+    else:
+        client.agent.check.ttl_fail(check, f"flip {n}: connection refused")
+
+
+def test_twenty_flips_with_the_shipped_settings_are_all_recorded_and_told_in_three_messages_one_paging(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    check = register_ttl(client, "web-1")
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=60).start()  # WatchConfig()
+    wait_for_rounds(watcher, 1)
+
+    def seen(flips: int) -> Callable[[], bool]:
+        return lambda: len([a for a in watcher.alerts if a.kind == "status"]) >= flips
+
+    for n in range(20):
+        flip_check(client, check, n)
+        wait_until(seen(n + 1), timeout=5, message=f"flip {n} was not seen")
+    watcher.stop().join()
+    transitions = [a for a in watcher.alerts if a.kind == "status"]
+    assert [a.status for a in transitions] == ["critical", "passing"] * 10
+    assert [a for a in watcher.alerts if a.page] == [transitions[0]]
+    told = slack_standin.messages
+    assert len(told) == 2
+    assert "web is critical" in told[0].text
+    assert "web is flapping on standin-node" in told[1].text
+    assert "5 status changes in" in told[1].text
+
+    # The next run (here with a shorter quiet time) finds the flap in the state and says when it is over.
+    calm = WatchConfig(stable_after=timedelta(seconds=1))
+    after = WatchThread(consul_standin.http_addr, slack_notifier, window=20, config=calm).start()
+    told = slack_standin.wait_for_messages(3, timeout=10)
+    after.stop().join()
+    assert len(told) == 3
+    assert "web is stable again on standin-node: passing" in told[2].text
+    assert "after 20 changes over" in told[2].text
+    assert [a.kind for a in after.alerts] == ["settled"]
+    assert not after.alerts[0].page
+
+
+def test_the_flows_defaults_are_the_shipped_damping() -> None:
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(consul_health.fn).parameters.items()
+        if name in inspect.signature(build_watch_config).parameters
+    }
+    assert build_watch_config(**defaults) == WatchConfig()
+    assert WatchConfig().recovery_hold > timedelta(0), "damping is on"
+    assert WatchConfig().flap_changes > 0, "damping is on"
 
 
 def test_transition_between_runs_is_reported_by_the_next_and_restart_is_quiet(
@@ -809,16 +1110,54 @@ def test_unreachable_consul_raises_consul_error(slack_notifier: SlackNotifier) -
 
 def test_state_of_another_schema_is_refused_not_misread() -> None:
     old = json.dumps({"version": 1, "instances": {"n/w": ["web", "n", "w", None, "passing", 0, False, None, None]}})
-    with pytest.raises(ConsulError, match="has schema None, but this watch reads schema 2"):
+    with pytest.raises(ConsulError, match="has schema None, but this watch reads schema 3"):
         decode_state(old.encode())
     with pytest.raises(ConsulError, match="breaks schema 2"):
         decode_state(json.dumps({"schema_version": 2, "writer": "w", "instances": {"x": {}}, "outbox": []}).encode())
+    with pytest.raises(ConsulError, match="has schema 4, but this watch reads schema 3"):
+        decode_state(json.dumps({"schema_version": 4, "writer": "w", "instances": {}, "outbox": []}).encode())
+
+
+def test_a_state_written_before_damping_is_read_and_its_critical_instances_count_as_paged() -> None:
+    row = {"service_name": "web", "node": "n", "service_id": "w", "observed_since": T0.timestamp()}
+    before_damping = {
+        "schema_version": 2,
+        "writer": "old",
+        "instances": {
+            "n/w": {**row, "alerted_status": "critical", "observed_status": "critical"},
+            "n/v": {**row, "service_id": "v", "alerted_status": "passing", "observed_status": "passing"},
+        },
+        "outbox": [],
+    }
+    state, _, _, _ = decode_state(json.dumps(before_damping).encode())
+    assert state.instances["n/w"].paged, "the watch that wrote it paged every critical transition"
+    assert not state.instances["n/v"].paged
+    assert state.instances["n/w"].recent_changes == ()
+    assert state.instances["n/w"].flapping_since is None
+    assert json.loads(encode_state(state))["schema_version"] == 3
+    # The old critical instance bounces back to critical: that incident has paged, so nothing pages again.
+    config = WatchConfig()
+    other = instance(sid="v", node="n")
+    bounced, state = evaluate(state, snap(instance(sid="w", node="n"), other), T0 + timedelta(seconds=1), config, {})
+    again, _ = evaluate(
+        state, snap(instance(sid="w", node="n", status="critical"), other), T0 + timedelta(seconds=2), config, {}
+    )
+    assert kinds([*bounced, *again]) == [
+        ("status (damped)", "critical", "passing"),
+        ("status (damped)", "passing", "critical"),
+    ]
+    assert not any(a.page for a in [*bounced, *again])
 
 
 def test_state_round_trips_with_named_fields_and_compression() -> None:
     config = WatchConfig()
     many = snap(*(instance(sid=f"web-{n}", status="critical" if n % 3 else "passing") for n in range(3000)))
     _, state = evaluate(WatchState(), many, T0, config, NO_WINDOWS)
+    for step, (seconds, snapshot) in enumerate(flips(6, every=0.25)):  # web-1 flaps: its damping is kept too
+        flipped = snap(*many.instances.values(), *snapshot.instances.values(), index=100 + step)
+        _, state = evaluate(state, flipped, at(seconds), config, NO_WINDOWS)
+    assert state.instances["node-1/web-1"].flapping_since is not None
+    assert state.instances["node-1/web-1"].recent_changes
     raw = encode_state(state, writer="me")
     assert raw.startswith(b"zlib:")  # large states stay under Consul's value limit
     restored, outbox, since, writer = decode_state(raw)

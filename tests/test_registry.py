@@ -24,7 +24,16 @@ from icd.errors import (
     RevokedVersionError,
     VersionNotFoundError,
 )
-from icd.registry import ArtifactVersion, ChannelAssignment, ChannelMoved, RegistrationResult, Registry, Sealer
+from icd.registry import (
+    ArtifactVersion,
+    BuildClaimed,
+    BuildHeld,
+    ChannelAssignment,
+    ChannelMoved,
+    RegistrationResult,
+    Registry,
+    Sealer,
+)
 from icd.rules import LATEST, check_namespace
 
 NS = "acme/web"
@@ -515,8 +524,8 @@ def test_another_key_cannot_read_the_registry(registry: Registry, s3_client: Any
 def test_find_build_and_artifact_lookups(registry: Registry) -> None:
     first = build(registry, "1", git_commit="c1", labels={"service_name": "web"})
     build(registry, "2", git_commit="c2", labels={"service_name": "web"})
-    again = build(registry, "3", git_commit="c1", labels={"service_name": "web"})
-    other = build(registry, "4", git_commit="c1", labels={"service_name": "api"})
+    again = build(registry, "3", git_commit="c1", labels={"service_name": "web"}, rebuild_of=1)
+    other = build(registry, "4", git_commit="c1", labels={"service_name": "api"}, rebuild_of=3)
 
     assert registry.find_build(NS, commit="c1", service_name="web", platform="us-east-1") == again.version
     assert registry.find_build(NS, commit="c1", service_name="api", platform="us-east-1") == other.version
@@ -546,6 +555,8 @@ def test_a_teardown_of_a_latest_follower_names_latest_not_the_last_version_numbe
 ) -> None:
     from icd import operations
     from icd.config import parse_config
+    from icd.deploy.queue import WorkspaceQueue
+    from icd.deploy.queue_store import MemoryQueueStore
 
     config = parse_config(
         f'[namespaces."{NS}"]\nrepository = "https://example.com/web.git"\nservice_name = "web"\n'
@@ -557,7 +568,210 @@ def test_a_teardown_of_a_latest_follower_names_latest_not_the_last_version_numbe
     emitted: list[Any] = []
     monkeypatch.setattr(operations.events, "emit", emitted.append)
 
-    request = operations.request_teardown(registry, config, "staging", by="ops", why="retired")
+    queue = WorkspaceQueue(MemoryQueueStore())
+    request = operations.request_teardown(registry, queue, config, "staging", by="ops", why="retired")
 
     assert request.version == 2  # v3 is revoked: a teardown naming it would be refused by the deploy
-    assert [spec.payload["version"] for spec in emitted] == [2]
+    assert [(spec.event, spec.payload["version"]) for spec in emitted] == [
+        ("icd.teardown.requested", 2),
+        ("icd.plan.requested", 2),
+        ("icd.plan.dispatched", 2),
+    ]
+    queued = queue.read("staging")
+    assert queued is not None
+    assert queued.desired is not None
+    assert (queued.desired.version, queued.desired.teardown) == (2, True)
+
+
+# --- one version per commit, and one build of a commit at a time --------------------------------------------
+
+LEASE = timedelta(hours=1)
+
+
+def test_a_second_build_of_a_commit_gets_the_commits_version_and_is_not_registered(registry: Registry) -> None:
+    first = build(registry, "1", git_commit="c1")
+    second = build(registry, "2", git_commit="c1", artifacts={"us-east-1": "ami-2"})
+
+    assert (first.created, second.created) == (True, False)
+    assert second.version == first.version
+    assert second.version.packer_run_uuid == "run-1", "the second build's facts are not recorded"
+    assert [v.version for v in registry.list_versions(NS)] == [1]
+    assert registry.commit_versions(NS, "c1") == [1]
+    assert registry.find_by_artifact_id(NS, "ami-2") is None
+
+
+def test_a_rebuild_of_the_newest_version_makes_the_next_one_and_a_stale_rebuild_gets_it(registry: Registry) -> None:
+    build(registry, "1", git_commit="c1")
+    rebuilt = build(registry, "2", git_commit="c1", rebuild_of=1)
+    stale = build(registry, "3", git_commit="c1", rebuild_of=1)
+    again = build(registry, "4", git_commit="c1", rebuild_of=2)
+
+    assert (rebuilt.created, rebuilt.version.version) == (True, 2)
+    assert (stale.created, stale.version.version) == (False, 2), "two rebuilds of v1 make one version"
+    assert (again.created, again.version.version) == (True, 3)
+    assert registry.commit_versions(NS, "c1") == [1, 2, 3]
+
+
+@pytest.mark.parametrize("rebuild_of", [None, 1], ids=["builds", "rebuilds-of-v1"])
+def test_twenty_builds_of_one_commit_registering_at_once_make_one_version(
+    registry: Registry, rebuild_of: int | None
+) -> None:
+    """Past the build claim (a holder whose lease ran out while it still built): the registry alone decides."""
+    if rebuild_of is not None:
+        build(registry, "first", git_commit="c1")
+    barrier = threading.Barrier(20)
+
+    def register_build(index: int) -> RegistrationResult:
+        barrier.wait()
+        return build(registry, f"{index:02d}", git_commit="c1", rebuild_of=rebuild_of)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(register_build, range(20)))
+
+    assert sum(result.created for result in results) == 1
+    [number] = {result.version.version for result in results}
+    expected = [number] if rebuild_of is None else [1, number]
+    assert [v.version for v in registry.list_versions(NS)] == expected
+    assert registry.commit_versions(NS, "c1") == expected
+    latest = registry.get_channel(NS, LATEST)
+    assert latest is not None
+    assert latest.version == number
+
+
+def test_a_number_left_by_a_registration_that_died_is_completed_by_the_next_build_of_the_commit(
+    registry: Registry,
+) -> None:
+    # A registration that died after its number was given to the commit, before the version was written.
+    assert registry._number_for_commit(NS, "c1", "run-dead", rebuild_of=None) == 1
+    assert registry.list_versions(NS) == []
+
+    completed = build(registry, "next", git_commit="c1")
+    retried = build(registry, "dead", git_commit="c1")
+
+    assert (completed.created, completed.version.version, completed.version.packer_run_uuid) == (True, 1, "run-next")
+    assert (retried.created, retried.version) == (False, completed.version)
+    assert [v.version for v in registry.list_versions(NS)] == [1]
+
+
+def _claim(registry: Registry, run: str, *, alive: bool = True, asked: list[str] | None = None) -> Any:
+    def run_alive(run_id: str) -> bool:
+        if asked is not None:
+            asked.append(run_id)
+        return alive
+
+    return registry.claim_build(NS, "c1", run_id=run, run_name=f"name-{run}", lease=LEASE, run_alive=run_alive)
+
+
+@pytest.mark.parametrize(
+    ("before", "alive", "wins", "takes_over", "asks"),
+    [
+        ("nobody", True, True, False, False),
+        ("released", True, True, False, False),
+        ("held by a running run", True, False, False, True),
+        ("held by a run that ended", False, True, True, True),
+        ("held past its lease", True, True, True, False),
+        ("held by this run", True, True, False, False),
+    ],
+)
+def test_who_gets_a_commits_build_claim(
+    s3_client: Any, s3_bucket: str, before: str, alive: bool, wins: bool, takes_over: bool, asks: bool
+) -> None:
+    clock = FakeClock()
+    registry = Registry(s3_client, s3_bucket, prefix="registry/", sealer=SEALER, clock=clock)
+    if before != "nobody":
+        _claim(registry, "me" if before == "held by this run" else "first")
+    if before == "released":
+        assert registry.release_build(NS, "c1", run_id="first", outcome="registered v1")
+    if before == "held past its lease":
+        clock.now += LEASE + timedelta(seconds=1)
+    asked: list[str] = []
+
+    outcome = _claim(registry, "me", alive=alive, asked=asked)
+
+    assert isinstance(outcome, BuildClaimed if wins else BuildHeld)
+    assert asked == (["first"] if asks else []), "liveness is asked only about an unexpired holder"
+    stored = registry.build_claim(NS, "c1")
+    assert stored is not None
+    assert stored.holder_run_id == ("me" if wins else "first")
+    if isinstance(outcome, BuildHeld):
+        assert (outcome.holder.holder_run_id, outcome.holder.holder_run_name) == ("first", "name-first")
+    else:
+        assert outcome.claim == stored
+        assert outcome.claim.expires_at == clock.now + LEASE
+        assert (outcome.taken_over.holder_run_id if outcome.taken_over else None) == ("first" if takes_over else None)
+
+
+def test_fifty_runs_claiming_one_commit_at_once_one_builds_and_the_rest_name_it(registry: Registry) -> None:
+    barrier = threading.Barrier(50)
+
+    def claim(index: int) -> Any:
+        barrier.wait()
+        return _claim(registry, f"run-{index:02d}")
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = list(pool.map(claim, range(50)))
+
+    [winner] = [outcome.claim for outcome in outcomes if isinstance(outcome, BuildClaimed)]
+    assert {outcome.holder for outcome in outcomes if isinstance(outcome, BuildHeld)} == {winner}
+    assert registry.build_claim(NS, "c1") == winner
+
+
+def test_only_the_holder_releases_its_claim_and_a_release_records_the_outcome(s3_client: Any, s3_bucket: str) -> None:
+    clock = FakeClock()
+    registry = Registry(s3_client, s3_bucket, prefix="registry/", sealer=SEALER, clock=clock)
+    _claim(registry, "first")
+    clock.now += LEASE * 2
+    took = _claim(registry, "second")
+    assert isinstance(took, BuildClaimed)
+
+    assert registry.release_build(NS, "c1", run_id="first", outcome="registered v1") is False, "its lease ran out"
+    assert registry.release_build(NS, "c1", run_id="second", outcome="registered v1") is True
+    assert registry.release_build(NS, "c1", run_id="second", outcome="again") is False
+    stored = registry.build_claim(NS, "c1")
+    assert stored is not None
+    assert (stored.holder_run_id, stored.released_at, stored.outcome) == ("second", clock.now, "registered v1")
+    assert registry.release_build(NS, "never", run_id="second", outcome="x") is False
+
+
+def test_a_claim_needs_a_positive_lease(registry: Registry) -> None:
+    with pytest.raises(ValueError, match="positive lease"):
+        registry.claim_build(NS, "c1", run_id="r", run_name="n", lease=timedelta(0))
+
+
+def test_fifty_deliveries_of_one_push_build_once_and_register_one_version(registry: Registry) -> None:
+    """The build flow's protocol (flows/build_artifact.py) run by 50 threads at once: claim, then reuse or
+    build and register, then release. One builds; every other one is a duplicate or reuses its version."""
+    barrier = threading.Barrier(50)
+    built: list[str] = []
+
+    def deliver(index: int) -> tuple[str, int | None]:
+        run = f"run-{index:02d}"
+        barrier.wait()
+        outcome = _claim(registry, run)
+        if isinstance(outcome, BuildHeld):
+            return "duplicate", None
+        found = registry.find_build(NS, commit="c1", service_name="web", platform="us-east-1")
+        if found is not None:
+            result = found
+        else:
+            built.append(run)
+            registered = build(
+                registry,
+                f"packer-{index:02d}",
+                git_commit="c1",
+                labels={"service_name": "web", "build_run_id": run},
+                rebuild_of=outcome.versions[-1] if outcome.versions else None,
+            )
+            result = registered.version
+        assert registry.release_build(NS, "c1", run_id=run, outcome=f"v{result.version}")
+        return ("built" if found is None else "reused"), result.version
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = list(pool.map(deliver, range(50)))
+
+    assert len(built) == 1
+    assert [kind for kind, _ in outcomes].count("built") == 1
+    assert {version for _, version in outcomes if version is not None} == {1}
+    assert [v.version for v in registry.list_versions(NS)] == [1]
+    assert registry.last_version(NS) == 1, "no number was given out and left unused"
+    assert registry.list_versions(NS)[0].labels["build_run_id"] == built[0]

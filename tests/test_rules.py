@@ -10,7 +10,8 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from icd.config import parse_config
-from icd.deploy.lock import limit_name
+from icd.deploy.queue import WorkspaceQueue
+from icd.deploy.queue_store import MemoryQueueStore
 from icd.deploy.record import record_markdown
 from icd.errors import ConfigError, InvalidInputError
 from icd.registry.plans import PlanStore
@@ -64,7 +65,7 @@ COMPONENTS: dict[str, Callable[[str], Any]] = {
     "rules.check_channel": check_channel,
     "rules.check_workspace": check_workspace,
     "namespace part": lambda name: check_namespace(f"acme/{name}"),
-    "workspace lock": limit_name,
+    "workspace queue and lock": lambda name: WorkspaceQueue(MemoryQueueStore()).read(name),
     "plan store": lambda name: PlanStore(object(), "bucket").key_for(name, "run-1"),
     "flow parameter (Workspace)": lambda name: TypeAdapter(Workspace).validate_python(name),
     "flow parameter (Name)": lambda name: TypeAdapter(Name).validate_python(name),

@@ -1,13 +1,11 @@
 """The team set-up of docs/operations.md, under load: the Prefect server on PostgreSQL, two process workers
 on one pool, task results in S3. A deploy suspended on one worker resumes on the other from the results in
-S3, and ten deploys at once over five workspaces all finish, one apply at a time per workspace, with no
-database lock errors."""
+S3, and ten deploys at once over ten workspaces all finish with no database lock errors."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ from examples.local_env import ManagedProcess
 from tests.plugins.deploy_env import ENDED, DeployEnv
 from tests.waiting import wait_until
 
-_APPLY_LINE = re.compile(r"tool terraform apply exited (-?\d+) in ([\d.]+)s")
 # What PostgreSQL (or SQLite) says when concurrent writers collide; none may reach the server's log.
 _DATABASE_LOCK_ERRORS = re.compile(
     r"deadlock detected|database is locked|could not serialize access|LockNotAvailable|"
@@ -74,29 +71,19 @@ def test_a_deploy_suspended_on_one_worker_resumes_on_the_other(two_workers: Depl
     assert replacement.proc.poll() is None
 
 
-def _apply_intervals(env: DeployEnv, run_id: Any) -> list[tuple[float, float]]:
-    intervals = []
-    for log in env.logs(run_id):
-        if match := _APPLY_LINE.search(log.message):
-            end = log.timestamp
-            intervals.append(((end - timedelta(seconds=float(match.group(2)))).timestamp(), end.timestamp()))
-    return intervals
-
-
-def test_ten_concurrent_deploys_over_five_workspaces(two_workers: DeployEnv) -> None:
+def test_ten_concurrent_deploys_over_ten_workspaces(two_workers: DeployEnv) -> None:
+    """Ten deploys at once on two workers and PostgreSQL. (Two versions of one workspace at once are not two
+    deploys any more: the newest wins, tests/test_event_stream.py.)"""
     env = two_workers
     names = env.service()
-    workspaces = [names.workspace] + [f"{names.workspace}-{i}" for i in range(1, 5)]
+    workspaces = [names.workspace] + [f"{names.workspace}-{i}" for i in range(1, 10)]
     for workspace in workspaces[1:]:
         env.workspace(workspace, follows=f"{names.namespace}@latest", stack="examples/stacks/local")
     env.build(names)
     v1 = env.registry.registry().last_version(names.namespace)
-    env.repo.commit("team v2", {"src/app.py": env.repo.read("src/app.py") + "\n# team v2\n"})
-    env.build(names)
-    v2 = env.registry.registry().last_version(names.namespace)
     server_log_before = env.server.process.log_path.stat().st_size
 
-    runs = {env.deploy(ws, version).id: ws for ws in workspaces for version in (v1, v2)}
+    runs = {env.deploy(ws, v1).id: ws for ws in workspaces}
     answered: set[tuple[Any, str | None]] = set()
 
     def all_ended() -> bool:
@@ -122,12 +109,7 @@ def test_ten_concurrent_deploys_over_five_workspaces(two_workers: DeployEnv) -> 
     }
     assert not_deployed == {}
     for workspace in workspaces:
-        intervals = sorted(
-            interval for run_id, ws in runs.items() if ws == workspace for interval in _apply_intervals(env, run_id)
-        )
-        assert len(intervals) == 2, (workspace, intervals)
-        (_, first_end), (second_start, _) = intervals
-        assert first_end <= second_start, f"two applies overlapped in {workspace}: {intervals}"
+        assert env.holder(workspace) is None, f"{workspace} was left held"
     with env.server.process.log_path.open("rb") as log:
         log.seek(server_log_before)
         errors = [

@@ -3,8 +3,9 @@
 Checked right before Terraform starts, in this order:
 
 1. the approved hash is this run's plan (both full hashes and where they differ otherwise);
-2. the version was not revoked and the channel did not move since planning (a hotfix promoted during the
-   approval wait must not be undone by an older approval);
+2. the version was not revoked, it is still where the workspace's followed channel points (for ``latest``:
+   the newest deployable version), and no channel the plan read moved since planning (a hotfix promoted
+   during the approval wait must not be undone by an older approval, whatever order answers arrive in);
 3. the image still hashes to the registered digest;
 4. the plan fetched from S3 hashes to the approved hash;
 5. the Terraform state's serial and lineage are the ones the plan was made against.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from icd.deploy.artifacts import verify_image
-from icd.deploy.plan import PlannedDeploy, seen
+from icd.deploy.plan import PlannedDeploy, not_current, seen
 from icd.deploy.workdir import PLAN_FILENAME, STATE_LOCK_TIMEOUT
 from icd.errors import ArtifactIntegrityError, PlanIntegrityError, StalePlanError
 from icd.registry.plans import PlanStore
@@ -68,6 +69,10 @@ def apply_approved(
                 f"channel {before.channel!r} of {planned.namespace} moved from v{before.version} to v{now.version} "
                 "since this plan was made; nothing was applied"
             )
+    if planned.must_be_current and (
+        reason := not_current(registry, planned.namespace, planned.version, planned.followed.channel)
+    ):
+        return StalePlan(f"{reason}: this is not the version to run; nothing was applied")
     if verify_image(version, platform) != planned.artifact_id:
         raise ArtifactIntegrityError(
             f"{planned.namespace} v{planned.version}'s {platform} artifact is no longer the one planned "

@@ -15,7 +15,8 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.objects import State, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.input import RunInput
 from pydantic import Field
 
@@ -109,3 +110,42 @@ def describe_suspension(flow_run_id: UUID, suspended: State[Any], message: str) 
             return  # answered after the write: that resume stands
         client.delete_flow_run_input(flow_run_id, keyset["response"])
         client.resume_flow_run(flow_run_id, run_input=json.loads(answer))
+
+
+def end_waiting_run(flow_run_id: UUID, *, name: str, message: str) -> bool:
+    """End a run that waits for approval as Cancelled, named ``name`` (``Superseded``), with ``message``.
+
+    A suspended run has no process: whoever supersedes it ends it. Only a run that still waits is ended
+    (not forced): one an operator answered meanwhile is resuming, and finds out itself that its workspace was
+    taken, before anything is applied. True when this call ended it.
+    """
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run_id).state
+        if current is None or current.type != StateType.PAUSED:
+            return False
+        ended: State[Any] = Cancelled(name=name, message=one_line(message, 1000))
+        result = client.set_flow_run_state(flow_run_id, ended)
+    return result.status == SetStateStatus.ACCEPT
+
+
+def annotate_plan(artifact_id: str, note_markdown: str) -> None:
+    """Put ``note_markdown`` at the top of a run's plan artifact (the full plan the approval form links to),
+    so whoever opens it from an old link or message reads first that the plan can't be approved any more."""
+    from prefect.client.schemas.actions import ArtifactUpdate
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_artifacts(artifact_filter=_artifact_id_filter(artifact_id), limit=1)
+        if not artifact:
+            return
+        current = str(artifact[0].data or "")
+        if current.startswith(note_markdown):
+            return
+        client.update_artifact(UUID(artifact_id), ArtifactUpdate(data=f"{note_markdown}\n\n{current}"))
+
+
+def _artifact_id_filter(artifact_id: str) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    return ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)]))

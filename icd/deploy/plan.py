@@ -2,8 +2,10 @@
 
 A plan records what it was made against, so the apply can refuse anything that moved since: the Terraform
 state (serial and lineage; Terraform 1.0.3 does not notice a plan made against an empty state), the
-channel (another promotion during the approval wait) and the version itself (revoked meanwhile). The
-image is verified against its registered digest before Terraform ever sees it.
+channels (another promotion during the approval wait) and the version itself (revoked meanwhile). A
+forward deploy plans only the version its followed channel points at now (:func:`not_current`), and the
+apply asks again: a superseded version is never applied. The image is verified against its registered
+digest before Terraform ever sees it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from icd.errors import ArtifactIntegrityError, PlanIntegrityError
 from icd.registry.models import ArtifactVersion
 from icd.registry.plans import PlanStore
 from icd.registry.registry import Registry
+from icd.rules import LATEST
 from icd.tools.terraform import StateVersion, Terraform
 
 
@@ -28,6 +31,24 @@ class ChannelSeen:
 
     channel: str
     version: int | None
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """Everything one plan needs: what to deploy where, with which variables, checked against what."""
+
+    workspace: str
+    stack_dir: str
+    version: ArtifactVersion
+    platform: str
+    follows: str  # the channel the workspace follows (latest or a channel)
+    promotes: str | None  # the channel a healthy deploy moves, if any
+    variables: Mapping[str, str]
+    plan_id: str
+    destroy: bool = False
+    # A forward deploy applies only the version its channel points at; a rollback to the last good version
+    # (the deployment's own policy) and a teardown don't follow the channel.
+    must_be_current: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,9 @@ class PlannedDeploy:
     plan_sha256: str
     state_before: StateVersion | None
     view: PlanView
+    must_be_current: bool = True
+    stack_dir: str = ""  # where the stack is, for the apply's fresh working directory
+    platform: str = "local"  # which of the version's artifacts the stack deploys
 
 
 def seen(registry: Registry, namespace: str, channel: str) -> ChannelSeen:
@@ -50,37 +74,41 @@ def seen(registry: Registry, namespace: str, channel: str) -> ChannelSeen:
     return ChannelSeen(channel, pointer.version if pointer else None)
 
 
+def not_current(registry: Registry, namespace: str, version: int, follows: str) -> str | None:
+    """Why ``version`` is not what a workspace following ``follows`` should run now, or None when it is.
+
+    ``latest`` is the newest version that is not revoked (the registry keeps its pointer there); any other
+    channel is wherever it was last moved.
+    """
+    now = seen(registry, namespace, follows).version
+    if now == version:
+        return None
+    where = f"v{now}" if now is not None else "no version"
+    newest = " (the newest deployable version)" if follows == LATEST and now is not None else ""
+    return f"{namespace}@{follows} points at {where}{newest}, not v{version}"
+
+
 def make_plan(
-    *,
-    registry: Registry,
-    plans: PlanStore,
-    open_workdir: Callable[[str], Terraform],
-    workspace: str,
-    version: ArtifactVersion,
-    platform: str,
-    follows: str,
-    promotes: str | None,
-    variables: Mapping[str, str],
-    plan_id: str,
-    destroy: bool = False,
+    request: PlanRequest, *, registry: Registry, plans: PlanStore, open_workdir: Callable[[str], Terraform]
 ) -> PlannedDeploy:
     """``init`` + ``plan -out``; a plan with changes goes to S3 with its sha256 before anyone approves it.
 
     ``open_workdir(name)`` returns an initialised Terraform working directory named ``name``.
     """
-    artifact_id = verify_image(version, platform)
+    version, workspace, variables = request.version, request.workspace, request.variables
+    artifact_id = verify_image(version, request.platform)
     if variables.get("artifact_id") != artifact_id:
         raise ArtifactIntegrityError(
             f"the stack variables deploy {variables.get('artifact_id')!r}, not {version.namespace} "
-            f"v{version.version}'s {platform} artifact {artifact_id!r}"
+            f"v{version.version}'s {request.platform} artifact {artifact_id!r}"
         )
-    followed = seen(registry, version.namespace, follows)
-    promoted = seen(registry, version.namespace, promotes) if promotes else None
-    terraform = open_workdir(plan_id)
+    followed = seen(registry, version.namespace, request.follows)
+    promoted = seen(registry, version.namespace, request.promotes) if request.promotes else None
+    terraform = open_workdir(request.plan_id)
     # Recorded so the apply can prove nothing else wrote the state since this plan was made.
     state_before = terraform.state_pull()
     result = terraform.plan(
-        variables=dict(variables), out=Path(PLAN_FILENAME), destroy=destroy, lock_timeout=STATE_LOCK_TIMEOUT
+        variables=dict(variables), out=Path(PLAN_FILENAME), destroy=request.destroy, lock_timeout=STATE_LOCK_TIMEOUT
     )
     plan = terraform.show_plan(result.plan_file)
     view = summarize_plan(
@@ -92,13 +120,13 @@ def make_plan(
         channel_version=promoted.version if promoted else None,
         find_version=lambda found: registry.find_by_artifact_id(version.namespace, found),
     )
-    if destroy:
+    if request.destroy:
         view = replace(view, teardown=True)
     has_changes = result.has_changes and plan.has_changes
     if has_changes:
         stored = plans.put(
             workspace,
-            plan_id,
+            request.plan_id,
             result.plan_file.read_bytes(),
             metadata={"namespace": version.namespace, "version": str(version.version)},
         )
@@ -106,7 +134,7 @@ def make_plan(
             raise PlanIntegrityError(f"stored plan {stored.key} hashes to {stored.sha256}, expected {plan.sha256}")
     return PlannedDeploy(
         workspace=workspace,
-        plan_id=plan_id,
+        plan_id=request.plan_id,
         namespace=version.namespace,
         version=version.version,
         followed=followed,
@@ -116,4 +144,7 @@ def make_plan(
         plan_sha256=plan.sha256,
         state_before=state_before,
         view=view,
+        must_be_current=request.must_be_current and not request.destroy,
+        stack_dir=request.stack_dir,
+        platform=request.platform,
     )

@@ -4,11 +4,20 @@
 tables; ``watch.py`` is the thin I/O around it.
 
 * **Transitions, per service instance.** An instance's status is the aggregate of its checks
-  (``snapshot.aggregate``); the engine alerts when that status changes, naming the failing checks. A check
-  that changes while the aggregate stays the same is not an alert.
+  (``snapshot.aggregate``); every change of that status is an alert (a Prefect event, for the record),
+  naming the failing checks. A check that changes while the aggregate stays the same is not an alert.
+* **Damping: what operators are told.** An alert is *announced* (a Slack message) or *damped* (recorded
+  only). A change away from passing is announced at once; a return to passing only once it has held for
+  ``recovery_hold``, so a check that bounces back is one incident. ``flap_changes`` changes within
+  ``flap_window`` make the instance *flapping*: one "flapping" alert with the count and the span, every
+  further change damped, until no change for ``stable_after`` ("settled": stable again). A status announced
+  after being held back is a "settled" alert too. Per-service ``thresholds`` hold back any change.
+* **One page per incident.** An incident runs from the first change away from passing to the announcement
+  of passing again. Its first critical alert outside a deploy window carries ``page`` (the automation that
+  pages matches that label); later ones, reminders included, don't.
 * **Maintenance** is tracked apart from health: turning it on/off alerts once, and status changes while in
-  maintenance are held back until it ends (then the usual diff applies).
-* **Flap damping and reminders** come from ``WatchConfig``; ``next_wakeup`` says when one falls due.
+  maintenance are held back until it ends (then what operators were told is compared with what is).
+* **Flap damping and reminders** run on the clock; ``next_wakeup`` says when one falls due.
 * **Restarts and gaps.** The first run (no state) treats every instance as new: passing ones are silent,
   others alert once. Service Meta learnt for an instance is kept in its record, so an instance that
   disappears can still be named with the version it ran.
@@ -19,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 from icd.health.config import WatchConfig
@@ -27,7 +36,9 @@ from icd.health.snapshot import FailingCheck, HealthSnapshot, InstanceHealth, In
 from icd.health.windows import DeployWindow
 from icd.notify.message import Severity
 
-AlertKind = Literal["status", "appeared", "disappeared", "maintenance_on", "maintenance_off", "reminder"]
+AlertKind = Literal[
+    "status", "appeared", "disappeared", "maintenance_on", "maintenance_off", "reminder", "flapping", "settled"
+]
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,10 @@ class InstanceRecord:
 
     ``alerted_status`` is the status operators were last told (``None``: never announced, e.g. a new
     instance still inside its threshold). ``observed_status`` is what Consul says now, ``observed_since``
-    when it started saying so; they differ only while a change waits out its threshold.
+    when it started saying so; they differ while a change is held back (a recovery, a threshold) or while
+    the instance flaps. ``recent_changes`` are the times of its last few status changes (at most
+    ``flap_changes``, within ``flap_window``); ``flapping_since`` is the first change of the burst that made
+    it flap and ``flap_changes`` the changes counted since; ``paged`` says whether this incident has paged.
     """
 
     service_name: str
@@ -48,6 +62,10 @@ class InstanceRecord:
     maintenance: bool = False
     last_alert_at: datetime | None = None
     meta: Mapping[str, str] | None = None
+    recent_changes: tuple[datetime, ...] = ()
+    flapping_since: datetime | None = None
+    flap_changes: int = 0
+    paged: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,7 +74,24 @@ class WatchState:
 
 
 @dataclass(frozen=True)
+class FlapSummary:
+    """A burst of status changes of one instance: how many, from the first to the last."""
+
+    changes: int
+    first: datetime
+    last: datetime
+
+    @property
+    def span(self) -> timedelta:
+        return self.last - self.first
+
+
+@dataclass(frozen=True)
 class Alert:
+    """One thing the watch saw. ``damped``: recorded (an event), not announced to operators; ``page``: the
+    alert that pages for its incident; ``flap``: the burst a flapping, settled or reminder alert is about;
+    ``status_since``: when a settled status began."""
+
     kind: AlertKind
     service_name: str
     service_id: str
@@ -68,18 +103,28 @@ class Alert:
     index: int
     meta: Mapping[str, str] | None = None
     expected_by: DeployWindow | None = None
+    damped: bool = False
+    page: bool = False
+    flap: FlapSummary | None = None
+    status_since: datetime | None = None
 
     @property
     def dedup_key(self) -> str:
         """Same transition, same key: a re-send after a crash is recognisable as the same alert."""
-        moment = self.at.strftime("%Y%m%dT%H%M%SZ") if self.kind == "reminder" else str(self.index)
+        # Alerts due on the clock may share a snapshot index with another round: they are keyed by time.
+        moment = self.at.strftime("%Y%m%dT%H%M%SZ") if self.kind in ("reminder", "settled") else str(self.index)
         return f"{self.kind}:{self.node}/{self.service_id}:{self.previous_status}->{self.status}@{moment}"
+
+    @property
+    def announced(self) -> bool:
+        """Whether operators get a message: not damped, and not expected by a deploy (its gate tells them)."""
+        return not self.damped and self.expected_by is None
 
     @property
     def severity(self) -> Severity:
         if self.expected_by is not None:
             return "info"
-        if self.kind in ("disappeared", "maintenance_on"):
+        if self.kind in ("disappeared", "maintenance_on", "flapping"):
             return "warning"
         if self.kind == "maintenance_off" or self.status == "passing":
             return "success"
@@ -104,31 +149,47 @@ def evaluate(
     ``changed`` is a shortcut for a watch that keeps evaluating: when ``previous`` is the state evaluated
     from the snapshot before this one (by this config), ``changed`` names the instances whose checks
     changed, appeared or went away since (``HealthStateParser`` says which). Only those, the records a
-    clock can move (a threshold or a reminder falling due) and the instances ``snapshot.meta`` describes
-    are looked at; every other record stays as it is, which is what the full diff would find too.
+    clock can move (a hold, a flap settling or a reminder falling due) and the instances ``snapshot.meta``
+    describes are looked at; every other record stays as it is, which is what the full diff would find too.
     ``None`` diffs every instance.
     """
     alerts: list[Alert] = []
 
-    def alert(
-        kind: AlertKind, rec: InstanceRecord, prev: str | None, status: str, failing: tuple[FailingCheck, ...]
-    ) -> None:
+    def expected_by(rec: InstanceRecord) -> DeployWindow | None:
         window = deploy_windows.get(rec.service_name)
-        alerts.append(
-            Alert(
-                kind=kind,
-                service_name=rec.service_name,
-                service_id=rec.service_id,
-                node=rec.node,
-                previous_status=prev,
-                status=status,
-                failing_checks=failing,
-                at=now,
-                index=snapshot.index,
-                meta=rec.meta,
-                expected_by=window if window is not None and window.covers(rec.meta, now) else None,
-            )
+        return window if window is not None and window.covers(rec.meta, now) else None
+
+    def alert(
+        kind: AlertKind,
+        rec: InstanceRecord,
+        prev: str | None,
+        status: str,
+        failing: tuple[FailingCheck, ...],
+        *,
+        damped: bool = False,
+        page: bool = False,
+        flap: FlapSummary | None = None,
+    ) -> Alert:
+        expected = expected_by(rec)
+        made = Alert(
+            kind=kind,
+            service_name=rec.service_name,
+            service_id=rec.service_id,
+            node=rec.node,
+            previous_status=prev,
+            status=status,
+            failing_checks=failing,
+            at=now,
+            index=snapshot.index,
+            meta=rec.meta,
+            expected_by=expected,
+            damped=damped,
+            page=page and expected is None,  # a deploy's own transitions never page
+            flap=flap,
+            status_since=rec.observed_since if kind == "settled" else None,
         )
+        alerts.append(made)
+        return made
 
     def step(key: str, instance: InstanceHealth, rec: InstanceRecord | None) -> InstanceRecord:
         current = instance_status(instance, config)
@@ -145,19 +206,29 @@ def evaluate(
             )
             if current.maintenance:
                 alert("maintenance_on", rec, None, current.status, current.failing)
-                rec = dataclasses.replace(rec, maintenance=True, last_alert_at=now)
-        else:
-            if meta != rec.meta:
-                rec = dataclasses.replace(rec, meta=meta)
-            if current.status != rec.observed_status:
-                rec = dataclasses.replace(rec, observed_status=current.status, observed_since=now)
-            if current.maintenance != rec.maintenance:
-                kind: AlertKind = "maintenance_on" if current.maintenance else "maintenance_off"
-                alert(kind, rec, rec.alerted_status, current.status, current.failing)
-                rec = dataclasses.replace(rec, maintenance=current.maintenance, last_alert_at=now)
-        if not rec.maintenance:
-            rec = _status_step(rec, current.failing, now, config, alert)
-        return rec
+                return dataclasses.replace(rec, maintenance=True, last_alert_at=now)
+            return _on_change(rec, None, current.failing, now, config, alert, expected=expected_by(rec) is not None)
+        if meta != rec.meta:
+            rec = dataclasses.replace(rec, meta=meta)
+        observed_before = rec.observed_status
+        if current.status != rec.observed_status:
+            rec = dataclasses.replace(rec, observed_status=current.status, observed_since=now)
+        maintenance_ended = rec.maintenance and not current.maintenance
+        if current.maintenance != rec.maintenance:
+            kind: AlertKind = "maintenance_on" if current.maintenance else "maintenance_off"
+            alert(kind, rec, rec.alerted_status, current.status, current.failing)
+            rec = dataclasses.replace(rec, maintenance=current.maintenance, last_alert_at=now)
+        if rec.maintenance:
+            return rec  # changes are held back while in maintenance
+        if maintenance_ended:
+            # What changed during maintenance is one change: from what operators were told to what is.
+            if rec.observed_status != rec.alerted_status:
+                expected = expected_by(rec) is not None
+                return _on_change(rec, rec.alerted_status, current.failing, now, config, alert, expected=expected)
+        elif rec.observed_status != observed_before:
+            expected = expected_by(rec) is not None
+            return _on_change(rec, observed_before, current.failing, now, config, alert, expected=expected)
+        return _on_clock(rec, current.failing, now, config, alert)
 
     if changed is None:
         records: dict[str, InstanceRecord] = {}
@@ -186,11 +257,11 @@ def evaluate(
 
 
 def _clock_may_move(rec: InstanceRecord, config: WatchConfig) -> bool:
-    """Whether ``_status_step`` could change this record with no change in Consul: a pending threshold or
-    a reminder."""
+    """Whether ``_on_clock`` could change this record with no change in Consul: a held-back change, a
+    flap that may settle, or a reminder."""
     if rec.maintenance:
         return False
-    if rec.observed_status != rec.alerted_status:
+    if rec.flapping_since is not None or rec.observed_status != rec.alerted_status:
         return True
     return config.reminder_interval is not None and rec.alerted_status == "critical" and rec.last_alert_at is not None
 
@@ -203,48 +274,116 @@ class _AlertSink(Protocol):
         prev: str | None,
         status: str,
         failing: tuple[FailingCheck, ...],
-    ) -> None: ...
+        *,
+        damped: bool = False,
+        page: bool = False,
+        flap: FlapSummary | None = None,
+    ) -> Alert: ...
 
 
-def _status_step(
+def _on_change(
     rec: InstanceRecord,
+    previous: str | None,
     failing: tuple[FailingCheck, ...],
     now: datetime,
     config: WatchConfig,
     alert: _AlertSink,
+    *,
+    expected: bool,
 ) -> InstanceRecord:
-    if rec.observed_status != rec.alerted_status:
-        if rec.alerted_status is None and rec.observed_status == "passing":
-            return dataclasses.replace(rec, alerted_status="passing")  # a healthy newcomer is not news
-        if now - rec.observed_since < config.threshold_for(rec.service_name):
-            return rec  # still inside the flap-damping threshold
-        kind: AlertKind = "appeared" if rec.alerted_status is None else "status"
-        alert(kind, rec, rec.alerted_status, rec.observed_status, failing)
-        return dataclasses.replace(rec, alerted_status=rec.observed_status, last_alert_at=now)
+    """The instance's status just changed from ``previous`` (``None``: first seen) to ``rec.observed_status``:
+    record it, and announce it unless damping holds it back. A change a deploy ``expected`` is never held: it
+    is recorded, not told, either way, and a hold would tell it once the deploy's window has closed."""
+    status = rec.observed_status
+    kind: AlertKind = "appeared" if previous is None else "status"
+    if previous is None and status == "passing":
+        return dataclasses.replace(rec, alerted_status="passing")  # a healthy newcomer is not news
+    recent = _recent_changes(rec.recent_changes, now, config)
+    rec = dataclasses.replace(rec, recent_changes=recent)
+    # A failure pages once per incident, at once, unless the service's threshold holds it back.
+    pages = status == "critical" and not rec.paged and config.threshold_for(rec.service_name) <= timedelta(0)
+    if rec.flapping_since is not None:
+        seen = alert(kind, rec, previous, status, failing, damped=True, page=pages)
+        return dataclasses.replace(rec, flap_changes=rec.flap_changes + 1, paged=rec.paged or seen.page)
+    if config.flap_changes > 0 and len(recent) >= config.flap_changes:
+        seen = alert(kind, rec, previous, status, failing, damped=True, page=pages)
+        rec = dataclasses.replace(
+            rec, flapping_since=recent[0], flap_changes=len(recent), paged=rec.paged or seen.page, last_alert_at=now
+        )
+        alert("flapping", rec, rec.alerted_status, status, failing, flap=FlapSummary(len(recent), recent[0], now))
+        return rec
+    if rec.alerted_status is None and status == "passing":
+        # A newcomer held back by its threshold became healthy before anyone was told: still not news.
+        alert(kind, rec, previous, status, failing, damped=True)
+        return dataclasses.replace(rec, alerted_status="passing")
+    if status == rec.alerted_status and not pages:
+        # Back to what operators were told (a recovery that did not hold): nothing new to tell.
+        alert(kind, rec, previous, status, failing, damped=True)
+        return rec
+    if not expected and now - rec.observed_since < config.hold_for(rec.service_name, status):
+        alert(kind, rec, previous, status, failing, damped=True)  # announced as "settled" once it held
+        return rec
+    return _announced(rec, alert(kind, rec, previous, status, failing, page=pages), now)
+
+
+def _on_clock(
+    rec: InstanceRecord, failing: tuple[FailingCheck, ...], now: datetime, config: WatchConfig, alert: _AlertSink
+) -> InstanceRecord:
+    """No change in Consul: announce what has held long enough (a flap settling, a held-back change), remind."""
+    status = rec.observed_status
+    pages = status == "critical" and not rec.paged
     reminder = config.reminder_interval
-    if (
-        reminder is not None
-        and rec.alerted_status == "critical"
-        and rec.last_alert_at is not None
-        and now - rec.last_alert_at >= reminder
-    ):
+    reminder_due = reminder is not None and rec.last_alert_at is not None and now - rec.last_alert_at >= reminder
+    if rec.flapping_since is not None:
+        burst = FlapSummary(rec.flap_changes, rec.flapping_since, rec.observed_since)
+        if now - rec.observed_since >= config.stable_after:
+            settled = alert("settled", rec, rec.alerted_status, status, failing, page=pages, flap=burst)
+            rec = dataclasses.replace(rec, flapping_since=None, flap_changes=0, recent_changes=())
+            return _announced(rec, settled, now)
+        if reminder_due:
+            alert("reminder", rec, rec.alerted_status, status, failing, flap=burst)
+            return dataclasses.replace(rec, last_alert_at=now)
+        return rec
+    if status != rec.alerted_status:
+        if now - rec.observed_since < config.hold_for(rec.service_name, status):
+            return rec
+        return _announced(rec, alert("settled", rec, rec.alerted_status, status, failing, page=pages), now)
+    if reminder_due and rec.alerted_status == "critical":
         alert("reminder", rec, rec.alerted_status, rec.alerted_status, failing)
         return dataclasses.replace(rec, last_alert_at=now)
     return rec
 
 
+def _announced(rec: InstanceRecord, told: Alert, now: datetime) -> InstanceRecord:
+    """Operators now know ``told.status``; passing ends the incident, so the next failure pages again."""
+    paged = False if told.status == "passing" else rec.paged or told.page
+    return dataclasses.replace(rec, alerted_status=told.status, last_alert_at=now, paged=paged)
+
+
+def _recent_changes(changes: tuple[datetime, ...], now: datetime, config: WatchConfig) -> tuple[datetime, ...]:
+    """The change times that can still make a flap: within ``flap_window``, the last ``flap_changes``."""
+    if config.flap_changes <= 0:
+        return ()
+    kept = tuple(moment for moment in changes if now - moment < config.flap_window)
+    return (*kept, now)[-config.flap_changes :]
+
+
 def next_wakeup(state: WatchState, config: WatchConfig) -> datetime | None:
-    """When ``evaluate`` would next alert with no change in Consul (a threshold or a reminder falls due)."""
+    """When ``evaluate`` would next alert with no change in Consul: a held-back change, a flap settling or a
+    reminder falls due."""
     due: list[datetime] = []
+    reminder = config.reminder_interval
     for rec in state.instances.values():
         if rec.maintenance:
             continue
-        if rec.observed_status != rec.alerted_status:
-            due.append(rec.observed_since + config.threshold_for(rec.service_name))
-        elif (
-            config.reminder_interval is not None and rec.alerted_status == "critical" and rec.last_alert_at is not None
-        ):
-            due.append(rec.last_alert_at + config.reminder_interval)
+        if rec.flapping_since is not None:
+            due.append(rec.observed_since + config.stable_after)
+            if reminder is not None and rec.last_alert_at is not None:
+                due.append(rec.last_alert_at + reminder)
+        elif rec.observed_status != rec.alerted_status:
+            due.append(rec.observed_since + config.hold_for(rec.service_name, rec.observed_status))
+        elif reminder is not None and rec.alerted_status == "critical" and rec.last_alert_at is not None:
+            due.append(rec.last_alert_at + reminder)
     return min(due, default=None)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 
 from icd.health.config import WatchConfig
 from icd.health.engine import Alert, AlertKind, WatchState, instance_status
@@ -17,12 +18,53 @@ _TITLES: Mapping[AlertKind, str] = {
     "maintenance_on": "{service}: maintenance mode ON on {node}",
     "maintenance_off": "{service}: maintenance mode OFF on {node}",
     "reminder": "{service} is still {status} on {node}",
+    "flapping": "{service} is flapping on {node}",
+    "settled": "{service} is {status} on {node}",
 }
 
 
 def alert_title(alert: Alert) -> str:
-    status = "recovered (passing)" if alert.kind == "status" and alert.status == "passing" else alert.status
-    return _TITLES[alert.kind].format(service=alert.service_name, status=status, node=alert.node)
+    kind = alert.kind
+    if kind == "settled" and alert.flap is not None:
+        return f"{alert.service_name} is stable again on {alert.node}: {alert.status}"
+    if kind == "reminder" and alert.flap is not None:
+        return f"{alert.service_name} is still flapping on {alert.node}"
+    if kind == "settled" and alert.previous_status is None:
+        kind = "appeared"  # a newcomer held back by its threshold: its first announcement
+    status = "recovered (passing)" if kind in ("status", "settled") and alert.status == "passing" else alert.status
+    return _TITLES[kind].format(service=alert.service_name, status=status, node=alert.node)
+
+
+def duration(span: timedelta) -> str:
+    """A span as operators read it: ``9.5 s``, ``12 min``, ``3.2 h``."""
+    seconds = span.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _change_line(alert: Alert) -> str | None:
+    """What changed, in one line (``None``: nothing beyond the title)."""
+    flap, sid = alert.flap, alert.service_id
+    if alert.kind == "flapping" and flap is not None:
+        return (
+            f"`{sid}`: {flap.changes} status changes in {duration(flap.span)}, now {alert.status}. Each change is "
+            "still recorded as an event; the next message here says when it is stable again."
+        )
+    if alert.kind == "settled" and flap is not None:
+        return f"`{sid}`: stable again: {alert.status} after {flap.changes} changes over {duration(flap.span)}"
+    if alert.kind == "reminder":
+        if flap is not None:
+            return f"`{sid}`: {flap.changes} changes over {duration(flap.span)} so far, now {alert.status}"
+        return None
+    if alert.previous_status is None:
+        return None
+    line = f"`{sid}`: {alert.previous_status} -> {alert.status}"
+    if alert.kind == "settled" and alert.status_since is not None:
+        line += f", held for {duration(alert.at - alert.status_since)}"
+    return line
 
 
 def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None] | None = None) -> Notification:
@@ -34,8 +76,8 @@ def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None]
         lines.append(
             f"_Expected during deploy of {window.from_version} -> {window.to_version} (run {window.deploy_run_id})._"
         )
-    if alert.previous_status is not None and alert.kind != "reminder":
-        lines.append(f"`{alert.service_id}`: {alert.previous_status} -> {alert.status}")
+    if (change := _change_line(alert)) is not None:
+        lines.append(change)
     lines.extend(
         f"• *{check.name}* (`{check.check_id}`) {check.status}: {check.output or 'no output'}"
         for check in alert.failing_checks

@@ -6,8 +6,13 @@ two overlapping runs can't both claim one transition: the loser's write fails, i
 state and finds nothing left to report. A Prefect variable has no compare-and-swap.
 
 The document carries ``schema`` and is checked on read: a document of another schema is refused with a
-message naming both, never misread. It is compact JSON, zlib-compressed above 256 KiB so thousands of
-instances stay under Consul's 512 KiB value limit.
+message naming both, never misread. Schema 3 added the flap-damping fields of each record; a schema 2 document
+(written before damping) is read as records with no recent changes, not flapping, and paged if critical (the
+watch that wrote it paged every critical transition), and is written back as schema 3. A watch that reads
+only schema 2 refuses a schema 3 document by its version, rather than as a broken one.
+
+It is compact JSON, zlib-compressed above 256 KiB so thousands of instances stay under Consul's 512 KiB value
+limit.
 
 **Saving cannot adopt another writer's index.** Consul's KV ``PUT ?cas=`` answers only true/false, so the
 new ModifyIndex has to be read back, and a writer that slipped in between would hand us *its* index.
@@ -35,7 +40,8 @@ from icd.health.consul import consul_call
 from icd.health.engine import InstanceRecord, WatchState
 from icd.notify.message import Notification
 
-SCHEMA = 2
+SCHEMA = 3
+_READABLE_SCHEMAS = (2, 3)
 STATE_KEY_TEMPLATE = "icd/health-watch/{watch_name}/state"
 _COMPRESS_ABOVE_BYTES = 256 * 1024
 _ZLIB_PREFIX = b"zlib:"
@@ -53,6 +59,11 @@ class _Row(BaseModel):
     maintenance: bool = False
     last_alert_at: float | None = None
     meta: dict[str, str] | None = None
+    # Schema 3: flap damping. A schema 2 row has none of them; a schema 3 row only those not at their default.
+    recent_changes: list[float] = []
+    flapping_since: float | None = None
+    flap_changes: int = 0
+    paged: bool | None = None  # absent: not paged (schema 3), or paged if it was announced critical (schema 2)
 
 
 class _Outgoing(BaseModel):
@@ -114,13 +125,19 @@ def encode_state(
                 "maintenance": rec.maintenance,
                 "last_alert_at": _ts(rec.last_alert_at),
                 "meta": dict(rec.meta) if rec.meta is not None else None,
+                "recent_changes": [_ts(moment) for moment in rec.recent_changes],
+                "flapping_since": _ts(rec.flapping_since),
+                "flap_changes": rec.flap_changes,
+                "paged": True if rec.paged else None,
             }
             for key, rec in state.instances.items()
         },
         "outbox": [notification.to_dict() for notification in outbox],
         "outbox_since": _ts(outbox_since),
     }
-    raw = _Document.model_validate(document).model_dump_json().encode()
+    # Fields at their default are left out: most records are passing and quiet, and a smaller document is
+    # cheaper to write every round and stays uncompressed for longer.
+    raw = _Document.model_validate(document).model_dump_json(exclude_defaults=True).encode()
     if len(raw) > _COMPRESS_ABOVE_BYTES:
         return _ZLIB_PREFIX + base64.b64encode(zlib.compress(raw, 6))
     return raw
@@ -137,7 +154,7 @@ def decode_state(
     except (ValueError, zlib.error) as exc:
         raise ConsulError(f"{where} is not a JSON document: {exc}") from exc
     found = parsed.get("schema_version") if isinstance(parsed, dict) else None
-    if found != SCHEMA:
+    if found not in _READABLE_SCHEMAS:
         raise ConsulError(
             f"{where} has schema {found!r}, but this watch reads schema {SCHEMA} (an older or newer watch wrote "
             "it); refusing to misread it. Delete the key to start afresh: the next run reports current health once."
@@ -146,7 +163,7 @@ def decode_state(
         document = _Document.model_validate(parsed)
     except ValidationError as exc:
         raise ConsulError(
-            f"{where} breaks schema {SCHEMA}: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
+            f"{where} breaks schema {found}: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}"
         ) from exc
     instances = {
         key: InstanceRecord(
@@ -159,6 +176,10 @@ def decode_state(
             maintenance=row.maintenance,
             last_alert_at=_dt(row.last_alert_at),
             meta=row.meta,
+            recent_changes=tuple(datetime.fromtimestamp(moment, UTC) for moment in row.recent_changes),
+            flapping_since=_dt(row.flapping_since),
+            flap_changes=row.flap_changes,
+            paged=bool(row.paged) if row.paged is not None or found != 2 else row.alerted_status == "critical",
         )
         for key, row in document.instances.items()
     }

@@ -25,6 +25,8 @@ it twice from two instances. Here:
 * **Expected transitions are recorded, not paged.** Alerts covered by an open deploy window (``windows.py``)
   go to ``on_alerts`` (the flow turns every alert into a Prefect event) but not to the notifier: the
   deploy's health gate sends the one message about it.
+* **Damped transitions are recorded, not sent,** the same way: a recovery still inside its hold, each change
+  of a flapping instance (``engine.py``). Every change is an event; operators get the announcements.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ OUTBOX_STALE_SECONDS = 30.0
 # The longest one blocking query waits (Consul caps ?wait at 10 minutes).
 MAX_QUERY_WAIT_SECONDS = 300.0
 _MAX_CAS_ATTEMPTS = 5
+_UNDER_CONSUL_JITTER = 16 / 17  # a wait of w comes back within w * 17/16
 
 Logger = logging.LoggerAdapter[Any] | logging.Logger
 
@@ -80,7 +83,7 @@ def fetch_service_meta(client: consul.Consul, service_name: str) -> dict[str, di
 class WatchReport:
     rounds: int
     alerts_sent: int
-    alerts_recorded: int  # expected during a deploy: recorded, not sent
+    alerts_recorded: int  # damped, or expected during a deploy: recorded, not sent
     conflicts: int
     snapshot: HealthSnapshot | None
     state: WatchState
@@ -213,9 +216,9 @@ def watch(
     min_round_seconds: float = 0.0,
     hand_over: HandOver | None = None,
 ) -> WatchReport:
-    """Watch Consul for ``window_seconds`` (or until ``stop`` is set), alert every transition, and persist
-    the state with CAS. With ``hand_over`` (a scheduled run), announce this run once it watches and, past the
-    window, watch on until a newer run has announced itself (``handover.py``).
+    """Watch Consul for ``window_seconds`` (or until ``stop`` is set), record every transition, send what
+    damping lets through, and persist the state with CAS. With ``hand_over`` (a scheduled run), announce this
+    run once it watches and, past the window, watch on until a newer run has announced itself (``handover.py``).
 
     A plain function (no Prefect context needed) so tests drive it directly; the flow wraps it. One blocking
     query waits at most ``max_wait_seconds``, which bounds how long ``stop`` takes to be noticed. Raises
@@ -254,7 +257,9 @@ def watch(
         wakeup = next_wakeup(stored.state, config)
         wait = min(remaining, max_wait_seconds)
         if wakeup is not None:
-            wait = min(wait, max(0.0, (wakeup - now_fn()).total_seconds()))
+            # Consul adds up to wait/16 to a blocking query (jitter): ask for less, so a due hold, flap end or
+            # reminder is not up to 19 s late; a query that comes back early just waits out the rest.
+            wait = min(wait, max(0.0, (wakeup - now_fn()).total_seconds()) * _UNDER_CONSUL_JITTER)
         last_round = time.monotonic()
         new_index, entries = query_health_state(client, index=index, wait_seconds=wait)
         rounds += 1
@@ -273,7 +278,7 @@ def watch(
             for service_name in sorted(services_needing_meta(stored.state, new_state, alerts, windows, now)):
                 snapshot = snapshot.with_meta(fetch_service_meta(client, service_name))
             alerts, new_state = evaluate(stored.state, snapshot, now, config, windows, changed=changed)
-            to_send = [alert_notification(a, deploy_run_url) for a in alerts if a.expected_by is None]
+            to_send = [alert_notification(a, deploy_run_url) for a in alerts if a.announced]
             # Another run's unsent outbox is kept as it is; it is sent once stale.
             outbox = (*stored.outbox, *to_send)
             since = stored.outbox_since or (now if outbox else None)
@@ -306,7 +311,7 @@ def watch(
         if hand_over is not None and rounds == 1:
             hand_over.announce(now_fn())  # this run watches now: one in overtime may stop
     log.info(
-        "Watch ended after %d round(s): %d alert(s) sent, %d recorded as expected, %d CAS conflict(s)",
+        "Watch ended after %d round(s): %d alert(s) sent, %d recorded only (damped or expected), %d CAS conflict(s)",
         rounds,
         delivery.sent,
         recorded,
@@ -325,14 +330,15 @@ def watch(
 
 def _report(alerts: Sequence[Alert], log: Logger, on_alerts: Callable[[Sequence[Alert]], None] | None) -> None:
     for alert in alerts:
-        expected = " (expected during a deploy)" if alert.expected_by is not None else ""
+        why = " (expected during a deploy)" if alert.expected_by is not None else " (damped)" if alert.damped else ""
         log.info(
-            "Alert %s: %s %s -> %s%s",
+            "Alert %s: %s %s -> %s%s%s",
             alert.dedup_key,
             alert.service_name,
             alert.previous_status,
             alert.status,
-            expected,
+            why,
+            " (pages)" if alert.page else "",
         )
     if on_alerts is not None and alerts:
         try:

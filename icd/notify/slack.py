@@ -97,16 +97,27 @@ class SlackSender:
         if client.token:
             self._secrets.append(client.token)
 
-    def send(self, notification: Notification, *, extra_secrets: Sequence[str | SecretStr] = ()) -> NotificationReceipt:
-        """Redact, render and post; raises ``TransientNotificationError`` when Slack is unreachable, still
-        rate limiting after the client's retries, or failing with 5xx; ``NotificationError`` when it refuses
-        (bad token, unknown channel, malformed blocks). Neither message ever contains the token."""
+    def send(
+        self,
+        notification: Notification,
+        *,
+        extra_secrets: Sequence[str | SecretStr] = (),
+        reply_to: NotificationReceipt | None = None,
+    ) -> NotificationReceipt:
+        """Redact, render and post (``reply_to``: in the thread of that earlier message); raises
+        ``TransientNotificationError`` when Slack is unreachable, still rate limiting after the client's
+        retries, or failing with 5xx; ``NotificationError`` when it refuses (bad token, unknown channel,
+        malformed blocks). Neither message ever contains the token."""
         secrets = [*self._secrets, *(s.get_secret_value() if isinstance(s, SecretStr) else s for s in extra_secrets)]
         fallback, blocks = render_slack_message(redact_notification(notification, secrets))
         method = "chat.postMessage"
         try:
             response = self.client.chat_postMessage(
-                channel=self.channel, text=fallback, blocks=blocks, metadata=metadata_of(notification)
+                channel=reply_to.channel if reply_to else self.channel,
+                text=fallback,
+                blocks=blocks,
+                metadata=metadata_of(notification),
+                thread_ts=reply_to.ts if reply_to else None,
             )
         except SlackApiError as exc:
             status = exc.response.status_code

@@ -2,6 +2,9 @@
 
 from icd.registry.models import (
     ArtifactVersion,
+    BuildClaim,
+    BuildClaimed,
+    BuildHeld,
     ChannelAssignment,
     ChannelMoved,
     ChannelPointer,
@@ -14,6 +17,9 @@ from icd.registry.signing import Sealer
 
 __all__ = [
     "ArtifactVersion",
+    "BuildClaim",
+    "BuildClaimed",
+    "BuildHeld",
     "ChannelAssignment",
     "ChannelMoved",
     "ChannelPointer",

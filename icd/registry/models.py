@@ -51,6 +51,9 @@ class ArtifactVersion(Record):
 
 
 class RegistrationResult(Record):
+    """``created``: this call made the version. Otherwise ``version`` is the one that stands: the same
+    Packer run registered before, or the commit's version (another build of the commit got there first)."""
+
     version: ArtifactVersion
     created: bool
 
@@ -105,6 +108,44 @@ class Pointer(Record):
 
 
 class CommitBuilds(Record):
-    """The versions built from one commit, oldest first."""
+    """The versions built from one commit, oldest first. A number is added here, with compare-and-swap,
+    before its version object is written: this entry is what decides that a commit gets one version."""
 
     versions: list[int] = Field(default_factory=list)
+
+
+class BuildClaim(Record):
+    """Who is building a commit of a namespace: taken before anything is built, released when the build
+    ended (registered, reused or failed). An unreleased claim counts until ``expires_at`` or until its run
+    has ended, whichever comes first."""
+
+    namespace: str
+    commit: str
+    holder_run_id: str
+    holder_run_name: str
+    claimed_at: datetime
+    expires_at: datetime
+    released_at: datetime | None = None
+    outcome: str = ""
+
+    def is_held(self, at: datetime) -> bool:
+        """Unreleased and not expired at ``at`` (its run may still have ended: see ``Registry.claim_build``)."""
+        return self.released_at is None and at < self.expires_at
+
+
+class BuildClaimed(Record):
+    """The expected outcome of :meth:`Registry.claim_build` when this run may build the commit.
+
+    ``versions`` are the commit's versions when the claim was taken (oldest first); ``taken_over`` is the
+    previous holder's claim when it was left unreleased (its run ended or the claim expired), so the new
+    holder can finish what that one left (announce a version it registered)."""
+
+    claim: BuildClaim
+    versions: list[int] = Field(default_factory=list)
+    taken_over: BuildClaim | None = None
+
+
+class BuildHeld(Record):
+    """The expected outcome of :meth:`Registry.claim_build` when another live run is building the commit."""
+
+    holder: BuildClaim

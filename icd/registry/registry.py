@@ -14,8 +14,9 @@ Key layout, all under ``prefix`` (which should end in ``/`` when not empty); eve
     namespaces/<org>/<name>/runs/<packer_run_uuid>.json      -> version (registration is idempotent)
     namespaces/<org>/<name>/commits/<git_commit>.json        -> versions built from that commit
     namespaces/<org>/<name>/artifacts/<sha256(id)[:32]>.json -> newest version with that artifact id
+    namespaces/<org>/<name>/claims/<git_commit>.json         who is building that commit (BuildClaim)
 
-The last three are lookup entries, so every look-up a deploy makes (the next build label, a commit
+Runs, commits and artifacts are lookup entries, so every look-up a deploy makes (the next build label, a commit
 already built, the version of an artifact id in a plan, ``latest``) costs a fixed number of requests
 whatever the number of versions; only listing everything (the CLI) reads every version.
 
@@ -28,10 +29,18 @@ Concurrency rests on S3 conditional writes only (no lock service):
   reads what the first wrote. Revocation is a separate object, so the build facts stay byte-for-byte
   immutable; reads merge the two.
 * A channel object is replaced with compare-and-swap; the pointer and its history change in the same write.
+* One version per commit: the commit's entry gets the new number, with compare-and-swap, *before* the
+  version object is written, and only if the commit has no version yet (or, for a rebuild, if its newest is
+  still the one being rebuilt). A second build of the commit gets the commit's number instead, and its
+  version object write (``IfNoneMatch``) loses to the first, or completes one whose writer died.
+* A build claim is created with ``IfNoneMatch`` (or swapped over a released, expired or dead one) before
+  anything is built, so however many runs start a build of one commit at once, one builds.
 
 Each swap retries a bounded number of times with jittered backoff and then raises :class:`ConflictError`.
 A failure between reserving a number and writing its version object leaves a reservation that the next
-``register`` of the same Packer run completes; other writers are never blocked by it.
+``register`` of the same Packer run (or of the same commit) completes; other writers are never blocked by
+it. Registrations of one commit that race past the build claim leave the losers' reserved numbers unused
+(a gap in the numbering, never a second version).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -54,6 +63,9 @@ from icd.errors import (
 )
 from icd.registry.models import (
     ArtifactVersion,
+    BuildClaim,
+    BuildClaimed,
+    BuildHeld,
     ChannelAssignment,
     ChannelDocument,
     ChannelMoved,
@@ -129,6 +141,9 @@ class Registry:
     def _artifact_key(self, namespace: str, artifact_id: str) -> str:
         return f"{self._namespace_key(namespace)}artifacts/{_digest(artifact_id)}.json"
 
+    def _claim_key(self, namespace: str, commit: str) -> str:
+        return f"{self._namespace_key(namespace)}claims/{_digest(commit)}.json"
+
     def _read(self, key: str, model: type[RecordT]) -> tuple[RecordT, str] | None:
         found = self._objects.read(key)
         if found is None:
@@ -159,11 +174,14 @@ class Registry:
                 return None
             if self._write(key, updated, if_match=found[1] if found else None):
                 return updated
-            time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311  # jitter, not crypto
+            self._backoff(attempt)
         raise ConflictError(f"s3://{self.bucket}/{key} changed under us {self.max_attempts} times in a row; retry")
 
     def _now(self) -> datetime:
         return self._clock()
+
+    def _backoff(self, attempt: int) -> None:
+        time.sleep(random.uniform(0, min(0.2, 0.005 * 2**attempt)))  # noqa: S311  # jitter, not crypto
 
     # --- versions ---------------------------------------------------------------------------------------
 
@@ -180,8 +198,16 @@ class Registry:
         created_by: str,
         built_for: str = LATEST,
         labels: Mapping[str, str] | None = None,
+        rebuild_of: int | None = None,
     ) -> RegistrationResult:
-        """Record a Packer run as the next version; the same ``packer_run_uuid`` again returns that one."""
+        """Record a Packer run as a version of its commit; the same ``packer_run_uuid`` again returns that one.
+
+        One version per commit: when the commit has one, this build is not registered and that version is
+        returned (``created=False``), unless ``rebuild_of`` names the commit's newest version, which makes
+        this build the commit's next version. Two rebuilds of the same version make one: the second gets
+        the first's. Expected outcomes, so nothing raises for them; the caller compares
+        ``result.version.packer_run_uuid`` with its own to tell whose build stands.
+        """
         check_namespace(namespace)
         check_channel(built_for)
         if not packer_run_uuid:
@@ -190,7 +216,10 @@ class Registry:
             raise ValueError(f"{namespace}: a version needs at least one artifact")
 
         known = self._read(self._run_key(namespace, packer_run_uuid), Pointer)
-        number = known[0].version if known else self._reserve_version(namespace, packer_run_uuid)
+        if known is not None:
+            number = known[0].version
+        else:
+            number = self._number_for_commit(namespace, git_commit, packer_run_uuid, rebuild_of=rebuild_of)
         record = self._read_version(namespace, number)
         created = False
         if record is None:
@@ -211,13 +240,40 @@ class Registry:
                 labels=dict(labels or {}),
             )
             created = self._write(self._version_key(namespace, number), candidate, if_match=None)
-            # A concurrent register of the same run may have completed the reservation first; theirs stands.
+            # A concurrent register of the same run or commit may have completed the number first; theirs stands.
             record = candidate if created else self._read_version(namespace, number)
             if record is None:
                 raise ConflictError(f"{namespace} v{number} vanished while being registered")
+        if known is None and record.git_commit != git_commit:
+            raise RegistryIntegrityError(
+                f"{namespace} v{number} is listed for commit {git_commit} but holds the build of {record.git_commit}"
+            )
         self._index_lookups(record)
         self._refresh_latest(namespace, actor=created_by, reason=f"registered v{number} from {git_ref}@{git_commit}")
         return RegistrationResult(version=self._with_revocation(record), created=created)
+
+    def _number_for_commit(self, namespace: str, commit: str, packer_run_uuid: str, *, rebuild_of: int | None) -> int:
+        """The version number this registration writes: the commit's own when it has one (unless this is
+        the rebuild of its newest), else a new number, added to the commit's entry with compare-and-swap
+        so that of two builds of one commit racing here, one number wins."""
+        key = self._commit_key(namespace, commit)
+        for attempt in range(self.max_attempts):
+            found = self._read(key, CommitBuilds)
+            versions = found[0].versions if found else []
+            newest = versions[-1] if versions else None
+            # A listed number without its version object is a registration that died (or is finishing right
+            # now): this one completes it rather than adding another, even for a rebuild.
+            if newest is not None and (
+                rebuild_of != newest or self._objects.head(self._version_key(namespace, newest)) is None
+            ):
+                return newest
+            number = self._reserve_version(namespace, packer_run_uuid)
+            if number in versions:
+                return number
+            if self._write(key, CommitBuilds(versions=[*versions, number]), if_match=found[1] if found else None):
+                return number
+            self._backoff(attempt)
+        raise ConflictError(f"{namespace} commit {commit} changed under us {self.max_attempts} times in a row; retry")
 
     def _reserve_version(self, namespace: str, packer_run_uuid: str) -> int:
         def change(index: NamespaceIndex | None) -> NamespaceIndex | None:
@@ -344,6 +400,12 @@ class Registry:
                 return record
         return None
 
+    def commit_versions(self, namespace: str, commit: str) -> list[int]:
+        """The version numbers given to ``commit``, oldest first (a number whose registration died has no
+        version object yet: the next registration of the commit completes it); one request."""
+        found = self._read(self._commit_key(namespace, commit), CommitBuilds)
+        return list(found[0].versions) if found else []
+
     def find_by_artifact_id(self, namespace: str, artifact_id: str) -> ArtifactVersion | None:
         """The newest version that produced ``artifact_id`` (an AMI id, an image path), or None."""
         found = self._read(self._artifact_key(namespace, artifact_id), Pointer)
@@ -353,6 +415,74 @@ class Registry:
         if record is None or artifact_id not in record.artifacts.values():
             return None
         return self._with_revocation(record, self._index(namespace))
+
+    # --- build claims -----------------------------------------------------------------------------------
+
+    def claim_build(
+        self,
+        namespace: str,
+        commit: str,
+        *,
+        run_id: str,
+        run_name: str,
+        lease: timedelta,
+        run_alive: Callable[[str], bool] = lambda _run_id: True,
+    ) -> BuildClaimed | BuildHeld:
+        """Take the build of ``commit`` for the run ``run_id``, before anything is built.
+
+        :class:`BuildClaimed` when this run may build: nobody held the claim, it was released, it expired
+        (``lease`` after it was taken), or ``run_alive`` says its run has ended. :class:`BuildHeld`, naming
+        the holder, when another run holds it. The claim is created with ``IfNoneMatch`` or swapped with
+        ``IfMatch``, so of any number of runs claiming at once, one gets it. The same run claiming again (a
+        retried step) gets its own claim back. ``run_alive`` is asked only about an unexpired holder; it
+        should answer True when it can't tell.
+        """
+        check_namespace(namespace)
+        if lease <= timedelta(0):
+            raise ValueError("a build claim needs a positive lease: it is what frees the claim of a run that died")
+        key = self._claim_key(namespace, commit)
+        for attempt in range(self.max_attempts):
+            found = self._read(key, BuildClaim)
+            current = found[0] if found else None
+            now = self._now()
+            if current is not None and current.released_at is None:
+                if current.holder_run_id == run_id:
+                    return BuildClaimed(claim=current, versions=self.commit_versions(namespace, commit))
+                if current.is_held(now) and run_alive(current.holder_run_id):
+                    return BuildHeld(holder=current)
+            claim = BuildClaim(
+                namespace=namespace,
+                commit=commit,
+                holder_run_id=run_id,
+                holder_run_name=run_name,
+                claimed_at=now,
+                expires_at=now + lease,
+            )
+            if self._write(key, claim, if_match=found[1] if found else None):
+                left = current if current is not None and current.released_at is None else None
+                return BuildClaimed(claim=claim, versions=self.commit_versions(namespace, commit), taken_over=left)
+            self._backoff(attempt)
+        raise ConflictError(f"build claim of {namespace} {commit} changed {self.max_attempts} times in a row; retry")
+
+    def release_build(self, namespace: str, commit: str, *, run_id: str, outcome: str) -> bool:
+        """Release the claim if ``run_id`` still holds it, recording ``outcome``; False when it does not
+        (another run took it over after its lease, or it was released already)."""
+        released: list[bool] = []
+
+        def change(current: BuildClaim | None) -> BuildClaim | None:
+            released.clear()
+            if current is None or current.holder_run_id != run_id or current.released_at is not None:
+                return None
+            released.append(True)
+            return current.model_copy(update={"released_at": self._now(), "outcome": outcome})
+
+        self._swap(self._claim_key(namespace, commit), BuildClaim, change)
+        return bool(released)
+
+    def build_claim(self, namespace: str, commit: str) -> BuildClaim | None:
+        """The commit's build claim as stored (held or released), or None if it was never built here."""
+        found = self._read(self._claim_key(namespace, commit), BuildClaim)
+        return found[0] if found else None
 
     # --- revocation -------------------------------------------------------------------------------------
 

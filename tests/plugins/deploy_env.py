@@ -44,6 +44,7 @@ from examples.local_env import (
     worker_env,
     write_config,
 )
+from icd.deploy.queue import Holder
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
 from tests.waiting import wait_until
@@ -238,6 +239,10 @@ class DeployEnv:
         self.answer(run_id, self.plan_sha(workspace, run_id), approver)
         return self.wait_for(run_id, states=ENDED)
 
+    def holder(self, workspace: str) -> Holder | None:
+        """Who holds the workspace now (its queue's lock: ``icd/deploy/queue.py``), or None."""
+        return self.registry.workspace_queue().holder(workspace)
+
     def secrets(self) -> dict[str, str]:
         """Every secret value the loop holds, by where it lives."""
         return {
@@ -305,7 +310,8 @@ def deploy_env(
             },
         )
         worker = start_worker(prefect_server, POOL, env=env_for_worker)
-        inbound, inbound_url = start_inbound(prefect_server, config=config_path)
+        # Refusals past their allowance are summarised when a window ends: seconds, not a minute, in tests.
+        inbound, inbound_url = start_inbound(prefect_server, config=config_path, refusal_window=3)
         env = DeployEnv(
             prefect_server,
             worker,

@@ -1,0 +1,150 @@
+"""What one deploy run works with: the workspace's settings from ``icd.toml``, the blocks, the run itself.
+
+Built once at the top of ``deploy-artifact`` (and again, identically, when a resumed run re-runs from the
+top): no side effects, so it needs no task. It also says how this run's requests, notices and plans look,
+so the flow body only orchestrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import cast
+
+from blocks.consul import ConsulConnection
+from blocks.notifier import SlackNotifier
+from blocks.registry import ArtifactRegistry
+from icd.config import WorkspaceConfig, load_config
+from icd.deploy.artifacts import artifact_for
+from icd.deploy.plan import PlanRequest
+from icd.deploy.queue import DeployRequest, RunRef
+from icd.notify.message import Notification, NotificationReceipt, Severity
+from icd.paths import PROJECT_ROOT, state_home
+from icd.registry.models import ArtifactVersion
+from icd.service.contract import StackVariables
+from tasks.notify import notify
+
+
+@dataclass(frozen=True)
+class DeployContext:
+    run: RunRef
+    workspace: str
+    namespace: str
+    settings: WorkspaceConfig  # follows, stack, platform, approval and health settings
+    promotes: str | None  # the channel a healthy deploy moves, if any
+    service_name: str
+    registry: ArtifactRegistry
+    notifier: SlackNotifier
+    consul: ConsulConnection
+    notifier_block: str
+    teardown: bool = False  # destroy what the workspace runs, through the same plan-approve-apply path
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    @property
+    def run_url(self) -> str | None:
+        return self.notifier.flow_run_url(self.run.id)
+
+    @property
+    def stack_dir(self) -> str:
+        return str(PROJECT_ROOT / self.settings.stack)  # an absolute stack stays as it is
+
+    def own_request(self, version: int) -> DeployRequest:
+        """The request of a run started by hand (a person, push-to-deploy): it is the newest, so it wins."""
+        return DeployRequest(
+            id=self.run.id,
+            workspace=self.workspace,
+            namespace=self.namespace,
+            version=version,
+            teardown=self.teardown,
+            by=f"run {self.run.name}",
+            cause="manual run",
+            requested_at=datetime.now(UTC),
+        )
+
+    def plan_request(self, version: ArtifactVersion, *, plan_id: str, rollback: bool = False) -> PlanRequest:
+        """What to plan; every stack gets the same variables. Contract: docs/service-contract.md#stack-variables
+        (the pre-flight check reports a stack that doesn't declare one of them)."""
+        variables = StackVariables(
+            artifact_id=artifact_for(version, self.settings.platform),
+            artifact_version=version.build_label,
+            namespace=self.namespace,
+            service_name=self.service_name,
+            consul_addr=self.consul.address,
+            deploy_run_id=self.run.id,
+            workspace=self.workspace,
+            instance_root=str(state_home() / "instances" / self.workspace),
+        ).as_vars()
+        return PlanRequest(
+            workspace=self.workspace,
+            stack_dir=self.stack_dir,
+            version=version,
+            platform=self.settings.platform,
+            follows=self.settings.channel,
+            promotes=self.promotes,
+            variables=variables,
+            plan_id=plan_id,
+            destroy=self.teardown,
+            must_be_current=not rollback,
+        )
+
+    def notice(
+        self,
+        title: str,
+        text: str,
+        severity: Severity,
+        *,
+        facts: Mapping[str, str] | None = None,
+        link_text: str | None = None,
+        dedup_key: str | None = None,
+    ) -> Notification:
+        """A notification about this deploy: it always names the workspace and links to the run."""
+        return Notification(
+            title=title,
+            text=text,
+            severity=severity,
+            fields={"workspace": self.workspace, **(facts or {})},
+            link_url=self.run_url,
+            link_text=link_text,
+            dedup_key=dedup_key,
+        )
+
+    def warn(self, title: str, text: str, facts: dict[str, str]) -> None:
+        """Tell operators something about this run they may act on (a refused answer), with its link."""
+        self.tell(self.notice(title, text, "warning", facts=facts, link_text="Open the run"))
+
+    def tell(
+        self, notification: Notification, *, reply_to: NotificationReceipt | None = None
+    ) -> NotificationReceipt | None:
+        """Notify operators, best effort (``tasks/notify.py``): a Slack failure never changes the outcome."""
+        return notify(self.notifier, notification, notifier_block=self.notifier_block, reply_to=reply_to)
+
+
+def deploy_context(
+    workspace: str,
+    run: RunRef,
+    *,
+    registry_block: str,
+    notifier_block: str,
+    consul_block: str,
+    teardown: bool,
+) -> DeployContext:
+    """The context of a run deploying to ``workspace``; a workspace missing from ``icd.toml`` is a ``ConfigError``."""
+    config = load_config()
+    settings = config.workspace(workspace)
+    return DeployContext(
+        run=run,
+        workspace=workspace,
+        namespace=settings.namespace,
+        settings=settings,
+        promotes=config.promoted_channel(workspace),
+        service_name=config.namespace(settings.namespace).service_name,
+        registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
+        notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
+        consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
+        notifier_block=notifier_block,
+        teardown=teardown,
+    )
