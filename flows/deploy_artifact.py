@@ -3,7 +3,7 @@
     claim the workspace -> plan -> still wanted? -> notify -> suspend for approval -> still wanted?
     -> apply exactly the approved plan -> health gate (Consul) -> promote -> release (the next request's run)
 
-Started by ``icd.plan.dispatched``, which the workspace queue (``icd/deploy/queue.py``) emits when a request
+Started by the workspace queue (``icd/deploy/queue.py``; ``icd.plan.dispatched`` names the run) when a request
 finds the workspace free or only waiting for approval of an older target (this run then supersedes it), or by
 hand with a workspace and a version (the newest request, so it wins). A run never waits for the workspace: it
 takes it, or leaves its request queued and ends (``Queued``), holding no worker slot. The approval wait

@@ -9,7 +9,7 @@ to production and a health change to the deploy that caused it):
     icd.channel.moved        a promotion, rollback or operator moved a channel -> icd.plan.requested
     icd.version.revoked      a version may no longer be deployed               -> operators are told
     icd.plan.requested       one workspace should plan one version             -> the workspace queue
-    icd.plan.dispatched      the queue starts a run for a workspace's newest request -> deploy-artifact
+    icd.plan.dispatched      the queue started a deploy-artifact run for a workspace's newest request
     icd.plan.superseded      a request or a waiting plan was replaced by a newer one (latest wins)
     icd.health.<status>      an instance's health transition (critical, ...); the one labelled
                              icd.page=true per incident                        -> automation -> notification
@@ -17,8 +17,8 @@ to production and a health change to the deploy that caused it):
 
 Fan-out (one registration, several workspaces) is :func:`plan_requests` over ``icd.toml``. Requests are not
 runs: each goes into its workspace's queue (``icd/deploy/queue.py``), where a newer one replaces an older
-one, and the queue emits ``icd.plan.dispatched`` only when a run must start, so the deployment trigger of
-``deploy-artifact`` stays one static line in ``prefect.yaml`` and 200 registrations make a handful of runs.
+one, and the queue starts a ``deploy-artifact`` run (``icd.plan.dispatched``) only when one must start: 200
+registrations make a handful of runs (``icd/deploy/dispatch.py`` says why it starts them through the API).
 
 Resources follow Prefect's conventions: ``prefect.resource.id`` is stable (``icd.artifact.acmeinc/web.v3``),
 labels carry the values triggers match on (``icd.namespace``, ``icd.version``, ...), related resources carry
@@ -300,12 +300,14 @@ def plan_requested(
     )
 
 
-def plan_dispatched(*, workspace: str, namespace: str, version: int, teardown: bool, request_id: str) -> EventSpec:
-    """The workspace queue asks for a ``deploy-artifact`` run (its trigger) for its newest request."""
+def plan_dispatched(
+    *, workspace: str, namespace: str, version: int, teardown: bool, request_id: str, run_id: str
+) -> EventSpec:
+    """The workspace queue started the ``deploy-artifact`` run ``run_id`` for its newest request."""
     return EventSpec(
         PLAN_DISPATCHED,
         _workspace_resource(workspace, namespace, version),
-        [artifact_resource(namespace, version, "artifact-version")],
+        [artifact_resource(namespace, version, "artifact-version"), flow_run_resource(run_id, "deploy-run")],
         {
             "workspace": workspace,
             "namespace": namespace,

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from icd import events
+from icd.deploy import dispatch
 from icd.deploy.dispatch import submit
 from icd.deploy.queue import (
     DISPATCH_STALE_SECONDS,
@@ -383,9 +384,11 @@ def test_a_random_stream_of_requests_answers_and_crashes_keeps_every_promise() -
                 assert newest.requested_at <= last.requested_at
 
 
-def test_a_request_goes_into_the_queue_and_only_a_needed_run_is_dispatched_as_an_event() -> None:
+def test_a_request_goes_into_the_queue_and_only_a_needed_run_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
     queue = WorkspaceQueue(MemoryQueueStore())
     emitted: list[events.EventSpec] = []
+    started: list[DeployRequest] = []
+    monkeypatch.setattr(dispatch, "start_deploy_run", lambda request: started.append(request) or "run-1")
     specs = [
         events.plan_requested(workspace=WS, namespace="acmeinc/web", version=n, by="registration", cause="test")
         for n in (1, 2, 3)
@@ -401,7 +404,12 @@ def test_a_request_goes_into_the_queue_and_only_a_needed_run_is_dispatched_as_an
         "icd.plan.superseded",
     ]
     assert results[0].dispatch is not None and results[1].dispatch is None
+    assert [request.id for request in started] == [str(specs[0].id)], "one run, for the first request"
     dispatched = emitted[1]
+    assert {
+        "prefect.resource.id": "prefect.flow-run.run-1",
+        "prefect.resource.role": "deploy-run",
+    } in dispatched.related
     assert dispatched.payload["request_id"] == str(specs[0].id) and dispatched.payload["version"] == 1
     assert emitted[3].payload == {
         "workspace": WS,

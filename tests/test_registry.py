@@ -567,6 +567,7 @@ def test_a_teardown_of_a_latest_follower_names_latest_not_the_last_version_numbe
     registry.revoke(NS, 3, revoked_by="alice", reason="broken boot")
     emitted: list[Any] = []
     monkeypatch.setattr(operations.events, "emit", emitted.append)
+    monkeypatch.setattr("icd.deploy.dispatch.start_deploy_run", lambda request: "run-1")
 
     queue = WorkspaceQueue(MemoryQueueStore())
     request = operations.request_teardown(registry, queue, config, "staging", by="ops", why="retired")
