@@ -263,7 +263,7 @@ def storm(
 
     def sample() -> None:
         while not stop.is_set():
-            runs = [r for ws in workspaces for r in deploy_runs(ws)]
+            runs = [r for r in deploy_runs() if r.parameters.get("workspace") in workspaces]  # one read: light
             states = Counter(state_of(r) for r in runs)
             busy = states["RUNNING"] + states["PENDING"]
             samples.append((time.monotonic() - started, states, tree_pss_mib(env.worker.proc.pid), busy))
@@ -302,7 +302,7 @@ def storm(
             ):
                 settled[ws] = time.monotonic() - last_at
                 break
-            time.sleep(0.25)
+            time.sleep(0.5)
     stop.set()
     sampler.join()
     unrelated_start = None
