@@ -28,9 +28,9 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.flow_runs import resume_flow_run
 
 from blocks.registry import ArtifactRegistry
+from icd.deploy.approval import give_answer
 
 DEPLOYMENT = "deploy-artifact"
 
@@ -76,9 +76,9 @@ def answer(args: argparse.Namespace) -> int:
         return 1
     key = before.state.state_details.pause_key
     decision = "approve" if args.approve else "reject"
-    resume_flow_run(
+    give_answer(
         run_id,
-        run_input={
+        {
             "decision": decision,
             "approver": args.approver,
             "comment": args.comment,

@@ -149,3 +149,29 @@ def _artifact_id_filter(artifact_id: str) -> Any:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 
     return ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)]))
+
+
+# How long an answer is given again while the run is still suspending (a moment, under load a few seconds).
+ANSWER_PATIENCE_SECONDS = 15.0
+
+
+def give_answer(flow_run_id: UUID, run_input: dict[str, Any], *, patience: float = ANSWER_PATIENCE_SECONDS) -> None:
+    """Resume a waiting run with an answer, as the UI's Resume form does (``resume_flow_run``).
+
+    Prefect writes a run's Suspended state before it saves the form's schema, and refuses an answer in
+    between ("Run input schema not found"): a script or a chat button that answers the moment the run waits
+    would be told no. Within ``patience`` the answer is given again; any other refusal is raised at once.
+    """
+    import time
+
+    from prefect.flow_runs import resume_flow_run
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            resume_flow_run(flow_run_id, run_input=run_input)
+            return
+        except RuntimeError as exc:
+            if "schema not found" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)

@@ -43,6 +43,7 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.events import Event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+from prefect.exceptions import Pause
 from prefect.flows import load_flow_from_flow_run
 from prefect.runner._flow_run_executor import FlowRunExecutionResult, FlowRunExecutorContext
 from prefect.runner._process_manager import ProcessHandle
@@ -341,6 +342,7 @@ class WarmProcessWorker(ProcessWorker):
         self._poll_requests, self._poll_requested = anyio.create_memory_object_stream[None](1)
         self._running: Counter[UUID] = Counter()  # a resumed run can start before its last process ends
         self._released_early: set[UUID] = set()
+        self._back_to_waiting: set[UUID] = set()
 
     async def start(
         self, run_once: bool = False, with_healthcheck: bool = False, printer: Callable[..., None] = print
@@ -411,12 +413,29 @@ class WarmProcessWorker(ProcessWorker):
         # The pool's type stays "process"; Prefect's registry of worker classes keeps its own under that key.
         return "icd-warm-process"
 
+    async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
+        """A run answered while its suspension was still being described can be waiting again when it is
+        submitted: the forced rewrite of its state puts it back, and ``describe_suspension`` gives the answer
+        again a moment later. The server then refuses ``Submitting`` with a ``Pause``, which Prefect's worker
+        does not catch (it ended the whole worker in CI). Here the run is only not started now; its next
+        resume is submitted as usual."""
+        try:
+            await super()._propose_submitting_state(flow_run)
+        except Pause:
+            self._logger.info("flow run %s is waiting again (answered mid-suspension); not started now", flow_run.id)
+            self._back_to_waiting.add(flow_run.id)
+
     async def run(
         self,
         flow_run: FlowRun,
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
+        if flow_run.id in self._back_to_waiting:
+            self._back_to_waiting.discard(flow_run.id)
+            if task_status is not None:
+                task_status.started(0)  # nothing started: no process id to record
+            return ProcessWorkerResult(status_code=0, identifier="")
         if configuration._command_configured:
             return await super().run(flow_run, configuration, task_status)
         self._running[flow_run.id] += 1

@@ -26,7 +26,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.deployments import run_deployment
-from prefect.flow_runs import resume_flow_run
 
 from blocks.registry import ArtifactRegistry
 from examples.local_env import (
@@ -44,6 +43,7 @@ from examples.local_env import (
     worker_env,
     write_config,
 )
+from icd.deploy.approval import give_answer
 from icd.deploy.queue import Holder
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
@@ -222,7 +222,22 @@ class DeployEnv:
         run = self.deploy(names.workspace, version)
         paused = self.wait_for(run.id, states={"PAUSED", *ENDED})
         assert paused.state is not None and paused.state.type.value == "PAUSED", paused.state
+        self.wait_for_question(run.id)
         return run, version
+
+    def wait_for_question(self, run_id: Any) -> FlowRun:
+        """Until the run has asked in full: Prefect writes the Suspended state first, then the form's schema,
+        then the flow says what it waits for; an operator answers the question, not the first write."""
+        return wait_until(
+            lambda: (
+                (run := self.read(run_id)).state is not None
+                and run.state.type.value == "PAUSED"
+                and "Waiting for approval" in (run.state.message or "")
+                and run
+            ),
+            timeout=60,
+            message="the run never finished asking",
+        )
 
     def plan_sha(self, workspace: str, run_id: Any) -> str:
         sha = self.registry.plan_store().sha256_of(workspace, str(run_id))
@@ -230,10 +245,7 @@ class DeployEnv:
         return sha
 
     def answer(self, run_id: Any, plan_sha256: str, approver: str = "alice", decision: str = "approve") -> None:
-        resume_flow_run(
-            run_id,
-            run_input={"decision": decision, "approver": approver, "comment": "lgtm", "plan_sha256": plan_sha256},
-        )
+        give_answer(run_id, {"decision": decision, "approver": approver, "comment": "lgtm", "plan_sha256": plan_sha256})
 
     def approve(self, run_id: Any, workspace: str, approver: str = "alice") -> FlowRun:
         self.answer(run_id, self.plan_sha(workspace, run_id), approver)
