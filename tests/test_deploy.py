@@ -119,10 +119,15 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
         assert env.holder(ws) == holder, "the same lease still holds the workspace"
     done = env.approve(run.id, ws)
     assert done.state is not None and done.state.name == "Deployed", done.state
+
     # Three refused answers and an approval re-ran the flow four times, yet every step before the wait ran
     # once and none was replayed as Cached; each refusal was told once.
-    tasks = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
-    assert [t.name for t in tasks if t.state is None or t.state.name != "Completed"] == []
+    # Task run states reach the API through the server's event recorder, a moment after the flow's own end.
+    def task_runs_all_completed() -> list[Any] | None:
+        found = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
+        return found if all(t.state is not None and t.state.name == "Completed" for t in found) else None
+
+    tasks = wait_until(task_runs_all_completed, timeout=30, message="a task run replayed (Cached) or never ended")
     steps = Counter(t.name.rsplit("-", 1)[0] for t in tasks)
     before_the_wait = ("claim-workspace", "plan-deploy", "publish-plan", "approval-deadline")
     assert [steps[name] for name in before_the_wait] == [1, 1, 1, 1], steps
