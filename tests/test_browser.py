@@ -240,9 +240,22 @@ def description(dialog: Locator) -> Locator:
 
 def state_message_on(page: Page, run_url: str) -> Locator:
     """The run page's state message, as its Details tab shows it (its first 70 characters, then "See More")."""
-    page.goto(run_url)
-    page.get_by_text("Details", exact=True).click()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     state_message = page.locator(".p-key-value").filter(has=page.get_by_text("State Message", exact=True))
+
+    def shown() -> bool:
+        # A click on "Details" while the page is still rendering its tabs can be lost (once in CI the Logs tab
+        # stayed open for 90 s), so the page is opened again until the tab shows.
+        page.goto(run_url)
+        page.get_by_text("Details", exact=True).click()
+        try:
+            state_message.wait_for(state="visible", timeout=15_000)
+        except PlaywrightTimeoutError:
+            return False
+        return True
+
+    wait_until(shown, timeout=90, message="the run page's Details tab never showed the state message")
     state_message.scroll_into_view_if_needed()
     return state_message
 
