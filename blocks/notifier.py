@@ -15,13 +15,11 @@ from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # sh
 from pydantic import Field, PrivateAttr
 from slack_sdk import WebClient
 from slack_sdk.http_retry import ConnectionErrorRetryHandler, RateLimitErrorRetryHandler, RetryHandler
-from slack_sdk.http_retry.builtin_handlers import ServerErrorRetryHandler
 
-from icd.notify.slack import SlackSender
+from icd.notify.slack import SERVER_ERROR_RETRIES, AnyServerErrorRetryHandler, SlackSender
 
 _CONNECTION_RETRIES = 2
 _RATE_LIMIT_RETRIES = 3
-_SERVER_ERROR_RETRIES = 1
 
 
 class SlackNotifier(Block):
@@ -44,12 +42,13 @@ class SlackNotifier(Block):
     _client: Any = PrivateAttr(default=None)
 
     def get_client(self) -> WebClient:
-        """A cached ``WebClient`` with slack-sdk's retry handlers for connection errors, 429s and 500/503."""
+        """A cached ``WebClient`` with slack-sdk's retry handlers for connection errors and 429s, and ours for
+        any 5xx (retried with backoff within a few seconds, before the message is handed to redelivery)."""
         if self._client is None:
             retry_handlers: list[RetryHandler] = [
                 ConnectionErrorRetryHandler(max_retry_count=_CONNECTION_RETRIES),
                 RateLimitErrorRetryHandler(max_retry_count=_RATE_LIMIT_RETRIES),
-                ServerErrorRetryHandler(max_retry_count=_SERVER_ERROR_RETRIES),
+                AnyServerErrorRetryHandler(max_retry_count=SERVER_ERROR_RETRIES),
             ]
             self._client = WebClient(
                 token=self.credentials.token.get_secret_value(),

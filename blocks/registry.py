@@ -13,6 +13,14 @@ from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr, SecretStr
 
+from icd.deploy.credentials import (
+    MAX_SESSION_SECONDS,
+    MIN_SESSION_SECONDS,
+    STEP_SESSION_SECONDS,
+    ScopedCredentials,
+    TerraformStep,
+    scoped_credentials,
+)
 from icd.deploy.queue import WorkspaceQueue, prefect_run_alive
 from icd.deploy.queue_store import S3QueueStore
 from icd.deploy.workdir import StateBackend, fetch_state
@@ -43,6 +51,24 @@ class ArtifactRegistry(Block):
     state_lock_table: str | None = Field(
         default="icd-terraform-locks",
         description="DynamoDB table (hash key LockID) that Terraform locks each workspace's state in.",
+    )
+
+    state_role_arn: str | None = Field(
+        default=None,
+        description=(
+            "IAM role Terraform's steps assume, each narrowed to one workspace's state object and lock items and "
+            "lasting minutes (docs/operations.md#terraforms-credentials). Empty: Terraform gets this block's own "
+            "credentials, which open the whole bucket to anything a stack starts."
+        ),
+    )
+    apply_session_seconds: int = Field(
+        default=STEP_SESSION_SECONDS["apply"],
+        ge=MIN_SESSION_SECONDS,
+        le=MAX_SESSION_SECONDS,
+        description=(
+            "How long an apply step's session lasts: longer than the stack's longest apply (Terraform can't save "
+            "the state or release its lock once it expires), and no longer, since a leaked key lives that long."
+        ),
     )
 
     _s3: Any = PrivateAttr(default=None)
@@ -84,8 +110,27 @@ class ArtifactRegistry(Block):
         backend = self.state_backend()
         return fetch_state(self.s3_client(), backend, workspace), backend.state_url(workspace)
 
-    def terraform_env(self) -> dict[str, str]:
-        """The backend credentials, for Terraform's environment only: never argv, logs or provisioners."""
+    def terraform_env(
+        self, workspace: str, step: TerraformStep, *, run_label: str = ""
+    ) -> tuple[dict[str, str], ScopedCredentials | None]:
+        """Terraform's environment for one step on ``workspace``: an STS session of ``state_role_arn`` scoped to
+        the workspace's state and lock items (icd/deploy/credentials.py), and that session; without a state
+        role, this block's own credentials (today's behaviour: the whole bucket) and None. Never argv or logs."""
+        if self.state_role_arn:
+            backend = self.state_backend()
+            scoped = scoped_credentials(
+                self.aws_credentials.get_client("sts"),
+                role_arn=self.state_role_arn,
+                backend=backend,
+                workspace=workspace,
+                step=step,
+                duration_seconds=self.apply_session_seconds if step == "apply" else STEP_SESSION_SECONDS[step],
+                run_label=run_label,
+            )
+            return scoped.env(backend.region), scoped
+        return self._own_credentials_env(), None
+
+    def _own_credentials_env(self) -> dict[str, str]:
         creds = self.aws_credentials
         env: dict[str, str] = {}
         if creds.aws_access_key_id:

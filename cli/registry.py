@@ -22,6 +22,7 @@ from icd.errors import DeployError, RegistryError
 from icd.registry.models import ArtifactVersion
 from icd.registry.registry import Registry
 from icd.registry.signing import Sealer
+from icd.text import version_label
 
 SIGNING_KEY_ENV = "ICD_REGISTRY_SIGNING_KEY"
 
@@ -105,8 +106,7 @@ def run(args: argparse.Namespace) -> None:
         print(registry.get(args.namespace, args.version).model_dump_json(indent=2))
     elif args.command == "history":
         for move in registry.channel_history(args.namespace, args.channel):
-            source = f"v{move.from_version}" if move.from_version is not None else "-"
-            target = f"v{move.to_version}" if move.to_version is not None else "-"
+            source, target = version_label(move.from_version), version_label(move.to_version)
             print(f"{move.assigned_at.isoformat()}\t{source} -> {target}\t{move.assigned_by}\t{move.reason}")
     elif args.command == "promote":
         done = operations.promote(
@@ -114,7 +114,9 @@ def run(args: argparse.Namespace) -> None:
         )
         events.flush()
         moved = done.assignment
-        print(f"{args.namespace}@{args.channel}: v{moved.from_version} -> v{moved.to_version}")
+        print(
+            f"{args.namespace}@{args.channel}: {version_label(moved.from_version)} -> {version_label(moved.to_version)}"
+        )
         print(f"plans requested for: {', '.join(done.plans_requested) or 'none'}")
     elif args.command == "revoke":
         revoked = operations.revoke(

@@ -17,12 +17,13 @@ from pathlib import Path
 import boto3
 
 from icd.config import config_path, load_config
+from icd.deploy.credentials import UNSCOPED_WARNING
 from icd.deploy.source import check_repo, checkout_source
 from icd.deploy.workdir import StateBackend, fetch_state
 from icd.errors import DeployError, RegistryError
 from icd.rules import LATEST
 from icd.service.contract import CONTRACT_PAGE
-from icd.service.preflight import breach_error, check_service, service_under_check
+from icd.service.preflight import breach_error, breaches, check_service, service_under_check, warnings
 from icd.service.scaffold import NewService, scaffold
 
 StateReader = Callable[[str], tuple[bytes | None, str]]
@@ -66,6 +67,8 @@ def _state_reader(args: argparse.Namespace) -> StateReader | None:
         block = ArtifactRegistry.load(args.block)
         if not isinstance(block, ArtifactRegistry):
             raise RegistryError(f"block {args.block!r} is not an Artifact Registry block")
+        if not block.state_role_arn:
+            print(f"warning: {UNSCOPED_WARNING}", file=sys.stderr)
         return block.workspace_state
     if args.bucket:
         client = boto3.client("s3", endpoint_url=args.endpoint_url, region_name=args.region)
@@ -113,8 +116,10 @@ def _check(args: argparse.Namespace, config_file: Path) -> int:
             root = checkout_source(repository, ref, Path(scratch) / "src").path
         service = service_under_check(config, args.namespace, root, workspaces=args.workspace, read_state=read_state)
         findings = check_service(service)
-    if findings:
-        print(breach_error(args.namespace, findings))
+    for warning in warnings(findings):
+        print(warning)
+    if breaches(findings):
+        print(breach_error(args.namespace, breaches(findings)))
         return 1
     workspaces = ", ".join(target.workspace for target in service.workspaces) or "none follows it yet"
     print(

@@ -9,7 +9,7 @@ Terraform's lock table (each only if missing). Secrets come from the environment
 signing key is generated once and kept when the block already exists (a new key would orphan every record).
 
     icd-setup blocks --bucket B [--s3-endpoint URL] [--region R] --slack-channel '#ops' [--slack-api-url URL]
-        --ui-url URL --consul-addr URL --alerts-url URL [--allow-private-alerts]
+        --ui-url URL --consul-addr URL --alerts-url URL [--allow-private-alerts] [--state-role-arn ARN]
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ from blocks.consul import ConsulConnection
 from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
 from cli.inbound import SECRET_BLOCK
+from icd.deploy.credentials import UNSCOPED_WARNING
 from icd.paths import PROJECT_ROOT
+from icd.worker import HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
+from tasks.watch import start_first_watch
 
 # The block names the flows and automations load by default (flow parameters can name others).
 REGISTRY_BLOCK = "registry"
@@ -119,11 +122,25 @@ def apply_automations(path: Path = AUTOMATIONS_FILE) -> list[str]:
     return names
 
 
+def check_zombie_window() -> None:
+    """Refuse a zombie window (``ICD_ZOMBIE_AFTER_SECONDS``) that would crash live runs between two heartbeats."""
+    value = os.environ.get("ICD_ZOMBIE_AFTER_SECONDS") or str(ZOMBIE_AFTER_SECONDS)
+    if not value.isdigit() or int(value) < 2 * HEARTBEAT_SECONDS:
+        raise SystemExit(
+            f"icd-setup: ICD_ZOMBIE_AFTER_SECONDS={value!r} must be a whole number of at least "
+            f"{2 * HEARTBEAT_SECONDS} (two heartbeats of {HEARTBEAT_SECONDS} s), or a live run is marked Crashed; "
+            f"the default is {ZOMBIE_AFTER_SECONDS}"
+        )
+
+
 def setup(pool: str, project_dir: Path = PROJECT_ROOT, automations: Path = AUTOMATIONS_FILE) -> list[str]:
+    check_zombie_window()
     register_block_types()
     ensure_work_pool(pool)
     deploy_all(project_dir)
-    return apply_automations(automations)
+    names = apply_automations(automations)
+    start_first_watch()  # health is watched from the start, not from the schedule's first run
+    return names
 
 
 @dataclass(frozen=True)
@@ -143,6 +160,8 @@ class Site:
     s3_endpoint: str | None = None
     slack_api_url: str = "https://slack.com/api/"
     allow_private_alerts: bool = False  # a receiver on a private address (a local one in the walkthrough)
+    # The IAM role Terraform's steps assume, scoped to one workspace each (docs/operations.md); None: the keys above.
+    state_role_arn: str | None = None
 
     @property
     def results_bucket(self) -> str:
@@ -168,6 +187,7 @@ def save_blocks(site: Site) -> ArtifactRegistry:
         aws_credentials=credentials,
         signing_key=_existing_signing_key() or SecretStr(secrets.token_urlsafe(32)),
         state_lock_table=STATE_LOCK_TABLE,
+        state_role_arn=site.state_role_arn,
     )
     registry.save(REGISTRY_BLOCK, overwrite=True)
     # Task results in their own bucket: workers need them, the registry's readers don't.
@@ -230,6 +250,11 @@ def blocks_main(argv: list[str]) -> int:
     parser.add_argument("--consul-addr", required=True, help="the Consul agent's HTTP API")
     parser.add_argument("--alerts-url", required=True, help="where critical-health alerts are posted")
     parser.add_argument("--allow-private-alerts", action="store_true", help="the alerts URL is on a private network")
+    parser.add_argument(
+        "--state-role-arn",
+        default=None,
+        help="IAM role Terraform assumes, scoped per workspace (docs/operations.md); without it, the keys above",
+    )
     args = parser.parse_args(argv)
     site = Site(
         bucket=args.bucket,
@@ -245,12 +270,15 @@ def blocks_main(argv: list[str]) -> int:
         s3_endpoint=args.s3_endpoint,
         slack_api_url=args.slack_api_url,
         allow_private_alerts=args.allow_private_alerts,
+        state_role_arn=args.state_role_arn,
     )
     save_blocks(site)
     print(
         f"blocks saved: {REGISTRY_BLOCK}, {NOTIFIER_BLOCK}, {CONSUL_BLOCK}, {SECRET_BLOCK}, {ALERTS_BLOCK}, "
         f"{RESULTS_BLOCK} (s3://{site.bucket}, s3://{site.results_bucket}, lock table {STATE_LOCK_TABLE})"
     )
+    if not site.state_role_arn:
+        print(f"warning: {UNSCOPED_WARNING} (set --state-role-arn)")
     return 0
 
 

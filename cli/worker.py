@@ -2,6 +2,8 @@
 
 Same pool, job template and settings as ``prefect worker start --type process``; each flow run is forked
 from a process that has already imported Prefect and the project's flows instead of a fresh interpreter.
+Its runs send a heartbeat every 30 s (``icd.worker.HEARTBEAT_SECONDS``; Prefect's default is 180 s) unless
+``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set, so the ``icd-zombie-runs`` automation notices a dead one in time.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import os
 import signal
 from pathlib import Path
 
-from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS
+from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, get_current_settings
 from prefect.utilities.processutils import setup_signal_handlers_worker
 
 from icd.paths import PROJECT_ROOT
 from icd.prefect_tls import reuse_tls_context_for_plain_http
+from icd.worker import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from icd.worker.warm import WarmProcessWorker, start_fork_server
 
 
@@ -32,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the project whose prefect.yaml names the flows to preload (default: $ICD_PROJECT_DIR)",
     )
     args = parser.parse_args(argv)
+    # Before the fork server: every run inherits it. Prefect's own 180 s would let a dead run look alive for
+    # minutes; a value set in the environment or the Prefect profile wins.
+    if HEARTBEAT_ENV not in get_current_settings().to_environment_variables(exclude_unset=True):
+        os.environ[HEARTBEAT_ENV] = str(HEARTBEAT_SECONDS)
     reuse_tls_context_for_plain_http()  # the worker's own clients; icd.worker.preload does it for the runs
     # Before the event loop and its threads: the fork server must start from a single-threaded process.
     for module, error in start_fork_server(args.project_dir.resolve()).items():

@@ -1,20 +1,25 @@
 """The whole loop on this machine, offline, through the same events a team's setup uses: `make demo`.
 
-    1. a developer commits; GitHub's signed push webhook reaches icd-inbound
-    2. build -> registered -> staging plan -> approve -> apply -> healthy (Consul)
-    3. promote to production -> production plan -> approve -> apply
+    1. a developer pushes v1; GitHub's signed push webhook reaches icd-inbound
+       -> build -> registered -> staging plan (nothing deployed -> v1) -> approve -> apply -> healthy (Consul)
+    2. the developer pushes a change: v2 -> build -> registered -> staging plan "acmeinc/web v1 → v2"
+       -> approve -> apply (v1's instance is replaced) -> healthy
+    3. promote v2 to production (icd-registry promote) -> production plan -> approve -> apply
     4. the production instance's health breaks -> icd.health.critical event, Slack alert, webhook notification
 
 Starts moto (S3, DynamoDB), the Consul and Slack API stand-ins (or a real `consul agent -dev` when `consul`
 is on PATH), a Prefect server, a process worker and the inbound webhook app; creates the blocks, the
 deployments (with their triggers) and the automations exactly as an operator would (`icd-setup`).
 Unattended by default: the demo approves each plan after printing it. With `--interactive` it waits for you
-to approve in the Prefect UI (the link is printed). `--keep` leaves everything running at the end.
+to approve in the Prefect UI (the link is printed). At the end it stops everything and removes its state
+folder (about 9 MB in the temp dir); `--keep` leaves everything running, and the folder in place, until
+Ctrl-C, so the Event Feed it links can be browsed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             return run_loop(demo, args, server, endpoint, consul_addr, slack)
+    except KeyboardInterrupt:
+        return 0 if args.keep else 130
     finally:
         for process in demo.processes:
             process.stop()
@@ -131,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         if consul_standin is not None:
             consul_standin.stop()
         moto.stop()
+        if args.keep:
+            demo.step(f"stopped; the demo's state is kept in {demo.home}")
+        else:
+            shutil.rmtree(demo.home, ignore_errors=True)
+            demo.step(
+                f"done in {time.monotonic() - demo.started:.0f}s; everything is stopped and {demo.home} removed "
+                "(`make demo ARGS=--keep` keeps the Prefect UI and its Event Feed running)"
+            )
 
 
 def run_loop(
@@ -169,41 +184,34 @@ def run_loop(
     demo.say(f"webhook endpoint: {inbound_url}/github")
 
     demo.step("1. a developer pushes v1; GitHub delivers the signed push webhook")
-    commit = git(repo, "rev-parse", "HEAD")
-    pushed_at = time.time()
-    answer = deliver_webhook(
-        f"{inbound_url}/github",
-        webhook_secret,
-        github_push(full_name=NAMESPACE, clone_url=str(repo), branch="main", after=commit),
-        delivery=str(uuid.uuid4()),
-    )
-    demo.say(f"webhook answered {answer.status_code}: {answer.json()}")
-
-    demo.step("2. build -> registered -> staging plan")
-    build = first_run_after("build-artifact", pushed_at)
-    demo.say(f"build run {build.name}: {server.ui_url}/runs/flow-run/{build.id}")
-    build = wait_for_run(build.id, ENDED)
-    if build.state is None or build.state.type.value != "COMPLETED":
-        demo.say(f"the build ended {build.state}")
-        return 1
-    if not approve(demo, server, slack, registry, "staging", after=pushed_at):
+    if not push_and_deploy(demo, server, slack, registry, repo, inbound_url, webhook_secret):
         return 1
 
-    demo.step("3. promote v1 to production (icd-registry promote) -> production plan")
+    demo.step("2. the developer pushes a change (v2): the staging plan replaces v1")
+    (repo / "CHANGELOG.md").write_text("# web\n\n- v2: the second release, pushed by the demo\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "v2")
+    if not push_and_deploy(demo, server, slack, registry, repo, inbound_url, webhook_secret):
+        return 1
+    show_release(demo, demo.home / "icd" / "instances" / "staging")
+
+    version = registry.registry().last_version(NAMESPACE)
+    demo.step(f"3. promote v{version} to production (icd-registry promote) -> production plan")
     promoted_at = time.time()
     done = operations.promote(
         registry.registry(),
         registry.workspace_queue(),
         load_config(),
         NAMESPACE,
-        1,
+        version,
         "production",
         by="demo",
-        why="staging is healthy",
+        why=f"staging is healthy on v{version}",
     )
     demo.say(f"{NAMESPACE}@production -> v{done.assignment.to_version}; plans requested for {done.plans_requested}")
     if not approve(demo, server, slack, registry, "production", after=promoted_at):
         return 1
+    show_release(demo, demo.home / "icd" / "instances" / "production")
 
     demo.step("4. the production instance's health breaks; the watch sees it")
     watch = run_deployment("consul-health/consul-health", parameters={"window_seconds": 40}, timeout=0)
@@ -218,14 +226,50 @@ def run_loop(
     demo.slack(slack.base_url)
     for delivery in slack.webhook_deliveries:
         demo.say(f"webhook notification ({delivery.webhook_id}) > {delivery.payload.get('text')}")
-    for event in stored_events("icd.health."):
+    for event in stored_events("icd.health.critical"):
         demo.say(f"event {event.event} about {event.resource.get('prefect.resource.name')}")
-    demo.step(f"done in {time.monotonic() - demo.started:.0f}s; the Event Feed tells it all: {server.ui_url}/events")
     if args.keep:
-        print(f"Prefect UI: {server.ui_url}  (Ctrl-C to stop)", flush=True)
+        demo.step(
+            f"done in {time.monotonic() - demo.started:.0f}s; everything keeps running until Ctrl-C. "
+            f"The Event Feed tells it all: {server.ui_url}/events"
+        )
         while True:
             time.sleep(3600)
     return 0 if slack.webhook_deliveries else 1
+
+
+def push_and_deploy(
+    demo: Demo, server: Any, slack: SlackStandIn, registry: Any, repo: Path, inbound_url: str, secret: str
+) -> bool:
+    """Deliver GitHub's push of ``repo``'s main, wait for the build, then approve the staging plan it asks."""
+    commit = git(repo, "rev-parse", "HEAD")
+    parents = git(repo, "rev-list", "--parents", "-n", "1", "HEAD").split()[1:]
+    pushed_at = time.time()
+    push = github_push(full_name=NAMESPACE, clone_url=str(repo), branch="main", after=commit)
+    if parents:  # the branch existed: GitHub says what it pointed at before
+        push = github_push(full_name=NAMESPACE, clone_url=str(repo), branch="main", after=commit, before=parents[0])
+    answer = deliver_webhook(
+        f"{inbound_url}/github",
+        secret,
+        push,
+        delivery=str(uuid.uuid4()),
+    )
+    demo.say(f"webhook answered {answer.status_code}: {answer.json()}")
+    build = first_run_after("build-artifact", pushed_at)
+    demo.say(f"build run {build.name}: {server.ui_url}/runs/flow-run/{build.id}")
+    build = wait_for_run(build.id, ENDED)
+    if build.state is None or build.state.type.value != "COMPLETED":
+        demo.say(f"the build ended {build.state}")
+        return False
+    return approve(demo, server, slack, registry, "staging", after=pushed_at)
+
+
+def show_release(demo: Demo, instances: Path) -> None:
+    """What the workspace's instance answers on ``GET /``: the version it was built as."""
+    for port_file in sorted(instances.glob("web-*/app.port")):
+        with contextlib.suppress(httpx.HTTPError, ValueError, OSError):
+            answer = httpx.get(f"http://127.0.0.1:{int(port_file.read_text())}/", timeout=5).json()
+            demo.say(f"{instances.name} answers GET /: {answer}")
 
 
 def stored_events(prefix: str, timeout: float = 30) -> list[Any]:

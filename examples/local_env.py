@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
+import boto3
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -41,12 +42,16 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
 
 from blocks.registry import ArtifactRegistry
-from cli.setup import RESULTS_BLOCK, Site, save_blocks, setup
+from cli.setup import RESULTS_BLOCK, STATE_LOCK_TABLE, Site, save_blocks, setup
 from icd.config import parse_config
-from icd.worker import LONGEST_STOP_SECONDS
+from icd.deploy.credentials import state_role_policy
+from icd.deploy.workdir import StateBackend
+from icd.worker import HEARTBEAT_ENV, HEARTBEAT_SECONDS, LONGEST_STOP_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The PostgreSQL these machines run for teams (trust auth); a fresh database is made on it per server.
+# moto's one account: the state role trusts it, as a role in AWS trusts the account the workers run in.
+MOTO_ACCOUNT_ROOT = "arn:aws:iam::123456789012:root"
 POSTGRES_ADMIN_DSN = os.environ.get("ICD_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -132,18 +137,39 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 
 def start_prefect_server(
-    home: Path, *, port: int | None = None, database_url: str | None = None, timeout: float = 180.0
+    home: Path,
+    *,
+    port: int | None = None,
+    database_url: str | None = None,
+    timeout: float = 180.0,
+    write_first: bool = True,
+    env: Mapping[str, str] | None = None,
 ) -> PrefectServer:
+    """A Prefect server in its own process group, on SQLite under ``home`` unless ``database_url`` is given.
+
+    Started as ``icd-server start`` (``cli/server.py``: on SQLite, a transaction waits for the write lock
+    instead of failing with ``database is locked`` under load); ``write_first=False`` starts Prefect's own
+    ``prefect server start``, the baseline of ``bench/sqlite_load.py``. ``env`` adds settings."""
     port = port or free_port()
-    env = prefect_env(home)
-    env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
-    env["PREFECT_SERVER_API_PORT"] = str(port)
+    server_env = {**prefect_env(home), **(env or {})}
+    server_env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
+    server_env["PREFECT_SERVER_API_PORT"] = str(port)
     if database_url:
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     process = spawn(
         "prefect-server",
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
+        [
+            sys.executable,
+            "-m",
+            "cli.server" if write_first else "prefect",
+            *([] if write_first else ["server"]),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=server_env,
         log_dir=home / "logs",
     )
     api_url = f"http://127.0.0.1:{port}/api"
@@ -361,11 +387,43 @@ def provision(
         s3_endpoint=services.s3_endpoint,
         slack_api_url=services.slack_api_url,
         allow_private_alerts=True,
+        state_role_arn=create_state_role(services),
     )
     with temporary_env({**server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)}):
         registry = save_blocks(site)
         setup(pool)
     return registry
+
+
+def create_state_role(services: LocalServices, region: str = "us-east-1") -> str:
+    """The IAM role Terraform's steps assume (docs/operations.md#terraforms-credentials), made in moto as an
+    operator makes it in AWS: the bucket's workspace states and the lock table, nothing else. Returns its ARN."""
+    backend = StateBackend(
+        bucket=services.bucket,
+        key_prefix=str(ArtifactRegistry.model_fields["prefix"].default),
+        region=region,
+        lock_table=STATE_LOCK_TABLE,
+    )
+    iam = boto3.client(
+        "iam",
+        endpoint_url=services.s3_endpoint,
+        region_name=region,
+        aws_access_key_id=services.aws_access_key_id,
+        aws_secret_access_key=services.aws_secret_access_key,
+    )
+    name = f"icd-state-{services.bucket}"[:64]
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"AWS": MOTO_ACCOUNT_ROOT}, "Action": "sts:AssumeRole"}],
+    }
+    try:
+        arn = str(iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"])
+    except iam.exceptions.EntityAlreadyExistsException:
+        arn = str(iam.get_role(RoleName=name)["Role"]["Arn"])
+    iam.put_role_policy(
+        RoleName=name, PolicyName="workspace-states", PolicyDocument=json.dumps(state_role_policy(backend))
+    )
+    return arn
 
 
 @contextlib.contextmanager
@@ -420,6 +478,8 @@ def worker_env(icd_home: Path, config: Path, extra: Mapping[str, str] | None = N
         "PREFECT_LOGGING_EXTRA_LOGGERS": "icd",
         # Results in S3 (provision() makes the block): a run suspended on one worker resumes on any other.
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"s3-bucket/{RESULTS_BLOCK}",
+        # A dead run is noticed within 90 s (icd.worker); icd-worker sets it too, Prefect's own worker does not.
+        HEARTBEAT_ENV: str(HEARTBEAT_SECONDS),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra or {}),
     }

@@ -15,9 +15,9 @@ in the registry; a run that finds it claimed by a live run ends ``Duplicate``, n
 ``Reused`` when that run has registered the version already). A commit gets one version; ``rebuild`` makes
 another on purpose (as does a build whose versions can't serve this platform), and two rebuilds make one.
 
-A failure is told to operators and fails the run; one before registering gives the claim back at once. A
-service that breaks the service contract (``docs/service-contract.md``) fails at the pre-flight check,
-with every breach in the message.
+A failure (an unreadable ``icd.toml`` too) is told to operators and fails the run; one before registering
+gives the claim back at once. A service that breaks the service contract (``docs/service-contract.md``)
+fails at the pre-flight check, with every breach in the message.
 """
 
 from __future__ import annotations
@@ -72,11 +72,12 @@ def build_artifact(
     With ``plan`` (the default) the registration requests a plan of every workspace that follows ``latest``.
     A second run of a commit being built ends ``Duplicate`` (its result names the run building it).
     """
-    config = load_config().namespace(namespace)
-    registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
     run_id, run_name = str(flow_run.id), str(flow_run.name)
-    build = _Build(registry, config, namespace, ref, platform, plan, rebuild, run_id)
     try:
+        # A typo in icd.toml (a ConfigError) is a build failure like any other: told, then the run fails.
+        config = load_config().namespace(namespace)
+        registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
+        build = _Build(registry, config, namespace, ref, platform, plan, rebuild, run_id)
         # A push names its commit: a second run of it, or a commit built already, ends before any checkout.
         # A ref alone is resolved (checked out) first, to know the commit.
         source = None if commit else resolve_source(config.repository, ref, build.workdir)

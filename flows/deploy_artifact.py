@@ -14,6 +14,7 @@ from its record (``once_per_run``), so code here outside tasks has no side effec
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
@@ -33,7 +34,7 @@ from icd.deploy.dispatch import checkpoint
 from icd.deploy.outcome import Outcome
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.queue import Claimed, DeployRequest, Lost, NoticeRef, RunRef, Superseded
-from icd.errors import DeployError
+from icd.errors import ConfigError, ConflictError, DeployError, RegistryStorageError, RunRecordStoreError
 from icd.notify.message import NotificationReceipt
 from icd.registry.models import ArtifactVersion, ChannelMoved
 from icd.rules import PLAN_AND_APPLY_MARGIN_SECONDS, Workspace
@@ -42,12 +43,12 @@ from icd.text import one_line
 from tasks.announce import announce_channel_move, announce_teardown
 from tasks.apply import apply_plan
 from tasks.approve import AwaitingApproval, approval_deadline, approval_notice, publish_plan, wait_for_approval
-from tasks.context import DeployContext, deploy_context
+from tasks.context import DeployContext, deploy_context, tell_without_context
 from tasks.gate import close_window, gate_health, open_window
 from tasks.notify import notify_now
 from tasks.plan import plan_deploy, read_version, resolve_version
-from tasks.policies import once_per_run
-from tasks.promote import promote_channel
+from tasks.policies import once_per_run, retried
+from tasks.promote import empty_channel, promote_channel
 from tasks.queue import checkpoint_workspace, claim_workspace, release_workspace, supersede_waiting_run
 from tasks.record import record_deploy
 
@@ -63,6 +64,15 @@ def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
         notice = ctx.notice(outcome.title, outcome.message, outcome.severity, facts=outcome.facts)
         ctx.tell(notice, reply_to=outcome.thread)
     get_run_logger().info("deploy-artifact finished: %s: %s", outcome.name, outcome.message)
+    return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
+
+
+def finish_unconfigured(workspace: str, run: RunRef, notifier_block: str, outcome: Outcome) -> State[Any]:
+    """:func:`finish` for a run ``icd.toml`` can't describe: there is no context, so operators are told through
+    the notifier block alone; nothing was claimed, so nothing is released."""
+    record_deploy(workspace, {"outcome": outcome.name, **outcome.record})
+    tell_without_context(workspace, run, notifier_block, outcome.title, outcome.message, outcome.severity)
+    get_run_logger().error("deploy-artifact finished: %s: %s", outcome.name, outcome.message)
     return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
 
 
@@ -87,15 +97,24 @@ def deploy_artifact(
     variables); it waits for approval and applies like any plan, then no gate and no promotion.
     """
     run = RunRef(str(flow_run.id), str(flow_run.name))
-    ctx = deploy_context(
-        workspace,
-        run,
-        registry_block=registry_block,
-        notifier_block=notifier_block,
-        consul_block=consul_block,
-        teardown=teardown,
-    )
-    claim = once_per_run("claim", lambda: claim_and_take_over(ctx, None if request_id else ctx.own_request(version)))
+    try:
+        ctx = deploy_context(
+            workspace,
+            run,
+            registry_block=registry_block,
+            notifier_block=notifier_block,
+            consul_block=consul_block,
+            teardown=teardown,
+        )
+    except ConfigError as exc:  # a typo in icd.toml, the workspace removed: told like any failure
+        return finish_unconfigured(workspace, run, notifier_block, outcomes.fault(workspace, exc))
+    try:
+        claim = once_per_run(
+            "claim", lambda: claim_and_take_over(ctx, None if request_id else ctx.own_request(version))
+        )
+    except DeployError as exc:
+        # The claim's record or the queue could not be read (S3 down on resume): this run may hold the workspace.
+        return end_on_fault(ctx, exc)
     if not isinstance(claim, Claimed):
         return finish(ctx, claim)
     # Everything after the claim, including what runs again on resume, is inside the release path.
@@ -104,7 +123,7 @@ def deploy_artifact(
     except Pause:
         raise  # suspended for approval: the workspace stays held without a process
     except DeployError as exc:
-        outcome = outcomes.fault(workspace, exc)
+        return end_on_fault(ctx, exc)
     except BaseException:
         give_back(ctx)
         raise
@@ -112,13 +131,29 @@ def deploy_artifact(
     return finish(ctx, outcome)
 
 
-def give_back(ctx: DeployContext) -> None:
+def end_on_fault(ctx: DeployContext, exc: DeployError) -> State[Any]:
+    """A fault ends the run Failed, naming it; operators are told whether the workspace could be released."""
+    told = outcomes.fault(ctx.workspace, exc)
+    # With S3 failing, one try: the release is S3 too, and deploy-ended retries it until S3 answers.
+    if not give_back(ctx, patient=not isinstance(exc, RunRecordStoreError | RegistryStorageError)):
+        pending = "the workspace could not be released now (S3 unreachable): deploy-ended releases it once S3 answers"
+        told = replace(told, message=f"{told.message}; {pending}", record={**told.record, "workspace": pending})
+    return finish(ctx, told)
+
+
+def give_back(ctx: DeployContext, *, patient: bool = True) -> bool:
     """Release the workspace; the run still ends as it should if the lock's store (S3) can't be reached: a
-    lock whose run has ended holds nothing, the next request takes the workspace, deploy-ended retries."""
+    lock whose run has ended holds nothing, the next request takes the workspace, and deploy-ended retries
+    the release until S3 answers. False when it could not be released now."""
+    release = release_workspace if patient else release_workspace.with_options(retries=0)
     try:
-        release_workspace(ctx.registry, ctx.workspace, ctx.run_id)
+        release(ctx.registry, ctx.workspace, ctx.run_id)
     except DeployError as exc:
-        get_run_logger().error("could not release %s (%s); it is free once this run has ended", ctx.workspace, exc)
+        get_run_logger().error(
+            "could not release %s (%s); deploy-ended releases it once S3 answers", ctx.workspace, exc
+        )
+        return False
+    return True
 
 
 def claim_and_take_over(ctx: DeployContext, own: DeployRequest | None) -> Claimed | Outcome:
@@ -169,6 +204,8 @@ def act_on(ctx: DeployContext, mine: DeployRequest, asked: AwaitingApproval, dec
         )
     if isinstance(begun, Lost):
         return outcomes.lock_lost(ctx.workspace, begun.holder, record)
+    if ctx.teardown:
+        return tear_down(ctx, mine, planned, decision, record)
     return apply_and_gate(ctx, asked.version, planned, decision, record)
 
 
@@ -198,17 +235,18 @@ def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: A
     """Once suspended, hold the workspace as *awaiting approval*, unless a newer request came meanwhile: then
     end Superseded here. The server refuses tasks of a suspended run, hence library calls only."""
     notice = NoticeRef(channel=asked.notice.channel, ts=asked.notice.ts) if asked.notice else None
-    waiting = checkpoint(
-        ctx.registry.workspace_queue(),
-        ctx.run_id,
-        mine,
-        advance_to="awaiting",
-        details={
-            "expires_at": asked.deadline + _MARGIN,
-            "plan_sha256": asked.planned.plan_sha256,
-            "plan_artifact_id": asked.published.artifact_id,
-            "notice": notice,
-        },
+    details = {
+        "expires_at": asked.deadline + _MARGIN,
+        "plan_sha256": asked.planned.plan_sha256,
+        "plan_artifact_id": asked.published.artifact_id,
+        "notice": notice,
+    }
+    # S3 failing past the retries is a fault: it leaves this function, and the run ends through end_on_fault.
+    waiting = retried(
+        lambda: checkpoint(ctx.registry.workspace_queue(), ctx.run_id, mine, advance_to="awaiting", details=details),
+        RegistryStorageError,
+        ConflictError,
+        what=f"recording that run {ctx.run.name} awaits approval on {ctx.workspace}",
     )
     if isinstance(waiting, Superseded):
         ended = outcomes.superseded(ctx.workspace, mine, waiting.by, taken_by=waiting.taken_by, asked=True)
@@ -225,8 +263,6 @@ def apply_and_gate(
     decision: ApprovalDecision,
     record: dict[str, str],
 ) -> Outcome:
-    if ctx.teardown:
-        return tear_down(ctx, planned, decision, record)
     previous = planned.view.from_version  # the one source of "what ran before": the plan's view of the state
     from_label = read_version(ctx.registry, ctx.namespace, previous).build_label if previous else ""
     health_deadline = ctx.settings.health_deadline_seconds
@@ -240,7 +276,9 @@ def apply_and_gate(
         seconds=seconds,
     )
     try:
-        applied = apply_plan(ctx.registry, planned, approved_sha256=decision.plan_sha256)
+        applied = apply_plan(
+            ctx.registry, planned, approved_sha256=decision.plan_sha256, watch=ctx.watch_apply("apply")
+        )
         if isinstance(applied, StalePlan):
             return outcomes.stale_plan(ctx.workspace, applied.reason, planned.plan_sha256, record, teardown=False)
         gate = gate_health(
@@ -265,14 +303,45 @@ def apply_and_gate(
 
 
 def tear_down(
-    ctx: DeployContext, planned: PlannedDeploy, decision: ApprovalDecision, record: dict[str, str]
+    ctx: DeployContext, mine: DeployRequest, planned: PlannedDeploy, decision: ApprovalDecision, record: dict[str, str]
 ) -> Outcome:
     """Apply the approved destroy plan. The stack's destroy step stops the instance and deregisters it from
-    Consul; nothing is gated (there is nothing left to be healthy) and no channel moves."""
-    applied = apply_plan(ctx.registry, planned, approved_sha256=decision.plan_sha256)
+    Consul, inside a deploy window, so the health watch records the instance leaving instead of paging;
+    nothing is gated (there is nothing left to be healthy). The workspace's own channel is emptied: it no
+    longer lists the workspace at its last version, and the next plan there starts from nothing deployed."""
+    view = planned.view
+    previous = view.from_version
+    from_label = read_version(ctx.registry, ctx.namespace, previous).build_label if previous else ""
+    open_window(
+        ctx.consul,
+        ctx.service_name,
+        deploy_run_id=ctx.run_id,
+        from_version=from_label,
+        to_version="",  # nothing comes after a teardown
+        seconds=PLAN_AND_APPLY_MARGIN_SECONDS,
+    )
+    try:
+        applied = apply_plan(
+            ctx.registry, planned, approved_sha256=decision.plan_sha256, watch=ctx.watch_apply("teardown")
+        )
+    finally:
+        close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
     if isinstance(applied, StalePlan):
         return outcomes.stale_plan(ctx.workspace, applied.reason, planned.plan_sha256, record, teardown=True)
-    view = planned.view
+    if ctx.promotes is not None:
+        empty_channel(
+            ctx.registry,
+            namespace=ctx.namespace,
+            channel=ctx.promotes,
+            assigned_by=decision.approver,
+            reason=f"{ctx.workspace} torn down by {ctx.run.name}: {mine.reason or 'no reason given'}",
+            metadata={
+                "flow_run_id": ctx.run_id,
+                "requested_by": mine.by,
+                "approved_by": decision.approver,
+                "comment": decision.comment,
+            },
+        )
     announce_teardown(ctx.workspace, ctx.namespace, version=view.from_version, by=decision.approver, run_id=ctx.run_id)
     record = {**record, "applied in": f"{applied.duration_seconds:.1f}s"}
     return outcomes.torn_down(ctx.workspace, view.version_diff, decision.approver, planned.plan_sha256, record)
@@ -339,7 +408,9 @@ def handle_unhealthy(
     assert isinstance(target, ArtifactVersion)  # without `follows` it is a version or an exception
     rollback = plan_deploy(ctx.registry, ctx.plan_request(target, plan_id=f"{ctx.run_id}-rollback", rollback=True))
     if rollback.has_changes:
-        applied = apply_plan(ctx.registry, rollback, approved_sha256=rollback.plan_sha256)
+        applied = apply_plan(
+            ctx.registry, rollback, approved_sha256=rollback.plan_sha256, watch=ctx.watch_apply("rollback")
+        )
         if isinstance(applied, StalePlan):
             return outcomes.rollback_failed(
                 ctx.workspace, ctx.namespace, version.version, previous, detail, applied.reason, record

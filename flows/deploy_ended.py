@@ -17,6 +17,12 @@ run (``icd/deploy/queue.py``), so a queue never stalls behind a dead run:
 
 A run that failed on a fault ended through ``finish`` and has told operators already; here it only has its
 lock checked.
+
+**S3 down.** The lock lives in S3, so a run that ended because S3 failed (or that crashed while it was down)
+could not be released then. It is released here as soon as S3 answers again: tried at once, then retried for
+about a quarter of an hour (:data:`RELEASE_RETRY_DELAYS`); operators are told first (a crash's notice says the
+release is pending). Meanwhile the lock holds nothing (its run has ended: the next request takes the
+workspace); only a request queued behind it waits for this release to get its run.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ from prefect.states import Cancelled
 
 from blocks.notifier import SlackNotifier
 from blocks.registry import ArtifactRegistry
+from icd.errors import DeployError
 from icd.notify.message import Notification, Severity
 from tasks.notify import notify
 from tasks.queue import release_workspace
 
 TIMED_OUT = "never resumed"
+# Waits between tries of a release S3 refused (about 15 minutes in all): short first, S3 is often back soon.
+RELEASE_RETRY_DELAYS: list[float] = [5, 10, 20, 30, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60, 60]
 
 
 @flow(name="deploy-ended")
@@ -47,7 +56,7 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     state = run.state
     workspace = str(run.parameters.get("workspace", ""))
     registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
-    released = release_workspace(registry, workspace, str(run.id)).was_holder if workspace else False
+    released = _release_now(registry, workspace, str(run.id)) if workspace else False
     notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
     if state is not None and state.type == StateType.FAILED and TIMED_OUT in (state.message or ""):
         message = "no approval before the deadline; nothing applied"
@@ -58,10 +67,10 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
         done = "approval timed out"
     elif state is not None and state.type == StateType.CRASHED:
         title = f"Deploy run crashed on {workspace}"
+        lock = {True: "was released", False: "was not held", None: _PENDING}[released]
         text = (
-            f"Run {run.name} crashed ({state.message or 'no message'}); its workspace lock "
-            f"{'was released' if released else 'was not held'}. Terraform's state lock guards the state; "
-            "check the run's last log lines, then plan again."
+            f"Run {run.name} crashed ({state.message or 'no message'}); its workspace lock {lock}. "
+            "Terraform's state lock guards the state; check the run's last log lines, then plan again."
         )
         severity, done = "critical", "crash handled"
     elif state is not None and state.type == StateType.CANCELLED and state.name == "Cancelled" and released:
@@ -70,7 +79,11 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
         severity, done = "warning", "cancellation handled"
     else:
         logger.info("run %s ended %s and has told operators itself; lock released: %s", run.name, state, released)
-        return "nothing to do"
+        return (
+            _release_when_back(registry, workspace, str(run.id), "nothing to do")
+            if released is None
+            else "nothing to do"
+        )
     notify(
         notifier,
         Notification(
@@ -84,4 +97,28 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
         notifier_block=notifier_block,
     )
     logger.info("run %s: %s; lock released: %s", run.name, done, released)
-    return done
+    return _release_when_back(registry, workspace, str(run.id), done) if released is None else done
+
+
+_PENDING = "could not be released yet (S3 unreachable): deploy-ended releases it as soon as S3 answers"
+
+
+def _release_now(registry: ArtifactRegistry, workspace: str, run_id: str) -> bool | None:
+    """Whether the run held the workspace (now released); None when S3 could not be reached."""
+    try:
+        return release_workspace(registry, workspace, run_id).was_holder
+    except DeployError as exc:
+        get_run_logger().warning("workspace %s %s (%s)", workspace, _PENDING, exc)
+        return None
+
+
+def _release_when_back(registry: ArtifactRegistry, workspace: str, run_id: str, done: str) -> str:
+    """The release, retried until S3 answers (for about 15 minutes; then this run fails, naming S3)."""
+    patient = release_workspace.with_options(
+        retries=len(RELEASE_RETRY_DELAYS), retry_delay_seconds=RELEASE_RETRY_DELAYS
+    )
+    released = patient(registry, workspace, run_id)
+    get_run_logger().info(
+        "workspace %s released once S3 answered (held by this run: %s)", workspace, released.was_holder
+    )
+    return f"{done}; released once S3 answered"

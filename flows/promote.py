@@ -15,6 +15,7 @@ from blocks.registry import ArtifactRegistry
 from icd import operations
 from icd.config import load_config
 from icd.rules import Channel, Namespace
+from icd.text import version_label
 
 
 @flow(name="promote")
@@ -33,11 +34,11 @@ def promote(
     )
     moved = done.assignment
     get_run_logger().info(
-        "%s@%s: v%s -> v%s by %s; plans requested for: %s",
+        "%s@%s: %s -> %s by %s; plans requested for: %s",
         namespace,
         channel,
-        moved.from_version,
-        moved.to_version,
+        version_label(moved.from_version),
+        version_label(moved.to_version),
         moved.assigned_by,
         ", ".join(done.plans_requested) or "none",
     )

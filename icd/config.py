@@ -80,6 +80,10 @@ class WorkspaceConfig(_Strict):
     health_deadline_seconds: Annotated[float, Field(gt=0, le=MAX_HEALTH_DEADLINE_SECONDS)] = 60.0
     rollback_on_unhealthy: bool = True
     lock_wait_seconds: Annotated[float, Field(ge=0, le=24 * 3600)] = 3600.0
+    # An apply (or teardown, or rollback) whose Terraform only says "Still creating..." for this long is
+    # stopped as stuck (docs/operations.md#stuck-applies). At most 30 min: the workspace lease's margin for
+    # the apply (PLAN_AND_APPLY_MARGIN_SECONDS), and every Terraform call's own limit.
+    apply_timeout_seconds: Annotated[float, Field(gt=0, le=1800)] = 900.0
 
     @field_validator("follows")
     @classmethod

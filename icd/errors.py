@@ -46,6 +46,18 @@ class ToolOutputHeldError(ToolError):
         self.holders = tuple(holders)
 
 
+class ToolStuckError(ToolError):
+    """The CLI made no progress for longer than its watch allows (a Terraform apply only saying "Still
+    creating..."); it was stopped, and every daemon of it that held its output was killed (``killed``)."""
+
+    def __init__(
+        self, message: str, *, holders: Sequence[str] = (), killed: Sequence[str] = (), **kwargs: object
+    ) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]  # kwargs are ToolError's keywords
+        self.holders = tuple(holders)
+        self.killed = tuple(killed)
+
+
 class PackerError(ToolError):
     """`packer validate` or `packer build` failed; the message is Packer's own."""
 
@@ -129,8 +141,18 @@ class ConflictError(RegistryError):
 # --- deploy flow --------------------------------------------------------------------------------------
 
 
+class RunRecordStoreError(DeployError):
+    """The run's result store (Prefect's results in S3) could not be read or written. A record that can't be
+    read is never taken as absent: that would run a claim, a plan or a question again."""
+
+
 class PlanIntegrityError(DeployError):
     """The plan file about to be applied is not the one that was approved (hash mismatch, missing)."""
+
+
+class StateCredentialsError(DeployError):
+    """STS refused or could not be reached when asked for Terraform's short-lived, workspace-scoped credentials
+    (icd/deploy/credentials.py); nothing ran with other credentials instead."""
 
 
 class WorkspaceLockError(DeployError):

@@ -277,8 +277,10 @@ def plan_requested(
     cause_id: str | None = None,
     teardown: bool = False,
     request_id: uuid.UUID | None = None,
+    reason: str = "",
 ) -> EventSpec:
-    """One request for a workspace (its id is the request's id in the queue, new unless given)."""
+    """One request for a workspace (its id is the request's id in the queue, new unless given); ``reason``:
+    why, when the asker said (a teardown's)."""
     related = [artifact_resource(namespace, version, "artifact-version")]
     if cause_id:
         related.append({"prefect.resource.id": cause_id, "prefect.resource.role": "cause"})
@@ -295,6 +297,7 @@ def plan_requested(
             "because": cause,
             "by": by,
             "request_id": str(request_id),
+            **({"reason": reason} if reason else {}),
         },
         id=request_id,
     )

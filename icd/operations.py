@@ -16,7 +16,7 @@ from icd.deploy.queue import WorkspaceQueue
 from icd.errors import InvalidInputError
 from icd.registry.models import ChannelAssignment, ChannelMoved
 from icd.registry.registry import Registry
-from icd.text import normalize_identity
+from icd.text import normalize_identity, version_label
 
 
 def _identity(by: str) -> str:
@@ -50,7 +50,9 @@ def promote(
         raise InvalidInputError("say why (--why): the channel's history keeps it")
     moved = registry.assign_channel(namespace, channel, version, assigned_by=who, reason=why.strip())
     if isinstance(moved, ChannelMoved):  # only a compare-and-swap move can lose; this one has no expectation
-        raise InvalidInputError(f"channel {channel!r} moved under us to v{moved.actual_version}; try again")
+        raise InvalidInputError(
+            f"channel {channel!r} moved under us to {version_label(moved.actual_version)}; try again"
+        )
     cause = events.channel_moved(
         namespace=namespace, channel=channel, from_version=moved.from_version, to_version=version, by=who, reason=why
     )
@@ -115,6 +117,7 @@ def request_teardown(
             by=who,
             cause=events.TEARDOWN_REQUESTED,
             teardown=True,
+            reason=why.strip(),
         ),
     )
     return TeardownRequest(workspace, settings.namespace, version)

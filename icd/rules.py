@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 from pydantic import AfterValidator, Field
 
@@ -117,15 +117,30 @@ def check_relative_path(value: str, *, within: Path, what: str) -> Path:
     return resolved
 
 
+def schema_pattern(pattern: str) -> str:
+    """``pattern`` as a JSON-schema ``pattern`` that only a whole value matches, in every engine that reads it.
+
+    The Prefect server checks a run's parameters with Python's ``re.search``, where ``$`` also matches before
+    a trailing newline: ``^name$`` let "staging\\n" through, and the run it created failed later. ``\\Z``
+    would fix Python but means a literal "Z" to the UI's JavaScript; "``$`` not followed by a newline" means
+    the end of the text to both."""
+    return f"^{pattern}$(?!\\n)"
+
+
 # Annotated types for flow signatures. The JSON-schema pattern lets the Prefect UI and server refuse a bad
-# value before a run is even created; the validator (a full-string match) runs when the flow starts.
-_NAME_SCHEMA = Field(pattern=f"^{NAME_PATTERN}$", description=f"Name rule: {NAME_RULE}.")
+# value before a run is even created. The pattern is only in the schema, not checked by pydantic (whose
+# message would be the bare regex): a run created anyway fails in the rule's words, from the validator.
+def _schema(pattern: str, description: str) -> Any:
+    return Field(description=description, json_schema_extra={"pattern": schema_pattern(pattern)})
+
+
+_NAME_SCHEMA = _schema(NAME_PATTERN, f"Name rule: {NAME_RULE}.")
 Name = Annotated[str, _NAME_SCHEMA, AfterValidator(check_name)]
 Channel = Annotated[str, _NAME_SCHEMA, AfterValidator(check_channel)]
 Workspace = Annotated[str, _NAME_SCHEMA, AfterValidator(check_workspace)]
 Namespace = Annotated[
     str,
-    Field(pattern=f"^{NAME_PATTERN}/{NAME_PATTERN}$", description=f"Namespace rule: {NAMESPACE_RULE}."),
+    _schema(f"{NAME_PATTERN}/{NAME_PATTERN}", f"Namespace rule: {NAMESPACE_RULE}."),
     AfterValidator(check_namespace),
 ]
 GitRef = Annotated[str, AfterValidator(check_ref)]

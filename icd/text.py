@@ -86,3 +86,9 @@ def operator_time(moment: datetime | str) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def version_label(version: int | None) -> str:
+    """A registry version as operators read it: ``v5``, or ``nothing`` for a channel that points at none (an
+    operator never reads "vNone")."""
+    return f"v{version}" if version is not None else "nothing"

@@ -76,6 +76,17 @@ class _Faults:
     retry_after_seconds: int = 1
     server_error_calls: int = 0
     server_error_status: int = 500
+    server_error_when: str | None = None  # only requests whose text holds this fail (None: every request)
+
+
+@dataclass(frozen=True)
+class FaultedCall:
+    """A Web API request the stand-in answered with an injected fault, and when (``time.time()``)."""
+
+    method: str
+    status: int
+    text: str
+    at: float
 
 
 class SlackStandIn:
@@ -99,6 +110,7 @@ class SlackStandIn:
         self._messages: list[ReceivedMessage] = []
         self._webhooks: list[WebhookDelivery] = []
         self._calls: list[str] = []
+        self._faulted: list[FaultedCall] = []
         self._channel_ids: dict[str, str] = {}
         self._next_ts_micros = 100
         self._faults = _Faults()
@@ -171,6 +183,11 @@ class SlackStandIn:
         with self._lock:
             return self._calls.count(method)
 
+    def faulted_calls(self) -> list[FaultedCall]:
+        """The requests answered with an injected 429 or 5xx, oldest first."""
+        with self._lock:
+            return list(self._faulted)
+
     def wait_for_messages(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Wait until at least ``count`` messages arrived; returns what is there when it gives up."""
         with self._lock:
@@ -201,6 +218,7 @@ class SlackStandIn:
             self._messages.clear()
             self._webhooks.clear()
             self._calls.clear()
+            self._faulted.clear()
             self._faults = _Faults()
 
     # --- fault injection ------------------------------------------------------------------------------
@@ -211,23 +229,31 @@ class SlackStandIn:
             self._faults.rate_limited_calls = calls
             self._faults.retry_after_seconds = retry_after_seconds
 
-    def fail_next(self, calls: int, status: int = 500) -> None:
-        """Answer the next ``calls`` Web API requests with a 5xx and a non-Slack body."""
+    def fail_next(self, calls: int, status: int = 500, *, text_containing: str | None = None) -> None:
+        """Answer the next ``calls`` Web API requests with a 5xx and a non-Slack body; with
+        ``text_containing``, only requests whose ``text`` holds it (others pass and don't count)."""
         with self._lock:
             self._faults.server_error_calls = calls
             self._faults.server_error_status = status
+            self._faults.server_error_when = text_containing
 
     # --- request handling (called from server threads) ------------------------------------------------
 
-    def _take_fault(self) -> tuple[int, dict[str, str], dict[str, Any] | str] | None:
+    def _take_fault(
+        self, method: str, params: Mapping[str, Any]
+    ) -> tuple[int, dict[str, str], dict[str, Any] | str] | None:
+        text = str(params.get("text") or "")
         with self._lock:
             faults = self._faults
             if faults.rate_limited_calls > 0:
                 faults.rate_limited_calls -= 1
+                self._faulted.append(FaultedCall(method, HTTPStatus.TOO_MANY_REQUESTS, text, time.time()))
                 headers = {"Retry-After": str(faults.retry_after_seconds)}
                 return HTTPStatus.TOO_MANY_REQUESTS, headers, {"ok": False, "error": "ratelimited"}
-            if faults.server_error_calls > 0:
+            wanted = faults.server_error_when is None or faults.server_error_when in text
+            if faults.server_error_calls > 0 and wanted:
                 faults.server_error_calls -= 1
+                self._faulted.append(FaultedCall(method, faults.server_error_status, text, time.time()))
                 return faults.server_error_status, {}, "stand-in injected server error"
         return None
 
@@ -246,7 +272,7 @@ class SlackStandIn:
     ) -> tuple[int, dict[str, str], dict[str, Any] | str]:
         with self._lock:
             self._calls.append(method)
-        fault = self._take_fault()
+        fault = self._take_fault(method, params)
         if fault is not None:
             return fault
         handler = _API_METHODS.get(method)

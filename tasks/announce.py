@@ -14,6 +14,7 @@ from blocks.registry import ArtifactRegistry
 from icd import events
 from icd.config import load_config
 from icd.deploy.dispatch import describe, submit
+from icd.text import version_label
 from tasks.policies import ONCE_PER_RUN
 
 
@@ -71,4 +72,4 @@ def announce_teardown(workspace: str, namespace: str, *, version: int | None, by
     events.emit(
         events.workspace_torn_down(workspace=workspace, namespace=namespace, version=version, by=by, run_id=run_id)
     )
-    get_run_logger().info("workspace %s torn down (%s v%s)", workspace, namespace, version)
+    get_run_logger().info("workspace %s torn down (%s %s)", workspace, namespace, version_label(version))

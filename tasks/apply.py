@@ -9,6 +9,7 @@ from blocks.registry import ArtifactRegistry
 from icd.deploy.apply import AppliedDeploy, StalePlan, apply_approved
 from icd.deploy.plan import PlannedDeploy
 from icd.errors import StateLockedError
+from icd.tools.terraform import ApplyWatch
 from tasks.plan import workdir_opener
 from tasks.policies import retry_on
 
@@ -21,15 +22,18 @@ from tasks.policies import retry_on
     retry_condition_fn=retry_on(StateLockedError),
 )
 def apply_plan(
-    registry: ArtifactRegistry, planned: PlannedDeploy, *, approved_sha256: str
+    registry: ArtifactRegistry, planned: PlannedDeploy, *, approved_sha256: str, watch: ApplyWatch | None = None
 ) -> AppliedDeploy | StalePlan:
+    """``watch`` (``DeployContext.watch_apply``) stops an apply that is stuck, with ``ToolStuckError``: not
+    retried, the run ends Failed through ``finish``."""
     result = apply_approved(
         registry=registry.registry(),
         plans=registry.plan_store(),
-        open_workdir=workdir_opener(registry, planned.workspace, planned.stack_dir),
+        open_workdir=workdir_opener(registry, planned.workspace, planned.stack_dir, "apply"),
         planned=planned,
         approved_sha256=approved_sha256,
         platform=planned.platform,
+        watch=watch,
     )
     if isinstance(result, AppliedDeploy):
         get_run_logger().info("applied plan %s in %.1fs", approved_sha256[:12], result.duration_seconds)

@@ -19,11 +19,14 @@ from icd.config import WorkspaceConfig, load_config
 from icd.deploy.artifacts import artifact_for
 from icd.deploy.plan import PlanRequest
 from icd.deploy.queue import DeployRequest, RunRef
+from icd.deploy.stuck import heads_up_seconds, heads_up_text, heads_up_title
 from icd.notify.message import Notification, NotificationReceipt, Severity
 from icd.paths import PROJECT_ROOT, state_home
 from icd.registry.models import ArtifactVersion
 from icd.service.contract import StackVariables
+from icd.tools.terraform import ApplyWatch, HeadsUp
 from tasks.notify import notify
+from tasks.record import last_apply_seconds
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,22 @@ class DeployContext:
         """Tell operators something about this run they may act on (a refused answer), with its link."""
         self.tell(self.notice(title, text, "warning", facts=facts, link_text="Open the run"))
 
+    def watch_apply(self, what: str) -> ApplyWatch:
+        """The watch of one apply of this run (``what``: "apply", "teardown", "rollback"): a heads-up to
+        operators once it runs longer than expected, a stop once it is stuck (``icd/deploy/stuck.py``)."""
+        last = last_apply_seconds(self.workspace)
+        stuck_after = self.settings.apply_timeout_seconds
+
+        def tell_slow(heads_up: HeadsUp) -> None:
+            facts = {"running for": f"{heads_up.elapsed_seconds:.0f}s", "stopped after": f"{stuck_after:.0f}s"}
+            if heads_up.holders:
+                facts["holding its output"] = ", ".join(heads_up.holders)
+            self.warn(heads_up_title(self.workspace, what), heads_up_text(what, heads_up, last), facts)
+
+        return ApplyWatch(
+            stuck_after=stuck_after, heads_up_after=heads_up_seconds(last, stuck_after), on_heads_up=tell_slow
+        )
+
     def tell(
         self, notification: Notification, *, reply_to: NotificationReceipt | None = None
     ) -> NotificationReceipt | None:
@@ -148,3 +167,20 @@ def deploy_context(
         notifier_block=notifier_block,
         teardown=teardown,
     )
+
+
+def tell_without_context(
+    workspace: str, run: RunRef, notifier_block: str, title: str, text: str, severity: Severity
+) -> None:
+    """Tell operators about a run that has no context (``icd.toml`` could not say what ``workspace`` is): the
+    notifier block is all it needs, and the notice is shaped as :meth:`DeployContext.notice` shapes one."""
+    notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+    notice = Notification(
+        title=title,
+        text=text,
+        severity=severity,
+        fields={"workspace": workspace},
+        link_url=notifier.flow_run_url(run.id),
+        link_text="Open the run",
+    )
+    notify(notifier, notice, notifier_block=notifier_block)

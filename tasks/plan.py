@@ -8,14 +8,16 @@ at; ``plan-deploy`` makes the plan of a :class:`~icd.deploy.plan.PlanRequest`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.registry import ArtifactRegistry
+from icd.deploy.credentials import UNSCOPED_WARNING, TerraformStep
 from icd.deploy.plan import PlannedDeploy, PlanRequest, make_plan, not_current
-from icd.deploy.workdir import open_terraform
+from icd.deploy.workdir import TERRAFORM_TIMEOUT_SECONDS, open_terraform
 from icd.errors import ConflictError, RegistryStorageError, StateLockedError
 from icd.paths import state_home
 from icd.registry.models import ArtifactVersion
@@ -23,18 +25,30 @@ from icd.tools.terraform import Terraform
 from tasks.policies import ONCE_PER_RUN, retry_on
 
 
-def workdir_opener(registry: ArtifactRegistry, workspace: str, stack_dir: str) -> Callable[[str], Terraform]:
-    """``open_workdir(name)`` for the library's plan and apply: a fresh, initialised copy of the stack."""
+def workdir_opener(
+    registry: ArtifactRegistry, workspace: str, stack_dir: str, step: TerraformStep
+) -> Callable[[str], Terraform]:
+    """``open_workdir(name)`` for the library's plan and apply: a fresh, initialised copy of the stack, whose
+    Terraform gets credentials for this step and this workspace's state only (``ArtifactRegistry.terraform_env``).
+    """
     logger = get_run_logger()
 
     def open_workdir(name: str) -> Terraform:
+        env, scoped = registry.terraform_env(workspace, step, run_label=name[:8])
+        timeout = TERRAFORM_TIMEOUT_SECONDS
+        if scoped is None:
+            logger.warning(UNSCOPED_WARNING)
+        else:
+            logger.info(scoped.describe())
+            timeout = min(timeout, scoped.seconds_left_for_tools(datetime.now(UTC)))
         return open_terraform(
             Path(stack_dir),
             state_home() / "runs" / name,
             backend=registry.state_backend(),
             workspace=workspace,
-            env=registry.terraform_env(),
+            env=env,
             on_line=logger.info,
+            timeout=timeout,
         )
 
     return open_workdir
@@ -85,7 +99,7 @@ def plan_deploy(registry: ArtifactRegistry, request: PlanRequest) -> PlannedDepl
         request,
         registry=registry.registry(),
         plans=registry.plan_store(),
-        open_workdir=workdir_opener(registry, request.workspace, request.stack_dir),
+        open_workdir=workdir_opener(registry, request.workspace, request.stack_dir, "plan"),
     )
     if planned.has_changes:
         get_run_logger().info("plan %s stored for %s", planned.plan_sha256, request.workspace)

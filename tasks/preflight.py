@@ -8,9 +8,10 @@ from prefect import get_run_logger, task
 
 from blocks.registry import ArtifactRegistry
 from icd.config import load_config
+from icd.deploy.credentials import UNSCOPED_WARNING
 from icd.deploy.source import SourceCheckout
 from icd.errors import RegistryStorageError
-from icd.service.preflight import breach_error, check_service, service_under_check
+from icd.service.preflight import breach_error, breaches, check_service, service_under_check, warnings
 from tasks.policies import ONCE_PER_RUN, retry_on
 
 
@@ -27,8 +28,12 @@ def preflight_check(registry: ArtifactRegistry, source: SourceCheckout, *, names
     """Raises ``ContractBreachError`` listing every breach; returns how many workspaces were checked."""
     service = service_under_check(load_config(), namespace, source.path, read_state=registry.workspace_state)
     findings = check_service(service)
-    if findings:
-        raise breach_error(namespace, findings)
+    if not registry.state_role_arn:
+        get_run_logger().warning(UNSCOPED_WARNING)
+    for warning in warnings(findings):
+        get_run_logger().warning("pre-flight: %s", warning)
+    if breaches(findings):
+        raise breach_error(namespace, breaches(findings))
     workspaces = [target.workspace for target in service.workspaces]
     get_run_logger().info(
         "pre-flight: %s@%s honours the service contract (template; workspaces: %s)",

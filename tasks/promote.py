@@ -1,5 +1,6 @@
 """Step 9: move the channel to the deployed version, only if it is still where the plan saw it
-(``expected_version``): a promotion that happened meanwhile is never undone."""
+(``expected_version``): a promotion that happened meanwhile is never undone. A teardown empties the
+workspace's own channel instead."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.registry import ArtifactRegistry
 from icd.errors import ConflictError, RegistryStorageError
 from icd.registry.models import ChannelAssignment, ChannelMoved
+from icd.text import version_label
 from tasks.policies import retry_on
 
 
@@ -44,8 +46,41 @@ def promote_channel(
     logger = get_run_logger()
     if isinstance(moved, ChannelMoved):
         logger.warning(
-            "channel %s of %s moved to v%s meanwhile; left as it is", channel, namespace, moved.actual_version
+            "channel %s of %s moved to %s meanwhile; left as it is",
+            channel,
+            namespace,
+            version_label(moved.actual_version),
         )
     else:
-        logger.info("channel %s of %s: v%s -> v%d", channel, namespace, moved.from_version, version)
+        logger.info("channel %s of %s: %s -> v%d", channel, namespace, version_label(moved.from_version), version)
     return moved
+
+
+@task(
+    name="empty-channel",
+    cache_policy=NO_CACHE,
+    retries=4,
+    retry_delay_seconds=[1, 2, 4, 8],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
+def empty_channel(
+    registry: ArtifactRegistry,
+    *,
+    namespace: str,
+    channel: str,
+    assigned_by: str,
+    reason: str,
+    metadata: Mapping[str, str],
+) -> ChannelAssignment | None:
+    """After a teardown: the workspace's channel points at nothing, the move (who, why) in its history."""
+    emptied = registry.registry().empty_channel(
+        namespace, channel, assigned_by=assigned_by, reason=reason, metadata=dict(metadata)
+    )
+    logger = get_run_logger()
+    if emptied is None:
+        logger.info("channel %s of %s points at nothing already", channel, namespace)
+    else:
+        logger.info(
+            "channel %s of %s: %s -> nothing (%s)", channel, namespace, version_label(emptied.from_version), reason
+        )
+    return emptied

@@ -7,12 +7,21 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import consul
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.runtime import deployment, flow_run
 from prefect.variables import Variable
 
@@ -57,6 +66,13 @@ def emit_transitions(alerts: Sequence[Alert]) -> None:
         )
 
 
+# icd-setup starts the first watch run at once (the schedule's first run comes an interval later): tagged so,
+# it is treated as a run of the schedule (it hands over to the next one and ends if the deployment is paused).
+FIRST_WATCH_TAG = "icd-first-watch"
+HEALTH_WATCH_DEPLOYMENT = "consul-health/consul-health"
+_WATCHING = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+
+
 @dataclass(frozen=True)
 class ScheduledRun:
     """This flow run, when its deployment's schedule started it (not a manual or direct run)."""
@@ -79,13 +95,39 @@ class ScheduledRun:
 
 
 def scheduled_run() -> ScheduledRun | None:
-    """This run, if the schedule of a deployment created it; None for a manual run or a direct call."""
+    """This run, if the schedule of a deployment created it (or icd-setup, as its first run); None for a manual
+    run or a direct call."""
     run_id, deployment_id = flow_run.id, deployment.id
     if not run_id or not deployment_id:
         return None
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(uuid.UUID(run_id))
-    return ScheduledRun(run_id, uuid.UUID(str(deployment_id))) if run.auto_scheduled else None
+    scheduled = run.auto_scheduled or FIRST_WATCH_TAG in (run.tags or ())
+    return ScheduledRun(run_id, uuid.UUID(str(deployment_id))) if scheduled else None
+
+
+def start_first_watch() -> str | None:
+    """Start a ``consul-health`` run now, for ``icd-setup``: the schedule's first run comes an interval (10 min)
+    after the deployment is created, and nothing would watch meanwhile. Tagged ``FIRST_WATCH_TAG``, it is a run
+    of the schedule: it hands over to the next one, and ends at once if the deployment is paused. None (nothing
+    started) when a watch run is running already, or starts within a minute."""
+    soon = datetime.now(UTC) + timedelta(seconds=60)
+    with get_client(sync_client=True) as client:
+        found = client.read_deployment_by_name(HEALTH_WATCH_DEPLOYMENT)
+        pending = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=_WATCHING))),
+            limit=50,
+        )
+        if any(run.state_type != StateType.SCHEDULED or _starts_before(run, soon) for run in pending):
+            return None
+        run = client.create_flow_run_from_deployment(found.id, tags=[FIRST_WATCH_TAG])
+    return str(run.id)
+
+
+def _starts_before(run: FlowRun, moment: datetime) -> bool:
+    start = run.next_scheduled_start_time or run.expected_start_time
+    return start is not None and start <= moment
 
 
 def hand_over(

@@ -361,3 +361,27 @@ def test_http_check_runs_on_its_interval_and_follows_the_endpoint(
     handler.healthy = False
     critical = _wait_for_status(client, service_name, check_id, "critical", timeout=10)
     assert critical["Output"] == f"HTTP GET {url}: 500 Internal Server Error Output: broken"
+
+
+def test_a_check_critical_from_its_registration_on_shows_why_from_its_first_run(
+    client: consul.Consul, service_name: str, flippable_health_url: tuple[str, type[_FlippableHealth]]
+) -> None:
+    url, handler = flippable_health_url
+    handler.healthy = False
+    service_id = f"{service_name}-1"
+    # No initial status: an HTTP check starts critical, and its first run keeps it critical.
+    client.agent.service.register(
+        service_name, service_id=service_id, check=consul.Check.http(url, interval="1s", timeout="1s")
+    )
+    check_id = f"service:{service_id}"
+
+    deadline = time.monotonic() + 10
+    index = None
+    while True:
+        index, checks = client.health.checks(service_name, index=index, wait="1s")
+        found = _check(checks, check_id)
+        if found["Output"]:
+            break
+        assert time.monotonic() < deadline, f"the catalog never showed the first run's output: {found}"
+    assert found["Status"] == "critical"
+    assert found["Output"] == f"HTTP GET {url}: 500 Internal Server Error Output: broken"

@@ -487,6 +487,33 @@ def test_a_deploys_incoming_instance_turning_healthy_is_not_told_after_its_windo
     assert state.instances["node-1/web-2"].alerted_status == "passing"
 
 
+def test_a_deploys_incoming_instance_is_recognised_by_its_version_without_its_run_id() -> None:
+    """The contract names ``artifact_version``: an instance whose stack gives no ``deploy_run_id`` Meta is this
+    deploy's as well (the gate can match it on the ``service_id`` output)."""
+    window = {"web": DeployWindow("run-42", "v3", "v4", until=at(600))}
+    config = WatchConfig()
+    _, state = evaluate(WatchState(), snap(), T0, config, NO_WINDOWS)
+    incoming = snap(instance(sid="web-2", status="critical"), meta={"node-1/web-2": {"artifact_version": "v4"}})
+    [appeared], state = evaluate(state, incoming, at(1), config, window)
+    [healthy], _ = evaluate(state, snap(instance(sid="web-2")), at(5), config, window)
+    assert (appeared.expected_by, healthy.expected_by) == (window["web"], window["web"])
+    assert not appeared.page
+    assert not appeared.announced
+    assert not healthy.announced
+
+
+def test_an_instance_running_the_outgoing_version_when_the_window_opened_is_expected_to_leave() -> None:
+    """A teardown deregisters before the watch ever asked for the instance's Meta: the window names it."""
+    window = {"web": DeployWindow("run-42", "v3", "", until=at(600), leaving=("node-1/web-1",))}
+    config = WatchConfig()
+    _, state = evaluate(WatchState(), snap(instance(), instance(sid="web-9")), T0, config, NO_WINDOWS)
+    assert state.instances["node-1/web-1"].meta is None
+    alerts, _ = evaluate(state, snap(), at(1), config, window)
+    by_id = {a.service_id: a for a in alerts}
+    assert by_id["web-1"].expected_by == window["web"]
+    assert by_id["web-9"].expected_by is None, "an instance the window did not name still leaves loudly"
+
+
 def test_a_flapping_instance_is_reminded_as_flapping_and_settles_in_its_last_status() -> None:
     config = WatchConfig(reminder_interval=timedelta(minutes=5), stable_after=timedelta(minutes=10))
     steps = [
@@ -674,11 +701,15 @@ def test_the_parser_reparses_only_changed_rows_and_matches_a_fresh_parse(seed: i
 # --- against the stand-ins ----------------------------------------------------------------------------
 
 
-def register_ttl(agent: consul.Consul, service_id: str, *, version: str = "v1", status: str = "passing") -> str:
+def register_ttl(
+    agent: consul.Consul, service_id: str, *, version: str = "v1", status: str = "passing", run_meta: bool = True
+) -> str:
+    """A ``web`` instance with a TTL check; ``run_meta``: its Meta names the deploy run (``run-<version>``)."""
+    meta = {"artifact_version": version, "commit": "abc123"} | ({"deploy_run_id": f"run-{version}"} if run_meta else {})
     agent.agent.service.register(
         "web",
         service_id=service_id,
-        meta={"artifact_version": version, "deploy_run_id": f"run-{version}", "commit": "abc123"},
+        meta=meta,
         check={"CheckID": f"ttl-{service_id}", "Name": "app ttl", "TTL": "600s", "Status": status},
     )
     return f"ttl-{service_id}"
@@ -1022,6 +1053,56 @@ def test_a_deploy_is_recorded_not_paged(
     assert (report.alerts_sent, report.alerts_recorded) == (0, 4)
     note = alert_notification(watcher.alerts[1])
     assert "Expected during deploy of v3 -> v4" in note.text
+
+
+def test_a_deploy_whose_new_instance_lacks_its_run_id_is_recorded_not_paged(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    register_ttl(client, "web-1", version="v3")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.2).start().join()
+    open_deploy_window(
+        client, "web", deploy_run_id="run-v4", from_version="v3", to_version="v4", duration=timedelta(minutes=5)
+    )
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=10).start()
+    wait_for_rounds(watcher, 1)
+    new_check = register_ttl(client, "web-2", version="v4", status="critical", run_meta=False)
+    wait_until(lambda: len(watcher.alerts) >= 1, timeout=5, message="the new instance was not seen")
+    client.agent.service.deregister("web-1")
+    client.agent.check.ttl_pass(new_check)
+    wait_until(lambda: len(watcher.alerts) >= 3, timeout=5, message="the hand-over was not seen")
+    report = watcher.stop().join()
+
+    assert [(a.kind, a.service_id) for a in watcher.alerts] == [
+        ("appeared", "web-2"),
+        ("disappeared", "web-1"),
+        ("status", "web-2"),
+    ]
+    assert all(a.expected_by is not None and not a.page for a in watcher.alerts)
+    assert slack_standin.messages == []
+    assert report.alerts_sent == 0
+
+
+def test_a_teardown_is_recorded_not_told_though_the_instance_left_before_its_meta_was_read(
+    consul_standin: ConsulStandIn, slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    client = CountingClient(consul_standin.http_addr).client
+    register_ttl(client, "web-1", version="v3")
+    WatchThread(consul_standin.http_addr, slack_notifier, window=0.2).start().join()
+    window = open_deploy_window(
+        client, "web", deploy_run_id="run-down", from_version="v3", to_version="", duration=timedelta(minutes=5)
+    )
+    assert window.leaving == (f"{consul_standin.node_name}/web-1",)
+    watcher = WatchThread(consul_standin.http_addr, slack_notifier, window=10).start()
+    wait_for_rounds(watcher, 1)
+    client.agent.service.deregister("web-1")  # as bin/stop does: deregister first, then stop the process
+    wait_until(lambda: watcher.alerts, timeout=5, message="the departure was not seen")
+    report = watcher.stop().join()
+
+    [left] = watcher.alerts
+    assert (left.kind, left.service_id, left.expected_by) == ("disappeared", "web-1", window)
+    assert slack_standin.messages == []
+    assert (report.alerts_sent, report.alerts_recorded) == (0, 1)
 
 
 def test_another_deploys_instance_failing_during_a_window_still_pages(

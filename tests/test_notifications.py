@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from typing import Any
 
@@ -15,7 +16,7 @@ import tasks.notify as notify_tasks
 from blocks.notifier import SlackNotifier
 from icd.errors import NotificationError, TransientNotificationError
 from icd.notify.message import Notification, NotificationReceipt, Severity, redact_notification, redact_text
-from icd.notify.slack import render_slack_message
+from icd.notify.slack import SERVER_ERROR_RETRIES, render_slack_message
 from standins.slack import RECEIVED_PATH, SlackStandIn
 from tasks.notify import notify
 from tests.plugins.slack import SLACK_TEST_TOKEN
@@ -248,10 +249,26 @@ def test_rate_limited_twice_then_delivered_exactly_once(
     assert slack_standin.call_count("chat.postMessage") == 3
 
 
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_burst_of_server_errors_is_retried_with_backoff_within_seconds_and_delivered_once(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier, status: int
+) -> None:
+    slack_standin.fail_next(SERVER_ERROR_RETRIES, status=status)
+
+    slack_notifier.sender().send(Notification("Plan waiting for approval", "x", "warning"))
+
+    [message] = slack_standin.messages
+    assert slack_standin.call_count("chat.postMessage") == SERVER_ERROR_RETRIES + 1
+    attempts = [call.at for call in slack_standin.faulted_calls()] + [message.received_at]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+    assert all(later > earlier for earlier, later in itertools.pairwise(gaps)), f"no backoff: {gaps}"
+    assert attempts[-1] - attempts[0] < 5, "a burst costs seconds, not the 30 s of a redelivery"
+
+
 def test_persistent_server_errors_raise_transient_error(
     slack_standin: SlackStandIn, slack_notifier: SlackNotifier
 ) -> None:
-    slack_standin.fail_next(5, status=503)
+    slack_standin.fail_next(SERVER_ERROR_RETRIES + 1, status=503)
 
     with pytest.raises(TransientNotificationError, match="HTTP 503"):
         slack_notifier.sender().send(Notification("t", "x", "info"))

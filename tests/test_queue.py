@@ -169,6 +169,23 @@ def test_claiming_twice_is_claiming_once() -> None:
     assert again == state and isinstance(second, Claimed) and second.holder == first.holder  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("phase", ["planning", "awaiting", "applying"])
+@pytest.mark.parametrize("own", [None, req(4)], ids=["dispatched", "by hand"])
+@pytest.mark.parametrize("dead", [False, True], ids=["alive", "lease expired"])
+def test_a_run_claiming_what_its_own_run_id_holds_adopts_it_and_never_waits_on_itself(
+    phase: str, own: DeployRequest | None, dead: bool
+) -> None:
+    """A re-run after a resume (or a retried claim) whose record could not tell it had claimed: whatever the
+    phase, whatever is pending, the workspace is its own, unchanged (issue 20: a run waited on its own lock)."""
+    mine = holder(3, phase, run=RUN.id)
+    before = record(mine, desired=req(5))
+    after, result = on_claim(before, RUN, own, T0, dead, LATER)
+    assert isinstance(result, Claimed), result
+    assert result.holder == mine
+    assert result.took_over is None
+    assert after == before
+
+
 # --- checkpoint -------------------------------------------------------------------------------------------
 
 

@@ -225,6 +225,30 @@ def test_channel_assignment_keeps_history(registry: Registry) -> None:
     assert registry.channel_history(NS, "staging") == []
 
 
+def test_an_emptied_channel_leaves_the_listing_and_keeps_who_and_why(registry: Registry) -> None:
+    build(registry, "1")
+    registry.assign_channel(NS, "staging", 1, assigned_by="alice", reason="deployed")
+
+    emptied = registry.empty_channel(
+        NS, "staging", assigned_by="carol", reason="staging torn down: retired", metadata={"requested_by": "ops"}
+    )
+
+    assert emptied is not None
+    assert (emptied.from_version, emptied.to_version, emptied.assigned_by) == (1, None, "carol")
+    assert registry.get_channel(NS, "staging") is None
+    assert [c.channel for c in registry.list_channels(NS)] == ["latest"]
+    assert registry.channel_history(NS, "staging")[-1] == emptied
+    assert emptied.metadata == {"requested_by": "ops"}
+    assert registry.empty_channel(NS, "staging", assigned_by="carol", reason="again") is None, "empty already"
+    assert registry.empty_channel(NS, "never", assigned_by="carol", reason="none") is None
+    with pytest.raises(InvalidChannelError, match="latest"):
+        registry.empty_channel(NS, LATEST, assigned_by="carol", reason="no")
+    # A deploy after it starts from the empty channel (a compare-and-swap from nothing).
+    again = registry.assign_channel(NS, "staging", 1, assigned_by="dave", expected_version=None)
+    assert isinstance(again, ChannelAssignment)
+    assert (again.from_version, again.to_version) == (None, 1)
+
+
 def test_latest_cannot_be_assigned_by_hand(registry: Registry) -> None:
     build(registry, "1")
     with pytest.raises(InvalidChannelError, match="latest"):
@@ -430,7 +454,7 @@ def test_cli_prints_versions_show_channels_and_history(
     ]
 
     assert run("history", NS, "production") == 0
-    assert "- -> v1\talice\tgo" in capsys.readouterr().out
+    assert "nothing -> v1\talice\tgo" in capsys.readouterr().out
 
 
 def test_cli_reports_errors_without_a_traceback(

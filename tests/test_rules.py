@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.utilities.callables import parameter_schema
+from prefect.utilities.schema_tools import ValidationError as SchemaValidationError
+from prefect.utilities.schema_tools import validate as validate_parameters
 from pydantic import TypeAdapter, ValidationError
 
 from icd.config import parse_config
@@ -17,6 +20,7 @@ from icd.errors import ConfigError, InvalidInputError
 from icd.registry.plans import PlanStore
 from icd.rules import (
     MAX_APPROVAL_TIMEOUT_SECONDS,
+    NAME_RULE,
     ApprovalTimeout,
     Name,
     Namespace,
@@ -30,6 +34,11 @@ from icd.rules import (
     check_workspace,
 )
 from icd.text import hash_difference, markdown_cell, normalize_identity, one_line
+
+from flows.build_artifact import build_artifact  # isort: skip  # the flows' signatures, as deployments get them
+from flows.deploy_artifact import deploy_artifact  # isort: skip
+from flows.promote import promote  # isort: skip
+from flows.push_to_deploy import push_to_deploy  # isort: skip
 
 NAMES = [
     ("staging", True),
@@ -72,7 +81,32 @@ COMPONENTS: dict[str, Callable[[str], Any]] = {
     "flow parameter (Namespace)": lambda name: TypeAdapter(Namespace).validate_python(f"acme/{name}"),
     "icd.toml workspace": _config_with_workspace,
     "icd.toml service": _config_with_service,
+    "run creation (deploy-artifact's workspace)": lambda name: _create_run(deploy_artifact, workspace=name),
+    "run creation (push-to-deploy's workspace)": lambda name: _create_run(push_to_deploy, workspace=name),
+    "run creation (promote's channel)": lambda name: _create_run(promote, channel=name),
+    "run creation (build-artifact's namespace)": lambda name: _create_run(build_artifact, namespace=f"acme/{name}"),
 }
+
+
+def _create_run(flow: Any, **parameters: object) -> None:
+    """What the Prefect server does before it creates a run of a deployment of ``flow`` (the UI's custom run,
+    ``prefect deployment run -p``, the API): check the parameters against the schema the deployment was
+    given from the flow's signature, with the server's own function (Python's ``re``). Parameters the check
+    is not about get valid values."""
+    valid: dict[str, object] = {
+        "workspace": "staging",
+        "namespace": "acme/web",
+        "version": 1,
+        "channel": "prod",
+        "by": "al",
+        "why": "ok",
+    }
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    given = {key: value for key, value in valid.items() if key in schema["properties"]} | parameters
+    try:
+        validate_parameters(given, schema, raise_on_error=True)
+    except SchemaValidationError as exc:
+        raise InvalidInputError(str(exc)) from exc
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
@@ -160,3 +194,16 @@ def test_a_hash_mismatch_shows_both_full_hashes_and_where_they_differ() -> None:
     assert given in message
     assert expected in message
     assert "from character 13" in message
+
+
+def test_a_name_with_a_trailing_newline_is_refused_at_run_creation_and_at_the_start_in_the_rules_words() -> None:
+    """Python's ``$`` matches before a final newline: the server took "staging\\n" and the run failed later
+    with pydantic's bare pattern message. Now the server refuses it before a run exists, and a run made
+    without that check (``enforce_parameter_schema`` off) fails in the rule's words, not in a regex."""
+    with pytest.raises(InvalidInputError, match="Validation failed for field 'workspace'"):
+        _create_run(deploy_artifact, workspace="staging\n")
+    _create_run(deploy_artifact, workspace="staging")
+    with pytest.raises(ValidationError) as refused:
+        TypeAdapter(Workspace).validate_python("staging\n")
+    assert f"invalid workspace name 'staging\\n': {NAME_RULE}" in str(refused.value)
+    assert "pattern" not in str(refused.value)

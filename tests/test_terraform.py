@@ -157,6 +157,7 @@ def test_build_env_sets_managed_keys_and_only_what_the_caller_gives() -> None:
         "TF_IN_AUTOMATION": "1",
         "CHECKPOINT_DISABLE": "1",
         "TF_INPUT": "0",
+        "TF_FORK": "0",
         "TF_CLI_CONFIG_FILE": "/m/terraformrc",
     }
 

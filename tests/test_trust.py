@@ -20,6 +20,7 @@ from blocks.registry import ArtifactRegistry
 from examples.local_env import api_client
 from icd import operations
 from icd.config import load_config
+from icd.notify.slack import SERVER_ERROR_RETRIES
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -162,10 +163,11 @@ def test_a_slack_outage_blocks_neither_the_approval_nor_the_final_state(deploy_e
     env = deploy_env
     names = env.service()
     env.build(names)
-    env.slack.fail_next(2, status=503)  # slack-sdk retries a 503 once: the "plan waiting" post fails
+    # Every try of the "plan waiting" post fails (the notifier retries a 5xx SERVER_ERROR_RETRIES times).
+    env.slack.fail_next(SERVER_ERROR_RETRIES + 1, status=503)
     run = env.deploy(names.workspace, 1)
     env.wait_for(run.id, states={"PAUSED"})
-    env.slack.fail_next(2, status=503)  # and the "deployed" post after the apply fails too
+    env.slack.fail_next(SERVER_ERROR_RETRIES + 1, status=503)  # and the "deployed" post after the apply too
     done = env.approve(run.id, names.workspace)
     assert done.state is not None
     assert done.state.name == "Deployed", done.state

@@ -26,8 +26,8 @@ from icd.deploy.workdir import PLAN_FILENAME, STATE_LOCK_TIMEOUT
 from icd.errors import ArtifactIntegrityError, PlanIntegrityError, StalePlanError
 from icd.registry.plans import PlanStore
 from icd.registry.registry import Registry
-from icd.text import hash_difference
-from icd.tools.terraform import StateVersion, Terraform
+from icd.text import hash_difference, version_label
+from icd.tools.terraform import ApplyWatch, StateVersion, Terraform
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ def apply_approved(
     planned: PlannedDeploy,
     approved_sha256: str,
     platform: str,
+    watch: ApplyWatch | None = None,
 ) -> AppliedDeploy | StalePlan:
+    """Apply the approved plan after every check above; ``watch`` stops an apply that is stuck
+    (``icd/deploy/stuck.py``)."""
     if approved_sha256 != planned.plan_sha256:
         raise PlanIntegrityError(f"the approved plan {hash_difference(approved_sha256, planned.plan_sha256)}")
     version = registry.resolve_deployable(planned.namespace, planned.version)
@@ -66,7 +69,8 @@ def apply_approved(
         now = seen(registry, planned.namespace, before.channel)
         if now.version != before.version:
             return StalePlan(
-                f"channel {before.channel!r} of {planned.namespace} moved from v{before.version} to v{now.version} "
+                f"channel {before.channel!r} of {planned.namespace} moved from {version_label(before.version)} to "
+                f"{version_label(now.version)} "
                 "since this plan was made; nothing was applied"
             )
     if planned.must_be_current and (
@@ -89,7 +93,9 @@ def apply_approved(
             f"({_describe(planned.state_before)} -> {_describe(state_now)}); nothing was applied"
         )
     try:
-        applied = terraform.apply(plan_file, expected_sha256=approved_sha256, lock_timeout=STATE_LOCK_TIMEOUT)
+        applied = terraform.apply(
+            plan_file, expected_sha256=approved_sha256, lock_timeout=STATE_LOCK_TIMEOUT, watch=watch
+        )
     except StalePlanError as exc:
         return StalePlan(f"Terraform refused the saved plan as stale: {exc}; nothing was applied")
     return AppliedDeploy(approved_sha256, terraform.output(), applied.duration_seconds)

@@ -55,6 +55,7 @@ def request_from_event(spec: events.EventSpec, *, now: datetime | None = None) -
         teardown=bool(payload.get("teardown", False)),
         by=str(payload.get("by", "")),
         cause=str(payload.get("because", "")),
+        reason=str(payload.get("reason", "")),
         requested_at=now or datetime.now(UTC),
     )
 

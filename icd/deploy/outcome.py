@@ -17,7 +17,7 @@ from icd.deploy.approval import ApprovalDecision
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.queue import DeployRequest, Holder, InProgress, NothingQueued, Queued
 from icd.notify.message import NotificationReceipt, Severity
-from icd.text import operator_time
+from icd.text import operator_time, version_label
 
 StateKind = Literal["completed", "cancelled", "failed"]
 
@@ -180,7 +180,8 @@ def deployed_channel_moved(
         "completed",
         "DeployedChannelMoved",
         f"Deployed {version_diff} to {workspace}; channel {channel} not moved",
-        f"Applied and healthy, but channel {channel} moved to v{moved_to} meanwhile and was left there; promote by "
+        f"Applied and healthy, but channel {channel} moved to {version_label(moved_to)} meanwhile and was left there; "
+        "promote by "
         f"hand if v{version} should win.",
         "warning",
         {"outcome": "deployed, channel moved meanwhile", **record},

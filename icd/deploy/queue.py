@@ -73,6 +73,7 @@ class DeployRequest(_Frozen):
     teardown: bool = False
     by: str = ""  # who or what asked: "registration of v5", "alice", "run brave-fox"
     cause: str = ""  # the event that carried it (icd.artifact.registered, ...) or "manual run"
+    reason: str = ""  # why, when the asker said (a teardown's --why): recorded where the request is carried out
     requested_at: datetime
 
     def same_target(self, other: DeployRequest | None) -> bool:

@@ -6,6 +6,7 @@ Every value is escaped for a Markdown cell (``icd/text.py``): an approver's comm
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from icd.text import markdown_cell, markdown_inline
@@ -19,3 +20,13 @@ def artifact_key(kind: str, workspace: str) -> str:
 def record_markdown(workspace: str, facts: Mapping[str, str]) -> str:
     rows = "\n".join(f"| {markdown_cell(key)} | {markdown_cell(value)} |" for key, value in facts.items())
     return f"## Deploy record: {markdown_inline(workspace)}\n\n| fact | value |\n|---|---|\n{rows}\n"
+
+
+# The row `| applied in | 12.3s |` that a run whose apply ended writes (flows/deploy_artifact.py).
+_APPLIED_IN = re.compile(r"^\| applied in \| (\d+(?:\.\d+)?)s \|$", re.MULTILINE)
+
+
+def applied_seconds(markdown: str) -> float | None:
+    """How long the apply of a deploy record took; None when the run applied nothing."""
+    match = _APPLIED_IN.search(markdown)
+    return float(match.group(1)) if match else None

@@ -103,10 +103,10 @@ def open_terraform(
     workspace: str,
     env: Mapping[str, str],
     on_line: LineSink | None = None,
+    timeout: float = TERRAFORM_TIMEOUT_SECONDS,
 ) -> Terraform:
-    """A fresh working directory for ``workspace``, initialised against its state in the backend."""
-    terraform = Terraform(
-        prepare_workdir(stack_dir, workdir), env=env, timeout=TERRAFORM_TIMEOUT_SECONDS, on_line=on_line
-    )
+    """A fresh working directory for ``workspace``, initialised against its state in the backend. ``timeout``
+    bounds each call (shorter than the default when the credentials expire sooner)."""
+    terraform = Terraform(prepare_workdir(stack_dir, workdir), env=env, timeout=timeout, on_line=on_line)
     terraform.init(backend_config=backend.config(workspace), reconfigure=True)
     return terraform

@@ -32,7 +32,14 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol
 
 from icd.health.config import WatchConfig
-from icd.health.snapshot import FailingCheck, HealthSnapshot, InstanceHealth, InstanceStatus, aggregate
+from icd.health.snapshot import (
+    FailingCheck,
+    HealthSnapshot,
+    InstanceHealth,
+    InstanceStatus,
+    aggregate,
+    instance_key,
+)
 from icd.health.windows import DeployWindow
 from icd.notify.message import Severity
 
@@ -157,7 +164,8 @@ def evaluate(
 
     def expected_by(rec: InstanceRecord) -> DeployWindow | None:
         window = deploy_windows.get(rec.service_name)
-        return window if window is not None and window.covers(rec.meta, now) else None
+        covered = window is not None and window.covers(rec.meta, now, instance_key(rec.node, rec.service_id))
+        return window if covered else None
 
     def alert(
         kind: AlertKind,

@@ -1,10 +1,15 @@
 """Deploy windows: while a deploy replaces a service's instances, their health changes are expected.
 
 A deploy writes ``icd/deploy-windows/<service_name>`` in Consul KV before it applies and removes it after
-its health gate decided. While the window is open, alerts about instances of that service that run the
-outgoing version (``from_version``) or the incoming one (``to_version``, whose first checks start critical
-as Consul's do) are expected: the watch records them at severity ``info`` instead of paging, and the gate's
-verdict is the one message about the deploy.
+its health gate decided; a teardown does the same around its destroy (its ``to_version`` is empty: nothing
+comes after). While the window is open, alerts about instances of that service whose Service Meta
+``artifact_version`` is the outgoing version (``from_version``) or the incoming one (``to_version``, whose
+first checks start critical as Consul's do) are expected, as ``docs/service-contract.md`` says: the watch
+records them at severity ``info`` instead of paging, and the deploy's own verdict is the one message.
+
+The window also names the instances running the outgoing version when it opened (``leaving``): the watch
+may never have learnt an instance's Meta (it asks only when something changes), and an instance that is
+deregistered first can't be asked any more, so its departure is recognised by its ID.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import consul
 
 from icd.errors import ConsulError
 from icd.health.consul import consul_call
+from icd.health.snapshot import parse_service_meta
 
 DEPLOY_WINDOW_PREFIX = "icd/deploy-windows/"
 
@@ -28,15 +34,17 @@ class DeployWindow:
     from_version: str
     to_version: str
     until: datetime
+    leaving: tuple[str, ...] = ()  # instance keys (node/service ID) running from_version when it opened
 
-    def covers(self, meta: Mapping[str, str] | None, now: datetime) -> bool:
-        """Whether an alert about an instance with this Service Meta is expected now."""
-        if now >= self.until or meta is None:
+    def covers(self, meta: Mapping[str, str] | None, now: datetime, instance: str | None = None) -> bool:
+        """Whether an alert about an instance (its key, its Service Meta) is expected now: it runs the outgoing
+        or the incoming version, or it ran the outgoing one when the window opened."""
+        if now >= self.until:
             return False
-        version = meta.get("artifact_version")
-        return version == self.from_version or (
-            version == self.to_version and meta.get("deploy_run_id") == self.deploy_run_id
-        )
+        if instance is not None and instance in self.leaving:
+            return True
+        version = (meta or {}).get("artifact_version")
+        return bool(version) and version in (self.from_version, self.to_version)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -45,6 +53,7 @@ class DeployWindow:
                 "from_version": self.from_version,
                 "to_version": self.to_version,
                 "until": self.until.astimezone(UTC).isoformat(),
+                "leaving": list(self.leaving),
             }
         )
 
@@ -57,6 +66,7 @@ class DeployWindow:
             from_version=str(data["from_version"]),
             to_version=str(data["to_version"]),
             until=until if until.tzinfo else until.replace(tzinfo=UTC),
+            leaving=tuple(str(key) for key in data.get("leaving", ())),
         )
 
 
@@ -83,11 +93,18 @@ def open_deploy_window(
     now: datetime | None = None,
 ) -> DeployWindow:
     """Mark the replacement of ``service_name`` from ``from_version`` as expected until ``now + duration``."""
+    _, entries = consul_call(f"read the instances of {service_name}", client.health.service, service_name)
+    leaving = sorted(
+        key
+        for key, meta in parse_service_meta(entries or ()).items()
+        if from_version and meta.get("artifact_version") == from_version
+    )
     window = DeployWindow(
         deploy_run_id=deploy_run_id,
         from_version=from_version,
         to_version=to_version,
         until=(now or datetime.now(UTC)) + duration,
+        leaving=tuple(leaving),
     )
     if not consul_call("write the deploy window", client.kv.put, DEPLOY_WINDOW_PREFIX + service_name, window.to_json()):
         raise ConsulError(f"Consul refused the deploy window for {service_name}")

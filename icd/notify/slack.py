@@ -3,12 +3,14 @@
 Rendering is pure and tested as tables. Every text is escaped for mrkdwn (``icd/text.py``) and secrets are
 redacted before anything leaves the process. :class:`SlackSender` posts through a configured
 ``slack_sdk.WebClient`` (the ``SlackNotifier`` block hands one out); slack-sdk's own retry handlers absorb
-short connection blips, rate limits and 5xx answers, and whatever is left surfaces as our
-``NotificationError`` (``TransientNotificationError`` when a later retry may succeed).
+short connection blips and rate limits, :class:`AnyServerErrorRetryHandler` a burst of 5xx answers, and
+whatever is left surfaces as our ``NotificationError`` (``TransientNotificationError`` when a later retry
+may succeed).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 from urllib.error import URLError
@@ -16,6 +18,10 @@ from urllib.error import URLError
 from pydantic import SecretStr
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
+from slack_sdk.http_retry import Jitter, RetryHandler, RetryState
+from slack_sdk.http_retry.builtin_interval_calculators import BackoffRetryIntervalCalculator
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.models.blocks import (
     ActionsBlock,
     Block,
@@ -38,6 +44,41 @@ _FIELD_TEXT_MAX = 2000
 _FIELDS_PER_SECTION = 10
 _BUTTON_TEXT_MAX = 75
 _FALLBACK_MAX = 3000
+
+
+# A 5xx from Slack is mostly over within seconds: retried 3 times, after about 0.5, 1 and 2 s (each plus up to
+# 0.25 s of jitter), so a burst costs at most about 4.3 s before the message goes to redelivery (30 s later).
+SERVER_ERROR_RETRIES = 3
+SERVER_ERROR_BACKOFF_FACTOR = 0.5
+_SERVER_ERROR_JITTER_SECONDS = 0.25
+
+
+class _SmallJitter(Jitter):
+    """slack-sdk's default jitter adds up to a whole second per retry; a quarter is enough to spread senders."""
+
+    def recalculate(self, duration: float) -> float:
+        return duration + random.uniform(0, _SERVER_ERROR_JITTER_SECONDS)  # noqa: S311  # jitter, not a secret
+
+
+class AnyServerErrorRetryHandler(RetryHandler):
+    """Retries any 5xx with exponential backoff. slack-sdk's ``ServerErrorRetryHandler`` takes only 500 and
+    503, but a 502 or 504 from Slack's edge is as passing."""
+
+    def __init__(self, max_retry_count: int = SERVER_ERROR_RETRIES) -> None:
+        super().__init__(
+            max_retry_count,
+            BackoffRetryIntervalCalculator(backoff_factor=SERVER_ERROR_BACKOFF_FACTOR, jitter=_SmallJitter()),
+        )
+
+    def _can_retry(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        return response is not None and 500 <= response.status_code < 600
 
 
 def _clip(text: str, limit: int) -> str:

@@ -640,6 +640,23 @@ class Registry:
             return ChannelMoved(channel=channel, expected_version=expected, actual_version=seen[0] if seen else None)
         return assignment
 
+    def empty_channel(
+        self, namespace: str, channel: str, *, assigned_by: str, reason: str, metadata: Mapping[str, str] | None = None
+    ) -> ChannelAssignment | None:
+        """Point ``channel`` at nothing (what a torn-down workspace's own channel does) and append the move,
+        with who and why, to its history; it then leaves the channel listing. None when it points at nothing
+        already. ``latest`` is refused: the registry moves that one itself."""
+        check_channel(channel)
+        if channel == LATEST:
+            raise InvalidChannelError(f"channel {LATEST!r} follows the newest version by itself; it can't be emptied")
+
+        def target(document: ChannelDocument | None) -> int | Unset | None:
+            return UNSET if document is None or document.version is None else None
+
+        return self._move(
+            namespace, channel, target, assigned_by=assigned_by, reason=reason, metadata=dict(metadata or {})
+        )
+
     def get_channel(self, namespace: str, channel: str) -> ChannelPointer | None:
         """Where the channel points now, or None if it does not exist or points at nothing.
 

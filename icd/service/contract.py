@@ -21,6 +21,7 @@ Section = Literal[
     "consul-registration",
     "artifact-keys",
     "detached-daemons",
+    "provisioner-environment",
     "one-service-per-workspace",
 ]
 

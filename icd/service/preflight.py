@@ -13,6 +13,7 @@ the registry's bucket) with :func:`service_under_check` and report what it retur
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from icd.service.contract import (
     Section,
     cite,
 )
+from icd.service.shell import daemons_holding_output
+from icd.text import one_line
 from icd.tools.packer import MANIFEST_FILENAME
 
 FindingKind = Literal[
@@ -55,6 +58,8 @@ FindingKind = Literal[
     "gate-meta-in-triggers",
     "artifact-key-missing",
     "identity-missing",
+    "provisioner-inherits-environment",
+    "provisioner-daemon-keeps-output",
     "workspace-holds-another-service",
     "workspace-state-unreadable",
 ]
@@ -73,6 +78,9 @@ class Finding:
     cause: str
     fix: str
     section: Section
+    # A warning is reported and the build goes on (the check reads shell text, which it can't be sure of);
+    # a breach stops the build.
+    severity: Literal["breach", "warning"] = "breach"
 
     @property
     def message(self) -> str:
@@ -119,6 +127,16 @@ def check_service(service: ServiceUnderCheck) -> list[Finding]:
     for target in service.workspaces:
         findings += check_state(target, service.namespace)
     return findings
+
+
+def breaches(findings: Sequence[Finding]) -> list[Finding]:
+    """The findings that stop a build (the others are warnings, reported only)."""
+    return [finding for finding in findings if finding.severity == "breach"]
+
+
+def warnings(findings: Sequence[Finding]) -> list[str]:
+    """What an operator reads for each warning."""
+    return [f"warning: {finding.message}" for finding in findings if finding.severity == "warning"]
 
 
 def breach_error(namespace: str, findings: Sequence[Finding]) -> ContractBreachError:
@@ -481,6 +499,8 @@ def check_stack(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding
                 "artifact-keys",
             )
         )
+    findings += _inherited_environments(parsed, resources)
+    findings += _daemons_keeping_output(resources)
     if not any(_records_key(block, (IDENTITY_KEY,)) for block in resources):
         findings.append(
             Finding(
@@ -529,6 +549,119 @@ def _gate_meta(parsed: hcl.HclFiles, resources: Sequence[hcl.Block], home: str) 
                 "consul-registration",
             )
         )
+    return findings
+
+
+# Contract: docs/service-contract.md#provisioner-environment. An interpreter that starts with one of these
+# (`env -i …`) runs the command with only the variables it names; anything else inherits Terraform's.
+_CLEARING_ENV_FLAGS = frozenset({"-i", "--ignore-environment", "-"})
+_LOCAL_REFERENCE = re.compile(r"^\$\{\s*(?:concat\(\s*)?local\.([A-Za-z_][\w-]*)\s*[,)}]")
+_LITERAL_HEAD = re.compile(r'^\$\{\s*concat\(\s*\[\s*"([^"]*)"\s*,\s*"([^"]*)"')
+_LOCAL_EXEC_OPENING = re.compile(r'^\s*provisioner\s+"local-exec"\s*\{')
+INHERITED_ENVIRONMENT_FIX = (
+    "start its interpreter with env -i and pass what the command needs as NAME=value arguments: interpreter = "
+    '["/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "NAME=${var.name}", "/bin/sh", "-c"] (environment = { … } '
+    "adds to Terraform's environment, it removes nothing)"
+)
+
+
+def _interpreter_head(value: object, local_values: Mapping[str, object]) -> list[str]:
+    """The first words of a local-exec ``interpreter`` as far as the HCL says them without evaluating anything:
+    a literal list, ``local.NAME``, or a ``concat(...)`` whose first argument is one of those."""
+    if isinstance(value, list):
+        return [item if isinstance(item, str) else "" for item in value[:2]]
+    if not isinstance(value, str):
+        return []
+    if match := _LITERAL_HEAD.match(value):
+        return [match.group(1), match.group(2)]
+    if (match := _LOCAL_REFERENCE.match(value)) and isinstance(local_values.get(match.group(1)), list):
+        return _interpreter_head(local_values[match.group(1)], {})
+    return []
+
+
+def clears_environment(provisioner: hcl.Block, local_values: Mapping[str, object]) -> bool:
+    """Whether a local-exec provisioner runs its command without Terraform's environment (``env -i`` first)."""
+    head = _interpreter_head(provisioner.attributes().get("interpreter"), local_values)
+    return (
+        len(head) == 2
+        and hcl.literal(head[0]) is not None
+        and Path(head[0]).name == "env"
+        and head[1] in _CLEARING_ENV_FLAGS
+    )
+
+
+def _local_exec_lines(file: Path) -> list[int]:
+    """The line of each ``provisioner "local-exec" {`` of a file, in order (the blocks carry no line)."""
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [number for number, line in enumerate(lines, start=1) if _LOCAL_EXEC_OPENING.match(line)]
+
+
+def _inherited_environments(parsed: hcl.HclFiles, resources: Sequence[hcl.Block]) -> list[Finding]:
+    """Every local-exec provisioner that would inherit Terraform's environment, which holds the state backend's
+    credentials: the command, and whatever it starts (the instance), would hold them too."""
+    local_values: dict[str, object] = {}
+    for block in parsed.of_type("locals"):
+        local_values |= block.attributes()
+    findings: list[Finding] = []
+    seen: dict[Path, int] = {}
+    for resource in resources:
+        for provisioner in resource.blocks("provisioner"):
+            if provisioner.labels[:1] != ("local-exec",):
+                continue
+            index = seen[resource.file] = seen.get(resource.file, -1) + 1
+            if clears_environment(provisioner, local_values):
+                continue
+            lines = _local_exec_lines(resource.file)
+            shown = _shown(resource.file, PROJECT_ROOT)
+            when = " (destroy-time)" if provisioner.attributes().get("when") == "destroy" else ""
+            findings.append(
+                Finding(
+                    "provisioner-inherits-environment",
+                    f"{shown}:{lines[index]}" if index < len(lines) else shown,
+                    f'the provisioner "local-exec"{when} of {resource.label} runs with Terraform\'s environment, '
+                    "which holds the state backend's AWS credentials, so its command and everything it starts (the "
+                    "instance) would hold them too",
+                    INHERITED_ENVIRONMENT_FIX,
+                    "provisioner-environment",
+                )
+            )
+    return findings
+
+
+def _daemons_keeping_output(resources: Sequence[hcl.Block]) -> list[Finding]:
+    """A warning for each local-exec command that leaves a process running with Terraform's output pipe as its
+    stdout or stderr (``app &``, ``nohup``, ``setsid``, ``disown`` without redirecting): the apply would wait
+    for that pipe until the workspace's apply_timeout_seconds stops it (docs/operations.md#stuck-applies)."""
+    findings: list[Finding] = []
+    for resource in resources:
+        try:
+            lines = resource.file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        for provisioner in resource.blocks("provisioner"):
+            command = provisioner.attributes().get("command")
+            if provisioner.labels[:1] != ("local-exec",) or not isinstance(command, str):
+                continue
+            for held in daemons_holding_output(command):
+                first = held.splitlines()[0].strip()
+                where = next((number for number, line in enumerate(lines, start=1) if first in line), None)
+                shown = _shown(resource.file, PROJECT_ROOT)
+                findings.append(
+                    Finding(
+                        "provisioner-daemon-keeps-output",
+                        f"{shown}:{where}" if where else shown,
+                        f"a local-exec provisioner of {resource.label} leaves `{one_line(held, 120)}` running with "
+                        "Terraform's output as its own, and Terraform waits for that output to close: the apply "
+                        'stays "Still creating..." until apply_timeout_seconds stops it and the run fails',
+                        "redirect the daemon's input and output and give it its own session: "
+                        "setsid app </dev/null >app.log 2>&1 & (or >/dev/null 2>&1)",
+                        "detached-daemons",
+                        severity="warning",
+                    )
+                )
     return findings
 
 

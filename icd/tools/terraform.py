@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +43,9 @@ from icd.errors import (
     TerraformError,
 )
 from icd.tools import binaries
-from icd.tools.process import CompletedCommand, LineSink, last_lines, run_command
+from icd.tools.process import CompletedCommand, LineSink, RunningTool, ToolWatch, last_lines, run_command
+
+logger = logging.getLogger(__name__)
 
 ActionKind = Literal["create", "update", "replace", "delete", "no-op", "read"]
 
@@ -49,7 +54,7 @@ ActionKind = Literal["create", "update", "replace", "delete", "no-op", "read"]
 SUPPORTED_PLAN_FORMAT_MAJORS = frozenset({0, 1})
 
 # Set on every call; the caller's ``env`` may not override them.
-MANAGED_ENV_KEYS = frozenset({"TF_IN_AUTOMATION", "CHECKPOINT_DISABLE", "TF_CLI_CONFIG_FILE", "TF_INPUT"})
+MANAGED_ENV_KEYS = frozenset({"TF_IN_AUTOMATION", "CHECKPOINT_DISABLE", "TF_CLI_CONFIG_FILE", "TF_INPUT", "TF_FORK"})
 
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _GO_DURATION = re.compile(r"0|(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
@@ -227,6 +232,12 @@ def build_env(cli_config_file: Path, extra: Mapping[str, str] | None = None) -> 
 
     ``TF_CLI_CONFIG_FILE`` is always set, so providers come only from the configured mirror and never from
     the network or an implicit ``~/.terraform.d/plugins``.
+
+    ``TF_FORK=0``: Terraform 1.0 otherwise re-runs itself as a child under panicwrap, and that child hands
+    the parent's stdout and stderr (our pipe) to every provisioner as extra descriptors (4 and 5, seen in
+    /proc). A daemon a provisioner starts with its output redirected, as the service contract says, would
+    still hold our pipe open after Terraform exits. Without the wrapper there is one process per call, and a
+    SIGTERM reaches Terraform once.
     """
     env = dict(extra or {})
     refused = sorted(k for k in env if k in MANAGED_ENV_KEYS or k.startswith("TF_CLI_ARGS"))
@@ -236,6 +247,7 @@ def build_env(cli_config_file: Path, extra: Mapping[str, str] | None = None) -> 
         TF_IN_AUTOMATION="1",
         CHECKPOINT_DISABLE="1",
         TF_INPUT="0",
+        TF_FORK="0",
         TF_CLI_CONFIG_FILE=str(cli_config_file),
     )
     return env
@@ -379,6 +391,132 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# --- watching an apply -----------------------------------------------------------------------------------
+
+# `null_resource.app: Creating...`, then every 10 s `null_resource.app: Still creating... [1m10s elapsed]`;
+# modify and destroy name the id: `aws_instance.web: Still destroying... [id=i-0abc, 20s elapsed]`
+# (Terraform 1.0 `internal/command/views/hook_ui.go`).
+_STARTING = re.compile(
+    r"^(?P<address>\S.*?): (?P<doing>Creating|Modifying|Destroying|Reading)\.\.\.(?: \[id=[^\]]*\])?$"
+)
+_STILL = re.compile(
+    r"^(?P<address>\S.*?): Still (?P<doing>creating|modifying|destroying|reading)\.\.\. "
+    r"\[(?:id=[^\]]*?, )?(?P<elapsed>[0-9hms.]+) elapsed\]$"
+)
+_DONE = re.compile(r"^(?P<address>\S.*?): (?:Creation|Modifications|Destruction|Read) complete after ")
+_GO_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def _duration_seconds(text: str) -> float:
+    """``1m10s`` -> 70.0 (Terraform's elapsed counts)."""
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _GO_DURATION_PART.findall(text))
+
+
+@dataclass(frozen=True)
+class InProgress:
+    """A resource Terraform is still working on, and for how long."""
+
+    address: str
+    doing: str  # creating, modifying, destroying, reading
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.address} (still {self.doing} after {self.seconds:.0f}s)"
+
+
+@dataclass(frozen=True)
+class HeadsUp:
+    """An apply running longer than expected: what it is still doing and what may hold it."""
+
+    elapsed_seconds: float
+    expected_seconds: float
+    stuck_after_seconds: float
+    in_progress: tuple[InProgress, ...]
+    holders: tuple[str, ...]  # processes holding the output of Terraform's children open (process.PipeHolder)
+
+
+class ApplyWatch(ToolWatch):
+    """Tells a stuck ``terraform apply`` from a slow one, from its output alone.
+
+    Terraform prints "<address>: Still creating... [N elapsed]" every 10 s while a resource is in progress.
+    Any other line (a resource done, a provisioner's output, an error) is progress. No progress for
+    ``stuck_after`` seconds means stuck: ``check`` says so and the chokepoint stops Terraform. Once the
+    apply has run ``heads_up_after`` seconds, ``on_heads_up`` is called once with what is still in progress
+    and the processes that hold the output of Terraform's children open (the usual cause of a provisioner
+    that never ends: a daemon started without redirecting its output). ``clock`` is ``time.monotonic``.
+    """
+
+    poll_seconds = 1.0
+
+    def __init__(
+        self,
+        *,
+        stuck_after: float,
+        heads_up_after: float | None = None,
+        on_heads_up: Callable[[HeadsUp], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if stuck_after <= 0:
+            raise ValueError(f"stuck_after must be positive, got {stuck_after}")
+        self.stuck_after = stuck_after
+        self.heads_up_after = heads_up_after
+        self._on_heads_up = on_heads_up
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_progress: float | None = None
+        self._in_progress: dict[str, tuple[str, float]] = {}  # address -> (doing, since)
+        self.heads_up: HeadsUp | None = None  # the one given, if any
+
+    def saw(self, line: str) -> None:
+        text = line.strip()
+        now = self._clock()
+        with self._lock:
+            if still := _STILL.match(text):
+                address = still.group("address")
+                if address not in self._in_progress:  # its "Creating..." line was missed: Terraform's count
+                    started = now - _duration_seconds(still.group("elapsed"))
+                    self._in_progress[address] = (still.group("doing"), started)
+                return
+            if not text:
+                return
+            self._last_progress = now
+            if starting := _STARTING.match(text):
+                self._in_progress[starting.group("address")] = (starting.group("doing").lower(), now)
+            elif done := _DONE.match(text):
+                self._in_progress.pop(done.group("address"), None)
+
+    def in_progress(self) -> tuple[InProgress, ...]:
+        """What Terraform is working on now, longest first."""
+        now = self._clock()
+        with self._lock:
+            found = [InProgress(address, doing, now - since) for address, (doing, since) in self._in_progress.items()]
+        return tuple(sorted(found, key=lambda item: -item.seconds))
+
+    def check(self, tool: RunningTool) -> str | None:
+        now = self._clock()
+        with self._lock:
+            # A retried apply is a new tool: what the earlier one printed is no progress of this one.
+            quiet = now - max(self._last_progress or tool.started, tool.started)
+        doing = self.in_progress()
+        elapsed = now - tool.started
+        if quiet >= self.stuck_after:
+            what = ", ".join(map(str, doing)) if doing else "nothing printed"
+            return (
+                f"terraform apply is stuck: {what}, with no other progress for {quiet:.0f}s "
+                f"(apply_timeout_seconds = {self.stuck_after:.0f})"
+            )
+        if self.heads_up is None and self.heads_up_after is not None and elapsed >= self.heads_up_after:
+            holders = tuple(str(holder) for holder in tool.escaped_holders())
+            self.heads_up = HeadsUp(elapsed, self.heads_up_after, self.stuck_after, doing, holders)
+            if self._on_heads_up is not None:
+                try:
+                    self._on_heads_up(self.heads_up)
+                except Exception:  # a heads-up is advice: failing to give it must not stop the apply
+                    logger.exception("could not give the heads-up about a slow apply")
+        return None
+
+
 # --- the adapter --------------------------------------------------------------------------------------
 
 
@@ -413,7 +551,7 @@ class Terraform:
     def _path(self, path: Path) -> Path:
         return path if path.is_absolute() else self.working_dir / path
 
-    def _run(self, args: list[str], *, stream_stdout: bool = True) -> CompletedCommand:
+    def _run(self, args: list[str], *, stream_stdout: bool = True, watch: ToolWatch | None = None) -> CompletedCommand:
         argv = [self.binary, *args]
         env = build_env(self.cli_config_file, self._extra_env)
         return run_command(
@@ -423,10 +561,13 @@ class Terraform:
             timeout=self.timeout,
             on_stdout=self._on_line if stream_stdout else None,
             on_stderr=self._on_line,
+            watch=watch,
         )
 
-    def _run_checked(self, args: list[str], *, stream_stdout: bool = True) -> CompletedCommand:
-        result = self._run(args, stream_stdout=stream_stdout)
+    def _run_checked(
+        self, args: list[str], *, stream_stdout: bool = True, watch: ToolWatch | None = None
+    ) -> CompletedCommand:
+        result = self._run(args, stream_stdout=stream_stdout, watch=watch)
         if result.returncode != 0:
             raise error_from_failure(result)
         return result
@@ -460,11 +601,19 @@ class Terraform:
         result = self._run_checked(show_plan_args(path), stream_stdout=False)
         return parse_plan_json(result.stdout, sha256=digest)
 
-    def apply(self, plan_file: Path, *, lock_timeout: str = "0s", expected_sha256: str | None = None) -> ApplyResult:
+    def apply(
+        self,
+        plan_file: Path,
+        *,
+        lock_timeout: str = "0s",
+        expected_sha256: str | None = None,
+        watch: ApplyWatch | None = None,
+    ) -> ApplyResult:
         """Apply a saved plan file, never a directory.
 
         ``expected_sha256`` is checked against the bytes right before Terraform starts, so a plan swapped
-        after approval raises ``PlanIntegrityError`` and nothing runs.
+        after approval raises ``PlanIntegrityError`` and nothing runs. With ``watch``, an apply that makes no
+        progress for ``watch.stuck_after`` seconds is stopped (``ToolStuckError``).
         """
         path = self._path(plan_file)
         if not path.is_file():
@@ -472,7 +621,7 @@ class Terraform:
         digest = file_sha256(path)
         if expected_sha256 is not None and digest != expected_sha256:
             raise PlanIntegrityError(f"plan file {path.name} has sha256 {digest}, but {expected_sha256} was approved")
-        result = self._run_checked(apply_args(path, lock_timeout=lock_timeout))
+        result = self._run_checked(apply_args(path, lock_timeout=lock_timeout), watch=watch)
         return ApplyResult(plan_file=path, plan_sha256=digest, duration_seconds=result.duration_seconds)
 
     def output(self) -> dict[str, Any]:

@@ -15,3 +15,13 @@ LONGEST_STOP_SECONDS = SUSPENDED_TEARDOWN_SECONDS + TERM_GRACE_SECONDS + KILL_GR
 # Set by the worker before it starts the fork server, which inherits its environment.
 PRELOAD_ENV = "ICD_WORKER_PRELOAD"
 PROJECT_ENV = "ICD_WORKER_PROJECT_DIR"
+
+# A dead worker is noticed within 90 s (docs/decisions.md, "A dead worker is noticed"): each flow run sends a
+# heartbeat every HEARTBEAT_SECONDS (Prefect's minimum; its default is 180), and the `icd-zombie-runs`
+# automation (automations.yaml, default of ICD_ZOMBIE_AFTER_SECONDS) marks a run Crashed after
+# ZOMBIE_AFTER_SECONDS without one. Prefect evaluates that automation every 5 s, so a killed run is Crashed
+# at most ZOMBIE_AFTER_SECONDS + 5 s after its last heartbeat; a live run may miss one heartbeat and send the
+# next 10 s late before it is taken for dead.
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+HEARTBEAT_SECONDS = 30
+ZOMBIE_AFTER_SECONDS = 70

@@ -66,6 +66,7 @@ class CheckRecord:
     synced_status: str = CRITICAL
     synced_output: str = ""
     last_synced_at: float = 0.0
+    reported: bool = False  # whether the check has run (or been updated) since it was registered
     interval: float = 0.0
     run_every: float = 0.0
     timeout: float = 0.0
@@ -211,9 +212,13 @@ class ConsulState:
         elif status != CRITICAL:
             check.critical_since = None
         check.status, check.output = status, output
+        # The first result of a check reaches the catalog at once, output too (a check critical from its
+        # registration on shows why from its first run, as a real agent's does); later output-only changes
+        # wait for check_update_interval.
+        first_result, check.reported = not check.reported, True
         status_changed = status != check.synced_status
         due_for_sync = now - check.last_synced_at >= self.check_update_interval
-        if status_changed or (output != check.synced_output and due_for_sync):
+        if status_changed or first_result or (output != check.synced_output and due_for_sync):
             check.synced_status, check.synced_output, check.last_synced_at = status, output, now
             self.checks_changed(check)
 

@@ -47,6 +47,7 @@ from icd.deploy.approval import give_answer
 from icd.deploy.queue import Holder
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
+from tests.plugins.tcp_link import TcpLink
 from tests.waiting import wait_until
 
 POOL = "local-pool"
@@ -131,6 +132,8 @@ class DeployEnv:
     inbound_url: str
     receiver: Receiver
     workers: list[ManagedProcess] = field(default_factory=list)
+    # Every process of the loop reaches S3 (moto) through it: a test cuts it to take S3 away (test_faults.py).
+    s3_link: TcpLink | None = None
     namespaces: dict[str, dict[str, object]] = field(default_factory=dict)
     workspaces: dict[str, dict[str, object]] = field(default_factory=dict)
 
@@ -290,8 +293,9 @@ def deploy_env(
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token=SLACK_TOKEN).start()
     receiver = Receiver()
+    s3_link = TcpLink(moto_endpoint)
     services = LocalServices(
-        s3_endpoint=moto_endpoint,
+        s3_endpoint=s3_link.url,
         bucket=f"icd-e2e-{uuid.uuid4().hex[:8]}",
         aws_access_key_id="testing",
         aws_secret_access_key=AWS_SECRET,
@@ -301,8 +305,8 @@ def deploy_env(
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ICD_CONFIG", str(config_path))
-        # Zombie runs are declared after 3 missed heartbeats of 30 s (the fastest Prefect allows).
-        patch.setenv("ICD_ZOMBIE_AFTER_SECONDS", "90")
+        # Zombie runs: the shipped heartbeat and window (icd.worker, automations.yaml), never a test's own.
+        patch.delenv("ICD_ZOMBIE_AFTER_SECONDS", raising=False)
         registry = provision(
             prefect_server, services, pool=POOL, alerts_url=receiver.url, webhook_secret=WEBHOOK_SECRET
         )
@@ -316,7 +320,6 @@ def deploy_env(
             icd_home,
             config_path,
             {
-                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
                 # Redelivery of a notification Slack refused: seconds, not minutes, in tests.
                 "ICD_REDELIVERY_BACKOFF_SECONDS": "1,2,4",
             },
@@ -337,6 +340,7 @@ def deploy_env(
             inbound_url,
             receiver,
             [worker, inbound],
+            s3_link=s3_link,
         )
         try:
             yield env
@@ -344,6 +348,7 @@ def deploy_env(
             for process in env.workers:
                 process.stop()
             stop_instances(icd_home)
+            s3_link.cut()
             receiver.stop()
             slack.stop()
             consul.stop()

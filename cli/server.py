@@ -1,0 +1,62 @@
+"""``icd-server``: ``prefect server start`` (same arguments) whose SQLite transactions take the write lock first.
+
+On the embedded SQLite database, Prefect begins most transactions ``DEFERRED``: they read, then write. In
+WAL mode a transaction that already reads and then wants to write while another connection writes gets
+``database is locked`` at once; SQLite's busy timeout (60 s, set by Prefect) only covers a transaction that
+holds nothing yet. The resume endpoint is such a transaction (read the run, then set its state): under load,
+the UI's Resume answered "Failed to resume flow run" (Prefect's client retries the 503, the UI does not), and
+the server's services logged ``database is locked``. Here every transaction Prefect opens on SQLite begins
+``IMMEDIATE`` (Prefect already does so for its state changes): it waits for the lock within the busy timeout
+instead of failing. Reads outside a transaction are unchanged. PostgreSQL is not touched.
+``bench/sqlite_load.py`` measures it (``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+
+from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
+from prefect.server.database.dependencies import MODELS_DEPENDENCIES
+from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
+
+
+class WriteFirstSqliteConfiguration(AioSqliteConfiguration):
+    """Prefect's SQLite configuration, with every transaction begun ``IMMEDIATE``."""
+
+    @asynccontextmanager
+    async def begin_transaction(
+        self, session: AsyncSession, with_for_update: bool = False
+    ) -> AsyncGenerator[AsyncSessionTransaction, None]:
+        token = SQLITE_BEGIN_MODE.set("IMMEDIATE")
+        try:
+            async with session.begin() as transaction:
+                yield transaction
+        finally:
+            SQLITE_BEGIN_MODE.reset(token)
+
+
+def use_write_first_transactions() -> bool:
+    """Make this process's Prefect server use :class:`WriteFirstSqliteConfiguration` if its database is SQLite
+    (Prefect's default); whether it did."""
+    url = PREFECT_API_DATABASE_CONNECTION_URL.value()
+    if not url.startswith("sqlite"):
+        return False
+    MODELS_DEPENDENCIES["database_config"] = WriteFirstSqliteConfiguration(connection_url=url)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefect.cli import app
+
+    use_write_first_transactions()
+    # Prefect's CLI reads its arguments from sys.argv: this is `prefect server ARGS`.
+    sys.argv = ["prefect", "server", *(sys.argv[1:] if argv is None else argv)]
+    app()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

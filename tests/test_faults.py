@@ -1,0 +1,171 @@
+"""Faults the loop must end cleanly, end to end on the real loop: S3 gone while a run waits for approval, and a
+worker killed with its run in the middle of an apply, with the shipped settings (``icd.worker``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore
+from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+from pydantic import SecretStr
+
+from cli.setup import check_zombie_window
+from examples.local_env import free_port, start_worker, worker_env
+from icd.paths import PROJECT_ROOT
+from icd.worker import HEARTBEAT_ENV, HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
+from tasks.policies import _is_missing, _stored
+from tests.plugins.deploy_env import ENDED, POOL, DeployEnv
+from tests.test_trust import _parent_pid, _services, _terraform_applying, _told
+from tests.waiting import wait_until
+
+FIXTURES = Path(__file__).parent / "fixtures"
+# From the answer to the final state with S3 gone: the worker's pick-up, the record asked for 30 s (plus the
+# S3 client's own retries), one release try, the notice (docs/operations.md, "S3 unreachable").
+S3_FAULT_ENDS_WITHIN_SECONDS = 180
+NOTICED_WITHIN_SECONDS = 90
+
+
+def _logged(env: DeployEnv, run_id: object, fragment: str) -> list[str]:
+    return [log.message for log in env.logs(run_id) if fragment in log.message]
+
+
+def test_s3_unreachable_at_resume_fails_the_run_naming_it_tells_and_releases_once_s3_is_back(
+    deploy_env: DeployEnv,
+) -> None:
+    env = deploy_env
+    link = env.s3_link
+    assert link is not None
+    names = env.service()
+    run, _ = env.deploy_until_paused(names)
+    sha = env.plan_sha(names.workspace, run.id)
+    holder = env.holder(names.workspace)
+    assert holder is not None
+    assert holder.run_id == str(run.id)
+    link.cut()  # every process of the loop loses S3: the run's results, the queue, the registry, the state
+    try:
+        answered = time.monotonic()
+        env.answer(run.id, sha)
+        done = env.wait_for(run.id, states=ENDED, timeout=S3_FAULT_ENDS_WITHIN_SECONDS + 60)
+        took = time.monotonic() - answered
+        assert done.state is not None
+        assert done.state.type.value == "FAILED", done.state
+        assert took <= S3_FAULT_ENDS_WITHIN_SECONDS, f"the run took {took:.0f} s to end on S3's fault"
+        message = done.state.message or ""
+        assert "the run's result store failed: the record of step 'claim' could not be read" in message, message
+        assert "EndpointConnectionError" in message, message
+        assert "deploy-ended releases it once S3 answers" in message, message
+        told = wait_until(lambda: _told(env, f"Deploy failed on {names.workspace}: RunRecordStoreError"), timeout=60)
+        assert "could not be read" in told[0]
+        # deploy-ended could not release it either while S3 was gone
+        ended = wait_until(lambda: env.runs_of("deploy-ended", flow_run_id=str(run.id)), timeout=60)
+        wait_until(
+            lambda: _logged(env, ended[0].id, "could not be released yet"),
+            timeout=180,
+            message="deploy-ended never tried the release while S3 was gone",
+        )
+        assert link.is_cut
+    finally:
+        link.restore()
+    wait_until(lambda: env.holder(names.workspace) is None, timeout=180, message="not released once S3 was back")
+    # Nothing was claimed, planned, asked or applied again: the resumed run only read, and failed to.
+    assert not (env.icd_home / "runs" / f"{run.id}-apply").exists(), "an apply was started"
+    assert _services(env, names.service_name) == []
+    assert len(_logged(env, run.id, f"holding workspace {names.workspace}")) == 1
+    assert len(_told(env, "Plan waiting for approval", names.workspace)) == 1
+    finished = env.wait_for(ended[0].id, states=ENDED, timeout=60)
+    assert finished.state is not None
+    assert finished.state.type.value == "COMPLETED", finished.state
+
+
+def test_a_worker_killed_with_its_run_mid_apply_is_noticed_within_90_s_released_and_told(
+    deploy_env: DeployEnv,
+) -> None:
+    """The shipped settings (a heartbeat every 30 s from icd-worker, icd-zombie-runs after 70 s), not a test's."""
+    env = deploy_env
+    assert "ICD_ZOMBIE_AFTER_SECONDS" not in os.environ
+    names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
+    run, _ = env.deploy_until_paused(names)
+    sha = env.plan_sha(names.workspace, run.id)
+    # The run resumes on a worker of its own, killed with it; another one then runs deploy-ended.
+    env.worker.stop()
+    doomed = start_worker(env.server, POOL, env=env.worker_env, name=f"doomed-{uuid.uuid4().hex[:6]}")
+    env.workers.append(doomed)
+    try:
+        env.answer(run.id, sha)
+        [terraform] = wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=180)
+        flow_process = _parent_pid(terraform)
+        killed_at = datetime.now(UTC)
+        os.killpg(doomed.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(flow_process, signal.SIGKILL)
+    finally:
+        env.worker = start_worker(env.server, POOL, env=env.worker_env, name=f"worker-{uuid.uuid4().hex[:6]}")
+        env.workers.append(env.worker)
+    wait_until(
+        lambda: not _terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying"
+    )
+    crashed = env.wait_for(run.id, states={"CRASHED", *ENDED}, timeout=NOTICED_WITHIN_SECONDS + 60)
+    assert crashed.state is not None
+    assert crashed.state.type.value == "CRASHED", crashed.state
+    noticed = (crashed.state.timestamp - killed_at).total_seconds()
+    assert noticed <= NOTICED_WITHIN_SECONDS, f"the dead run was noticed after {noticed:.0f} s"
+    assert "No heartbeat for 70 s" in (crashed.state.message or "")
+    wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
+    wait_until(lambda: env.holder(names.workspace) is None, timeout=60, message="the workspace stayed held")
+
+
+# --- fast: the parts, each against the real thing ---------------------------------------------------------
+
+
+def _results_bucket(endpoint: str, bucket: str) -> S3Bucket:
+    parameters = AwsClientParameters(endpoint_url=endpoint, config={"retries": {"max_attempts": 1}})
+    credentials = AwsCredentials(
+        aws_access_key_id="testing",
+        aws_secret_access_key=SecretStr("testing"),
+        region_name="us-east-1",
+        aws_client_parameters=parameters,
+    )
+    return S3Bucket(bucket_name=bucket, credentials=credentials)
+
+
+def test_a_missing_record_is_absent_and_an_unreachable_store_is_a_fault(
+    moto_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Prefect's exists() says False for both; the deploy's check tells them apart (tasks/policies.py)."""
+    s3 = ResultStore(result_storage=_results_bucket(moto_endpoint, s3_bucket))
+    assert _stored(s3, "icd-run-claim") is False
+    _results_bucket(moto_endpoint, s3_bucket).write_path("icd-run-claim", b"{}", _sync=True)  # type: ignore[call-arg]
+    assert _stored(s3, "icd-run-claim") is True
+    unreachable = ResultStore(result_storage=_results_bucket(f"http://127.0.0.1:{free_port()}", s3_bucket))
+    assert unreachable.exists("icd-run-claim") is False, "Prefect's own answer, which the deploy must not trust"
+    with pytest.raises(EndpointConnectionError):
+        _stored(unreachable, "icd-run-claim")
+    local = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)))
+    assert _stored(local, "never-written") is False
+    assert not _is_missing(ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"))
+    assert not _is_missing(ValueError("Path /x is not a file."))
+
+
+def test_the_shipped_settings_notice_a_dead_run_within_90_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    automations = (PROJECT_ROOT / "automations.yaml").read_text()
+    assert f"${{ICD_ZOMBIE_AFTER_SECONDS:-{ZOMBIE_AFTER_SECONDS}}}" in automations
+    assert automations.count("ICD_ZOMBIE_AFTER_SECONDS:-") == 2, "the window and its message"
+    proactive_granularity = 5  # Prefect evaluates proactive automations every 5 s
+    assert 2 * HEARTBEAT_SECONDS <= ZOMBIE_AFTER_SECONDS <= NOTICED_WITHIN_SECONDS - proactive_granularity - 10
+    monkeypatch.delenv("ICD_ZOMBIE_AFTER_SECONDS", raising=False)
+    assert worker_env(Path("/h"), Path("/c"))[HEARTBEAT_ENV] == str(HEARTBEAT_SECONDS)
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert f"{HEARTBEAT_ENV}={HEARTBEAT_SECONDS} icd-worker" in readme
+    check_zombie_window()
+    monkeypatch.setenv("ICD_ZOMBIE_AFTER_SECONDS", "45")
+    with pytest.raises(SystemExit, match="at least 60"):
+        check_zombie_window()

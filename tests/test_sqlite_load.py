@@ -1,0 +1,46 @@
+"""The embedded SQLite default under load: resumes and writes never meet ``database is locked``.
+
+The server is started as the demo, the tests and the README start it (``icd-server``), on its own SQLite
+database, and gets the load of ``bench/sqlite_load.py``: runs suspended and resumed at once (each resume
+sent once, as the UI's Resume button does) while logs, task runs and events are written. With
+``prefect server start`` the same load failed every resume that met a writer (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from examples.local_env import start_prefect_server
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "sqlite_load.py"
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sqlite_load", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_resumes_under_load_on_the_embedded_sqlite_are_all_taken(tmp_path: Path) -> None:
+    bench = _bench()
+    # Errors the server answers with a 503 are logged too, so a locked database can't hide behind a retry.
+    server = start_prefect_server(tmp_path / "prefect", env={"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"})
+    try:
+        tally = asyncio.run(bench.load(server.api_url, runs=20, cycles=2, writers=4))
+    finally:
+        server.stop()
+    log = server.process.log_path.read_text(errors="replace")
+    assert tally.resumes == 40, tally.failure_samples
+    assert (tally.resume_failures, tally.other_503s, tally.other_failures) == (0, 0, 0), tally.failure_samples
+    assert log.count("database is locked") == 0, log[-3000:]
