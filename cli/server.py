@@ -48,12 +48,26 @@ def use_write_first_transactions() -> bool:
     return True
 
 
+# Prefect starts the API in a separate uvicorn process for these, where this module's configuration is not
+# installed: refused rather than silently serving without it.
+_OTHER_PROCESS_FLAGS = ("--background", "-b", "--workers")
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    refused = [arg for arg in args if arg.split("=", 1)[0] in _OTHER_PROCESS_FLAGS]
+    if refused and PREFECT_API_DATABASE_CONNECTION_URL.value().startswith("sqlite"):
+        print(
+            f"icd-server: {' '.join(refused)} would run the API in another process, without the SQLite "
+            "configuration this command adds; run it in the foreground (`icd-server start &` in a script)",
+            file=sys.stderr,
+        )
+        return 2
     from prefect.cli import app
 
     use_write_first_transactions()
     # Prefect's CLI reads its arguments from sys.argv: this is `prefect server ARGS`.
-    sys.argv = ["prefect", "server", *(sys.argv[1:] if argv is None else argv)]
+    sys.argv = ["prefect", "server", *args]
     app()
     return 0
 

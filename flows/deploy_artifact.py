@@ -69,7 +69,8 @@ def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
 
 def finish_unconfigured(workspace: str, run: RunRef, notifier_block: str, outcome: Outcome) -> State[Any]:
     """:func:`finish` for a run ``icd.toml`` can't describe: there is no context, so operators are told through
-    the notifier block alone; nothing was claimed, so nothing is released."""
+    the notifier block alone. Nothing is released here (there is no registry to do it with): a run that had
+    claimed the workspace before (a typo made while it awaited approval) is released by deploy-ended."""
     record_deploy(workspace, {"outcome": outcome.name, **outcome.record})
     tell_without_context(workspace, run, notifier_block, outcome.title, outcome.message, outcome.severity)
     get_run_logger().error("deploy-artifact finished: %s: %s", outcome.name, outcome.message)
@@ -241,13 +242,23 @@ def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: A
         "plan_artifact_id": asked.published.artifact_id,
         "notice": notice,
     }
-    # S3 failing past the retries is a fault: it leaves this function, and the run ends through end_on_fault.
-    waiting = retried(
-        lambda: checkpoint(ctx.registry.workspace_queue(), ctx.run_id, mine, advance_to="awaiting", details=details),
-        RegistryStorageError,
-        ConflictError,
-        what=f"recording that run {ctx.run.name} awaits approval on {ctx.workspace}",
-    )
+    try:
+        waiting = retried(
+            lambda: checkpoint(
+                ctx.registry.workspace_queue(), ctx.run_id, mine, advance_to="awaiting", details=details
+            ),
+            RegistryStorageError,
+            ConflictError,
+            what=f"recording that run {ctx.run.name} awaits approval on {ctx.workspace}",
+        )
+    except DeployError as exc:
+        # The run is Suspended already: the server refuses its tasks (finish would wait on them for ever), so it
+        # stays waiting for its answer, which re-checks the queue before applying (act_on). Operators are told.
+        why = f"could not record that it awaits approval ({one_line(str(exc), 300)}); it still waits for an answer"
+        told = ctx.notice(f"Queue not updated on {ctx.workspace}", f"Run {ctx.run.name}: {why}.", "warning")
+        notify_now(ctx.notifier, told, notifier_block=ctx.notifier_block, reply_to=asked.notice)
+        events.flush()
+        return
     if isinstance(waiting, Superseded):
         ended = outcomes.superseded(ctx.workspace, mine, waiting.by, taken_by=waiting.taken_by, asked=True)
         if end_waiting_run(UUID(ctx.run_id), name=ended.name, message=ended.message):
@@ -328,22 +339,28 @@ def tear_down(
         close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
     if isinstance(applied, StalePlan):
         return outcomes.stale_plan(ctx.workspace, applied.reason, planned.plan_sha256, record, teardown=True)
-    if ctx.promotes is not None:
-        empty_channel(
-            ctx.registry,
-            namespace=ctx.namespace,
-            channel=ctx.promotes,
-            assigned_by=decision.approver,
-            reason=f"{ctx.workspace} torn down by {ctx.run.name}: {mine.reason or 'no reason given'}",
-            metadata={
-                "flow_run_id": ctx.run_id,
-                "requested_by": mine.by,
-                "approved_by": decision.approver,
-                "comment": decision.comment,
-            },
-        )
-    announce_teardown(ctx.workspace, ctx.namespace, version=view.from_version, by=decision.approver, run_id=ctx.run_id)
     record = {**record, "applied in": f"{applied.duration_seconds:.1f}s"}
+    if ctx.promotes is not None:
+        try:
+            empty_channel(
+                ctx.registry,
+                namespace=ctx.namespace,
+                channel=ctx.promotes,
+                assigned_by=decision.approver,
+                reason=f"{ctx.workspace} torn down by {ctx.run.name}: {mine.reason or 'no reason given'}",
+                metadata={
+                    "flow_run_id": ctx.run_id,
+                    "requested_by": mine.by,
+                    "approved_by": decision.approver,
+                    "comment": decision.comment,
+                },
+            )
+        except DeployError as exc:
+            # The destroy is applied: the run is a teardown that happened, with a channel left to clear by hand.
+            left = f"channel {ctx.promotes} still lists it ({one_line(str(exc), 200)}); clear it with icd-registry"
+            get_run_logger().error("%s torn down, but %s", ctx.workspace, left)
+            record = {**record, "channel": left}
+    announce_teardown(ctx.workspace, ctx.namespace, version=view.from_version, by=decision.approver, run_id=ctx.run_id)
     return outcomes.torn_down(ctx.workspace, view.version_diff, decision.approver, planned.plan_sha256, record)
 
 

@@ -73,14 +73,25 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             "Terraform's state lock guards the state; check the run's last log lines, then plan again."
         )
         severity, done = "critical", "crash handled"
-    elif state is not None and state.type == StateType.CANCELLED and state.name == "Cancelled" and released:
+    elif (
+        state is not None
+        and state.type == StateType.CANCELLED
+        and state.name == "Cancelled"
+        # A run that had started (it may have been applying), whether or not it released the workspace itself
+        # on its way out; a run cancelled before it ever ran did nothing to tell.
+        and (released is not False or run.start_time is not None)
+    ):
         title = f"Deploy run cancelled on {workspace}"
-        text = f"Run {run.name} was cancelled ({state.message or 'no message'}); nothing more is applied by it."
+        lock = {True: "was released", False: "was already free", None: _PENDING}[released]
+        text = (
+            f"Run {run.name} was cancelled ({state.message or 'no message'}); nothing more is applied by it, and "
+            f"its workspace lock {lock}."
+        )
         severity, done = "warning", "cancellation handled"
     else:
         logger.info("run %s ended %s and has told operators itself; lock released: %s", run.name, state, released)
         return (
-            _release_when_back(registry, workspace, str(run.id), "nothing to do")
+            _release_when_back(registry, notifier, notifier_block, workspace, str(run.id), "nothing to do")
             if released is None
             else "nothing to do"
         )
@@ -97,7 +108,9 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
         notifier_block=notifier_block,
     )
     logger.info("run %s: %s; lock released: %s", run.name, done, released)
-    return _release_when_back(registry, workspace, str(run.id), done) if released is None else done
+    if released is None:
+        return _release_when_back(registry, notifier, notifier_block, workspace, str(run.id), done)
+    return done
 
 
 _PENDING = "could not be released yet (S3 unreachable): deploy-ended releases it as soon as S3 answers"
@@ -112,12 +125,32 @@ def _release_now(registry: ArtifactRegistry, workspace: str, run_id: str) -> boo
         return None
 
 
-def _release_when_back(registry: ArtifactRegistry, workspace: str, run_id: str, done: str) -> str:
+def _release_when_back(
+    registry: ArtifactRegistry,
+    notifier: SlackNotifier,
+    notifier_block: str,
+    workspace: str,
+    run_id: str,
+    done: str,
+) -> str:
     """The release, retried until S3 answers (for about 15 minutes; then this run fails, naming S3)."""
     patient = release_workspace.with_options(
         retries=len(RELEASE_RETRY_DELAYS), retry_delay_seconds=RELEASE_RETRY_DELAYS
     )
-    released = patient(registry, workspace, run_id)
+    try:
+        released = patient(registry, workspace, run_id)
+    except DeployError as exc:
+        text = (
+            f"The workspace lock of run {run_id} could not be released for about 15 minutes ({exc}). It holds "
+            f"nothing (its run has ended), but a request queued behind it waits: run `icd-lock break {workspace}` "
+            "once S3 answers."
+        )
+        notify(
+            notifier,
+            Notification(title=f"Workspace {workspace} not released", text=text, severity="critical"),
+            notifier_block=notifier_block,
+        )
+        raise
     get_run_logger().info(
         "workspace %s released once S3 answered (held by this run: %s)", workspace, released.was_holder
     )

@@ -7,6 +7,7 @@ at; ``plan-deploy`` makes the plan of a :class:`~icd.deploy.plan.PlanRequest`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.registry import ArtifactRegistry
 from icd.deploy.credentials import UNSCOPED_WARNING, TerraformStep
 from icd.deploy.plan import PlannedDeploy, PlanRequest, make_plan, not_current
-from icd.deploy.workdir import TERRAFORM_TIMEOUT_SECONDS, open_terraform
+from icd.deploy.workdir import open_terraform
 from icd.errors import ConflictError, RegistryStorageError, StateLockedError
 from icd.paths import state_home
 from icd.registry.models import ArtifactVersion
@@ -35,12 +36,12 @@ def workdir_opener(
 
     def open_workdir(name: str) -> Terraform:
         env, scoped = registry.terraform_env(workspace, step, run_label=name[:8])
-        timeout = TERRAFORM_TIMEOUT_SECONDS
+        deadline = None
         if scoped is None:
             logger.warning(UNSCOPED_WARNING)
         else:
             logger.info(scoped.describe())
-            timeout = min(timeout, scoped.seconds_left_for_tools(datetime.now(UTC)))
+            deadline = time.monotonic() + scoped.seconds_left_for_tools(datetime.now(UTC))
         return open_terraform(
             Path(stack_dir),
             state_home() / "runs" / name,
@@ -48,7 +49,7 @@ def workdir_opener(
             workspace=workspace,
             env=env,
             on_line=logger.info,
-            timeout=timeout,
+            deadline=deadline,
         )
 
     return open_workdir

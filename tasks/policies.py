@@ -32,8 +32,8 @@ from typing import Any, TypeVar, cast
 
 from botocore.exceptions import ClientError
 from prefect import Task, get_run_logger
-from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
-from prefect._internal.result_records import ResultRecord
+from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method  # as ResultStore.exists calls it
+from prefect._internal.result_records import ResultRecord  # the type Transaction.read returns
 from prefect.cache_policies import INPUTS, RUN_ID
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.filesystems import WritableFileSystem

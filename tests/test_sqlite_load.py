@@ -44,3 +44,16 @@ def test_resumes_under_load_on_the_embedded_sqlite_are_all_taken(tmp_path: Path)
     assert tally.resumes == 40, tally.failure_samples
     assert (tally.resume_failures, tally.other_503s, tally.other_failures) == (0, 0, 0), tally.failure_samples
     assert log.count("database is locked") == 0, log[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--background", "-b", "--workers=2"])
+def test_icd_server_refuses_what_would_serve_sqlite_without_its_configuration(
+    flag: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, temporary_settings
+
+    from cli.server import main
+
+    with temporary_settings({PREFECT_API_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{tmp_path}/prefect.db"}):
+        assert main(["start", flag]) == 2
+    assert "another process" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -253,6 +254,14 @@ def _processes_mentioning(token: str) -> list[int]:
         if token in cmdline:
             found.append(int(entry.name))
     return found
+
+
+@pytest.mark.tools
+def test_no_call_runs_past_the_deadline_whatever_its_own_timeout(tmp_path: Path) -> None:
+    """The deadline is when the step's credentials stop working: a call started near it gets what is left."""
+    terraform = Terraform(tmp_path, timeout=600, deadline=time.monotonic() - 1)
+    with pytest.raises(ToolTimeoutError, match="timed out after 0s"):
+        terraform.init()
 
 
 @pytest.mark.tools

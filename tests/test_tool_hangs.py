@@ -18,14 +18,16 @@ from pathlib import Path
 
 import boto3
 import pytest
+from prefect.states import Cancelling
 
+from examples.local_env import api_client
 from icd.deploy.record import applied_seconds, record_markdown
 from icd.deploy.stuck import HEADS_UP_FLOOR_SECONDS, heads_up_seconds, heads_up_text
 from icd.errors import ToolStuckError
 from icd.service.preflight import breaches, check_stack
 from icd.service.shell import daemons_holding_output
 from icd.tools import binaries
-from icd.tools.process import PipeHolder
+from icd.tools.process import PipeHolder, command_label
 from icd.tools.terraform import ApplyWatch, HeadsUp, InProgress, Terraform
 from tests.plugins.deploy_env import AWS_SECRET, ENDED, DeployEnv
 from tests.waiting import wait_until
@@ -398,3 +400,49 @@ def test_a_daemon_holding_the_apply_is_told_then_stopped_and_the_run_fails_clean
     failed = wait_until(lambda: said(f"Deploy failed on {ws}"), timeout=60, message="operators were not told")
     assert "detached-daemons" in failed[0], failed[0]
     assert not _alive(f"{daemon_marker}-{run.id}"), "no daemon of the run outlives it"
+
+
+@pytest.mark.slow
+def test_cancelling_a_held_apply_ends_it_tells_operators_and_leaves_no_daemon(
+    deploy_env: DeployEnv, tmp_path: Path, daemon_marker: str
+) -> None:
+    """The operator's way out before the timeout, as the heads-up says: cancel the run in the UI."""
+    env = deploy_env
+    names = env.service(stack=str(_daemon_stack(tmp_path / "stack", daemon_marker)), apply_timeout_seconds=120)
+    ws = names.workspace
+    run, _ = env.deploy_until_paused(names)
+    env.answer(run.id, env.plan_sha(ws, run.id))
+    wait_until(
+        lambda: [m for m in env.slack.messages if f"Slow apply on {ws}" in m.text], timeout=180, message="no heads-up"
+    )
+    assert _alive(f"{daemon_marker}-{run.id}"), "the stack's daemon runs while the apply waits for it"
+
+    api_client().set_flow_run_state(run.id, Cancelling(message="held by a daemon"))
+
+    ended = env.wait_for(run.id, states=ENDED, timeout=120)
+    assert ended.state is not None
+    assert ended.state.type.value == "CANCELLED", ended.state
+    told = wait_until(
+        lambda: [m.text for m in env.slack.messages if f"Deploy run cancelled on {ws}" in m.text],
+        timeout=90,
+        message="nobody was told of the cancellation",
+    )
+    assert "its workspace lock" in told[0], told[0]
+    wait_until(lambda: env.holder(ws) is None, timeout=60, message="the cancelled run kept the workspace")
+    wait_until(lambda: _state_lock(env, ws) is None, timeout=60, message="Terraform kept its state lock")
+    wait_until(lambda: not _alive(f"{daemon_marker}-{run.id}"), timeout=30, message="the daemon outlived the run")
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (["/usr/bin/python3", "/srv/app/app.py", "--api-key=s3cr3t"], "python3 app.py …"),
+        (["sh", "-c", "curl -H 'Authorization: Bearer s3cr3t' http://x"], "sh …"),
+        (["/opt/bin/daemon", "s3cr3t-token"], "daemon …"),
+        (["python3", "-c", "import time; time.sleep(9)"], "python3 …"),
+        (["/usr/bin/sleep"], "sleep"),
+        ([], "?"),
+    ],
+)
+def test_a_holder_is_named_by_its_program_and_script_never_by_its_arguments(argv: list[str], shown: str) -> None:
+    assert command_label(argv) == shown

@@ -195,9 +195,9 @@ def torn_down(workspace: str, version_diff: str, approver: str, plan_sha256: str
         f"Tore down {workspace}",
         f"{version_diff} in {workspace}, approved by {approver}. Remove the workspace from icd.toml, or the next "
         "version plans it again.",
-        "success",
+        "warning" if "channel" in record else "success",
         {"outcome": "torn down", **record},
-        {"plan sha256": plan_sha256},
+        {"plan sha256": plan_sha256, **({"channel": record["channel"]} if "channel" in record else {})},
     )
 
 

@@ -103,10 +103,17 @@ def open_terraform(
     workspace: str,
     env: Mapping[str, str],
     on_line: LineSink | None = None,
-    timeout: float = TERRAFORM_TIMEOUT_SECONDS,
+    deadline: float | None = None,
 ) -> Terraform:
-    """A fresh working directory for ``workspace``, initialised against its state in the backend. ``timeout``
-    bounds each call (shorter than the default when the credentials expire sooner)."""
-    terraform = Terraform(prepare_workdir(stack_dir, workdir), env=env, timeout=timeout, on_line=on_line)
+    """A fresh working directory for ``workspace``, initialised against its state in the backend. Each call
+    runs at most :data:`TERRAFORM_TIMEOUT_SECONDS`, and none past ``deadline`` (``time.monotonic()``; set when
+    the credentials in ``env`` expire)."""
+    terraform = Terraform(
+        prepare_workdir(stack_dir, workdir),
+        env=env,
+        timeout=TERRAFORM_TIMEOUT_SECONDS,
+        deadline=deadline,
+        on_line=on_line,
+    )
     terraform.init(backend_config=backend.config(workspace), reconfigure=True)
     return terraform

@@ -55,10 +55,10 @@ logger = logging.getLogger(__name__)
 _TERM_GRACE_SECONDS = 10.0
 # Grace between SIGTERM and SIGKILL for a daemon that escaped the tool's process group.
 _HOLDER_GRACE_SECONDS = 5.0
-# How much of a holder's command line an error or a notification shows: enough to recognise it, little of
-# its arguments (a team's daemon may carry something private there).
-_HOLDER_WORDS = 3
-_HOLDER_WORD_CHARS = 60
+# What an error or a notification shows of a holder's command line: the program and the script it runs, by
+# file name; never an argument (a team's daemon may carry a token there: `app --api-key=...`, `sh -c '...'`).
+# The pid leads an operator to the whole command line on the host.
+_SCRIPT_SUFFIXES = (".py", ".sh", ".js", ".rb", ".pl", ".jar")
 # How long the output may stay open after the tool itself exited.
 OUTPUT_DRAIN_SECONDS = 5.0
 _TAIL_LINES = 40
@@ -138,7 +138,7 @@ class PipeHolder:
     """A process that holds a pipe of a tool open from outside the tool's own process tree."""
 
     pid: int
-    command: str  # the first words of its command line, shortened (see _HOLDER_WORDS)
+    command: str  # the program and its script, by name (command_label): never an argument
     session: int
 
     def __str__(self) -> str:
@@ -175,11 +175,18 @@ def _command(pid: int) -> str:
     except OSError:
         return "?"
     words = [word.decode(errors="replace") for word in argv if word]
+    return command_label(words)
+
+
+def command_label(words: Sequence[str]) -> str:
+    """``python3 app.py …`` for ``["/usr/bin/python3", "/srv/app.py", "--token=…"]``: the program's name and a
+    script's file name, nothing else of the command line."""
     if not words:
         return "?"
-    shown = [Path(words[0]).name, *words[1:_HOLDER_WORDS]]
-    text = " ".join(word if len(word) <= _HOLDER_WORD_CHARS else word[: _HOLDER_WORD_CHARS - 1] + "…" for word in shown)
-    return text + (" …" if len(words) > _HOLDER_WORDS else "")
+    shown = [Path(words[0]).name]
+    if len(words) > 1 and not words[1].startswith("-") and words[1].endswith(_SCRIPT_SUFFIXES):
+        shown.append(Path(words[1]).name)
+    return " ".join(shown) + (" …" if len(words) > len(shown) else "")
 
 
 def escaped_holders(session: int) -> list[PipeHolder]:
@@ -344,10 +351,10 @@ def pipe_holders(pipe: object) -> list[str]:
         try:
             if not any(os.readlink(fd) == target for fd in (entry / "fd").iterdir()):
                 continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            words = [w.decode(errors="replace") for w in (entry / "cmdline").read_bytes().split(b"\0") if w]
         except OSError:
             continue
-        holders.append(f"{entry.name} ({cmdline[:200]})")
+        holders.append(f"{entry.name} ({command_label(words)})")
     return holders
 
 

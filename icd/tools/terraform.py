@@ -531,8 +531,11 @@ class Terraform:
         cli_config_file: Path | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
         on_line: Callable[[str], None] | None = None,
     ) -> None:
+        """``timeout`` bounds each call; ``deadline`` (a ``time.monotonic()`` value) bounds them all, e.g. when
+        the credentials in ``env`` expire: a call gets what is left of it."""
         self.working_dir = Path(working_dir).resolve()
         self.binary = binary or binaries.terraform_binary()
         config = cli_config_file or binaries.terraform_cli_config()
@@ -546,6 +549,7 @@ class Terraform:
         self._extra_env = dict(env or {})
         build_env(self.cli_config_file, self._extra_env)  # refuse managed keys now
         self.timeout = timeout
+        self.deadline = deadline
         self._on_line: LineSink | None = on_line
 
     def _path(self, path: Path) -> Path:
@@ -554,11 +558,15 @@ class Terraform:
     def _run(self, args: list[str], *, stream_stdout: bool = True, watch: ToolWatch | None = None) -> CompletedCommand:
         argv = [self.binary, *args]
         env = build_env(self.cli_config_file, self._extra_env)
+        timeout = self.timeout
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
         return run_command(
             argv,
             cwd=self.working_dir,
             env=env,
-            timeout=self.timeout,
+            timeout=timeout,
             on_stdout=self._on_line if stream_stdout else None,
             on_stderr=self._on_line,
             watch=watch,
