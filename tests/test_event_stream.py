@@ -153,7 +153,8 @@ def test_a_channel_flapping_v1_v2_v1_v2_ends_on_its_last_version_whatever_was_an
 
     [last] = wait_until(settled, timeout=180, message="the workspace never settled on one waiting plan")
     assert env.holder(production).request.version == v2  # type: ignore[union-attr]
-    assert f"v{v2}" in env.state_message(last.id)
+    # The run says what it waits for a moment after it suspends (describe_suspension): wait for the words.
+    wait_until(lambda: f"v{v2}" in env.state_message(last.id), timeout=60, message="the waiting run never named v2")
     assert env.approve(last.id, production).state.name == "Deployed"  # type: ignore[union-attr]
     endings = Counter(_state(r)[1] for r in _deploy_runs(env, production) if r.id != last.id)
     assert set(endings) <= NOT_APPLIED, endings
