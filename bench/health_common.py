@@ -113,6 +113,7 @@ def check_notification(
         severity="success" if status == "passing" else ("critical" if status == "critical" else "warning"),
         fields={"Service": service, "Instance": instance, "Node": node, "Status": status},
         dedup_key=f"check:{node}/{check_id}:{before}->{status}@{index}",
+        kind="health",
     )
 
 

@@ -222,7 +222,7 @@ def main() -> None:
         )
         for repeat in range(args.repeat):
             for contender in contenders if repeat % 2 == 0 else contenders[::-1]:
-                run_once(contender, addr, slack, notifier.sender(), checks, args.flips)
+                run_once(contender, addr, slack, notifier.channel_sender(), checks, args.flips)
     print(f"load average at end: {load_average()}")
     for contender in contenders:
         print(summary(contender))

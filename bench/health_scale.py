@@ -81,7 +81,9 @@ def watcher(role: str, addr: str, slack_api: str | None, warmup: float, seconds:
     from icd.notify.message import Notification, NotificationReceipt
 
     inner = (
-        SlackNotifier(credentials=SlackCredentials(token=SLACK_TOKEN), channel="#ops", api_url=slack_api).sender()
+        SlackNotifier(
+            credentials=SlackCredentials(token=SLACK_TOKEN), channel="#ops", api_url=slack_api
+        ).channel_sender()
         if slack_api
         else None
     )

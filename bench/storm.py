@@ -314,9 +314,8 @@ def storm(
     paused = [r for r in deploy_runs(workspaces[0]) if state_of(r) == "PAUSED"]
     if paused:
         asked = time.time()
-        resume_flow_run(
-            paused[0].id, run_input={"decision": "reject", "approver": "bench", "comment": "", "plan_sha256": ""}
-        )
+        # No plan hash: the form's own is the default (a wrong one, even "", is refused: the form fixes it).
+        resume_flow_run(paused[0].id, run_input={"decision": "reject", "approver": "bench", "comment": ""})
         try:
             rejected = wait_for_run(paused[0].id, ENDED, timeout=120, interval=0.05)
             rejection = rejected.end_time.timestamp() - asked if rejected.end_time else None
@@ -329,9 +328,7 @@ def storm(
                 client.delete_flow_run(run.id)
     for run in deploy_runs():
         if state_of(run) == "PAUSED":
-            resume_flow_run(
-                run.id, run_input={"decision": "reject", "approver": "bench", "comment": "", "plan_sha256": ""}
-            )
+            resume_flow_run(run.id, run_input={"decision": "reject", "approver": "bench", "comment": ""})
     print(
         "  t(s)  "
         + "  ".join(

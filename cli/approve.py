@@ -76,7 +76,7 @@ def answer(args: argparse.Namespace) -> int:
         return 1
     key = before.state.state_details.pause_key
     decision = "approve" if args.approve else "reject"
-    give_answer(
+    refused = give_answer(
         run_id,
         {
             "decision": decision,
@@ -85,6 +85,9 @@ def answer(args: argparse.Namespace) -> int:
             "plan_sha256": args.plan_sha256,
         },
     )
+    if refused is not None:  # refused by the form's schema before the run resumed: it still waits
+        print(f"icd-approve: not accepted. {refused.reason}", file=sys.stderr)
+        return 1
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         state = _read(run_id).state

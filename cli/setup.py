@@ -37,7 +37,7 @@ from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # sh
 from pydantic import SecretStr
 
 from blocks.consul import ConsulConnection
-from blocks.notifier import SlackNotifier
+from blocks.notifier import AppriseNotification, SlackNotifier
 from blocks.registry import ArtifactRegistry
 from cli.inbound import SECRET_BLOCK
 from icd.deploy.credentials import UNSCOPED_WARNING
@@ -59,7 +59,8 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 
 def register_block_types() -> None:
-    for block in (ArtifactRegistry, SlackNotifier, ConsulConnection):
+    # Apprise Notification: a notification block for any Apprise URL (e-mail over SMTP), for [notifications].
+    for block in (ArtifactRegistry, SlackNotifier, AppriseNotification, ConsulConnection):
         block.register_type_and_schema()
 
 
@@ -152,7 +153,7 @@ class Site:
     aws_secret_access_key: SecretStr
     slack_token: SecretStr
     slack_channel: str
-    prefect_ui_url: str
+    prefect_ui_url: str | None  # deprecated here: [site] prefect_ui_url in icd.toml, or PREFECT_UI_URL
     consul_addr: str
     alerts_url: str
     webhook_secret: SecretStr
@@ -246,7 +247,11 @@ def blocks_main(argv: list[str]) -> int:
     parser.add_argument("--s3-endpoint", default=None, help="a non-AWS S3 endpoint (moto, MinIO)")
     parser.add_argument("--slack-channel", required=True, help="#channel or channel ID")
     parser.add_argument("--slack-api-url", default="https://slack.com/api/", help="Slack's Web API (or a stand-in)")
-    parser.add_argument("--ui-url", required=True, help="the Prefect UI's URL, for links in notifications")
+    parser.add_argument(
+        "--ui-url",
+        default=None,
+        help="the Prefect UI's URL, for links in messages (deprecated: set [site] prefect_ui_url in icd.toml)",
+    )
     parser.add_argument("--consul-addr", required=True, help="the Consul agent's HTTP API")
     parser.add_argument("--alerts-url", required=True, help="where critical-health alerts are posted")
     parser.add_argument("--allow-private-alerts", action="store_true", help="the alerts URL is on a private network")

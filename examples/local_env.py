@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -441,10 +441,19 @@ def temporary_env(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def write_config(
-    path: Path, *, namespaces: Mapping[str, Mapping[str, object]], workspaces: Mapping[str, Mapping[str, object]]
+    path: Path,
+    *,
+    namespaces: Mapping[str, Mapping[str, object]],
+    workspaces: Mapping[str, Mapping[str, object]],
+    notifications: Mapping[str, Sequence[str]] | None = None,
 ) -> Path:
-    """An ``icd.toml`` for a local loop (the demo's, a test's), checked by the same rules as any other."""
+    """An ``icd.toml`` for a local loop (the demo's, a test's), checked by the same rules as any other;
+    ``notifications``: the notification blocks each kind of message also goes to."""
     lines: list[str] = []
+    if notifications:
+        lines.append("[notifications]")
+        lines += [f"{kind} = {_toml(list(routes))}" for kind, routes in notifications.items()]
+        lines.append("")
     for name, settings in namespaces.items():
         lines.append(f'[namespaces."{name}"]')
         lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]

@@ -33,7 +33,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 from pydantic import Field
 
-from blocks.notifier import SlackNotifier
+from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.config import NamespaceConfig, load_config
 from icd.deploy.source import SourceCheckout
@@ -87,7 +87,7 @@ def build_artifact(
             return _second_build(build, sha, claimed)
         return _build_under_claim(build, sha, claimed, source)
     except DeployError as exc:
-        notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+        notifier = load_notifier(notifier_block)
         notify(
             notifier,
             Notification(
@@ -97,8 +97,8 @@ def build_artifact(
                 fields={"namespace": namespace, "ref": ref},
                 link_url=notifier.flow_run_url(run_id),
                 link_text="Open the build run",
+                kind="build",
             ),
-            notifier_block=notifier_block,
         )
         raise
 

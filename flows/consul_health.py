@@ -26,7 +26,7 @@ from typing import cast
 from prefect import flow, get_run_logger
 
 from blocks.consul import ConsulConnection
-from blocks.notifier import SlackNotifier
+from blocks.notifier import load_notifier
 from icd.errors import ConsulError
 from icd.health.config import (
     DEFAULT_FLAP_CHANGES,
@@ -110,7 +110,7 @@ def consul_health(
         flap_window_seconds=flap_window_seconds,
         stable_after_seconds=stable_after_seconds,
     )
-    notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+    notifier = load_notifier(notifier_block)
     try:
         report = watch_health(
             cast(ConsulConnection, ConsulConnection.load(consul_block)),
@@ -123,9 +123,9 @@ def consul_health(
             max_overtime_seconds=max_overtime_seconds,
         )
     except ConsulError as exc:
-        report_sight(notifier, watch_name, error=str(exc), notifier_block=notifier_block)
+        report_sight(notifier, watch_name, error=str(exc))
         raise
-    report_sight(notifier, watch_name, error=None, notifier_block=notifier_block)
+    report_sight(notifier, watch_name, error=None)
     publish_health(report, config, watch_name)
     return {
         "rounds": report.rounds,

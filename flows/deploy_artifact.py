@@ -226,7 +226,7 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
     still = checkpoint_workspace(ctx.registry, ctx.run_id, mine)
     if isinstance(still, Superseded):
         return outcomes.superseded(ctx.workspace, mine, still.by, taken_by=still.taken_by, asked=False)
-    published = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.prefect_ui_url)
+    published = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.ui_url)
     deadline = approval_deadline(planned.plan_sha256, ctx.settings.approval_timeout_seconds)
     notice = ctx.tell(approval_notice(planned, deadline, run_name=ctx.run.name, run_url=ctx.run_url))
     return AwaitingApproval(version, planned, published, deadline, notice)
@@ -256,14 +256,14 @@ def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: A
         # stays waiting for its answer, which re-checks the queue before applying (act_on). Operators are told.
         why = f"could not record that it awaits approval ({one_line(str(exc), 300)}); it still waits for an answer"
         told = ctx.notice(f"Queue not updated on {ctx.workspace}", f"Run {ctx.run.name}: {why}.", "warning")
-        notify_now(ctx.notifier, told, notifier_block=ctx.notifier_block, reply_to=asked.notice)
+        notify_now(ctx.notifier, told, reply_to=asked.notice)
         events.flush()
         return
     if isinstance(waiting, Superseded):
         ended = outcomes.superseded(ctx.workspace, mine, waiting.by, taken_by=waiting.taken_by, asked=True)
         if end_waiting_run(UUID(ctx.run_id), name=ended.name, message=ended.message):
             told = ctx.notice(ended.title, ended.message, ended.severity, facts=ended.facts)
-            notify_now(ctx.notifier, told, notifier_block=ctx.notifier_block, reply_to=asked.notice)
+            notify_now(ctx.notifier, told, reply_to=asked.notice)
     events.flush()  # the process ends with the suspension: what it emitted must be sent first
 
 

@@ -35,10 +35,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled
 
-from blocks.notifier import SlackNotifier
+from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.errors import DeployError
-from icd.notify.message import Notification, Severity
+from icd.notify.message import Notification, Notifier, Severity
 from tasks.notify import notify
 from tasks.queue import release_workspace
 
@@ -57,7 +57,7 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     workspace = str(run.parameters.get("workspace", ""))
     registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
     released = _release_now(registry, workspace, str(run.id)) if workspace else False
-    notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+    notifier = load_notifier(notifier_block)
     if state is not None and state.type == StateType.FAILED and TIMED_OUT in (state.message or ""):
         message = "no approval before the deadline; nothing applied"
         with get_client(sync_client=True) as client:
@@ -91,7 +91,7 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     else:
         logger.info("run %s ended %s and has told operators itself; lock released: %s", run.name, state, released)
         return (
-            _release_when_back(registry, notifier, notifier_block, workspace, str(run.id), "nothing to do")
+            _release_when_back(registry, notifier, workspace, str(run.id), "nothing to do")
             if released is None
             else "nothing to do"
         )
@@ -105,11 +105,10 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             link_url=notifier.flow_run_url(run.id),
             link_text="Open the run",
         ),
-        notifier_block=notifier_block,
     )
     logger.info("run %s: %s; lock released: %s", run.name, done, released)
     if released is None:
-        return _release_when_back(registry, notifier, notifier_block, workspace, str(run.id), done)
+        return _release_when_back(registry, notifier, workspace, str(run.id), done)
     return done
 
 
@@ -127,8 +126,7 @@ def _release_now(registry: ArtifactRegistry, workspace: str, run_id: str) -> boo
 
 def _release_when_back(
     registry: ArtifactRegistry,
-    notifier: SlackNotifier,
-    notifier_block: str,
+    notifier: Notifier,
     workspace: str,
     run_id: str,
     done: str,
@@ -148,7 +146,6 @@ def _release_when_back(
         notify(
             notifier,
             Notification(title=f"Workspace {workspace} not released", text=text, severity="critical"),
-            notifier_block=notifier_block,
         )
         raise
     get_run_logger().info(

@@ -12,7 +12,7 @@ from typing import cast
 
 from prefect import flow
 
-from blocks.notifier import SlackNotifier
+from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.config import load_config
 from icd.notify.message import Notification
@@ -26,7 +26,7 @@ def revocation_notice(
     """Notify about every workspace that runs ``namespace`` ``version``; returns their names."""
     config = load_config()
     registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)).registry()
-    notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+    notifier = load_notifier(notifier_block)
     record = registry.get(namespace, version)
     reason = record.revocation.reason if record.revocation else "revoked"
     affected: list[str] = []
@@ -52,7 +52,7 @@ def revocation_notice(
                 text=text,
                 severity="critical",
                 fields={"workspace": workspace, "namespace": namespace, "revoked": f"v{version}"},
+                kind="registry",
             ),
-            notifier_block=notifier_block,
         )
     return affected

@@ -6,6 +6,9 @@ flow, command and the webhook.
 * ``[workspaces.<name>]``: one per place it is deployed. What the workspace *follows* (``org/name@latest``
   or ``org/name@<channel>``), its Terraform stack, the artifact platform the stack deploys, the channel a
   healthy deploy *promotes*, and the approval, health and rollback settings.
+* ``[site]``: this installation: the Prefect UI's address, for the links in messages.
+* ``[notifications]``: the Prefect notification blocks each kind of operator message also goes to, beside
+  the Slack channel (``icd/notify/routes.py``).
 
 A newly registered version plans every workspace that follows ``latest`` of its namespace; a channel that
 moves plans every workspace that follows it (``icd/events.py``). Every value passes the one rule set of
@@ -23,6 +26,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icd.errors import ConfigError
+from icd.notify.message import MESSAGE_KINDS, MessageKind
 from icd.paths import PROJECT_ROOT
 from icd.rules import (
     LATEST,
@@ -110,7 +114,39 @@ class WorkspaceConfig(_Strict):
         return self.follows.partition("@")[2]
 
 
+# A Prefect block document as ``Block.load`` takes it: "<block type slug>/<block name>".
+BlockRef = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*/[a-z0-9][a-z0-9-]*$")]
+
+
+class SiteConfig(_Strict):
+    """This installation of the pipeline."""
+
+    prefect_ui_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="The Prefect UI's address, for links in messages; default: PREFECT_UI_URL, if set.",
+    )
+
+
+class NotificationRoutes(_Strict):
+    """The Prefect notification blocks each kind of operator message is also sent to (as plain text), beside
+    the Slack channel: ``approval = ["apprise-notification/ops-mail", "custom-webhook/pager"]``."""
+
+    approval: list[BlockRef] = Field(default_factory=list, description="A plan waits for an answer.")
+    refusal: list[BlockRef] = Field(default_factory=list, description="An answer was refused; asked again.")
+    deploy: list[BlockRef] = Field(default_factory=list, description="How a deploy run went or ended.")
+    build: list[BlockRef] = Field(default_factory=list, description="A build failed.")
+    health: list[BlockRef] = Field(default_factory=list, description="Health transitions; the watch blind.")
+    registry: list[BlockRef] = Field(default_factory=list, description="A revoked version still runs.")
+
+    def by_kind(self) -> dict[MessageKind, list[str]]:
+        routes: dict[MessageKind, list[str]] = {kind: list(getattr(self, kind)) for kind in MESSAGE_KINDS}
+        return routes
+
+
 class PipelineConfig(_Strict):
+    site: SiteConfig = Field(default_factory=SiteConfig)
+    notifications: NotificationRoutes = Field(default_factory=NotificationRoutes)
     namespaces: dict[Namespace, NamespaceConfig] = Field(default_factory=dict)
     workspaces: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")], WorkspaceConfig] = Field(
         default_factory=dict

@@ -359,10 +359,13 @@ def health_transition(
     announced: bool = True,
     page: bool = False,
     flap: Mapping[str, float] | None = None,
+    silenced_by: str | None = None,
+    acknowledged_by: str | None = None,
 ) -> EventSpec:
     """``icd.health.<status>`` (``<kind>`` for appear/leave/maintenance/flapping/settled), about the service
     instance. ``icd.page`` labels the one alert of an incident that pages; ``announced`` is False for a damped
-    transition (recorded, not sent); ``flap`` gives a burst's ``changes`` and ``span_seconds``."""
+    or silenced transition (recorded, not sent); ``flap`` gives a burst's ``changes`` and ``span_seconds``.
+    A silenced one carries ``icd.silenced=<silence id>``; one whose incident someone took, ``acknowledged_by``."""
     meta = meta or {}
     name = status if kind in ("status", "appeared", "reminder") else kind.replace("_", "-")
     related: list[Mapping[str, str]] = []
@@ -380,6 +383,7 @@ def health_transition(
             "icd.status": status,
             "icd.expected": "true" if expected else "false",
             "icd.page": "true" if page else "false",
+            **({"icd.silenced": silenced_by} if silenced_by is not None else {}),
         },
         related,
         {
@@ -391,6 +395,8 @@ def health_transition(
             "announced": announced,
             "dedup_key": dedup_key,
             **({"flap": dict(flap)} if flap is not None else {}),
+            **({"silenced_by": silenced_by} if silenced_by is not None else {}),
+            **({"acknowledged_by": acknowledged_by} if acknowledged_by is not None else {}),
         },
         id=uuid.uuid5(_DELIVERY_NAMESPACE, dedup_key),
     )

@@ -89,6 +89,7 @@ def approval_notice(planned: PlannedDeploy, deadline: datetime, *, run_name: str
         link_url=run_url,
         link_text="Review and approve",
         dedup_key=f"plan-{planned.plan_sha256}",
+        kind="approval",
     )
 
 

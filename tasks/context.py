@@ -13,14 +13,14 @@ from datetime import UTC, datetime
 from typing import cast
 
 from blocks.consul import ConsulConnection
-from blocks.notifier import SlackNotifier
+from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.config import WorkspaceConfig, load_config
 from icd.deploy.artifacts import artifact_for
 from icd.deploy.plan import PlanRequest
 from icd.deploy.queue import DeployRequest, RunRef
 from icd.deploy.stuck import heads_up_seconds, heads_up_text, heads_up_title
-from icd.notify.message import Notification, NotificationReceipt, Severity
+from icd.notify.message import MessageKind, Notification, NotificationReceipt, Notifier, Severity
 from icd.paths import PROJECT_ROOT, state_home
 from icd.registry.models import ArtifactVersion
 from icd.service.contract import StackVariables
@@ -38,9 +38,8 @@ class DeployContext:
     promotes: str | None  # the channel a healthy deploy moves, if any
     service_name: str
     registry: ArtifactRegistry
-    notifier: SlackNotifier
+    notifier: Notifier
     consul: ConsulConnection
-    notifier_block: str
     teardown: bool = False  # destroy what the workspace runs, through the same plan-approve-apply path
 
     @property
@@ -103,6 +102,7 @@ class DeployContext:
         facts: Mapping[str, str] | None = None,
         link_text: str | None = None,
         dedup_key: str | None = None,
+        kind: MessageKind = "deploy",
     ) -> Notification:
         """A notification about this deploy: it always names the workspace and links to the run."""
         return Notification(
@@ -113,11 +113,12 @@ class DeployContext:
             link_url=self.run_url,
             link_text=link_text,
             dedup_key=dedup_key,
+            kind=kind,
         )
 
-    def warn(self, title: str, text: str, facts: dict[str, str]) -> None:
+    def warn(self, title: str, text: str, facts: dict[str, str], kind: MessageKind = "refusal") -> None:
         """Tell operators something about this run they may act on (a refused answer), with its link."""
-        self.tell(self.notice(title, text, "warning", facts=facts, link_text="Open the run"))
+        self.tell(self.notice(title, text, "warning", facts=facts, link_text="Open the run", kind=kind))
 
     def watch_apply(self, what: str) -> ApplyWatch:
         """The watch of one apply of this run (``what``: "apply", "teardown", "rollback"): a heads-up to
@@ -129,7 +130,7 @@ class DeployContext:
             facts = {"running for": f"{heads_up.elapsed_seconds:.0f}s", "stopped after": f"{stuck_after:.0f}s"}
             if heads_up.holders:
                 facts["holding its output"] = ", ".join(heads_up.holders)
-            self.warn(heads_up_title(self.workspace, what), heads_up_text(what, heads_up, last), facts)
+            self.warn(heads_up_title(self.workspace, what), heads_up_text(what, heads_up, last), facts, kind="deploy")
 
         return ApplyWatch(
             stuck_after=stuck_after, heads_up_after=heads_up_seconds(last, stuck_after), on_heads_up=tell_slow
@@ -139,7 +140,7 @@ class DeployContext:
         self, notification: Notification, *, reply_to: NotificationReceipt | None = None
     ) -> NotificationReceipt | None:
         """Notify operators, best effort (``tasks/notify.py``): a Slack failure never changes the outcome."""
-        return notify(self.notifier, notification, notifier_block=self.notifier_block, reply_to=reply_to)
+        return notify(self.notifier, notification, reply_to=reply_to)
 
 
 def deploy_context(
@@ -162,9 +163,8 @@ def deploy_context(
         promotes=config.promoted_channel(workspace),
         service_name=config.namespace(settings.namespace).service_name,
         registry=cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)),
-        notifier=cast(SlackNotifier, SlackNotifier.load(notifier_block)),
+        notifier=load_notifier(notifier_block),
         consul=cast(ConsulConnection, ConsulConnection.load(consul_block)),
-        notifier_block=notifier_block,
         teardown=teardown,
     )
 
@@ -174,7 +174,7 @@ def tell_without_context(
 ) -> None:
     """Tell operators about a run that has no context (``icd.toml`` could not say what ``workspace`` is): the
     notifier block is all it needs, and the notice is shaped as :meth:`DeployContext.notice` shapes one."""
-    notifier = cast(SlackNotifier, SlackNotifier.load(notifier_block))
+    notifier = load_notifier(notifier_block)
     notice = Notification(
         title=title,
         text=text,
@@ -183,4 +183,4 @@ def tell_without_context(
         link_url=notifier.flow_run_url(run.id),
         link_text="Open the run",
     )
-    notify(notifier, notice, notifier_block=notifier_block)
+    notify(notifier, notice)

@@ -1,10 +1,12 @@
 """Tell operators: the one way a flow sends a notification. Best effort: it never decides an outcome.
 
 Cached per run and per notification, so a flow re-run after a suspension does not post the same message
-again. If Slack can't take the message (an outage, a refusal), the run goes on as if it had: the message is
-handed to the ``deliver-notification`` deployment as a flow run scheduled a little later, which retries with
-backoff, so a Slack outage delays messages but blocks neither an approval nor a run's final state. Only when
-Prefect itself can't take it either is the message lost, and then it is in the run's log.
+again. The notifier posts to the operators' channel and copies the message to the notification blocks
+icd.toml routes its kind to (``icd/notify/routes.py``); a copy that fails is logged and counted, nothing
+more. If the channel (Slack) can't take the message (an outage, a refusal), the run goes on as if it had: the
+message is handed to the ``deliver-notification`` deployment as a flow run scheduled a little later, which
+retries with backoff, so a Slack outage delays messages but blocks neither an approval nor a run's final
+state. Only when Prefect itself can't take it either is the message lost, and then it is in the run's log.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from prefect import get_run_logger, task
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
-from blocks.notifier import SlackNotifier
 from icd.errors import NotificationError
-from icd.notify.message import Notification, NotificationReceipt
+from icd.notify.message import Notification, NotificationReceipt, Notifier
 from tasks.policies import ONCE_PER_RUN
 
 DELIVERY_DEPLOYMENT = "deliver-notification/deliver-notification"
@@ -34,9 +35,13 @@ def redelivery_backoff() -> tuple[int, ...]:
     return waits or REDELIVERY_BACKOFF_SECONDS
 
 
-def schedule_redelivery(notification: Notification, *, notifier_block: str, attempt: int, reason: str) -> bool:
-    """Schedule delivery attempt ``attempt`` (1-based); False when there is none left or Prefect refused."""
+def schedule_redelivery(notification: Notification, *, notifier_block: str | None, attempt: int, reason: str) -> bool:
+    """Schedule delivery attempt ``attempt`` (1-based) through the notifier saved as ``notifier_block``; False
+    when there is none left, the notifier was never saved (nothing could load it again) or Prefect refused."""
     logger = get_run_logger()
+    if notifier_block is None:
+        logger.error("notification %r is lost (%s): its notifier is not a saved block", notification.title, reason)
+        return False
     backoff = redelivery_backoff()
     if attempt > len(backoff):
         logger.error("giving up on notification %r after %d attempts: %s", notification.title, attempt - 1, reason)
@@ -69,30 +74,22 @@ def schedule_redelivery(notification: Notification, *, notifier_block: str, atte
 
 @task(name="notify", persist_result=True, cache_policy=ONCE_PER_RUN)
 def notify(
-    notifier: SlackNotifier,
-    notification: Notification,
-    *,
-    notifier_block: str = "ops-slack",
-    reply_to: NotificationReceipt | None = None,
+    notifier: Notifier, notification: Notification, *, reply_to: NotificationReceipt | None = None
 ) -> NotificationReceipt | None:
-    """Post ``notification`` (``reply_to``: in the thread of that earlier message); when Slack can't take
-    it, schedule its redelivery (outside the thread) and return None."""
-    return notify_now(notifier, notification, notifier_block=notifier_block, reply_to=reply_to)
+    """Post ``notification`` (``reply_to``: in the thread of that earlier message) and copy it to its kind's
+    routes; when the channel can't take it, schedule its redelivery (outside the thread) and return None."""
+    return notify_now(notifier, notification, reply_to=reply_to)
 
 
 def notify_now(
-    notifier: SlackNotifier,
-    notification: Notification,
-    *,
-    notifier_block: str = "ops-slack",
-    reply_to: NotificationReceipt | None = None,
+    notifier: Notifier, notification: Notification, *, reply_to: NotificationReceipt | None = None
 ) -> NotificationReceipt | None:
     """:func:`notify` without its task, for the one place no task may run: a flow run that is already
     suspended (the server refuses to start a task of a paused run) and has to say how it ended."""
     try:
-        receipt = notifier.sender().send(notification, reply_to=reply_to)
+        receipt = notifier.sender(get_run_logger()).send(notification, reply_to=reply_to)
     except NotificationError as exc:
-        schedule_redelivery(notification, notifier_block=notifier_block, attempt=1, reason=str(exc))
+        schedule_redelivery(notification, notifier_block=notifier.block_name, attempt=1, reason=str(exc))
         return None
     get_run_logger().info("posted %s notification %r (ts %s)", notification.severity, notification.title, receipt.ts)
     return receipt

@@ -26,15 +26,15 @@ from prefect.runtime import deployment, flow_run
 from prefect.variables import Variable
 
 from blocks.consul import ConsulConnection
-from blocks.notifier import SlackNotifier
 from icd import events
 from icd.health.config import WatchConfig
 from icd.health.engine import Alert
 from icd.health.handover import HandOver
 from icd.health.render import health_table
 from icd.health.watch import WatchReport, watch
-from icd.notify.message import Notification
+from icd.notify.message import Notification, Notifier
 from tasks.notify import notify
+from tasks.silences import publish_silences
 
 
 def artifact_key(watch_name: str) -> str:
@@ -59,9 +59,11 @@ def emit_transitions(alerts: Sequence[Alert]) -> None:
                 expected=alert.expected_by is not None,
                 failing=[f"{check.name}: {check.output}" for check in alert.failing_checks],
                 dedup_key=alert.dedup_key,
-                announced=not alert.damped,
+                announced=not alert.damped and alert.silenced_by is None,
                 page=alert.page,
                 flap=None if flap is None else {"changes": flap.changes, "span_seconds": flap.span.total_seconds()},
+                silenced_by=alert.silenced_by,
+                acknowledged_by=alert.acknowledged_by,
             )
         )
 
@@ -142,7 +144,7 @@ def hand_over(
 @task(name="watch-health", cache_policy=NO_CACHE)
 def watch_health(
     consul: ConsulConnection,
-    notifier: SlackNotifier,
+    notifier: Notifier,
     config: WatchConfig,
     *,
     window_seconds: float,
@@ -154,7 +156,7 @@ def watch_health(
     client = consul.get_client()
     return watch(
         client,
-        notifier.sender(),
+        notifier.sender(get_run_logger()),
         config,
         window_seconds,
         watch_name=watch_name,
@@ -163,6 +165,7 @@ def watch_health(
         on_alerts=emit_transitions,
         min_round_seconds=min_round_seconds,
         hand_over=hand_over(client, watch_name, scheduled, max_overtime_seconds),
+        on_silences=publish_silences,
     )
 
 
@@ -180,6 +183,8 @@ def publish_health(report: WatchReport, config: WatchConfig, watch_name: str) ->
             f"{unhealthy} not passing; {report.alerts_sent} alert(s) sent this run."
         ),
     )
+    if report.silences is not None and report.silences.silences:
+        publish_silences(report.silences)
 
 
 def _blind_marker(watch_name: str) -> str:
@@ -187,7 +192,7 @@ def _blind_marker(watch_name: str) -> str:
 
 
 @task(name="report-watch-sight", cache_policy=NO_CACHE)
-def report_sight(notifier: SlackNotifier, watch_name: str, *, error: str | None, notifier_block: str) -> None:
+def report_sight(notifier: Notifier, watch_name: str, *, error: str | None) -> None:
     """Tell operators once when the watch goes blind (Consul unreachable) and once when it sees again.
 
     The marker lives in a Prefect variable, not in Consul: Consul is what can't be reached.
@@ -203,8 +208,8 @@ def report_sight(notifier: SlackNotifier, watch_name: str, *, error: str | None,
                 text=f"No health transition is seen or alerted until Consul answers again. {error}",
                 severity="critical",
                 fields={"watch": watch_name},
+                kind="health",
             ),
-            notifier_block=notifier_block,
         )
     elif error is None and blind_since is not None:
         Variable.unset(marker)
@@ -215,8 +220,8 @@ def report_sight(notifier: SlackNotifier, watch_name: str, *, error: str | None,
                 text="Consul answers; transitions missed meanwhile are reported now.",
                 severity="success",
                 fields={"watch": watch_name},
+                kind="health",
             ),
-            notifier_block=notifier_block,
         )
     elif error is not None:
         get_run_logger().error("the health watch is still blind: %s", error)

@@ -21,6 +21,7 @@ pytest_plugins = [
     "tests.plugins.slack",
     "tests.plugins.prefect_server",
     "tests.plugins.deploy_env",
+    "tests.plugins.smtp",
 ]
 
 AWS_REGION = "us-east-1"

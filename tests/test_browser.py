@@ -3,8 +3,11 @@ for Python) against the Prefect UI of the end-to-end environment, doing what an 
 
 * From the Slack message's link to the paused run, the Resume form shows what is asked in one line and the
   new version without scrolling, in a table that fits the modal; the full plan is one click away.
-* A blank approver applies nothing: an empty one is refused by the form itself, one of spaces by the flow,
-  which says why on the run (its state message) and at the top of the reopened form.
+* The plan hash is fixed in the form (a schema ``const``, shown disabled). A blank approver applies nothing:
+  an empty one or one of spaces is refused by the form (Prefect checks the schema before the run resumes, so
+  no "Flow run resumed" toast, and the run waits under the same question); one of zero-width characters
+  passes the schema and is refused by the flow, which says why on the run (its state message) and at the
+  top of the reopened form, with the plan's headline and table still in view.
 * Approving ends ``Deployed`` and moves the channel; what the operator typed shows as typed in the deploy
   record. Rejecting, in another run, applies nothing.
 
@@ -32,6 +35,7 @@ import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from examples.local_env import api_client
+from icd.deploy.approval import BLANK_APPROVER
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -356,6 +360,9 @@ def test_approving_in_the_browser(deploy_env: DeployEnv, ui: UI, screens: Screen
         for required in ("Decision", "Approver"):  # no "(Optional)" on what is required
             expect(field(form, required).locator(".schema-form-property__label")).to_have_text(required)
         expect(field(form, "Decision").locator("button.p-select-button__control")).to_have_text("")  # no default
+        fixed_hash = field(form, "Plan Sha256").locator("textarea")
+        expect(fixed_hash).to_be_disabled()  # a schema const: the form can't change it
+        expect(fixed_hash).to_have_value(plan_sha)
 
         # The full values are one click away, on the new version's label: the plan artifact names the image
         # and its whole digest.
@@ -378,15 +385,32 @@ def test_approving_in_the_browser(deploy_env: DeployEnv, ui: UI, screens: Screen
     assert paused is not None, "the run goes on waiting for the same answer"
     assert (paused.type.value, paused.state_details.pause_key) == ("PAUSED", "approval-0")
 
-    def blank_approver(page: Page) -> None:
-        """One of spaces passes the form and reaches the flow."""
+    def spaces_refused_before_the_resume(page: Page) -> None:
+        """One of spaces: Prefect checks the form's schema before the run resumes; the UI says why, in red,
+        and keeps the form open; it never says the run resumed."""
         form = page.get_by_role("dialog")
         type_into(form, "Approver", "   ")
+        form.get_by_role("button", name="Submit", exact=True).click()
+        toasts = page.locator(".p-toast__message")
+        expect(toasts.filter(has_text="Validation failed for field 'approver'").first).to_be_visible()
+        screens.take(page, "spaces-refused-by-the-form")
+        expect(toasts.filter(has_text="resumed")).to_have_count(0)  # the answer's verdict is in: no green toast
+        expect(form).to_be_visible()
+
+    ui.run(spaces_refused_before_the_resume)
+    paused = env.read(run.id).state
+    assert paused is not None, "the run goes on waiting for the same answer"
+    assert (paused.type.value, paused.state_details.pause_key) == ("PAUSED", "approval-0")
+
+    def invisible_approver(page: Page) -> None:
+        """One of zero-width characters is no space: it passes the form and the flow refuses it."""
+        form = page.get_by_role("dialog")
+        type_into(form, "Approver", "\u200b")
         submit(form)
 
-    ui.run(blank_approver)
+    ui.run(invisible_approver)
     env.wait_for_pause(run.id, "approval-1")
-    reason = "the approver name is required and must contain visible characters"
+    reason = BLANK_APPROVER
     wait_until(lambda: reason in env.state_message(run.id), timeout=60, message="the reason never reached the run")
 
     def the_reason_on_the_run_and_atop_the_form(page: Page) -> None:
@@ -397,10 +421,13 @@ def test_approving_in_the_browser(deploy_env: DeployEnv, ui: UI, screens: Screen
         screens.take(page, "refusal-on-the-run")
         form = open_resume_form(page, link)
         refusal = description(form).locator(".markdown-renderer__text--paragraph").first
-        expect(refusal).to_have_text(f"Your previous answer was not accepted: {reason}")
+        expect(refusal).to_have_text(f"Answer not accepted: {reason}")
+        screens.take(page, "refusal-atop-the-reopened-form")
+        # Where the operator answers again: the reason, the question and the plan's table, without scrolling.
         expect(refusal).to_be_in_viewport(ratio=1)
         expect(headline(form)).to_be_in_viewport(ratio=1)
-        screens.take(page, "refusal-atop-the-reopened-form")
+        expect(description(form).locator(".p-table")).to_be_in_viewport(ratio=1)
+        expect(description(form).locator("td").filter(has_text=f"v{v2} · ")).to_be_in_viewport(ratio=1)
 
     ui.run(the_reason_on_the_run_and_atop_the_form)
 

@@ -156,7 +156,7 @@ def test_send_posts_one_message_with_rendered_blocks_and_text(
         dedup_key="deploy-1234",
     )
 
-    receipt = slack_notifier.sender().send(notification)
+    receipt = slack_notifier.channel_sender().send(notification)
 
     [message] = slack_standin.wait_for_messages(1)
     fallback, blocks = render_slack_message(notification)
@@ -171,7 +171,7 @@ def test_the_standin_tells_over_http_what_an_operator_reads(
     slack_standin: SlackStandIn, slack_notifier: SlackNotifier
 ) -> None:
     """What the demo prints: ``GET /_standin/received`` renders messages as Slack draws them."""
-    slack_notifier.sender().send(
+    slack_notifier.channel_sender().send(
         Notification(
             "Plan waiting for approval",
             "Approve *before* 20:29 <!channel>",
@@ -203,7 +203,7 @@ def test_token_and_extra_secrets_are_redacted_in_what_slack_receives(
         fields={"db": db_password},
     )
 
-    sender = slack_notifier.sender()
+    sender = slack_notifier.channel_sender()
     sender.send(notification, extra_secrets=[SecretStr(db_password)])
     sender.send(Notification(f"again {SLACK_TEST_TOKEN}", db_password, "info"), extra_secrets=[db_password])
 
@@ -222,7 +222,7 @@ def test_wrong_token_raises_notification_error_without_the_token(
     notifier = slack_notifier.model_copy(update={"credentials": SlackCredentials(token=wrong_token)})
 
     with pytest.raises(NotificationError, match="invalid_auth") as raised:
-        notifier.sender().send(Notification("t", "x", "info"))
+        notifier.channel_sender().send(Notification("t", "x", "info"))
 
     assert not isinstance(raised.value, TransientNotificationError)
     assert wrong_token not in str(raised.value)
@@ -233,7 +233,7 @@ def test_unknown_channel_raises_notification_error(slack_standin: SlackStandIn, 
     notifier = slack_notifier.model_copy(update={"channel": "#nowhere"})
 
     with pytest.raises(NotificationError, match="channel_not_found"):
-        notifier.sender().send(Notification("t", "x", "info"))
+        notifier.channel_sender().send(Notification("t", "x", "info"))
 
     assert slack_standin.messages == []
 
@@ -243,7 +243,7 @@ def test_rate_limited_twice_then_delivered_exactly_once(
 ) -> None:
     slack_standin.rate_limit_next(2, retry_after_seconds=1)
 
-    slack_notifier.sender().send(Notification("t", "x", "info"))
+    slack_notifier.channel_sender().send(Notification("t", "x", "info"))
 
     assert len(slack_standin.messages) == 1
     assert slack_standin.call_count("chat.postMessage") == 3
@@ -255,7 +255,7 @@ def test_a_burst_of_server_errors_is_retried_with_backoff_within_seconds_and_del
 ) -> None:
     slack_standin.fail_next(SERVER_ERROR_RETRIES, status=status)
 
-    slack_notifier.sender().send(Notification("Plan waiting for approval", "x", "warning"))
+    slack_notifier.channel_sender().send(Notification("Plan waiting for approval", "x", "warning"))
 
     [message] = slack_standin.messages
     assert slack_standin.call_count("chat.postMessage") == SERVER_ERROR_RETRIES + 1
@@ -271,7 +271,7 @@ def test_persistent_server_errors_raise_transient_error(
     slack_standin.fail_next(SERVER_ERROR_RETRIES + 1, status=503)
 
     with pytest.raises(TransientNotificationError, match="HTTP 503"):
-        slack_notifier.sender().send(Notification("t", "x", "info"))
+        slack_notifier.channel_sender().send(Notification("t", "x", "info"))
 
     assert slack_standin.messages == []
 
@@ -283,7 +283,7 @@ def test_unreachable_slack_raises_transient_error_without_the_token(slack_notifi
     notifier = slack_notifier.model_copy(update={"api_url": dead_url, "timeout_seconds": 1})
 
     with pytest.raises(TransientNotificationError, match="unreachable") as raised:
-        notifier.sender().send(Notification("t", "x", "info"))
+        notifier.channel_sender().send(Notification("t", "x", "info"))
 
     assert SLACK_TEST_TOKEN not in str(raised.value)
 
@@ -330,6 +330,8 @@ def test_the_task_posts_once_per_notification_per_run_and_never_fails_the_run(
     notification = Notification("Awaiting approval", f"Plan ready {uuid.uuid4()}", "warning")
     other = Notification("Awaiting approval", "another plan", "warning")
     bad_channel = slack_notifier.model_copy(update={"channel": "#nowhere"})
+    # Saved, as flows load it: a message it could not send is redelivered through the block of that name.
+    bad_channel.save(f"nowhere-{uuid.uuid4().hex[:8]}")
 
     @flow
     def notify_twice() -> tuple[NotificationReceipt | None, ...]:

@@ -125,7 +125,7 @@ def test_a_refused_answer_opens_the_form_and_is_escaped() -> None:
     text = form._description
     assert isinstance(text, str)
     first, rest = text.split("\n\n", 1)
-    assert first == "**Your previous answer was not accepted:** the plan hash &lt;b&gt;x&lt;/b&gt; \\| \\*y\\* differs"
+    assert first == "**Answer not accepted:** the plan hash &lt;b&gt;x&lt;/b&gt; \\| \\*y\\* differs"
     assert rest.startswith("**Deploy acmeinc/web v1 → v2 to staging: 1 replace**")
     assert approval_form(PLAN_SHA, summary)._description == summary
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from prefect import flow
 from prefect.client.schemas.objects import State
@@ -13,7 +14,15 @@ from prefect.input.run_input import keyset_from_paused_state
 from prefect.states import Running, Suspended
 
 from examples.local_env import api_client
-from icd.deploy.approval import PlanApproval, approval_form, describe_suspension
+from icd.deploy.approval import (
+    BLANK_APPROVER,
+    InvalidApproval,
+    PlanApproval,
+    approval_form,
+    check_approval,
+    describe_suspension,
+    give_answer,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -73,3 +82,53 @@ def test_an_answer_given_before_the_message_is_written_is_not_lost() -> None:
     assert _answer_of(run_id, suspended).model_dump(exclude={"metadata"}) == ANSWER
     history = [s.message for s in api_client().read_flow_run_states(run_id)]
     assert WAITING in history, "the message was written meanwhile"
+
+
+@pytest.mark.parametrize(
+    ("change", "refused_field"),
+    [
+        ({"plan_sha256": "0" * 64}, "plan_sha256"),  # a stale or mistyped hash: the form's is fixed
+        ({"approver": "   "}, "approver"),  # spaces only
+        ({"approver": ""}, "approver"),
+        ({"decision": "reject", "plan_sha256": "cd" * 32}, "plan_sha256"),
+    ],
+)
+def test_an_answer_the_form_refuses_never_resumes_the_run(change: dict[str, str], refused_field: str) -> None:
+    """Refused by Prefect against the form's schema before the run resumes (the UI's Resume form shows the
+    reason and no "resumed" toast): the run waits under the same question, with nothing stored."""
+    run_id, suspended = _suspended_run()
+    describe_suspension(run_id, suspended, WAITING)
+    refused = give_answer(run_id, {**ANSWER, **change})
+    assert isinstance(refused, InvalidApproval)
+    assert refused.reason.startswith(f"Validation failed for field '{refused_field}'"), refused.reason
+    state = api_client().read_flow_run(run_id).state
+    assert state is not None
+    assert (state.type.value, state.state_details.pause_key, state.message) == ("PAUSED", "approval-0", WAITING)
+    keyset = suspended.state_details.run_input_keyset
+    assert keyset is not None
+    with pytest.raises(httpx.HTTPStatusError):  # nothing stored: the next answer is the one read
+        api_client().read_flow_run_input(run_id, keyset["response"])
+    assert give_answer(run_id, ANSWER) is None, "the same question is answered as usual"
+    assert _answer_of(run_id, suspended).approver == "alice"
+
+
+def test_the_form_fixes_the_plan_hash_and_leaves_invisible_names_to_the_flow() -> None:
+    form = approval_form("ab" * 32, "the plan")
+    schema = form.model_json_schema()["properties"]
+    assert schema["plan_sha256"]["const"] == schema["plan_sha256"]["default"] == "ab" * 32
+    assert schema["approver"]["pattern"] == r"\S"
+    assert set(form.model_json_schema()["required"]) == {"decision", "approver"}, "no default for either"
+    # A zero-width space passes the schema (it is no space) and is refused by the flow, which asks again.
+    invisible = form(decision="approve", approver="\u200b", plan_sha256="ab" * 32)
+    assert check_approval(invisible, expected_sha256="ab" * 32) == InvalidApproval(BLANK_APPROVER)
+
+
+def test_an_answer_without_a_hash_answers_for_the_plan_of_its_form() -> None:
+    """The hash is optional, its default the form's own: a script that sends none rejects (or approves) the
+    plan it was asked about, never another."""
+    run_id, suspended = _suspended_run()
+    assert give_answer(run_id, {"decision": "reject", "approver": "bench"}) is None
+    keyset = suspended.state_details.run_input_keyset
+    assert keyset is not None
+    # As the flow reads it on resume: with the class of the form it asked with (``suspend_flow_run``).
+    assert approval_form("ab" * 32, "the plan").load(keyset, flow_run_id=run_id).plan_sha256 == "ab" * 32

@@ -2,8 +2,10 @@
 
 The flow suspends (``suspend_flow_run``), so no process waits while an operator reads the plan; on resume
 the flow re-runs from the top and ``suspend_flow_run`` returns the stored answer. An answer that breaks a
-rule (no approver name, a hash that is not the plan's) applies nothing: the flow asks again under a new
-pause key, and the plan stays where it is.
+rule applies nothing. What the form's schema can say (a hash that is not the plan's, an approver of spaces)
+Prefect refuses before the run resumes, and the run waits under the same question; what only the flow can
+judge (an approver of zero-width characters) resumes it, and the flow asks again under a new pause key. The
+plan stays where it is.
 """
 
 from __future__ import annotations
@@ -18,25 +20,36 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, StateType
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import Field, create_model
 
 from icd.text import hash_difference, markdown_inline, normalize_identity, one_line
 
 MAX_APPROVAL_ATTEMPTS = 5
 
 
-class PlanApproval(RunInput):
-    """Approve or reject the Terraform plan shown on this run."""
+# A name with a character that is not a space: the form itself refuses an approver of spaces only. The flow
+# still checks the whole name (``normalize_identity``): one of zero-width characters alone is refused there.
+APPROVER_PATTERN = r"\S"
+BLANK_APPROVER = "the approver name is blank"
 
-    decision: Literal["approve", "reject"] = Field(
-        description="Approve applies exactly the plan shown; reject discards it. No default: choose one."
+
+class PlanApproval(RunInput):
+    """Approve or reject the Terraform plan shown on this run.
+
+    Few words per field: Prefect's Resume modal gives the plan summary (the form's description) only the
+    height the fields leave over, and the summary must show the plan table without scrolling.
+    """
+
+    # No default and no description: the empty select says "choose one", the summary above says what.
+    decision: Literal["approve", "reject"]
+    # The pattern is in the JSON schema only (the form and Prefect's resume check it): a Pydantic check on load
+    # would fail the flow instead of asking again, and the flow's own check is ``check_approval``.
+    approver: str = Field(
+        description="Your name: recorded, with the comment, in the deploy record.",
+        json_schema_extra={"pattern": APPROVER_PATTERN},
     )
-    approver: str = Field(description="Your name. Recorded with the deploy.")
-    comment: str = Field(default="", description="Why; shown in the deploy record and notifications.")
-    plan_sha256: str = Field(
-        default="",
-        description="The plan being approved (pre-filled). Leave as is: it guards against a stale plan.",
-    )
+    comment: str = ""
+    plan_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class InvalidApproval:
 def check_approval(answer: PlanApproval, *, expected_sha256: str) -> ApprovalDecision | InvalidApproval:
     approver = normalize_identity(answer.approver)
     if approver is None:
-        return InvalidApproval("the approver name is required and must contain visible characters")
+        return InvalidApproval(BLANK_APPROVER)
     comment = answer.comment.strip()
     if answer.decision == "reject":
         # A rejection needs no hash: rejecting a stale plan is as good as rejecting the current one.
@@ -71,14 +84,20 @@ def check_approval(answer: PlanApproval, *, expected_sha256: str) -> ApprovalDec
 
 
 def approval_form(expected_sha256: str, summary_markdown: str, *, refusal: str = "") -> type[PlanApproval]:
-    """The form with the plan hash pre-filled and the plan summary as its description.
+    """The form of one question: the plan hash fixed, the plan summary as its description.
 
-    Only the hash is pre-filled: ``with_initial_data`` turns every field it fills into an optional one, and
-    the decision and the approver must stay required, with no default, so nothing is approved by accident.
-    A previous answer that was refused is named at the top.
+    The hash is a JSON Schema ``const`` (and the default): Prefect's form shows it disabled, and Prefect
+    refuses any other hash before the run resumes (from the form or the API alike), so the run goes on
+    waiting under the same question; the flow checks it again. The decision and the approver stay required,
+    with no default, so nothing is approved by accident. A previous answer the flow refused (an approver of
+    zero-width characters) is named first, in one line where it can be, so that it, the headline and the
+    plan table all show without scrolling.
     """
-    header = f"**Your previous answer was not accepted:** {markdown_inline(refusal)}\n\n" if refusal else ""
-    return PlanApproval.with_initial_data(description=header + summary_markdown, plan_sha256=expected_sha256)
+    header = f"**Answer not accepted:** {markdown_inline(refusal)}\n\n" if refusal else ""
+    # No description: Prefect's form says under the label that the value "is a const and cannot be changed".
+    fixed = Field(default=expected_sha256, json_schema_extra={"const": expected_sha256})
+    form = create_model(PlanApproval.__name__, __base__=PlanApproval, plan_sha256=(str, fixed))
+    return form.with_initial_data(description=header + summary_markdown)
 
 
 def describe_suspension(flow_run_id: UUID, suspended: State[Any], message: str) -> None:
@@ -151,16 +170,25 @@ def _artifact_id_filter(artifact_id: str) -> Any:
     return ArtifactFilter(id=ArtifactFilterId(any_=[UUID(artifact_id)]))
 
 
+# How Prefect's resume names an answer its schema check refused ("Cannot resume this run: Reason: Validation
+# failed for field 'plan_sha256'. Failure reason: ...").
+SCHEMA_REFUSAL = "Validation failed for"
 # How long an answer is given again while the run is still suspending (a moment, under load a few seconds).
 ANSWER_PATIENCE_SECONDS = 15.0
 
 
-def give_answer(flow_run_id: UUID, run_input: dict[str, Any], *, patience: float = ANSWER_PATIENCE_SECONDS) -> None:
-    """Resume a waiting run with an answer, as the UI's Resume form does (``resume_flow_run``).
+def give_answer(
+    flow_run_id: UUID, run_input: dict[str, Any], *, patience: float = ANSWER_PATIENCE_SECONDS
+) -> InvalidApproval | None:
+    """Resume a waiting run with an answer, as the UI's Resume form does (``resume_flow_run``); ``None`` when
+    the run took it.
 
-    Prefect writes a run's Suspended state before it saves the form's schema, and refuses an answer in
-    between ("Run input schema not found"): a script or a chat button that answers the moment the run waits
-    would be told no. Within ``patience`` the answer is given again; any other refusal is raised at once.
+    Prefect checks an answer against the form's schema before the run resumes: one the schema refuses (a
+    plan hash that is not the plan's, an approver of spaces) is returned with Prefect's reason, and the run
+    goes on waiting under the same question. Prefect writes a run's Suspended state before it saves the
+    form's schema, and refuses an answer in between ("Run input schema not found"): a script or a chat button
+    that answers the moment the run waits would be told no. Within ``patience`` the answer is given again;
+    any other refusal is raised at once.
     """
     import time
 
@@ -170,8 +198,11 @@ def give_answer(flow_run_id: UUID, run_input: dict[str, Any], *, patience: float
     while True:
         try:
             resume_flow_run(flow_run_id, run_input=run_input)
-            return
+            return None
         except RuntimeError as exc:
-            if "schema not found" not in str(exc) or time.monotonic() >= deadline:
+            reason = str(exc)
+            if SCHEMA_REFUSAL in reason:
+                return InvalidApproval(reason[reason.index(SCHEMA_REFUSAL) :])
+            if "schema not found" not in reason or time.monotonic() >= deadline:
                 raise
         time.sleep(0.2)

@@ -122,11 +122,12 @@ class PlanView:
     def approval_markdown(self, *, workspace: str, details_url: str | None) -> str:
         """The approval form's description: the headline, then a table narrow enough for the modal.
 
-        Prefect's Resume modal (1280x800) gives the description a box about 470 px wide and 150 px high that
-        scrolls the rest. So the headline is a bold line, not a heading (a heading wraps), the table has the
-        new image's short label and only the old one's version (the full plan, one click away on the new
-        label, has both whole), addresses may wrap after their dots, and the lines an operator needs least
-        (the link again, the plan hash that the form's own field carries whole) come last.
+        Prefect's Resume modal (1280x800) gives the description a box about 470 px wide and as high as the
+        form's fields leave (about 190 px, see ``PlanApproval``) that scrolls the rest. So the headline is a
+        bold line, not a heading (a heading wraps), the table has the new image's short label and only the
+        old one's version (the full plan, one click away on the new label, has both whole), addresses may
+        wrap after their dots, and the lines an operator needs least (the link again, the plan hash that the
+        form's own field carries whole) come last.
         """
         lines = [f"**{markdown_inline(self.headline(workspace))}**", ""]
         if self.rows:

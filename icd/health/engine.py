@@ -18,6 +18,9 @@ tables; ``watch.py`` is the thin I/O around it.
 * **Maintenance** is tracked apart from health: turning it on/off alerts once, and status changes while in
   maintenance are held back until it ends (then what operators were told is compared with what is).
 * **Flap damping and reminders** run on the clock; ``next_wakeup`` says when one falls due.
+* **Silences and acknowledgements** (``silences.py``, handed in as a ``Hush``): an alert a silence matches
+  is still an alert (an event) but is not sent and never pages, so its incident can still page once the
+  silence ends. An acknowledged instance gets no reminders, and its alerts name who took it.
 * **Restarts and gaps.** The first run (no state) treats every instance as new: passing ones are silent,
   others alert once. Service Meta learnt for an instance is kept in its record, so an instance that
   disappears can still be named with the version it ran.
@@ -46,6 +49,29 @@ from icd.notify.message import Severity
 AlertKind = Literal[
     "status", "appeared", "disappeared", "maintenance_on", "maintenance_off", "reminder", "flapping", "settled"
 ]
+
+
+class Hush(Protocol):
+    """What silences and acknowledgements say about an alert (``silences.SilenceBook``)."""
+
+    def silencing(self, service: str, node: str, failing: Sequence[FailingCheck], now: datetime) -> str | None:
+        """The id of an active silence matching the alert, or None."""
+        ...
+
+    def acknowledged_by(self, instance: str) -> str | None:
+        """Who took the current incident of the instance (``node/service_id``), or None."""
+        ...
+
+
+class _NoHush:
+    def silencing(self, service: str, node: str, failing: Sequence[FailingCheck], now: datetime) -> str | None:
+        return None
+
+    def acknowledged_by(self, instance: str) -> str | None:
+        return None
+
+
+NO_HUSH: Hush = _NoHush()
 
 
 @dataclass(frozen=True)
@@ -97,7 +123,8 @@ class FlapSummary:
 class Alert:
     """One thing the watch saw. ``damped``: recorded (an event), not announced to operators; ``page``: the
     alert that pages for its incident; ``flap``: the burst a flapping, settled or reminder alert is about;
-    ``status_since``: when a settled status began."""
+    ``status_since``: when a settled status began; ``silenced_by``: the silence that keeps it from being sent
+    and from paging; ``acknowledged_by``: who took the incident."""
 
     kind: AlertKind
     service_name: str
@@ -114,6 +141,8 @@ class Alert:
     page: bool = False
     flap: FlapSummary | None = None
     status_since: datetime | None = None
+    silenced_by: str | None = None
+    acknowledged_by: str | None = None
 
     @property
     def dedup_key(self) -> str:
@@ -124,8 +153,9 @@ class Alert:
 
     @property
     def announced(self) -> bool:
-        """Whether operators get a message: not damped, and not expected by a deploy (its gate tells them)."""
-        return not self.damped and self.expected_by is None
+        """Whether operators get a message: not damped, not expected by a deploy (its gate tells them), not
+        silenced."""
+        return not self.damped and self.expected_by is None and self.silenced_by is None
 
     @property
     def severity(self) -> Severity:
@@ -150,6 +180,7 @@ def evaluate(
     deploy_windows: Mapping[str, DeployWindow],
     *,
     changed: Collection[str] | None = None,
+    hush: Hush = NO_HUSH,
 ) -> tuple[list[Alert], WatchState]:
     """Diff ``snapshot`` against ``previous``: the alerts to send and the state to persist. No I/O.
 
@@ -158,7 +189,7 @@ def evaluate(
     changed, appeared or went away since (``HealthStateParser`` says which). Only those, the records a
     clock can move (a hold, a flap settling or a reminder falling due) and the instances ``snapshot.meta``
     describes are looked at; every other record stays as it is, which is what the full diff would find too.
-    ``None`` diffs every instance.
+    ``None`` diffs every instance. ``hush`` says which alerts are silenced and which incidents are taken.
     """
     alerts: list[Alert] = []
 
@@ -179,6 +210,7 @@ def evaluate(
         flap: FlapSummary | None = None,
     ) -> Alert:
         expected = expected_by(rec)
+        silenced = hush.silencing(rec.service_name, rec.node, failing, now)
         made = Alert(
             kind=kind,
             service_name=rec.service_name,
@@ -192,9 +224,11 @@ def evaluate(
             meta=rec.meta,
             expected_by=expected,
             damped=damped,
-            page=page and expected is None,  # a deploy's own transitions never page
+            page=page and expected is None and silenced is None,  # a deploy's own, or silenced: never pages
             flap=flap,
             status_since=rec.observed_since if kind == "settled" else None,
+            silenced_by=silenced,
+            acknowledged_by=hush.acknowledged_by(instance_key(rec.node, rec.service_id)),
         )
         alerts.append(made)
         return made
@@ -236,7 +270,8 @@ def evaluate(
         elif rec.observed_status != observed_before:
             expected = expected_by(rec) is not None
             return _on_change(rec, observed_before, current.failing, now, config, alert, expected=expected)
-        return _on_clock(rec, current.failing, now, config, alert)
+        taken = hush.acknowledged_by(key) is not None
+        return _on_clock(rec, current.failing, now, config, alert, acknowledged=taken)
 
     if changed is None:
         records: dict[str, InstanceRecord] = {}
@@ -335,12 +370,19 @@ def _on_change(
 
 
 def _on_clock(
-    rec: InstanceRecord, failing: tuple[FailingCheck, ...], now: datetime, config: WatchConfig, alert: _AlertSink
+    rec: InstanceRecord,
+    failing: tuple[FailingCheck, ...],
+    now: datetime,
+    config: WatchConfig,
+    alert: _AlertSink,
+    *,
+    acknowledged: bool = False,
 ) -> InstanceRecord:
-    """No change in Consul: announce what has held long enough (a flap settling, a held-back change), remind."""
+    """No change in Consul: announce what has held long enough (a flap settling, a held-back change), remind
+    (unless someone took the incident)."""
     status = rec.observed_status
     pages = status == "critical" and not rec.paged
-    reminder = config.reminder_interval
+    reminder = None if acknowledged else config.reminder_interval
     reminder_due = reminder is not None and rec.last_alert_at is not None and now - rec.last_alert_at >= reminder
     if rec.flapping_since is not None:
         burst = FlapSummary(rec.flap_changes, rec.flapping_since, rec.observed_since)
@@ -376,14 +418,14 @@ def _recent_changes(changes: tuple[datetime, ...], now: datetime, config: WatchC
     return (*kept, now)[-config.flap_changes :]
 
 
-def next_wakeup(state: WatchState, config: WatchConfig) -> datetime | None:
+def next_wakeup(state: WatchState, config: WatchConfig, acknowledged: Collection[str] = ()) -> datetime | None:
     """When ``evaluate`` would next alert with no change in Consul: a held-back change, a flap settling or a
-    reminder falls due."""
+    reminder falls due (none for the ``acknowledged`` instances)."""
     due: list[datetime] = []
-    reminder = config.reminder_interval
-    for rec in state.instances.values():
+    for key, rec in state.instances.items():
         if rec.maintenance:
             continue
+        reminder = None if key in acknowledged else config.reminder_interval
         if rec.flapping_since is not None:
             due.append(rec.observed_since + config.stable_after)
             if reminder is not None and rec.last_alert_at is not None:

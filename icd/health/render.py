@@ -93,6 +93,8 @@ def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None]
     }
     if "commit" in meta:
         fields["Commit"] = meta["commit"]
+    if alert.acknowledged_by is not None:
+        fields["Taken by"] = alert.acknowledged_by
     run_id = meta.get("deploy_run_id", "")
     link = deploy_run_url(run_id) if deploy_run_url is not None and _is_uuid(run_id) else None
     return Notification(
@@ -103,6 +105,7 @@ def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None]
         link_url=link,
         link_text="Open deploy run" if link else None,
         dedup_key=alert.dedup_key,
+        kind="health",
     )
 
 

@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import consul
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -66,25 +66,16 @@ class _Row(BaseModel):
     paged: bool | None = None  # absent: not paged (schema 3), or paged if it was announced critical (schema 2)
 
 
-class _Outgoing(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    title: str
-    text: str
-    severity: Literal["info", "success", "warning", "critical"]
-    fields: dict[str, str]
-    link_url: str | None = None
-    link_text: str | None = None
-    dedup_key: str | None = None
-
-
 class _Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int
     writer: str
     instances: dict[str, _Row]
-    outbox: list[_Outgoing]
+    # The notifications themselves (pydantic validates the dataclass, and refuses a field it does not have), so a
+    # field added to Notification with a default is stored and read without a change here. An item written
+    # before messages had a kind is a health message: only the health watch has an outbox.
+    outbox: list[Notification]
     outbox_since: float | None = None
 
 
@@ -132,7 +123,7 @@ def encode_state(
             }
             for key, rec in state.instances.items()
         },
-        "outbox": [notification.to_dict() for notification in outbox],
+        "outbox": list(outbox),
         "outbox_since": _ts(outbox_since),
     }
     # Fields at their default are left out: most records are passing and quiet, and a smaller document is
@@ -159,6 +150,9 @@ def decode_state(
             f"{where} has schema {found!r}, but this watch reads schema {SCHEMA} (an older or newer watch wrote "
             "it); refusing to misread it. Delete the key to start afresh: the next run reports current health once."
         )
+    for item in parsed.get("outbox") or ():
+        if isinstance(item, dict):
+            item.setdefault("kind", "health")
     try:
         document = _Document.model_validate(parsed)
     except ValidationError as exc:
@@ -183,7 +177,7 @@ def decode_state(
         )
         for key, row in document.instances.items()
     }
-    outbox = tuple(Notification(**item.model_dump()) for item in document.outbox)
+    outbox = tuple(document.outbox)
     return WatchState(instances=instances), outbox, _dt(document.outbox_since), document.writer
 
 

@@ -27,6 +27,14 @@ it twice from two instances. Here:
   deploy's health gate sends the one message about it.
 * **Damped transitions are recorded, not sent,** the same way: a recovery still inside its hold, each change
   of a flapping instance (``engine.py``). Every change is an event; operators get the announcements.
+* **Silenced transitions are recorded, not sent, and page no one** (``silences.py``). The silence book is
+  read again before every round that has alerts (as the deploy windows are), so a silence or an
+  acknowledgement counts from the next transition on. The watch ends what is due (a silence whose time is
+  up, an until-recovered one whose instances pass again, an acknowledgement whose incident is over) with
+  CAS on the book, and its end notice goes through the outbox like an alert. The book is read once as a
+  run starts, so a quiet round stays one request: the end of a timed silence is told on time when the run
+  has read it, and otherwise by the next run (the schedule's, within 10 minutes) or the next round with
+  alerts, whichever comes first.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from icd.health.consul import consul_call
 from icd.health.engine import Alert, WatchState, evaluate, next_wakeup, services_needing_meta
 from icd.health.handover import OVERTIME_POLL_SECONDS, HandOver
 from icd.health.render import alert_notification
+from icd.health.silence_store import SilenceStore
+from icd.health.silences import SilenceBook, close, due, ended_notification
 from icd.health.snapshot import HealthSnapshot, HealthStateParser, parse_service_meta
 from icd.health.state import HealthStateStore, StoredState
 from icd.health.windows import read_deploy_windows
@@ -59,6 +69,8 @@ OUTBOX_STALE_SECONDS = 30.0
 # The longest one blocking query waits (Consul caps ?wait at 10 minutes).
 MAX_QUERY_WAIT_SECONDS = 300.0
 _MAX_CAS_ATTEMPTS = 5
+# After a failed attempt to end a due silence, it is not woken for again for this long (no spinning).
+SILENCES_RETRY_SECONDS = 60.0
 _UNDER_CONSUL_JITTER = 16 / 17  # a wait of w comes back within w * 17/16
 
 Logger = logging.LoggerAdapter[Any] | logging.Logger
@@ -83,11 +95,12 @@ def fetch_service_meta(client: consul.Consul, service_name: str) -> dict[str, di
 class WatchReport:
     rounds: int
     alerts_sent: int
-    alerts_recorded: int  # damped, or expected during a deploy: recorded, not sent
+    alerts_recorded: int  # damped, silenced, or expected during a deploy: recorded, not sent
     conflicts: int
     snapshot: HealthSnapshot | None
     state: WatchState
     overtime_seconds: float = 0.0  # watched past the window, until the next run took over
+    silences: SilenceBook | None = None  # the silence book as last read
 
 
 class _Delivery:
@@ -138,6 +151,23 @@ class _Delivery:
                 )
         raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
 
+    def enqueue(self, notifications: Sequence[Notification], stored: StoredState) -> StoredState:
+        """Add to the outbox (with CAS, so a crash before sending loses nothing), then send."""
+        for attempt in range(_MAX_CAS_ATTEMPTS):
+            if attempt:
+                stored = self.store.load()
+            outbox = (*stored.outbox, *notifications)
+            since = stored.outbox_since or self.clock()
+            result = self.store.save(stored.state, cas=stored.modify_index, outbox=outbox, outbox_since=since)
+            if result.written:
+                saved = (
+                    StoredState(stored.state, outbox, since, result.modify_index)
+                    if result.modify_index is not None
+                    else self.store.load()
+                )
+                return self.send(notifications, saved)
+        raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
+
     def flush_stale(self, stored: StoredState) -> StoredState:
         """Claim and send an outbox that nobody sent for ``OUTBOX_STALE_SECONDS`` (a crash, an outage)."""
         now = self.clock()
@@ -154,6 +184,63 @@ class _Delivery:
         return self.send(
             stored.outbox, dataclasses.replace(stored, outbox_since=now, modify_index=claimed.modify_index)
         )
+
+
+class _Silences:
+    """The silence book as last read, re-read before a round with alerts; ends what is due."""
+
+    def __init__(
+        self,
+        client: consul.Consul,
+        watch_name: str,
+        log: Logger,
+        on_change: Callable[[SilenceBook], None] | None = None,
+    ) -> None:
+        self.store = SilenceStore(client)
+        self.watch_name = watch_name
+        self.log = log
+        self.on_change = on_change
+        self.book = SilenceBook()
+        self._quiet_until = 0.0  # after a failed close, no wake-up for a due end until this (monotonic) time
+
+    def refresh(self) -> SilenceBook:
+        try:
+            self.book = self.store.load().book
+        except ConsulError as exc:
+            # A broken book must not stop alerts: the last one read still applies (none: everything pages).
+            self.log.error("Could not read the silences (the last read still applies): %s", exc)
+        return self.book
+
+    def close_due(self, state: WatchState, now: datetime) -> list[Notification]:
+        """End what is due, with CAS on the book; the end notices this run now owns."""
+        if not due(self.book, state.instances, now, watch=self.watch_name):
+            return []
+        try:
+            self.book, endings = self.store.change(
+                lambda book: close(book, state.instances, now, watch=self.watch_name)
+            )
+        except ConsulError as exc:
+            self.log.error("Could not end the silences that are due (tried again later): %s", exc)
+            self._quiet_until = time.monotonic() + SILENCES_RETRY_SECONDS
+            return []
+        if endings:
+            self.log.info("Silence(s) ended: %s", ", ".join(f"{e.silence.id} ({e.why})" for e in endings))
+            _observe(self.on_change, self.book, self.log, "the silences")
+        return [ended_notification(ending.silence, ending.why) for ending in endings]
+
+    def wakeup(self) -> datetime | None:
+        """When the next timed silence ends (to tell it on time); None right after a failed attempt, so a book
+        that can't be written does not make the watch spin."""
+        return None if time.monotonic() < self._quiet_until else self.book.next_end()
+
+
+def _observe(observer: Callable[[SilenceBook], None] | None, book: SilenceBook, log: Logger, what: str) -> None:
+    if observer is None:
+        return
+    try:
+        observer(book)
+    except Exception:  # an observer (the UI's table) must never stop the watch
+        log.exception("Could not report %s to the observer", what)
 
 
 class _Overtime:
@@ -215,6 +302,7 @@ def watch(
     max_wait_seconds: float = MAX_QUERY_WAIT_SECONDS,
     min_round_seconds: float = 0.0,
     hand_over: HandOver | None = None,
+    on_silences: Callable[[SilenceBook], None] | None = None,
 ) -> WatchReport:
     """Watch Consul for ``window_seconds`` (or until ``stop`` is set), record every transition, send what
     damping lets through, and persist the state with CAS. With ``hand_over`` (a scheduled run), announce this
@@ -223,6 +311,7 @@ def watch(
     A plain function (no Prefect context needed) so tests drive it directly; the flow wraps it. One blocking
     query waits at most ``max_wait_seconds``, which bounds how long ``stop`` takes to be noticed. Raises
     ``ConsulError`` when Consul fails; a notifier failure is logged and the alert stays in the outbox.
+    ``on_silences`` is told the silence book whenever this watch ends a silence.
     """
     log = logger or logging.getLogger(__name__)
     now_fn = clock or (lambda: datetime.now(UTC))
@@ -238,6 +327,8 @@ def watch(
     rounds = recorded = conflicts = 0
     snapshot: HealthSnapshot | None = None
     overtime = _Overtime(hand_over, log)
+    silences = _Silences(client, watch_name, log, on_silences)
+    silences.refresh()
     run_name = hand_over.run_id if hand_over is not None else uuid.uuid4().hex[:8]
     log.info("Watching Consul health as %r (run %s) for %.0f s", watch_name, run_name, window_seconds)
 
@@ -254,7 +345,12 @@ def watch(
             if not overtime.watch_on(-remaining):
                 break
             remaining = OVERTIME_POLL_SECONDS
-        wakeup = next_wakeup(stored.state, config)
+        wakeups = [
+            moment
+            for moment in (next_wakeup(stored.state, config, silences.book.acknowledgements), silences.wakeup())
+            if moment is not None
+        ]
+        wakeup = min(wakeups, default=None)
         wait = min(remaining, max_wait_seconds)
         if wakeup is not None:
             # Consul adds up to wait/16 to a blocking query (jitter): ask for less, so a due hold, flap end or
@@ -270,14 +366,15 @@ def watch(
         changed = parsed.changed if stored.state is evaluated else None
         for _attempt in range(_MAX_CAS_ATTEMPTS):
             now = now_fn()
-            alerts, new_state = evaluate(stored.state, snapshot, now, config, {}, changed=changed)
+            alerts, new_state = evaluate(stored.state, snapshot, now, config, {}, changed=changed, hush=silences.book)
             if not alerts and new_state == stored.state:
                 evaluated = stored.state
                 break
             windows = read_deploy_windows(client)
+            hush = silences.refresh()
             for service_name in sorted(services_needing_meta(stored.state, new_state, alerts, windows, now)):
                 snapshot = snapshot.with_meta(fetch_service_meta(client, service_name))
-            alerts, new_state = evaluate(stored.state, snapshot, now, config, windows, changed=changed)
+            alerts, new_state = evaluate(stored.state, snapshot, now, config, windows, changed=changed, hush=hush)
             to_send = [alert_notification(a, deploy_run_url) for a in alerts if a.announced]
             # Another run's unsent outbox is kept as it is; it is sent once stale.
             outbox = (*stored.outbox, *to_send)
@@ -308,6 +405,8 @@ def watch(
             break
         else:
             raise ConsulError(f"the watch state lost {_MAX_CAS_ATTEMPTS} compare-and-swap races in a row")
+        if notices := silences.close_due(stored.state, now_fn()):
+            stored = delivery.enqueue(notices, stored)
         if hand_over is not None and rounds == 1:
             hand_over.announce(now_fn())  # this run watches now: one in overtime may stop
     log.info(
@@ -325,12 +424,21 @@ def watch(
         snapshot=snapshot,
         state=stored.state,
         overtime_seconds=overtime.seconds or 0.0,
+        silences=silences.book,
     )
 
 
 def _report(alerts: Sequence[Alert], log: Logger, on_alerts: Callable[[Sequence[Alert]], None] | None) -> None:
     for alert in alerts:
-        why = " (expected during a deploy)" if alert.expected_by is not None else " (damped)" if alert.damped else ""
+        why = (
+            " (expected during a deploy)"
+            if alert.expected_by is not None
+            else f" (silenced by {alert.silenced_by})"
+            if alert.silenced_by is not None
+            else " (damped)"
+            if alert.damped
+            else ""
+        )
         log.info(
             "Alert %s: %s %s -> %s%s%s",
             alert.dedup_key,

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from pydantic import SecretStr
 
 Severity = Literal["info", "success", "warning", "critical"]
+# What a message is about, for routing it to more notification blocks than the operators' channel
+# (``[notifications]`` in icd.toml, docs/operations.md#where-messages-go). Each is made in one kind of place:
+# approval: a plan waits for an answer (tasks/approve.py); refusal: an answer was refused and is asked again;
+# deploy: how a deploy run went or ended (finish, deploy-ended, a superseded run, an apply running long);
+# build: a build failed; health: the health watch (transitions, blind, sees again); registry: a version revoked
+# while a workspace runs it.
+MessageKind = Literal["approval", "refusal", "deploy", "build", "health", "registry"]
+MESSAGE_KINDS: tuple[MessageKind, ...] = get_args(MessageKind)
 REDACTED = "***"
 
 
@@ -38,7 +47,8 @@ class Notification:
 
     ``text`` may use Slack's ``*bold*``/```code``` formatting; everything is escaped when rendered, so a
     value interpolated into it (an approver's comment) can never ping, mention or disguise a link.
-    ``fields`` are short facts shown as a grid.
+    ``fields`` are short facts shown as a grid. ``kind`` says which notification blocks of icd.toml also
+    get it; ``severity`` how bad it is.
     """
 
     title: str
@@ -49,10 +59,13 @@ class Notification:
     link_text: str | None = None
     # Same key, same message: receivers and re-sends can tell a repeat from a new event.
     dedup_key: str | None = None
+    kind: MessageKind = "deploy"
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITY_STYLES:
             raise ValueError(f"unknown severity {self.severity!r}; expected one of {sorted(SEVERITY_STYLES)}")
+        if self.kind not in MESSAGE_KINDS:
+            raise ValueError(f"unknown message kind {self.kind!r}; expected one of {sorted(MESSAGE_KINDS)}")
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self) | {"fields": dict(self.fields)}
@@ -60,16 +73,46 @@ class Notification:
 
 @dataclass(frozen=True)
 class NotificationReceipt:
-    """Where Slack put the message: the channel ID and the message timestamp (its ID within the channel)."""
+    """Where the operators' channel put the message, so a later one can go in its thread: on Slack, the
+    channel ID and the message timestamp (its ID within the channel)."""
 
     channel: str
     ts: str
 
 
 class Sender(Protocol):
-    """Anything that delivers a notification now, or raises ``NotificationError``."""
+    """Anything that delivers a notification now (``reply_to``: in the thread of that earlier message, where
+    the channel has threads), or raises ``NotificationError``."""
 
-    def send(self, notification: Notification) -> NotificationReceipt: ...
+    def send(
+        self, notification: Notification, *, reply_to: NotificationReceipt | None = None
+    ) -> NotificationReceipt: ...
+
+
+class Notifier(Protocol):
+    """What flows and tasks tell operators through (``blocks/notifier.py`` has the one there is, on Slack)."""
+
+    @property
+    def block_name(self) -> str | None:
+        """The name it was saved under: a message it could not send is redelivered through it."""
+        ...
+
+    @property
+    def ui_url(self) -> str | None:
+        """The Prefect UI's address, for links; None when not configured."""
+        ...
+
+    def sender(self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None) -> Sender:
+        """Delivers to the operators' channel, and copies each message to the blocks routed for its kind."""
+        ...
+
+    def channel_sender(self) -> Sender:
+        """Delivers to the operators' channel only (a redelivery: the copies were made the first time)."""
+        ...
+
+    def flow_run_url(self, flow_run_id: object) -> str | None:
+        """The UI page of a flow run, when the UI's address is configured."""
+        ...
 
 
 def redact_text(text: str, secrets: Iterable[str]) -> str:

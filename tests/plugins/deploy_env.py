@@ -43,7 +43,7 @@ from examples.local_env import (
     worker_env,
     write_config,
 )
-from icd.deploy.approval import give_answer
+from icd.deploy.approval import InvalidApproval, give_answer
 from icd.deploy.queue import Holder
 from standins.consul import ConsulStandIn
 from standins.slack import SlackStandIn
@@ -136,6 +136,7 @@ class DeployEnv:
     s3_link: TcpLink | None = None
     namespaces: dict[str, dict[str, object]] = field(default_factory=dict)
     workspaces: dict[str, dict[str, object]] = field(default_factory=dict)
+    notifications: dict[str, list[str]] = field(default_factory=dict)
 
     # --- icd.toml ----------------------------------------------------------------------------------------
 
@@ -153,7 +154,17 @@ class DeployEnv:
 
     def workspace(self, name: str, **settings: object) -> None:
         self.workspaces[name] = {"health_deadline_seconds": 30, **settings}
-        write_config(self.config_path, namespaces=self.namespaces, workspaces=self.workspaces)
+        self.write_config()
+
+    def route(self, kind: str, blocks: list[str]) -> None:
+        """Send messages of ``kind`` also to these notification blocks ("<type slug>/<name>"); [] stops it."""
+        self.notifications[kind] = blocks
+        self.write_config()
+
+    def write_config(self) -> None:
+        write_config(
+            self.config_path, namespaces=self.namespaces, workspaces=self.workspaces, notifications=self.notifications
+        )
 
     # --- runs --------------------------------------------------------------------------------------------
 
@@ -247,8 +258,13 @@ class DeployEnv:
         assert sha, "the saved plan must be in S3 before the run pauses"
         return sha
 
-    def answer(self, run_id: Any, plan_sha256: str, approver: str = "alice", decision: str = "approve") -> None:
-        give_answer(run_id, {"decision": decision, "approver": approver, "comment": "lgtm", "plan_sha256": plan_sha256})
+    def answer(
+        self, run_id: Any, plan_sha256: str, approver: str = "alice", decision: str = "approve"
+    ) -> InvalidApproval | None:
+        """``None`` when the run took the answer; Prefect's reason when the form's schema refused it."""
+        return give_answer(
+            run_id, {"decision": decision, "approver": approver, "comment": "lgtm", "plan_sha256": plan_sha256}
+        )
 
     def approve(self, run_id: Any, workspace: str, approver: str = "alice") -> FlowRun:
         self.answer(run_id, self.plan_sha(workspace, run_id), approver)
