@@ -203,7 +203,8 @@ def test_when_the_heads_up_comes(last_apply: float | None, stuck_after: float, e
     ("facts", "seconds"),
     [
         pytest.param({"outcome": "Deployed", "applied in": "12.3s", "health": "passing"}, 12.3, id="deployed"),
-        pytest.param({"outcome": "TornDown", "applied in": "2s"}, 2.0, id="torn-down"),
+        pytest.param({"outcome": "TornDown", "applied in": "2s"}, None, id="a-teardown-is-no-measure"),
+        pytest.param({"outcome": "RolledBack", "applied in": "7s"}, 7.0, id="rolled-back"),
         pytest.param({"outcome": "Failed", "error": "applied in 5s? no"}, None, id="nothing-applied"),
     ],
 )

@@ -26,7 +26,11 @@ def record_markdown(workspace: str, facts: Mapping[str, str]) -> str:
 _APPLIED_IN = re.compile(r"^\| applied in \| (\d+(?:\.\d+)?)s \|$", re.MULTILINE)
 
 
+# A teardown's destroy says little of how long creating the instance takes, which is what the heads-up measures.
+_TORN_DOWN = re.compile(r"^\| outcome \| TornDown \|$", re.MULTILINE)
+
+
 def applied_seconds(markdown: str) -> float | None:
-    """How long the apply of a deploy record took; None when the run applied nothing."""
+    """How long the apply of a deploy record took; None when the run applied nothing or tore down."""
     match = _APPLIED_IN.search(markdown)
-    return float(match.group(1)) if match else None
+    return float(match.group(1)) if match and not _TORN_DOWN.search(markdown) else None
