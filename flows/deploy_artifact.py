@@ -43,9 +43,9 @@ from icd.text import one_line
 from tasks.announce import announce_channel_move, announce_teardown
 from tasks.apply import apply_plan
 from tasks.approve import AwaitingApproval, approval_deadline, approval_notice, publish_plan, wait_for_approval
-from tasks.context import DeployContext, deploy_context, tell_without_context
+from tasks.context import DeployContext, deploy_context, run_thread_key, tell_without_context
 from tasks.gate import close_window, gate_health, open_window
-from tasks.notify import notify_now
+from tasks.notify import notify_now, update_notice, update_notice_now
 from tasks.plan import plan_deploy, read_version, resolve_version
 from tasks.policies import once_per_run, retried
 from tasks.promote import empty_channel, promote_channel
@@ -63,6 +63,8 @@ def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
     if outcome.tell:
         notice = ctx.notice(outcome.title, outcome.message, outcome.severity, facts=outcome.facts)
         ctx.tell(notice, reply_to=outcome.thread)
+    # The channel's one line for this deploy (its approval notice, if it asked) now says how it ended.
+    ctx.close_thread(outcome.title, outcome.message, outcome.severity, outcome.name)
     get_run_logger().info("deploy-artifact finished: %s: %s", outcome.name, outcome.message)
     return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
 
@@ -168,9 +170,22 @@ def claim_and_take_over(ctx: DeployContext, own: DeployRequest | None) -> Claime
         return claim
     told = outcomes.superseded(ctx.workspace, old.request, claim.holder.request, taken_by=claim.holder, asked=True)
     if supersede_waiting_run(old, claim.holder.request, ctx.run, message=told.message):
+        # Told in the old run's thread, under its key, and its notice rewritten: the old run has no process.
         thread = NotificationReceipt(old.notice.channel, old.notice.ts) if old.notice else None
         text = f"Run {old.run_name}: {told.message}"
-        ctx.tell(ctx.notice(told.title, text, told.severity, facts=told.facts), reply_to=thread)
+        told_there = ctx.notice(told.title, text, told.severity, facts=told.facts)
+        ctx.tell(replace(told_there, thread_key=run_thread_key(old.run_id)), reply_to=thread)
+        if thread is not None:
+            ending = replace(
+                told_there,
+                text=f"{text} Details in the thread.",
+                fields={**told_there.fields, "artifact": old.request.what, "run": old.run_name, "ended": told.name},
+                link_url=ctx.notifier.flow_run_url(old.run_id),
+                link_text="Open the run",
+                thread_key=run_thread_key(old.run_id),
+                kind="approval",
+            )
+            update_notice(ctx.notifier, thread, ending)
     return claim
 
 
@@ -180,6 +195,8 @@ def deploy(ctx: DeployContext, mine: DeployRequest) -> Outcome:
     asked = once_per_run("plan-and-ask", lambda: plan_and_ask(ctx, mine))
     if isinstance(asked, Outcome):
         return asked
+    # From here on (and again on resume, from the record) every message of this run replies to the notice.
+    ctx.start_thread(asked.notice, asked.planned.view.version_diff)
     decision = wait_for_approval(
         asked,
         run_id=UUID(ctx.run_id),
@@ -228,7 +245,8 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
         return outcomes.superseded(ctx.workspace, mine, still.by, taken_by=still.taken_by, asked=False)
     published = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.ui_url)
     deadline = approval_deadline(planned.plan_sha256, ctx.settings.approval_timeout_seconds)
-    notice = ctx.tell(approval_notice(planned, deadline, run_name=ctx.run.name, run_url=ctx.run_url))
+    asking = approval_notice(planned, deadline, run_name=ctx.run.name, run_url=ctx.run_url)
+    notice = ctx.tell(replace(asking, thread_key=ctx.thread_key))
     return AwaitingApproval(version, planned, published, deadline, notice)
 
 
@@ -264,6 +282,9 @@ def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: A
         if end_waiting_run(UUID(ctx.run_id), name=ended.name, message=ended.message):
             told = ctx.notice(ended.title, ended.message, ended.severity, facts=ended.facts)
             notify_now(ctx.notifier, told, reply_to=asked.notice)
+            if asked.notice is not None:
+                ending = ctx.ending_notice(ended.title, ended.message, ended.severity, ended.name)
+                update_notice_now(ctx.notifier, asked.notice, ending)
     events.flush()  # the process ends with the suspension: what it emitted must be sent first
 
 

@@ -27,6 +27,7 @@ workspace); only a request queued behind it waits for this release to get its ru
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import cast
 from uuid import UUID
 
@@ -38,8 +39,9 @@ from prefect.states import Cancelled
 from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.errors import DeployError
-from icd.notify.message import Notification, Notifier, Severity
-from tasks.notify import notify
+from icd.notify.message import Notification, NotificationReceipt, Notifier, Severity
+from tasks.context import run_thread_key
+from tasks.notify import notify, update_notice
 from tasks.queue import release_workspace
 
 TIMED_OUT = "never resumed"
@@ -56,6 +58,8 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     state = run.state
     workspace = str(run.parameters.get("workspace", ""))
     registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
+    # Read before the release: a run that asked for approval keeps its notice in the lock while it waits.
+    thread = _approval_notice(registry, workspace, str(run.id)) if workspace else None
     released = _release_now(registry, workspace, str(run.id)) if workspace else False
     notifier = load_notifier(notifier_block)
     if state is not None and state.type == StateType.FAILED and TIMED_OUT in (state.message or ""):
@@ -95,17 +99,20 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             if released is None
             else "nothing to do"
         )
-    notify(
-        notifier,
-        Notification(
-            title=title,
-            text=f"{text} Push again or re-run to plan afresh.",
-            severity=severity,
-            fields={"workspace": workspace, "run": run.name},
-            link_url=notifier.flow_run_url(run.id),
-            link_text="Open the run",
-        ),
+    told = Notification(
+        title=title,
+        text=f"{text} Push again or re-run to plan afresh.",
+        severity=severity,
+        fields={"workspace": workspace, "run": run.name},
+        link_url=notifier.flow_run_url(run.id),
+        link_text="Open the run",
+        thread_key=run_thread_key(str(run.id)),
     )
+    notify(notifier, told, reply_to=thread)
+    if thread is not None:
+        # The run's one line in the channel (its approval notice) says how it ended; no button stays.
+        ending = replace(told, text=f"{text} Details in the thread.", fields={**told.fields, "ended": done})
+        update_notice(notifier, thread, replace(ending, kind="approval"))
     logger.info("run %s: %s; lock released: %s", run.name, done, released)
     if released is None:
         return _release_when_back(registry, notifier, workspace, str(run.id), done)
@@ -113,6 +120,19 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
 
 
 _PENDING = "could not be released yet (S3 unreachable): deploy-ended releases it as soon as S3 answers"
+
+
+def _approval_notice(registry: ArtifactRegistry, workspace: str, run_id: str) -> NotificationReceipt | None:
+    """The run's approval notice, when the lock still names it (the run waited for approval); None when it
+    does not, or S3 can't say (then the news goes to the channel as a line of its own)."""
+    try:
+        holder = registry.workspace_queue().holder(workspace)
+    except DeployError as exc:
+        get_run_logger().warning("lock of %s unread, so run %s's thread unknown: %s", workspace, run_id, exc)
+        return None
+    if holder is None or holder.run_id != run_id or holder.notice is None:
+        return None
+    return NotificationReceipt(channel=holder.notice.channel, ts=holder.notice.ts)
 
 
 def _release_now(registry: ArtifactRegistry, workspace: str, run_id: str) -> bool | None:

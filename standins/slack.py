@@ -34,6 +34,7 @@ WEBHOOK_PREFIX = "/webhook/"
 # Not Slack's: what the stand-in received, for demos and operators (GET; `?` nothing).
 RECEIVED_PATH = "/_standin/received"
 _FIRST_TS_SECONDS = 1_700_000_000
+BOT_USER_ID = "U000STANDIN"
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,22 @@ class ReceivedMessage:
     metadata: dict[str, Any] | None
     payload: dict[str, Any] = field(repr=False)
     received_at: float = field(default=0.0, compare=False)  # time.time() when the stand-in stored it
+    user: str = BOT_USER_ID  # who posted it: our bot, unless a test posted as a person (post_as_user)
+    edited: bool = False  # changed by chat.update since it was posted
 
     @property
     def thread_ts(self) -> str | None:
         """The parent message's ts when this is a reply in a thread."""
         parent = self.payload.get("thread_ts")
         return str(parent) if parent else None
+
+    @property
+    def thread_key(self) -> str | None:
+        """The sender's thread key (what the message is about, e.g. one deploy run), from its metadata."""
+        if not self.metadata:
+            return None
+        key = self.metadata.get("event_payload", {}).get("thread_key")
+        return str(key) if key is not None else None
 
     @property
     def dedup_key(self) -> str | None:
@@ -188,6 +199,32 @@ class SlackStandIn:
         with self._lock:
             return list(self._faulted)
 
+    def top_level(self) -> list[ReceivedMessage]:
+        """The messages the channel shows (not replies in a thread), oldest first, as updated."""
+        return [m for m in self.messages if m.thread_ts is None]
+
+    def thread(self, ts: str) -> list[ReceivedMessage]:
+        """The replies in the thread of the message ``ts``, oldest first."""
+        return [m for m in self.messages if m.thread_ts == ts]
+
+    def post_as_user(self, channel: str, text: str, user: str = "U000PERSON") -> ReceivedMessage:
+        """A message a person posted in ``channel`` (not through the API): the bot may not update it."""
+        with self._lock:
+            message = ReceivedMessage(
+                channel=channel,
+                channel_id=self._channel_id(channel),
+                text=text,
+                blocks=[],
+                ts=self._next_ts(),
+                metadata=None,
+                payload={"channel": channel, "text": text},
+                received_at=time.time(),
+                user=user,
+            )
+            self._messages.append(message)
+            self._lock.notify_all()
+        return message
+
     def wait_for_messages(self, count: int, timeout: float = 5.0) -> list[ReceivedMessage]:
         """Wait until at least ``count`` messages arrived; returns what is there when it gives up."""
         with self._lock:
@@ -292,7 +329,7 @@ class SlackStandIn:
             "team": "Stand-in",
             "user": "icd-bot",
             "team_id": "T000STANDIN",
-            "user_id": "U000STANDIN",
+            "user_id": BOT_USER_ID,
             "bot_id": "B000STANDIN",
         }
 
@@ -330,28 +367,38 @@ class SlackStandIn:
         }
 
     def _update(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """As Slack's ``chat.update``: the message ``ts`` in ``channel`` (its name or ID) gets the new text and
+        blocks and stays where it is (a reply stays in its thread); only the bot's own messages can change
+        (``cant_update_message``), an unknown one is ``message_not_found``."""
         channel = str(params.get("channel") or "")
         ts = str(params.get("ts") or "")
+        if not channel or channel in self.unknown_channels:
+            return {"ok": False, "error": "channel_not_found"}
         with self._lock:
             for index, message in enumerate(self._messages):
-                if ts == message.ts and channel in (message.channel, message.channel_id):
-                    updated = dataclasses.replace(
-                        message,
-                        text=str(params.get("text") or message.text),
-                        blocks=_json_field(params.get("blocks")) or message.blocks,
-                        payload=dict(params),
-                    )
-                    self._messages[index] = updated
-                    self._lock.notify_all()
-                    return {
-                        "ok": True,
-                        "channel": updated.channel_id,
-                        "ts": updated.ts,
-                        "text": updated.text,
-                        "message": _slack_message_json(updated),
-                    }
-        if channel in self.unknown_channels:
-            return {"ok": False, "error": "channel_not_found"}
+                if ts != message.ts or channel not in (message.channel, message.channel_id):
+                    continue
+                if message.user != BOT_USER_ID:
+                    return {"ok": False, "error": "cant_update_message"}
+                kept = {"thread_ts": message.thread_ts} if message.thread_ts else {}
+                # As Slack: a field left out keeps what the message had; blocks=[] removes them.
+                blocks = _json_field(params["blocks"]) if "blocks" in params else message.blocks
+                updated = dataclasses.replace(
+                    message,
+                    text=str(params["text"]) if "text" in params else message.text,
+                    blocks=blocks or [],
+                    payload={**dict(params), **kept},
+                    edited=True,
+                )
+                self._messages[index] = updated
+                self._lock.notify_all()
+                return {
+                    "ok": True,
+                    "channel": updated.channel_id,
+                    "ts": updated.ts,
+                    "text": updated.text,
+                    "message": _slack_message_json(updated),
+                }
         return {"ok": False, "error": "message_not_found"}
 
     def handle_webhook(self, webhook_id: str, params: dict[str, Any]) -> tuple[int, dict[str, str], str]:
@@ -375,7 +422,7 @@ def _slack_message_json(message: ReceivedMessage) -> dict[str, Any]:
         "type": "message",
         "subtype": "bot_message",
         "bot_id": "B000STANDIN",
-        "user": "U000STANDIN",
+        "user": message.user,
         "text": message.text,
         "blocks": message.blocks,
         "ts": message.ts,

@@ -8,7 +8,7 @@ so the flow body only orchestrates.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import cast
 
@@ -25,8 +25,19 @@ from icd.paths import PROJECT_ROOT, state_home
 from icd.registry.models import ArtifactVersion
 from icd.service.contract import StackVariables
 from icd.tools.terraform import ApplyWatch, HeadsUp
-from tasks.notify import notify
+from tasks.notify import notify, update_notice
 from tasks.record import last_apply_seconds
+
+
+@dataclass
+class RunThread:
+    """Where a deploy run's messages go once it has asked for approval: every later one replies in the thread
+    of that notice (``root``), and the run's ending rewrites the notice itself, so the channel keeps one line
+    per deploy (docs/operations.md#what-the-channel-shows). Before the notice there is no thread: a run that
+    ends without asking (queued, nothing to deploy) says so in one top-level message."""
+
+    root: NotificationReceipt | None = None
+    artifact: str = ""  # what the notice asked about (``acmeinc/web v1 → v2``), kept in its rewrite
 
 
 @dataclass(frozen=True)
@@ -41,10 +52,17 @@ class DeployContext:
     notifier: Notifier
     consul: ConsulConnection
     teardown: bool = False  # destroy what the workspace runs, through the same plan-approve-apply path
+    # Set once the approval notice is out (and again when a resumed run reads it back): see RunThread.
+    thread: RunThread = field(default_factory=RunThread)
 
     @property
     def run_id(self) -> str:
         return self.run.id
+
+    @property
+    def thread_key(self) -> str:
+        """What every message of this run carries, so any reader can group them."""
+        return run_thread_key(self.run.id)
 
     @property
     def run_url(self) -> str | None:
@@ -114,6 +132,7 @@ class DeployContext:
             link_text=link_text,
             dedup_key=dedup_key,
             kind=kind,
+            thread_key=self.thread_key,
         )
 
     def warn(self, title: str, text: str, facts: dict[str, str], kind: MessageKind = "refusal") -> None:
@@ -139,8 +158,32 @@ class DeployContext:
     def tell(
         self, notification: Notification, *, reply_to: NotificationReceipt | None = None
     ) -> NotificationReceipt | None:
-        """Notify operators, best effort (``tasks/notify.py``): a Slack failure never changes the outcome."""
-        return notify(self.notifier, notification, reply_to=reply_to)
+        """Notify operators, best effort (``tasks/notify.py``): a Slack failure never changes the outcome. It
+        goes in the thread of ``reply_to``, else of this run's approval notice once there is one."""
+        return notify(self.notifier, notification, reply_to=reply_to or self.thread.root)
+
+    def start_thread(self, notice: NotificationReceipt | None, artifact: str) -> None:
+        """The approval notice is out (or read back on resume): later messages reply in its thread."""
+        self.thread.root, self.thread.artifact = notice, artifact
+
+    def ending_notice(self, title: str, text: str, severity: Severity, ended: str) -> Notification:
+        """What the approval notice becomes when the run ends: the outcome in one line, no button to approve
+        what can't be approved any more, the link to the run; the details are in the thread."""
+        facts = {"artifact": self.thread.artifact, "run": self.run.name, "ended": ended}
+        return replace(
+            self.notice(title, f"{text} Details in the thread.", severity, facts=facts, link_text="Open the run"),
+            kind="approval",
+        )
+
+    def close_thread(self, title: str, text: str, severity: Severity, ended: str) -> None:
+        """Rewrite the approval notice to say how the run ended (nothing when it never asked); best effort."""
+        if self.thread.root is not None:
+            update_notice(self.notifier, self.thread.root, self.ending_notice(title, text, severity, ended))
+
+
+def run_thread_key(run_id: str) -> str:
+    """The ``thread_key`` of every message about the deploy run ``run_id``."""
+    return f"deploy-run:{run_id}"
 
 
 def deploy_context(
@@ -182,5 +225,6 @@ def tell_without_context(
         fields={"workspace": workspace},
         link_url=notifier.flow_run_url(run.id),
         link_text="Open the run",
+        thread_key=run_thread_key(run.id),
     )
     notify(notifier, notice)

@@ -93,3 +93,22 @@ def notify_now(
         return None
     get_run_logger().info("posted %s notification %r (ts %s)", notification.severity, notification.title, receipt.ts)
     return receipt
+
+
+@task(name="update-notice", persist_result=True, cache_policy=ONCE_PER_RUN)
+def update_notice(notifier: Notifier, receipt: NotificationReceipt, notification: Notification) -> bool:
+    """Rewrite the message ``receipt`` names as ``notification``, in place (a deploy run's approval notice,
+    once it has ended). Best effort: False, and a log line, when the channel can't (the message was deleted,
+    Slack is down); the thread below it still tells everything."""
+    return update_notice_now(notifier, receipt, notification)
+
+
+def update_notice_now(notifier: Notifier, receipt: NotificationReceipt, notification: Notification) -> bool:
+    """:func:`update_notice` without its task, for a flow run that is already suspended."""
+    try:
+        notifier.channel_sender().update(receipt, notification)
+    except NotificationError as exc:
+        get_run_logger().warning("message %s not updated to %r: %s", receipt.ts, notification.title, exc)
+        return False
+    get_run_logger().info("updated message %s: %r", receipt.ts, notification.title)
+    return True

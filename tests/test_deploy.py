@@ -152,6 +152,16 @@ def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -
     assert env.holder(names.workspace) is None
     assert _services(env, names.service_name) == []
     wait_until(lambda: _slack_mentions(env, f"Approval timed out on {names.workspace}"), timeout=60)
+    # deploy-ended tells it in the run's approval thread, and rewrites the notice: one line in the channel.
+    key = f"deploy-run:{run.id}"
+    [root] = wait_until(
+        lambda: [m for m in env.slack.top_level() if m.thread_key == key and m.edited],
+        timeout=60,
+        message="the approval notice of the timed-out run was never rewritten",
+    )
+    assert f"Approval timed out on {names.workspace}" in root.text
+    [told] = [m for m in env.slack.thread(root.ts) if "Approval timed out" in m.text]
+    assert told.thread_key == key
 
 
 def test_tampered_plan_is_refused_and_told(deploy_env: DeployEnv) -> None:

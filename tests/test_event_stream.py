@@ -104,6 +104,13 @@ def test_a_waiting_plan_is_superseded_by_a_newer_version_and_says_so_in_the_run_
         lambda: [m for m in env.slack.messages if m.thread_ts == asked[0].ts and "Superseded" in m.text], timeout=30
     )
     assert says in reply[0].text, "the approval thread hears it"
+    # and the channel's one line for that deploy, its approval notice, now says how it ended
+    rewritten = wait_until(
+        lambda: [m for m in env.slack.top_level() if m.ts == asked[0].ts and m.edited and "Superseded" in m.text],
+        timeout=30,
+        message="the superseded run's approval notice was never rewritten",
+    )
+    assert "Review and approve" not in str(rewritten[0].blocks)
     plan_doc = api_client().read_artifacts(
         artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[first.id]))
     )

@@ -320,3 +320,37 @@ def _state_of(run: FlowRun) -> str:
 
 def _last_logs(env: DeployEnv, run_id: object) -> list[str]:
     return [log.message for log in env.logs(run_id)][-20:]
+
+
+def test_the_thread_key_travels_to_the_plain_copy_so_a_reader_can_group_a_deploys_messages() -> None:
+    _, body = render_plain(dataclasses.replace(APPROVAL, thread_key="deploy-run:1234"))
+
+    assert "thread: deploy-run:1234" in body.splitlines()
+    assert "thread:" not in render_plain(APPROVAL)[1], "a message of no thread says none"
+
+
+def test_the_outbox_keeps_a_thread_key() -> None:
+    threaded = dataclasses.replace(APPROVAL, thread_key="deploy-run:1234")
+
+    _, outbox, _, _ = decode_state(encode_state(WatchState(), [threaded]))
+
+    assert outbox == (threaded,)
+
+
+def test_an_update_rewrites_the_slack_message_and_copies_nothing(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier, webhook: Receiver
+) -> None:
+    sender = _routed(
+        slack_notifier,
+        {"approval": ["custom-webhook/ops-hook"]},
+        {"custom-webhook/ops-hook": _webhook_block(webhook.url)},
+    )
+    receipt = sender.send(APPROVAL)
+
+    sender.update(receipt, dataclasses.replace(APPROVAL, title="Deployed acmeinc/web v1 → v2 to staging"))
+
+    [message] = slack_standin.messages
+    assert (message.edited, "Deployed acmeinc/web" in message.text) == (True, True)
+    assert [post["subject"] for post in webhook.posts] == [render_plain(APPROVAL)[0]], (
+        "the copy was made once, when sent"
+    )

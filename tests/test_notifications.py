@@ -382,3 +382,93 @@ def test_operator_text_cannot_ping_mention_or_disguise_a_link(typed: str, shown:
     assert "<@" not in rendered
     assert shown in blocks[1]["text"]["text"]
     assert shown in fallback
+
+
+# --- updating a message in place (chat.update): a deploy's one line in the channel ----------------------
+
+
+def test_update_rewrites_the_message_in_place_with_new_blocks(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    sender = slack_notifier.channel_sender()
+    asked = Notification("Plan waiting for approval", "approve me", "warning", link_url="http://x/1", link_text="Go")
+    receipt = sender.send(asked)
+    reply = sender.send(Notification("Answer refused", "stale hash", "warning"), reply_to=receipt)
+
+    sender.update(receipt, Notification("Deployed acmeinc/web v1 → v2 to staging", "Approved by bob.", "success"))
+
+    [root, in_thread] = slack_standin.messages
+    assert (root.ts, root.thread_ts, root.edited) == (receipt.ts, None, True)
+    assert root.text.startswith(":white_check_mark: [Success] Deployed acmeinc/web v1 → v2 to staging")
+    assert [b["type"] for b in root.blocks] == ["header", "section", "context"], "the old link button is gone"
+    assert (in_thread.ts, in_thread.thread_ts, in_thread.edited) == (reply.ts, receipt.ts, False)
+    assert slack_standin.call_count("chat.update") == 1
+
+
+def test_updating_a_reply_keeps_it_in_its_thread(slack_standin: SlackStandIn, slack_notifier: SlackNotifier) -> None:
+    sender = slack_notifier.channel_sender()
+    root = sender.send(Notification("root", "x", "info"))
+    reply = sender.send(Notification("reply", "x", "info"), reply_to=root)
+
+    sender.update(reply, Notification("reply, edited", "y", "info"))
+
+    assert [m.ts for m in slack_standin.top_level()] == [root.ts]
+    [edited] = slack_standin.thread(root.ts)
+    assert (edited.ts, "reply, edited" in edited.text) == (reply.ts, True)
+
+
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        ("unknown ts", "message_not_found"),
+        ("another channel", "message_not_found"),
+        ("a person's message", "cant_update_message"),
+    ],
+)
+def test_update_refused_as_slack_refuses_it(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier, target: str, error: str
+) -> None:
+    sender = slack_notifier.channel_sender()
+    ours = sender.send(Notification("ours", "x", "info"))
+    theirs = slack_standin.post_as_user("#ops", "a person's message")
+    receipt = {
+        "unknown ts": NotificationReceipt(ours.channel, "1.000001"),
+        "another channel": NotificationReceipt("#elsewhere", ours.ts),
+        "a person's message": NotificationReceipt(ours.channel, theirs.ts),
+    }[target]
+
+    with pytest.raises(NotificationError, match=error) as raised:
+        sender.update(receipt, Notification("changed", "y", "info"))
+
+    assert not isinstance(raised.value, TransientNotificationError), "a refusal is not retried"
+    assert SLACK_TEST_TOKEN not in str(raised.value)
+    assert [(m.text, m.edited) for m in slack_standin.messages][1] == ("a person's message", False)
+    assert not slack_standin.messages[0].edited
+
+
+def test_update_needs_a_valid_token(slack_standin: SlackStandIn, slack_notifier: SlackNotifier) -> None:
+    # Copied before the notifier makes (and caches) its client, so the copy makes its own with the wrong token.
+    intruder = slack_notifier.model_copy(update={"credentials": SlackCredentials(token="xoxb-wrong")})
+    receipt = slack_notifier.channel_sender().send(Notification("ours", "x", "info"))
+
+    with pytest.raises(NotificationError, match="invalid_auth"):
+        intruder.channel_sender().update(receipt, Notification("changed", "y", "info"))
+
+    assert not slack_standin.messages[0].edited
+
+
+def test_update_notice_task_logs_a_refusal_and_never_raises(
+    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+) -> None:
+    receipt = slack_notifier.channel_sender().send(Notification("ours", "x", "info"))
+    gone = NotificationReceipt(receipt.channel, "1.000001")
+
+    @flow
+    def rewrite() -> tuple[bool, bool]:
+        changed = notify_tasks.update_notice(slack_notifier, receipt, Notification("ended", "y", "success"))
+        missing = notify_tasks.update_notice(slack_notifier, gone, Notification("ended", "y", "success"))
+        return changed, missing
+
+    assert rewrite() == (True, False)
+    [message] = slack_standin.messages
+    assert (message.edited, "ended" in message.text) == (True, True)

@@ -60,6 +60,9 @@ class Notification:
     # Same key, same message: receivers and re-sends can tell a repeat from a new event.
     dedup_key: str | None = None
     kind: MessageKind = "deploy"
+    # Messages with the same key are about one thing (``deploy-run:<run id>``: one deploy run) and are read
+    # together: on Slack in one thread, in a plain-text copy a fact a mail client or receiver can group by.
+    thread_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITY_STYLES:
@@ -82,11 +85,16 @@ class NotificationReceipt:
 
 class Sender(Protocol):
     """Anything that delivers a notification now (``reply_to``: in the thread of that earlier message, where
-    the channel has threads), or raises ``NotificationError``."""
+    the channel has threads) or updates one it delivered, or raises ``NotificationError``."""
 
     def send(
         self, notification: Notification, *, reply_to: NotificationReceipt | None = None
     ) -> NotificationReceipt: ...
+
+    def update(self, receipt: NotificationReceipt, notification: Notification) -> None:
+        """Replace the message sent earlier (``receipt``) with ``notification``, in place; raises
+        ``NotificationError`` when the channel can't (the message is gone, or not ours)."""
+        ...
 
 
 class Notifier(Protocol):

@@ -63,6 +63,8 @@ def render_plain(notification: Notification) -> tuple[str, str]:
         subject = subject[: SUBJECT_MAX - 1] + "…"
     lines = [plain_text(notification.text), ""]
     lines += [f"{plain_text(key)}: {plain_text(value)}" for key, value in notification.fields.items()]
+    if notification.thread_key:
+        lines.append(f"thread: {plain_text(notification.thread_key)}")
     if notification.link_url:
         lines += ["", f"{plain_text(notification.link_text or 'Open')}: {notification.link_url}"]
     lines += ["", f"severity: {notification.severity} · kind: {notification.kind}"]
@@ -112,6 +114,10 @@ class RoutedSender:
             return self.primary.send(notification, reply_to=reply_to)
         finally:
             self.copy(notification)
+
+    def update(self, receipt: NotificationReceipt, notification: Notification) -> None:
+        """Update the primary's message in place; no copy (a plain-text reader got the details as they came)."""
+        self.primary.update(receipt, notification)
 
     def copy(self, notification: Notification) -> CopyReport:
         """Send ``notification`` to every route of its kind not sent it yet; never raises."""

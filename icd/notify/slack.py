@@ -11,7 +11,7 @@ may succeed).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.error import URLError
 
@@ -32,6 +32,7 @@ from slack_sdk.models.blocks import (
     PlainTextObject,
     SectionBlock,
 )
+from slack_sdk.web import SlackResponse
 
 from icd.errors import NotificationError, TransientNotificationError
 from icd.notify.message import SEVERITY_STYLES, Notification, NotificationReceipt, redact_notification, redact_text
@@ -116,13 +117,16 @@ def render_slack_message(notification: Notification) -> tuple[str, list[dict[str
 
 
 def metadata_of(notification: Notification) -> dict[str, Any] | None:
-    """Message metadata that lets a receiver (or a later reader of the channel) drop exact repeats."""
-    if notification.dedup_key is None:
+    """Message metadata that lets a receiver (or a later reader of the channel) drop exact repeats and group
+    the messages of one thing (a deploy run's ``thread_key``)."""
+    if notification.dedup_key is None and notification.thread_key is None:
         return None
-    return {
-        "event_type": "icd_notification",
-        "event_payload": {"dedup_key": notification.dedup_key, "severity": notification.severity},
-    }
+    payload: dict[str, Any] = {"severity": notification.severity}
+    if notification.dedup_key is not None:
+        payload["dedup_key"] = notification.dedup_key
+    if notification.thread_key is not None:
+        payload["thread_key"] = notification.thread_key
+    return {"event_type": "icd_notification", "event_payload": payload}
 
 
 class SlackSender:
@@ -151,15 +155,34 @@ class SlackSender:
         malformed blocks). Neither message ever contains the token."""
         secrets = [*self._secrets, *(s.get_secret_value() if isinstance(s, SecretStr) else s for s in extra_secrets)]
         fallback, blocks = render_slack_message(redact_notification(notification, secrets))
-        method = "chat.postMessage"
-        try:
-            response = self.client.chat_postMessage(
+        response = self._call(
+            "chat.postMessage",
+            secrets,
+            lambda: self.client.chat_postMessage(
                 channel=reply_to.channel if reply_to else self.channel,
                 text=fallback,
                 blocks=blocks,
                 metadata=metadata_of(notification),
                 thread_ts=reply_to.ts if reply_to else None,
-            )
+            ),
+        )
+        return NotificationReceipt(channel=str(response["channel"]), ts=str(response["ts"]))
+
+    def update(self, receipt: NotificationReceipt, notification: Notification) -> None:
+        """Replace the message ``receipt`` names with ``notification``, in place (``chat.update``): its text
+        and blocks, so a button that no longer applies goes. Raises as :meth:`send` does; Slack refuses with
+        ``message_not_found`` (deleted) or ``cant_update_message`` (not posted by this bot)."""
+        fallback, blocks = render_slack_message(redact_notification(notification, self._secrets))
+        self._call(
+            "chat.update",
+            self._secrets,
+            lambda: self.client.chat_update(channel=receipt.channel, ts=receipt.ts, text=fallback, blocks=blocks),
+        )
+
+    def _call(self, method: str, secrets: Sequence[str], call: Callable[[], SlackResponse]) -> SlackResponse:
+        """``call()``, its failures as our errors (see :meth:`send`); no message ever contains the token."""
+        try:
+            return call()
         except SlackApiError as exc:
             status = exc.response.status_code
             data = exc.response.data
@@ -175,4 +198,3 @@ class SlackSender:
         except SlackClientError as exc:
             message = redact_text(f"Slack {method} to {self.channel} failed: {exc}", secrets)
             raise NotificationError(message) from exc
-        return NotificationReceipt(channel=str(response["channel"]), ts=str(response["ts"]))
