@@ -288,6 +288,13 @@ def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: A
     events.flush()  # the process ends with the suspension: what it emitted must be sent first
 
 
+def running_label(ctx: DeployContext, planned: PlannedDeploy) -> str:
+    """The build label of what the workspace runs before this apply ("" for nothing), for the deploy window:
+    the one source of "what ran before" is the plan's view of the state."""
+    previous = planned.view.from_version
+    return read_version(ctx.registry, ctx.namespace, previous).build_label if previous else ""
+
+
 def apply_and_gate(
     ctx: DeployContext,
     version: ArtifactVersion,
@@ -295,8 +302,7 @@ def apply_and_gate(
     decision: ApprovalDecision,
     record: dict[str, str],
 ) -> Outcome:
-    previous = planned.view.from_version  # the one source of "what ran before": the plan's view of the state
-    from_label = read_version(ctx.registry, ctx.namespace, previous).build_label if previous else ""
+    from_label = running_label(ctx, planned)
     health_deadline = ctx.settings.health_deadline_seconds
     seconds = health_deadline + PLAN_AND_APPLY_MARGIN_SECONDS
     open_window(
@@ -342,8 +348,7 @@ def tear_down(
     nothing is gated (there is nothing left to be healthy). The workspace's own channel is emptied: it no
     longer lists the workspace at its last version, and the next plan there starts from nothing deployed."""
     view = planned.view
-    previous = view.from_version
-    from_label = read_version(ctx.registry, ctx.namespace, previous).build_label if previous else ""
+    from_label = running_label(ctx, planned)
     open_window(
         ctx.consul,
         ctx.service_name,
