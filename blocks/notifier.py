@@ -64,6 +64,11 @@ class SlackNotifier(Block):
         description="Deprecated: set [site] prefect_ui_url in icd.toml (or PREFECT_UI_URL). Used when neither is.",
     )
     timeout_seconds: float = Field(default=10, gt=0, description="Per-request timeout for Slack calls.")
+    buttons: bool = Field(
+        default=False,
+        description="Messages carry Approve/Reject and alert buttons: the Slack app sends clicks to icd-inbound "
+        "(its interactivity URL, or Socket Mode). Off: messages link to the Prefect UI only.",
+    )
 
     _client: Any = PrivateAttr(default=None)
 
@@ -92,7 +97,13 @@ class SlackNotifier(Block):
 
     def channel_sender(self) -> SlackSender:
         """Delivers notifications to this block's channel only; see ``icd/notify/slack.py``."""
-        return SlackSender(self.get_client(), self.channel, api_url=self.api_url, secrets=[self.credentials.token])
+        return SlackSender(
+            self.get_client(),
+            self.channel,
+            api_url=self.api_url,
+            secrets=[self.credentials.token],
+            buttons=self.buttons,
+        )
 
     def sender(self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None) -> RoutedSender:
         """Delivers to the channel and copies each message to the blocks icd.toml routes its kind to. With

@@ -48,6 +48,8 @@ from tasks.watch import start_first_watch
 # The block names the flows and automations load by default (flow parameters can name others).
 REGISTRY_BLOCK = "registry"
 NOTIFIER_BLOCK = "ops-slack"
+SLACK_SIGNING_SECRET_BLOCK = "slack-signing-secret"  # noqa: S105  # the block's name, not a secret
+SLACK_APP_TOKEN_BLOCK = "slack-app-token"  # noqa: S105  # the block's name, not a secret
 CONSUL_BLOCK = "consul"
 ALERTS_BLOCK = "ops-alerts"
 # Task results (the cached steps a resumed deploy skips) live in S3, so a run can resume on any worker.
@@ -163,6 +165,10 @@ class Site:
     allow_private_alerts: bool = False  # a receiver on a private address (a local one in the walkthrough)
     # The IAM role Terraform's steps assume, scoped to one workspace each (docs/operations.md); None: the keys above.
     state_role_arn: str | None = None
+    # The Slack app's signing secret (its buttons post to icd-inbound's /slack/interactions), or its app-level
+    # token (Socket Mode, no public URL); with either, approval notices and alerts carry buttons.
+    slack_signing_secret: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
 
     @property
     def results_bucket(self) -> str:
@@ -198,7 +204,12 @@ def save_blocks(site: Site) -> ArtifactRegistry:
         channel=site.slack_channel,
         api_url=site.slack_api_url,
         prefect_ui_url=site.prefect_ui_url,
+        buttons=site.slack_signing_secret is not None or site.slack_app_token is not None,
     ).save(NOTIFIER_BLOCK, overwrite=True)
+    if site.slack_signing_secret is not None:
+        Secret(value=site.slack_signing_secret).save(SLACK_SIGNING_SECRET_BLOCK, overwrite=True)
+    if site.slack_app_token is not None:
+        Secret(value=site.slack_app_token).save(SLACK_APP_TOKEN_BLOCK, overwrite=True)
     ConsulConnection(address=site.consul_addr, timeout_seconds=10).save(CONSUL_BLOCK, overwrite=True)
     Secret(value=site.webhook_secret).save(SECRET_BLOCK, overwrite=True)
     # Where critical-health automations send; operators may pick PagerDuty, Teams, e-mail... in the UI instead.
@@ -240,6 +251,11 @@ def _secret_from_env(name: str) -> SecretStr:
     return SecretStr(value)
 
 
+def _optional_secret_from_env(name: str) -> SecretStr | None:
+    value = os.environ.get(name, "")
+    return SecretStr(value) if value else None
+
+
 def blocks_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="icd-setup blocks", description="Create the blocks the flows load.")
     parser.add_argument("--bucket", required=True, help="the registry's S3 bucket (results go to BUCKET-results)")
@@ -276,6 +292,8 @@ def blocks_main(argv: list[str]) -> int:
         slack_api_url=args.slack_api_url,
         allow_private_alerts=args.allow_private_alerts,
         state_role_arn=args.state_role_arn,
+        slack_signing_secret=_optional_secret_from_env("ICD_SLACK_SIGNING_SECRET"),
+        slack_app_token=_optional_secret_from_env("ICD_SLACK_APP_TOKEN"),
     )
     save_blocks(site)
     print(

@@ -1,19 +1,21 @@
 """The whole loop on this machine, offline, through the same events a team's setup uses: `make demo`.
 
     1. a developer pushes v1; GitHub's signed push webhook reaches icd-inbound
-       -> build -> registered -> staging plan (nothing deployed -> v1) -> approve -> apply -> healthy (Consul)
+       -> build -> registered -> staging plan (nothing deployed -> v1) -> Approve clicked in Slack (signed)
+       -> apply -> healthy (Consul)
     2. the developer pushes a change: v2 -> build -> registered -> staging plan "acmeinc/web v1 → v2"
-       -> approve -> apply (v1's instance is replaced) -> healthy
-    3. promote v2 to production (icd-registry promote) -> production plan -> approve -> apply
+       -> approved in the Prefect UI's form -> apply (v1's instance is replaced) -> healthy
+    3. promote v2 to production (icd-registry promote) -> production plan -> Approve in Slack -> apply
     4. the production instance's health breaks -> icd.health.critical event, Slack alert, webhook notification
 
 Starts moto (S3, DynamoDB), the Consul and Slack API stand-ins (or a real `consul agent -dev` when `consul`
 is on PATH), a Prefect server, a process worker and the inbound webhook app; creates the blocks, the
 deployments (with their triggers) and the automations exactly as an operator would (`icd-setup`).
-Unattended by default: the demo approves each plan after printing it. With `--interactive` it waits for you
-to approve in the Prefect UI (the link is printed). At the end it stops everything and removes its state
-folder (about 9 MB in the temp dir); `--keep` leaves everything running, and the folder in place, until
-Ctrl-C, so the Event Feed it links can be browsed.
+Unattended by default: the demo approves each plan after printing it, from Slack (the stand-in signs the
+click as Slack does and posts it to icd-inbound's interactivity URL) or as the UI's form does. With
+`--interactive` it waits for you to approve in the Prefect UI (the link is printed). At the end it stops
+everything and removes its state folder (about 9 MB in the temp dir); `--keep` leaves everything running,
+and the folder in place, until Ctrl-C, so the Event Feed it links can be browsed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from standins.slack import RECEIVED_PATH, SlackStandIn
 
 POOL = "local-pool"
 TOKEN = "xoxb-demo-token"
+OPERATOR = "U0OPS"  # the stand-in's on-call operator, who approves from Slack
 NAMESPACE = "acmeinc/web"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
@@ -162,6 +165,8 @@ def run_loop(
     )
     os.environ["ICD_CONFIG"] = str(config)
     webhook_secret = secrets.token_urlsafe(24)
+    signing_secret = secrets.token_urlsafe(24)  # the Slack app's: the stand-in signs each click with it
+    slack.add_user(OPERATOR, "ops-oncall", "Ops On-call")
     demo.step("creating blocks, deployments with their triggers, and automations (icd-setup)")
     registry = provision(
         server,
@@ -177,21 +182,23 @@ def run_loop(
         pool=POOL,
         alerts_url=slack.webhook_url("alerts"),
         webhook_secret=webhook_secret,
+        slack_signing_secret=signing_secret,
     )
     demo.processes.append(start_worker(server, POOL, env=worker_env(demo.home / "icd", config)))
     inbound, inbound_url = start_inbound(server, config=config)
     demo.processes.append(inbound)
-    demo.say(f"webhook endpoint: {inbound_url}/github")
+    demo.say(f"webhook endpoint: {inbound_url}/github; Slack interactivity URL: {inbound_url}/slack/interactions")
+    slack.set_interactivity(f"{inbound_url}/slack/interactions", signing_secret)
 
     demo.step("1. a developer pushes v1; GitHub delivers the signed push webhook")
-    if not push_and_deploy(demo, server, slack, registry, repo, inbound_url, webhook_secret):
+    if not push_and_deploy(demo, server, slack, registry, repo, inbound_url, webhook_secret, via="slack"):
         return 1
 
     demo.step("2. the developer pushes a change (v2): the staging plan replaces v1")
     (repo / "CHANGELOG.md").write_text("# web\n\n- v2: the second release, pushed by the demo\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "v2")
-    if not push_and_deploy(demo, server, slack, registry, repo, inbound_url, webhook_secret):
+    if not push_and_deploy(demo, server, slack, registry, repo, inbound_url, webhook_secret, via="ui"):
         return 1
     show_release(demo, demo.home / "icd" / "instances" / "staging")
 
@@ -209,7 +216,7 @@ def run_loop(
         why=f"staging is healthy on v{version}",
     )
     demo.say(f"{NAMESPACE}@production -> v{done.assignment.to_version}; plans requested for {done.plans_requested}")
-    if not approve(demo, server, slack, registry, "production", after=promoted_at):
+    if not approve(demo, server, slack, registry, "production", after=promoted_at, via="slack"):
         return 1
     show_release(demo, demo.home / "icd" / "instances" / "production")
 
@@ -239,7 +246,15 @@ def run_loop(
 
 
 def push_and_deploy(
-    demo: Demo, server: Any, slack: SlackStandIn, registry: Any, repo: Path, inbound_url: str, secret: str
+    demo: Demo,
+    server: Any,
+    slack: SlackStandIn,
+    registry: Any,
+    repo: Path,
+    inbound_url: str,
+    secret: str,
+    *,
+    via: str,
 ) -> bool:
     """Deliver GitHub's push of ``repo``'s main, wait for the build, then approve the staging plan it asks."""
     commit = git(repo, "rev-parse", "HEAD")
@@ -261,7 +276,7 @@ def push_and_deploy(
     if build.state is None or build.state.type.value != "COMPLETED":
         demo.say(f"the build ended {build.state}")
         return False
-    return approve(demo, server, slack, registry, "staging", after=pushed_at)
+    return approve(demo, server, slack, registry, "staging", after=pushed_at, via=via)
 
 
 def show_release(demo: Demo, instances: Path) -> None:
@@ -295,7 +310,12 @@ def wait_for_baseline(consul_addr: str, timeout: float = 60) -> None:
     raise TimeoutError("the health watch never took its baseline")
 
 
-def approve(demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspace: str, *, after: float) -> bool:
+def approve(
+    demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspace: str, *, after: float, via: str
+) -> bool:
+    """Approve the plan ``workspace``'s newest run waits on: ``via`` "slack" clicks Approve on its notice (the
+    stand-in signs the click as Slack does; the run resumes once icd-inbound checked it), "ui" answers as the
+    Prefect UI's form does. Interactive: you do either."""
     run = first_run_after("deploy-artifact", after)
     paused = wait_for_run(run.id, {"PAUSED", *ENDED})
     if paused.state is None or paused.state.type.value != "PAUSED":
@@ -306,10 +326,14 @@ def approve(demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspa
     demo.slack(slack.base_url)
     if demo.interactive:
         demo.say("approve it in the UI (choose approve, type your name; the plan hash is pre-filled) ...")
+    elif via == "slack":
+        notice = next(m for m in slack.top_level() if m.thread_key == f"deploy-run:{run.id}")
+        clicked = slack.click(notice.ts, "icd.approve", OPERATOR)
+        demo.say(f"clicked Approve in Slack as ops-oncall (signed; icd-inbound answered {clicked.status})")
     else:
         answer = {"decision": "approve", "approver": "demo", "comment": "demo", "plan_sha256": sha}
         resume_flow_run(run.id, run_input=answer)
-        demo.say("approved as 'demo'")
+        demo.say("approved in the UI's form as 'demo'")
     done = wait_for_run(run.id, ENDED, timeout=7200)
     demo.say(f"run {done.name}: {done.state.name if done.state else '?'}: {done.state.message if done.state else ''}")
     demo.slack(slack.base_url)

@@ -370,6 +370,7 @@ def provision(
     pool: str = "local-pool",
     alerts_url: str,
     webhook_secret: str = "",
+    slack_signing_secret: str = "",
 ) -> ArtifactRegistry:
     """Create what an operator creates once (``icd-setup blocks``: the buckets, the state lock table, the
     blocks the flows load by name, with their secrets), then run ``icd-setup``: block types, work pool, the
@@ -388,6 +389,8 @@ def provision(
         slack_api_url=services.slack_api_url,
         allow_private_alerts=True,
         state_role_arn=create_state_role(services),
+        # The Slack app's signing secret: icd-inbound serves its buttons' clicks (POST /slack/interactions).
+        slack_signing_secret=SecretStr(slack_signing_secret) if slack_signing_secret else None,
     )
     with temporary_env({**server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)}):
         registry = save_blocks(site)
@@ -446,10 +449,16 @@ def write_config(
     namespaces: Mapping[str, Mapping[str, object]],
     workspaces: Mapping[str, Mapping[str, object]],
     notifications: Mapping[str, Sequence[str]] | None = None,
+    people: Mapping[str, Mapping[str, object]] | None = None,
 ) -> Path:
     """An ``icd.toml`` for a local loop (the demo's, a test's), checked by the same rules as any other;
-    ``notifications``: the notification blocks each kind of message also goes to."""
+    ``notifications``: the notification blocks each kind of message also goes to; ``people``: who is who
+    on GitHub, in commits and on Slack."""
     lines: list[str] = []
+    for name, person in (people or {}).items():
+        lines.append(f"[people.{name}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in person.items()]
+        lines.append("")
     if notifications:
         lines.append("[notifications]")
         lines += [f"{kind} = {_toml(list(routes))}" for kind, routes in notifications.items()]
@@ -475,6 +484,8 @@ def _toml(value: object) -> str:
         return str(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, Mapping):  # an inline table: approval = {required = 2, ...}
+        return "{" + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + "}"
     return json.dumps(str(value))
 
 
@@ -551,14 +562,20 @@ def deliver_webhook(
 
 
 def start_inbound(
-    server: PrefectServer, *, config: Path, port: int | None = None, refusal_window: float | None = None
+    server: PrefectServer,
+    *,
+    config: Path,
+    port: int | None = None,
+    refusal_window: float | None = None,
+    extra_args: Sequence[str] = (),
+    name: str = "inbound",
 ) -> tuple[ManagedProcess, str]:
     """``icd-inbound`` in its own process group; returns it and its base URL once it answers."""
     port = port or free_port()
     window = ["--refusal-window", str(refusal_window)] if refusal_window is not None else []
     process = spawn(
-        "inbound",
-        [sys.executable, "-m", "cli.inbound", "--host", "127.0.0.1", "--port", str(port), *window],
+        name,
+        [sys.executable, "-m", "cli.inbound", "--host", "127.0.0.1", "--port", str(port), *window, *extra_args],
         env={**server.env, "ICD_CONFIG": str(config)},
         log_dir=server.home / "logs",
     )

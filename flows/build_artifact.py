@@ -66,6 +66,7 @@ def build_artifact(
     rebuild: bool = False,
     registry_block: str = "registry",
     notifier_block: str = "ops-slack",
+    pushed_by: Annotated[str, Field(max_length=100, description="Who pushed (the push webhook's pusher).")] = "",
 ) -> int | State[Any]:
     """Build ``ref`` (at ``commit`` when given) of ``namespace`` and register it; returns the version.
 
@@ -77,7 +78,7 @@ def build_artifact(
         # A typo in icd.toml (a ConfigError) is a build failure like any other: told, then the run fails.
         config = load_config().namespace(namespace)
         registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
-        build = _Build(registry, config, namespace, ref, platform, plan, rebuild, run_id)
+        build = _Build(registry, config, namespace, ref, platform, plan, rebuild, run_id, pushed_by)
         # A push names its commit: a second run of it, or a commit built already, ends before any checkout.
         # A ref alone is resolved (checked out) first, to know the commit.
         source = None if commit else resolve_source(config.repository, ref, build.workdir)
@@ -115,6 +116,7 @@ class _Build:
     plan: bool
     rebuild: bool
     run_id: str
+    pushed_by: str = ""
 
     @property
     def workdir(self) -> str:
@@ -182,6 +184,9 @@ def _build_under_claim(
         # The commit's newest version when the claim was taken: the registry makes a new version only if it
         # still is (a first build, an explicit rebuild, or a build whose versions can't serve this platform).
         rebuild_of=claimed.versions[-1] if claimed.versions else None,
+        provenance={
+            key: value for key, value in (("commit_author", source.author), ("pushed_by", build.pushed_by)) if value
+        },
     )
     version = registered.version
     if version.packer_run_uuid == built.packer_run_uuid:

@@ -23,7 +23,7 @@ from tasks.notify import schedule_redelivery
 def deliver_notification(
     notification: dict[str, Any], attempt: int = 1, notifier_block: str = DEFAULT_NOTIFIER_BLOCK
 ) -> str:
-    message = Notification(**notification)
+    message = Notification.from_dict(notification)
     notifier = load_notifier(notifier_block)
     try:
         receipt = notifier.channel_sender().send(message)

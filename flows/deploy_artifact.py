@@ -197,12 +197,17 @@ def deploy(ctx: DeployContext, mine: DeployRequest) -> Outcome:
         return asked
     # From here on (and again on resume, from the record) every message of this run replies to the notice.
     ctx.start_thread(asked.notice, asked.planned.view.version_diff)
+    rules = ctx.approval_rules(asked.version)
     decision = wait_for_approval(
         asked,
         run_id=UUID(ctx.run_id),
         tell=ctx.warn,
         on_suspended=lambda: still_wanted_while_waiting(ctx, mine, asked),
+        rules=rules,
+        request=ctx.approval_request(asked, rules),
     )
+    # The notice says at once who decided, from where, and why; its buttons go (from Slack or from the UI).
+    ctx.decided(decision)
     return act_on(ctx, mine, asked, decision)
 
 
@@ -245,7 +250,15 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
         return outcomes.superseded(ctx.workspace, mine, still.by, taken_by=still.taken_by, asked=False)
     published = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.ui_url)
     deadline = approval_deadline(planned.plan_sha256, ctx.settings.approval_timeout_seconds)
-    asking = approval_notice(planned, deadline, run_name=ctx.run.name, run_url=ctx.run_url)
+    asking = approval_notice(
+        planned,
+        deadline,
+        run_id=ctx.run_id,
+        run_name=ctx.run.name,
+        run_url=ctx.run_url,
+        version=version,
+        rules=ctx.approval_rules(version),
+    )
     notice = ctx.tell(replace(asking, thread_key=ctx.thread_key))
     return AwaitingApproval(version, planned, published, deadline, notice)
 
@@ -378,6 +391,7 @@ def tear_down(
                     "flow_run_id": ctx.run_id,
                     "requested_by": mine.by,
                     "approved_by": decision.approver,
+                    "approved_via": decision.source,
                     "comment": decision.comment,
                 },
             )
@@ -416,6 +430,7 @@ def promote(
             "plan_sha256": applied.plan_sha256,
             "flow_run_id": ctx.run_id,
             "approved_by": decision.approver,
+            "approved_via": decision.source,
             "comment": decision.comment,
         },
         expected_version=planned.promoted.version,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -71,6 +71,61 @@ class NamespaceConfig(_Strict):
         return bool({self.repository, *self.repository_aliases} & repository_names)
 
 
+# Slack's ids: a user (U..., W... on Enterprise Grid) or a user group (S...).
+SlackUserId = Annotated[str, Field(pattern=r"^[UW][A-Z0-9]{2,20}$")]
+SlackApproverId = Annotated[str, Field(pattern=r"^[UWS][A-Z0-9]{2,20}$")]
+ApprovalSource = Literal["slack", "ui"]
+ALL_SOURCES: tuple[ApprovalSource, ...] = ("slack", "ui")
+
+
+class ApprovalPolicy(_Strict):
+    """Who may approve a workspace's plans, how many of them, and from where (docs/operations.md#approvals).
+
+    ``approvers``: Slack user ids and user group ids (a group's members are read from Slack when someone
+    clicks); empty, anyone who can click in the channel. ``required``: how many distinct approvers a plan
+    needs before it applies. ``prevent_self_review``: the commit's author (``[people]`` maps their GitHub
+    login or e-mail to Slack) may approve, but not alone. ``sources``: where an approval may come from:
+    ``slack`` (a signed click: Slack proves who it was) and ``ui`` (the Prefect UI's form or ``icd-approve``:
+    a typed name that nothing proves). A rejection is accepted from either: it applies nothing."""
+
+    approvers: list[SlackApproverId] = Field(default_factory=list)
+    required: Annotated[int, Field(ge=1, le=10)] = 1
+    prevent_self_review: bool = False
+    sources: list[ApprovalSource] = Field(default_factory=lambda: list(ALL_SOURCES), min_length=1)
+
+    @model_validator(mode="after")
+    def _proven_for_people_rules(self) -> ApprovalPolicy:
+        # Counting people and telling the author apart need identities nobody can type: Slack's.
+        if "ui" in self.sources and (self.required > 1 or self.prevent_self_review):
+            raise ValueError(
+                'required > 1 and prevent_self_review need proven approvers: set sources = ["slack"] (a name '
+                "typed in the Prefect UI proves nobody, so it can't be counted as a second person or told from "
+                "the commit's author)"
+            )
+        return self
+
+    @property
+    def proven_only(self) -> bool:
+        return "ui" not in self.sources
+
+    def describe(self) -> str:
+        """The policy in one line, for refusals and the approval notice."""
+        who = "listed approvers" if self.approvers else "anyone in the channel"
+        parts = [f"{self.required} distinct approver{'s' if self.required > 1 else ''} ({who})"]
+        if self.prevent_self_review:
+            parts.append("not the commit's author alone")
+        parts.append("from " + " or ".join("Slack" if s == "slack" else "the Prefect UI" for s in self.sources))
+        return ", ".join(parts)
+
+
+class Person(_Strict):
+    """One person under their names in each system: how a commit's author is known on Slack."""
+
+    slack: SlackUserId
+    github: list[str] = Field(default_factory=list, description="GitHub logins (a push's pusher).")
+    emails: list[str] = Field(default_factory=list, description="Commit author e-mails.")
+
+
 class WorkspaceConfig(_Strict):
     """One place a namespace is deployed: what it follows, how it is deployed, what a healthy deploy moves."""
 
@@ -88,6 +143,7 @@ class WorkspaceConfig(_Strict):
     # stopped as stuck (docs/operations.md#stuck-applies). At most 30 min: the workspace lease's margin for
     # the apply (PLAN_AND_APPLY_MARGIN_SECONDS), and every Terraform call's own limit.
     apply_timeout_seconds: Annotated[float, Field(gt=0, le=1800)] = 900.0
+    approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
 
     @field_validator("follows")
     @classmethod
@@ -151,6 +207,7 @@ class PipelineConfig(_Strict):
     workspaces: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")], WorkspaceConfig] = Field(
         default_factory=dict
     )
+    people: dict[str, Person] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -190,6 +247,17 @@ class PipelineConfig(_Strict):
             if workspace.namespace == namespace and workspace.channel == channel
         )
 
+    def slack_ids_of(self, *names: str) -> set[str]:
+        """The Slack ids of whoever ``names`` are (GitHub logins, commit authors as "Name <email>" or e-mails),
+        as ``[people]`` maps them; a name it does not know maps to nothing."""
+        wanted = {_identity_key(name) for name in names if name.strip()}
+        found = set()
+        for person in self.people.values():
+            known = {*(login.lower() for login in person.github), *(email.lower() for email in person.emails)}
+            if known & wanted:
+                found.add(person.slack)
+        return found
+
     def namespaces_for_push(self, repository_names: set[str], branch: str) -> list[str]:
         """The namespaces a push to ``branch`` of a repository (known by any of its names) builds, sorted.
 
@@ -200,6 +268,14 @@ class PipelineConfig(_Strict):
             for name, namespace in self.namespaces.items()
             if namespace.matches(repository_names) and branch in namespace.branches
         )
+
+
+def _identity_key(name: str) -> str:
+    """A GitHub login or an e-mail, lower-cased; "Name <email>" (git's author) gives its e-mail."""
+    name = name.strip()
+    if name.endswith(">") and "<" in name:
+        name = name[name.rindex("<") + 1 : -1]
+    return name.lower()
 
 
 def parse_config(text: str, *, where: str = "icd.toml") -> PipelineConfig:

@@ -9,6 +9,7 @@ plan, and on resume the flow re-runs from the top and finds each answered questi
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import Pause
 from prefect.flow_runs import suspend_flow_run
 
+from icd.config import ApprovalPolicy
 from icd.deploy.approval import (
+    APPROVE_ACTION,
     MAX_APPROVAL_ATTEMPTS,
+    REJECT_ACTION,
     ApprovalDecision,
+    ApprovalRules,
     InvalidApproval,
     PlanApproval,
     approval_form,
@@ -32,7 +37,8 @@ from icd.deploy.approval import (
 )
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.record import artifact_key
-from icd.notify.message import Notification, NotificationReceipt
+from icd.deploy.votes import ApprovalRequest, read_votes, record_request
+from icd.notify.message import Action, Confirm, Notification, NotificationReceipt
 from icd.registry.models import ArtifactVersion
 from icd.text import operator_time
 from tasks.policies import ONCE_PER_RUN, once_per_run
@@ -71,26 +77,76 @@ def approval_deadline(plan_sha256: str, timeout_seconds: int) -> datetime:
     return datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=timeout_seconds)
 
 
-def approval_notice(planned: PlannedDeploy, deadline: datetime, *, run_name: str, run_url: str | None) -> Notification:
-    """The "approve me" message: what changes, the plan's whole hash, the deadline, the link to the form."""
+def approval_notice(
+    planned: PlannedDeploy,
+    deadline: datetime,
+    *,
+    run_id: str,
+    run_name: str,
+    run_url: str | None,
+    version: ArtifactVersion | None = None,
+    rules: ApprovalRules | None = None,
+) -> Notification:
+    """The "approve me" message: what changes (versions, commit and author, resource counts), the plan's
+    whole hash, the deadline, who may approve, Approve and Reject (each asks "are you sure?" first), the
+    link to the run. The buttons carry the run and the plan hash: a click approves that plan or nothing."""
     view = planned.view
+    facts = {"workspace": planned.workspace, "artifact": view.version_diff}
+    if version is not None:
+        facts["commit"] = version.git_commit[:12]
+        author = version.labels.get("commit_author") or ""
+        pushed_by = version.labels.get("pushed_by") or ""
+        facts["author"] = ", ".join(filter(None, [author, f"pushed by {pushed_by}" if pushed_by else ""])) or "-"
+    facts |= {"changes": view.counts, "plan sha256": planned.plan_sha256, "run": run_name}
+    policy = rules.policy if rules is not None else ApprovalPolicy()
+    if policy != ApprovalPolicy():
+        facts["approval"] = policy.describe()
+    if policy.prevent_self_review and rules is not None and not rules.authors:
+        facts["self-review"] = "not checked: the commit's author is not in icd.toml's [people]"
+    target = json.dumps({"run": run_id, "plan": planned.plan_sha256}, separators=(",", ":"))
+    what = f"{view.version_diff} on {planned.workspace} ({view.counts})"
     return Notification(
         title=f"Plan waiting for approval: {view.version_diff} on {planned.workspace}",
-        text=(
-            f"{view.headline(planned.workspace)}. Approve or reject in the Prefect UI before {operator_time(deadline)}."
-        ),
+        text=f"{view.headline(planned.workspace)}. {_where_to_answer(policy)} before {operator_time(deadline)}.",
         severity="warning",
-        fields={
-            "workspace": planned.workspace,
-            "artifact": view.version_diff,
-            "plan sha256": planned.plan_sha256,
-            "run": run_name,
-        },
+        fields=facts,
         link_url=run_url,
         link_text="Review and approve",
         dedup_key=f"plan-{planned.plan_sha256}",
         kind="approval",
+        actions=tuple(
+            action
+            for action in (
+                Action(
+                    APPROVE_ACTION,
+                    "Approve",
+                    target,
+                    style="primary",
+                    confirm=Confirm("Apply this plan?", f"Apply {what}, plan {planned.plan_sha256[:12]}.", "Approve"),
+                ),
+                Action(
+                    REJECT_ACTION,
+                    "Reject",
+                    target,
+                    style="danger",
+                    confirm=Confirm(
+                        "Reject this plan?", f"Nothing of {what} is applied; you give a reason next.", "Reject"
+                    ),
+                ),
+            )
+            # Approve only where the workspace takes approvals from Slack; Reject always (it applies nothing).
+            if action.id != APPROVE_ACTION or "slack" in policy.sources
+        ),
     )
+
+
+def _where_to_answer(policy: ApprovalPolicy) -> str:
+    """Where this workspace takes an approval (a message without buttons still links to the UI)."""
+    if "ui" not in policy.sources:
+        return "Approve or reject here in Slack (approvals only from Slack)"
+    if "slack" not in policy.sources:
+        return "Approve in the Prefect UI (reject here or there)"
+    return "Approve or reject here or in the Prefect UI"
 
 
 @dataclass(frozen=True)
@@ -110,10 +166,19 @@ OnSuspended = Callable[[], None]
 
 
 def _suspend(
-    form: type[PlanApproval], *, run_id: UUID, deadline: datetime, key: str, message: str, on_suspended: OnSuspended
+    form: type[PlanApproval],
+    *,
+    run_id: UUID,
+    deadline: datetime,
+    key: str,
+    message: str,
+    on_suspended: OnSuspended,
+    request: ApprovalRequest,
 ) -> PlanApproval:
     """``suspend_flow_run`` until ``deadline`` (fixed at the first suspension: a re-ask never extends it),
-    with ``message`` as the suspended run's state message; ``on_suspended`` runs once the run waits."""
+    with ``message`` as the suspended run's state message; ``on_suspended`` runs once the run waits. What the
+    run asks is kept on it first, for the Slack buttons (``icd/deploy/votes.py``)."""
+    record_request(run_id, request)
     # Rounded up: the server expires the wait no earlier than the deadline operators were told.
     remaining = max(1, math.ceil((deadline - datetime.now(UTC)).total_seconds()))
     try:
@@ -134,14 +199,24 @@ def _ask(
     status: str,
     tell: TellWarning,
     on_suspended: OnSuspended,
+    rules: ApprovalRules,
+    request: ApprovalRequest,
 ) -> ApprovalDecision | InvalidApproval:
-    """One question: suspend, then check the answer; a refused one is logged and told once."""
+    """One question: suspend, then check the answer against the policy and the signed Slack votes recorded;
+    a refused one is logged and told once."""
     key = f"approval-{attempt}"
     answer = _suspend(
-        form, run_id=run_id, deadline=waiting.deadline, key=key, message=status, on_suspended=on_suspended
+        form,
+        run_id=run_id,
+        deadline=waiting.deadline,
+        key=key,
+        message=status,
+        on_suspended=on_suspended,
+        request=request,
     )
     planned = waiting.planned
-    checked = check_approval(answer, expected_sha256=planned.plan_sha256)
+    votes = read_votes(run_id, planned.plan_sha256)
+    checked = check_approval(answer, expected_sha256=planned.plan_sha256, rules=rules, votes=votes)
     if isinstance(checked, InvalidApproval):
         get_run_logger().warning("approval %d not accepted: %s", attempt + 1, checked.reason)
         tell(
@@ -153,7 +228,13 @@ def _ask(
 
 
 def wait_for_approval(
-    waiting: AwaitingApproval, *, run_id: UUID, tell: TellWarning, on_suspended: OnSuspended
+    waiting: AwaitingApproval,
+    *,
+    run_id: UUID,
+    tell: TellWarning,
+    on_suspended: OnSuspended,
+    rules: ApprovalRules,
+    request: ApprovalRequest,
 ) -> ApprovalDecision:
     """Suspend until an operator answers; an answer that can't be acted on is reported and asked again.
 
@@ -172,7 +253,16 @@ def wait_for_approval(
         # The run page shows the first 70 characters of a state message: the reason comes first.
         status = f"Answer not accepted: {refusal}. {status_line}" if refusal else status_line
         question = partial(
-            _ask, waiting, form, run_id=run_id, attempt=attempt, status=status, tell=tell, on_suspended=on_suspended
+            _ask,
+            waiting,
+            form,
+            run_id=run_id,
+            attempt=attempt,
+            status=status,
+            tell=tell,
+            on_suspended=on_suspended,
+            rules=rules,
+            request=request,
         )
         checked = once_per_run(f"approval-{attempt}", question)
         if isinstance(checked, ApprovalDecision):

@@ -16,15 +16,19 @@ from blocks.consul import ConsulConnection
 from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.config import WorkspaceConfig, load_config
+from icd.deploy.approval import ApprovalDecision, ApprovalRules
 from icd.deploy.artifacts import artifact_for
 from icd.deploy.plan import PlanRequest
 from icd.deploy.queue import DeployRequest, RunRef
 from icd.deploy.stuck import heads_up_seconds, heads_up_text, heads_up_title
+from icd.deploy.votes import ApprovalRequest
 from icd.notify.message import MessageKind, Notification, NotificationReceipt, Notifier, Severity
 from icd.paths import PROJECT_ROOT, state_home
 from icd.registry.models import ArtifactVersion
 from icd.service.contract import StackVariables
+from icd.text import operator_time
 from icd.tools.terraform import ApplyWatch, HeadsUp
+from tasks.approve import AwaitingApproval, approval_notice
 from tasks.notify import notify, update_notice
 from tasks.record import last_apply_seconds
 
@@ -38,6 +42,7 @@ class RunThread:
 
     root: NotificationReceipt | None = None
     artifact: str = ""  # what the notice asked about (``acmeinc/web v1 → v2``), kept in its rewrite
+    decided: dict[str, str] = field(default_factory=dict)  # who decided, when, from where, why: kept too
 
 
 @dataclass(frozen=True)
@@ -166,10 +171,64 @@ class DeployContext:
         """The approval notice is out (or read back on resume): later messages reply in its thread."""
         self.thread.root, self.thread.artifact = notice, artifact
 
+    def approval_rules(self, version: ArtifactVersion) -> ApprovalRules:
+        """What an answer on ``version``'s plan is judged by: the workspace's policy, who wrote the commit."""
+        author = version.labels.get("commit_author", "")
+        pushed_by = version.labels.get("pushed_by", "")
+        names = tuple(filter(None, [pushed_by, author.partition("<")[2].rstrip(">"), author.partition(" <")[0]]))
+        return ApprovalRules(
+            workspace=self.workspace,
+            policy=self.settings.approval,
+            authors=tuple(sorted(load_config().slack_ids_of(author, pushed_by))),
+            author_names=names,
+        )
+
+    def approval_request(self, asked: AwaitingApproval, rules: ApprovalRules) -> ApprovalRequest:
+        """What the run asks, kept on it for the Slack buttons (``icd/deploy/votes.py``): the notice is made
+        again exactly as it was sent, so a click can rewrite it in place."""
+        planned = asked.planned
+        notice = approval_notice(
+            planned,
+            asked.deadline,
+            run_id=self.run_id,
+            run_name=self.run.name,
+            run_url=self.run_url,
+            version=asked.version,
+            rules=rules,
+        )
+        return ApprovalRequest(
+            workspace=self.workspace,
+            plan_sha256=planned.plan_sha256,
+            artifact=planned.view.version_diff,
+            deadline=asked.deadline,
+            authors=rules.authors,
+            notice=replace(notice, thread_key=self.thread_key),
+            receipt=asked.notice,
+        )
+
+    def decided(self, decision: ApprovalDecision) -> None:
+        """The answer is in: the notice says who decided, when, from where and why, without its buttons, and
+        keeps saying it when the run's ending rewrites it (best effort)."""
+        verb = "Approved" if decision.approved else "Rejected"
+        where = "Slack" if decision.source == "slack" else "the Prefect UI"
+        self.thread.decided = {
+            f"{verb.lower()} by": decision.approver,
+            "decided": f"{operator_time(datetime.now(UTC))} in {where}",
+            **({"comment": decision.comment} if decision.comment else {}),
+        }
+        if self.thread.root is None:
+            return
+        doing = "applying the plan" if decision.approved else "nothing is applied"
+        title = f"{verb}: {self.thread.artifact} on {self.workspace}"
+        facts = {"artifact": self.thread.artifact, "run": self.run.name, **self.thread.decided}
+        text = f"{verb} by {decision.approver} in {where}; {doing}. Details in the thread."
+        notice = self.notice(title, text, "info", facts=facts, link_text="Open the run")
+        update_notice(self.notifier, self.thread.root, replace(notice, kind="approval"))
+
     def ending_notice(self, title: str, text: str, severity: Severity, ended: str) -> Notification:
-        """What the approval notice becomes when the run ends: the outcome in one line, no button to approve
-        what can't be approved any more, the link to the run; the details are in the thread."""
-        facts = {"artifact": self.thread.artifact, "run": self.run.name, "ended": ended}
+        """What the approval notice becomes when the run ends: the outcome in one line, who decided, no button
+        to approve what can't be approved any more, the link to the run; the details are in the thread."""
+        facts = {"artifact": self.thread.artifact, "run": self.run.name, **self.thread.decided, "ended": ended}
         return replace(
             self.notice(title, f"{text} Details in the thread.", severity, facts=facts, link_text="Open the run"),
             kind="approval",

@@ -27,6 +27,7 @@ def register_artifact(
     service_name: str,
     build_run_id: str,
     rebuild_of: int | None,
+    provenance: dict[str, str] | None = None,
 ) -> RegistrationResult:
     """Register the build as its commit's version (or, with ``rebuild_of``, the rebuild of that version).
 
@@ -44,7 +45,13 @@ def register_artifact(
         created_by=created_by,
         # The run that built it: a run that takes over an unfinished build of the commit announces the
         # version if that run registered it and never got to (flows/build_artifact.py).
-        labels={"build_label": built.build_label, "service_name": service_name, "build_run_id": build_run_id},
+        # ``provenance``: who wrote and who pushed the commit, for the approval notice and its policy.
+        labels={
+            "build_label": built.build_label,
+            "service_name": service_name,
+            "build_run_id": build_run_id,
+            **(provenance or {}),
+        },
         rebuild_of=rebuild_of,
     )
     version = result.version

@@ -214,7 +214,7 @@ def test_the_app_refuses_a_large_body_and_emits_what_it_decides() -> None:
     assert accepted.json()["namespaces"] == ["acmeinc/web"]
     assert duplicate.json()["duplicate_event_ids"] == list(seen)
     assert [spec.event for spec in emitted] == ["icd.push.refused", "icd.push.received"]
-    assert health.json() == {"ok": True, "refused": {"signed": {}, "unsigned": {"too-large": 1}}}
+    assert health.json() == {"ok": True, "refused": {"signed": {}, "unsigned": {"too-large": 1}}, "slack_refused": {}}
 
 
 def test_the_project_config_is_valid() -> None:

@@ -368,6 +368,10 @@ def test_the_watch_records_a_silenced_failure_tells_the_silences_end_and_then_pa
     assert SilenceStore(client).load().book.next_end() is None, "its end is recorded as told"
 
     client.agent.check.ttl_pass(check)
+    # The watch must see the recovery first: a pass and a fail inside one blocking query read as no change.
+    wait_until(
+        lambda: [a for a in watcher.alerts if a.status == "passing"], timeout=10, message="the recovery was not seen"
+    )
     client.agent.check.ttl_fail(check, "refused again")
     paged = wait_until(
         lambda: [a for a in watcher.alerts if a.page], timeout=10, message="the next failure did not page"

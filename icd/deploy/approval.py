@@ -11,7 +11,8 @@ plan stays where it is.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
 
@@ -22,9 +23,14 @@ from prefect.client.schemas.responses import SetStateStatus
 from prefect.input import RunInput
 from pydantic import Field, create_model
 
+from icd.config import ApprovalPolicy
+from icd.deploy.approvers import Refused, Vote, judge_answer
 from icd.text import hash_difference, markdown_inline, normalize_identity, one_line
 
 MAX_APPROVAL_ATTEMPTS = 5
+# The approval notice's buttons (``Action.id``); icd/interactions/approvals.py acts on them.
+APPROVE_ACTION = "approve"
+REJECT_ACTION = "reject"
 
 
 # A name with a character that is not a space: the form itself refuses an approver of spaces only. The flow
@@ -55,9 +61,20 @@ class PlanApproval(RunInput):
 @dataclass(frozen=True)
 class ApprovalDecision:
     approved: bool
-    approver: str
+    approver: str  # every approver, by label ("slack:T1/U1 (Alice), slack:T1/U2 (Bob)"), or the typed name
     comment: str
     plan_sha256: str
+    source: str = "ui"  # "slack": proven by Slack's signature; "ui": a typed name (the form, icd-approve)
+
+
+@dataclass(frozen=True)
+class ApprovalRules:
+    """What an answer is judged by besides the plan hash: the workspace's policy and who wrote the commit."""
+
+    workspace: str
+    policy: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+    authors: tuple[str, ...] = ()  # their Slack ids ([people] of icd.toml)
+    author_names: tuple[str, ...] = ()  # their GitHub login and e-mail, for a name typed in the UI
 
 
 @dataclass(frozen=True)
@@ -67,20 +84,41 @@ class InvalidApproval:
     reason: str
 
 
-def check_approval(answer: PlanApproval, *, expected_sha256: str) -> ApprovalDecision | InvalidApproval:
+def check_approval(
+    answer: PlanApproval,
+    *,
+    expected_sha256: str,
+    rules: ApprovalRules | None = None,
+    votes: Sequence[Vote] = (),
+) -> ApprovalDecision | InvalidApproval:
+    """The answer as the run acts on it, or why it can't be: a blank approver, a stale hash, or the
+    workspace's approval policy (``icd/deploy/approvers.py``) against the signed Slack ``votes`` recorded."""
     approver = normalize_identity(answer.approver)
     if approver is None:
         return InvalidApproval(BLANK_APPROVER)
     comment = answer.comment.strip()
-    if answer.decision == "reject":
-        # A rejection needs no hash: rejecting a stale plan is as good as rejecting the current one.
-        return ApprovalDecision(False, approver, comment, answer.plan_sha256.strip())
     given = answer.plan_sha256.strip().lower()
-    if given != expected_sha256:
+    # A rejection needs no hash: rejecting a stale plan is as good as rejecting the current one.
+    if answer.decision == "approve" and given != expected_sha256:
         return InvalidApproval(
             f"the plan hash {hash_difference(given, expected_sha256)}; a stale or mistyped plan hash is never applied"
         )
-    return ApprovalDecision(True, approver, comment, given)
+    rules = rules or ApprovalRules(workspace="")
+    judged = judge_answer(
+        decision=answer.decision,
+        approver=approver,
+        plan_sha256=expected_sha256,
+        workspace=rules.workspace,
+        policy=rules.policy,
+        votes=votes,
+        authors=rules.authors,
+        author_names=rules.author_names,
+    )
+    if isinstance(judged, Refused):
+        return InvalidApproval(judged.reason)
+    if answer.decision == "reject":
+        return ApprovalDecision(False, judged.approver, comment, given, judged.source)
+    return ApprovalDecision(True, judged.approver, comment, given, judged.source)
 
 
 def approval_form(expected_sha256: str, summary_markdown: str, *, refusal: str = "") -> type[PlanApproval]:
@@ -177,32 +215,36 @@ SCHEMA_REFUSAL = "Validation failed for"
 ANSWER_PATIENCE_SECONDS = 15.0
 
 
+class RunNotWaiting(RuntimeError):
+    """The run does not wait for this answer any more (answered meanwhile, ended, past its deadline)."""
+
+
 def give_answer(
     flow_run_id: UUID, run_input: dict[str, Any], *, patience: float = ANSWER_PATIENCE_SECONDS
 ) -> InvalidApproval | None:
-    """Resume a waiting run with an answer, as the UI's Resume form does (``resume_flow_run``); ``None`` when
-    the run took it.
+    """Resume a waiting run with an answer, as the UI's Resume form does (``POST /flow_runs/{id}/resume``);
+    ``None`` when the run took it.
 
     Prefect checks an answer against the form's schema before the run resumes: one the schema refuses (a
     plan hash that is not the plan's, an approver of spaces) is returned with Prefect's reason, and the run
     goes on waiting under the same question. Prefect writes a run's Suspended state before it saves the
     form's schema, and refuses an answer in between ("Run input schema not found"): a script or a chat button
-    that answers the moment the run waits would be told no. Within ``patience`` the answer is given again;
-    any other refusal is raised at once.
+    that answers the moment the run waits would be told no. Within ``patience`` the answer is given again.
+    Anything else the server answers (the run was answered meanwhile, has ended or timed out) raises
+    :class:`RunNotWaiting` with its reason: only an accepted resume returns ``None`` (Prefect's own helper
+    returns quietly when the server aborts the resume of a run that stopped waiting a moment before).
     """
     import time
 
-    from prefect.flow_runs import resume_flow_run
-
     deadline = time.monotonic() + patience
-    while True:
-        try:
-            resume_flow_run(flow_run_id, run_input=run_input)
-            return None
-        except RuntimeError as exc:
-            reason = str(exc)
+    with get_client(sync_client=True) as client:
+        while True:
+            result = client.resume_flow_run(flow_run_id, run_input=run_input)
+            if result.status == SetStateStatus.ACCEPT:
+                return None
+            reason = str(getattr(result.details, "reason", "") or result.status.value)
             if SCHEMA_REFUSAL in reason:
                 return InvalidApproval(reason[reason.index(SCHEMA_REFUSAL) :])
             if "schema not found" not in reason or time.monotonic() >= deadline:
-                raise
-        time.sleep(0.2)
+                raise RunNotWaiting(f"Cannot resume this run: {reason}")
+            time.sleep(0.2)

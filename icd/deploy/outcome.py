@@ -43,6 +43,8 @@ def decision_record(planned: PlannedDeploy, decision: ApprovalDecision, run: str
         "artifact": planned.view.version_diff,
         "plan sha256": planned.plan_sha256,
         "decided by": decision.approver,
+        # "slack": the identity is Slack's, from a signed click; "ui": a name as typed (docs/operations.md).
+        "decided in": "Slack (signed click)" if decision.source == "slack" else "Prefect UI / API (typed name)",
         "comment": decision.comment or "-",
         "decided at": operator_time(at),
         "run": run,

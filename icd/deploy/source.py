@@ -28,6 +28,9 @@ class SourceCheckout:
     ref: str
     commit: str
     path: Path
+    # Who wrote the commit, as git records it ("Name <email>"): the approval notice names them, and an
+    # approval policy can keep them from being the only approver (icd.toml's [people] map them to Slack).
+    author: str = ""
 
 
 def check_repo(repo: str) -> str:
@@ -79,4 +82,5 @@ def checkout_source(repo: str, ref: str, workdir: Path) -> SourceCheckout:
     _git("clone", "--quiet", "--no-checkout", "--", repo, str(workdir))
     commit = _resolve_commit(workdir, ref)
     _git("-c", "advice.detachedHead=false", "checkout", "--quiet", commit, cwd=workdir)
-    return SourceCheckout(repo=repo, ref=ref, commit=commit, path=workdir)
+    author = _git("log", "-1", "--format=%an <%ae>", commit, cwd=workdir)
+    return SourceCheckout(repo=repo, ref=ref, commit=commit, path=workdir, author=author)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -9,7 +10,7 @@ from datetime import timedelta
 from icd.health.config import WatchConfig
 from icd.health.engine import Alert, AlertKind, WatchState, instance_status
 from icd.health.snapshot import HealthSnapshot
-from icd.notify.message import Notification
+from icd.notify.message import Action, Confirm, Notification
 
 _TITLES: Mapping[AlertKind, str] = {
     "status": "{service} is {status} on {node}",
@@ -21,6 +22,20 @@ _TITLES: Mapping[AlertKind, str] = {
     "flapping": "{service} is flapping on {node}",
     "settled": "{service} is {status} on {node}",
 }
+
+# The buttons of a failing alert (``icd/interactions/alerts.py`` acts on them): take the incident, or silence
+# the instance for a while (None: until every instance the silence matches passes again).
+ACK_ACTION = "ack"
+SILENCE_ACTIONS: Mapping[str, timedelta | None] = {
+    "silence-1h": timedelta(hours=1),
+    "silence-4h": timedelta(hours=4),
+    "silence-recovered": None,
+}
+ALERT_ACTIONS = frozenset({ACK_ACTION, *SILENCE_ACTIONS})
+_SILENCE_LABELS = {"silence-1h": "1 h", "silence-4h": "4 h", "silence-recovered": "until it recovers"}
+# Alerts about an instance that is failing now; a recovery, a departure or maintenance has nothing to take.
+_FAILING_KINDS: frozenset[AlertKind] = frozenset({"status", "appeared", "reminder", "flapping", "settled"})
+_ACTION_VALUE_MAX = 2000  # Slack's limit for a button's value
 
 
 def alert_title(alert: Alert) -> str:
@@ -67,8 +82,38 @@ def _change_line(alert: Alert) -> str | None:
     return line
 
 
-def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None] | None = None) -> Notification:
-    """The operator message for one alert: what changed, why (failing checks), and which deploy it runs."""
+def alert_actions(alert: Alert, watch: str | None = None) -> tuple[Action, ...]:
+    """Acknowledge and the Silence buttons, on an alert that says an instance is failing (none on a recovery, a
+    departure, maintenance or a deploy's expected failure); Acknowledge only while nobody took the incident.
+    Each names the instance as the health watch ``watch`` keys it, so a click acts on exactly that one."""
+    if alert.kind not in _FAILING_KINDS or alert.status not in ("critical", "warning") or alert.expected_by is not None:
+        return ()
+    target = {"instance": f"{alert.node}/{alert.service_id}", "service": alert.service_name, "node": alert.node}
+    if watch is not None:
+        target["watch"] = watch
+    value = json.dumps(target, separators=(",", ":"))
+    if len(value) > _ACTION_VALUE_MAX:  # a truncated name would act on another instance, or none: no buttons
+        return ()
+    actions = [] if alert.acknowledged_by else [Action(ACK_ACTION, "Acknowledge", value, style="primary")]
+    for action_id, shown in _SILENCE_LABELS.items():
+        how_long = f"for {shown}" if SILENCE_ACTIONS[action_id] else "until every instance it matches passes again"
+        confirm = Confirm(
+            title=f"Silence {alert.service_name} on {alert.node}?",
+            text=(
+                f"Alerts of *{alert.service_name}* on *{alert.node}* are recorded but not sent and page no one, "
+                f"{how_long}. The channel is told, with your name."
+            ),
+            confirm=f"Silence {shown}",
+        )
+        actions.append(Action(action_id, f"Silence {shown}", value, confirm=confirm))
+    return tuple(actions)
+
+
+def alert_notification(
+    alert: Alert, deploy_run_url: Callable[[str], str | None] | None = None, *, watch: str | None = None
+) -> Notification:
+    """The operator message for one alert: what changed, why (failing checks), which deploy it runs, and the
+    buttons to take or silence it (``watch``: the health watch's name, which the buttons carry)."""
     title = alert_title(alert)
     lines: list[str] = []
     if alert.expected_by is not None:
@@ -106,6 +151,7 @@ def alert_notification(alert: Alert, deploy_run_url: Callable[[str], str | None]
         link_text="Open deploy run" if link else None,
         dedup_key=alert.dedup_key,
         kind="health",
+        actions=alert_actions(alert, watch),
     )
 
 

@@ -375,7 +375,7 @@ def watch(
             for service_name in sorted(services_needing_meta(stored.state, new_state, alerts, windows, now)):
                 snapshot = snapshot.with_meta(fetch_service_meta(client, service_name))
             alerts, new_state = evaluate(stored.state, snapshot, now, config, windows, changed=changed, hush=hush)
-            to_send = [alert_notification(a, deploy_run_url) for a in alerts if a.announced]
+            to_send = [alert_notification(a, deploy_run_url, watch=watch_name) for a in alerts if a.announced]
             # Another run's unsent outbox is kept as it is; it is sent once stale.
             outbox = (*stored.outbox, *to_send)
             since = stored.outbox_since or (now if outbox else None)

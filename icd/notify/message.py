@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 from pydantic import SecretStr
 
@@ -42,6 +42,31 @@ SEVERITY_STYLES: Mapping[Severity, SeverityStyle] = MappingProxyType(
 
 
 @dataclass(frozen=True)
+class Confirm:
+    """A dialog that asks "are you sure?" before an action is taken (a tap on a phone is easily made)."""
+
+    title: str
+    text: str
+    confirm: str
+    deny: str = "Cancel"
+
+
+@dataclass(frozen=True)
+class Action:
+    """Something an operator can do from the message itself, as data: a channel with buttons (Slack) draws
+    it, a plain copy (e-mail) leaves it out, since its link already leads where the same can be done.
+
+    ``id`` says what it does (``approve``, ``reject``, ``ack``, ``silence-1h``...; ``icd/interactions/``
+    acts on it), ``value`` what it acts on (a run and its plan hash, an alert), opaque to renderers."""
+
+    id: str
+    label: str
+    value: str
+    style: Literal["primary", "danger"] | None = None
+    confirm: Confirm | None = None
+
+
+@dataclass(frozen=True)
 class Notification:
     """One operator-facing message.
 
@@ -63,6 +88,8 @@ class Notification:
     # Messages with the same key are about one thing (``deploy-run:<run id>``: one deploy run) and are read
     # together: on Slack in one thread, in a plain-text copy a fact a mail client or receiver can group by.
     thread_key: str | None = None
+    # What can be done from the message (approve, silence...); empty once there is nothing left to decide.
+    actions: tuple[Action, ...] = ()
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITY_STYLES:
@@ -72,6 +99,18 @@ class Notification:
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self) | {"fields": dict(self.fields)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Notification:
+        """The inverse of :meth:`to_dict` (a stored notification read back)."""
+        values = dict(data)
+        actions: list[dict[str, Any]] = list(values.pop("actions", None) or ())
+        return cls(
+            **values,
+            actions=tuple(
+                Action(**{**a, "confirm": Confirm(**a["confirm"]) if a.get("confirm") else None}) for a in actions
+            ),
+        )
 
 
 @dataclass(frozen=True)

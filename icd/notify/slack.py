@@ -10,6 +10,7 @@ may succeed).
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ from slack_sdk.models.blocks import (
     ActionsBlock,
     Block,
     ButtonElement,
+    ConfirmObject,
     ContextBlock,
     HeaderBlock,
     MarkdownTextObject,
@@ -35,7 +37,14 @@ from slack_sdk.models.blocks import (
 from slack_sdk.web import SlackResponse
 
 from icd.errors import NotificationError, TransientNotificationError
-from icd.notify.message import SEVERITY_STYLES, Notification, NotificationReceipt, redact_notification, redact_text
+from icd.notify.message import (
+    SEVERITY_STYLES,
+    Action,
+    Notification,
+    NotificationReceipt,
+    redact_notification,
+    redact_text,
+)
 from icd.text import slack_mrkdwn
 
 # Block Kit limits (https://api.slack.com/reference/block-kit/blocks); Slack rejects longer values outright.
@@ -86,6 +95,39 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# What Slack sends back when a button is clicked: ``icd.<Action.id>`` (icd/interactions/ acts on it). A link
+# button sends a click too (Slack acknowledges it like any other); the endpoint ignores it.
+ACTION_ID_PREFIX = "icd."
+LINK_ACTION_ID = "icd-link"
+ACTIONS_BLOCK_ID = "icd-actions"
+_CONFIRM_TEXT_MAX = 300
+_CONFIRM_TITLE_MAX = 100
+_CONFIRM_BUTTON_MAX = 30
+_VALUE_MAX = 2000
+
+
+def _action_button(action: Action) -> ButtonElement:
+    """A button for ``action``, with its "are you sure?" dialog when it has one."""
+    if len(action.value) > _VALUE_MAX:
+        raise ValueError(f"the value of action {action.id!r} is longer than Slack's {_VALUE_MAX} characters")
+    confirm = None
+    if action.confirm is not None:
+        confirm = ConfirmObject(
+            title=PlainTextObject(text=_clip(action.confirm.title, _CONFIRM_TITLE_MAX)),
+            text=MarkdownTextObject(text=_clip(slack_mrkdwn(action.confirm.text), _CONFIRM_TEXT_MAX)),
+            confirm=PlainTextObject(text=_clip(action.confirm.confirm, _CONFIRM_BUTTON_MAX)),
+            deny=PlainTextObject(text=_clip(action.confirm.deny, _CONFIRM_BUTTON_MAX)),
+            style=action.style if action.style == "danger" else None,
+        )
+    return ButtonElement(
+        text=PlainTextObject(text=_clip(action.label, _BUTTON_TEXT_MAX)),
+        action_id=f"{ACTION_ID_PREFIX}{action.id}",
+        value=action.value,
+        style=action.style,
+        confirm=confirm,
+    )
+
+
 def render_blocks(notification: Notification) -> list[Block]:
     """The Block Kit blocks of one notification: header, text, fact grid, link button, severity."""
     style = SEVERITY_STYLES[notification.severity]
@@ -99,12 +141,17 @@ def render_blocks(notification: Notification) -> list[Block]:
     ]
     for start in range(0, len(facts), _FIELDS_PER_SECTION):
         blocks.append(SectionBlock(fields=facts[start : start + _FIELDS_PER_SECTION]))
+    buttons = [_action_button(action) for action in notification.actions]
     if notification.link_url:
-        button = ButtonElement(
-            text=PlainTextObject(text=_clip(notification.link_text or "Open", _BUTTON_TEXT_MAX)),
-            url=notification.link_url,
+        buttons.append(
+            ButtonElement(
+                text=PlainTextObject(text=_clip(notification.link_text or "Open", _BUTTON_TEXT_MAX)),
+                url=notification.link_url,
+                action_id=LINK_ACTION_ID,
+            )
         )
-        blocks.append(ActionsBlock(elements=[button]))
+    if buttons:
+        blocks.append(ActionsBlock(block_id=ACTIONS_BLOCK_ID, elements=buttons))
     blocks.append(ContextBlock(elements=[MarkdownTextObject(text=f"severity: *{notification.severity}*")]))
     return blocks
 
@@ -133,9 +180,17 @@ class SlackSender:
     """Posts notifications to one channel through a configured client; the token never leaves it."""
 
     def __init__(
-        self, client: WebClient, channel: str, *, api_url: str, secrets: Sequence[str | SecretStr] = ()
+        self,
+        client: WebClient,
+        channel: str,
+        *,
+        api_url: str,
+        secrets: Sequence[str | SecretStr] = (),
+        buttons: bool = True,
     ) -> None:
         self.client = client
+        # Without a Slack app to receive clicks, a button would only show the clicker an error: left out.
+        self.buttons = buttons
         self.channel = channel
         self.api_url = api_url
         self._secrets = [s.get_secret_value() if isinstance(s, SecretStr) else s for s in secrets]
@@ -154,7 +209,7 @@ class SlackSender:
         retries, or failing with 5xx; ``NotificationError`` when it refuses (bad token, unknown channel,
         malformed blocks). Neither message ever contains the token."""
         secrets = [*self._secrets, *(s.get_secret_value() if isinstance(s, SecretStr) else s for s in extra_secrets)]
-        fallback, blocks = render_slack_message(redact_notification(notification, secrets))
+        fallback, blocks = render_slack_message(redact_notification(self._drawable(notification), secrets))
         response = self._call(
             "chat.postMessage",
             secrets,
@@ -172,12 +227,15 @@ class SlackSender:
         """Replace the message ``receipt`` names with ``notification``, in place (``chat.update``): its text
         and blocks, so a button that no longer applies goes. Raises as :meth:`send` does; Slack refuses with
         ``message_not_found`` (deleted) or ``cant_update_message`` (not posted by this bot)."""
-        fallback, blocks = render_slack_message(redact_notification(notification, self._secrets))
+        fallback, blocks = render_slack_message(redact_notification(self._drawable(notification), self._secrets))
         self._call(
             "chat.update",
             self._secrets,
             lambda: self.client.chat_update(channel=receipt.channel, ts=receipt.ts, text=fallback, blocks=blocks),
         )
+
+    def _drawable(self, notification: Notification) -> Notification:
+        return notification if self.buttons else dataclasses.replace(notification, actions=())
 
     def _call(self, method: str, secrets: Sequence[str], call: Callable[[], SlackResponse]) -> SlackResponse:
         """``call()``, its failures as our errors (see :meth:`send`); no message ever contains the token."""

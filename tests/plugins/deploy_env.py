@@ -56,6 +56,7 @@ POOL = "local-pool"
 _CANARY = uuid.uuid4().hex[:10]
 SLACK_TOKEN = f"xoxb-canary-slack-{_CANARY}"
 WEBHOOK_SECRET = f"canary-webhook-{_CANARY}"
+SLACK_SIGNING_SECRET = f"canary-slack-signing-{_CANARY}"
 AWS_SECRET = f"canary-aws-secret-{_CANARY}"
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
@@ -137,6 +138,7 @@ class DeployEnv:
     namespaces: dict[str, dict[str, object]] = field(default_factory=dict)
     workspaces: dict[str, dict[str, object]] = field(default_factory=dict)
     notifications: dict[str, list[str]] = field(default_factory=dict)
+    people: dict[str, dict[str, object]] = field(default_factory=dict)
 
     # --- icd.toml ----------------------------------------------------------------------------------------
 
@@ -163,7 +165,11 @@ class DeployEnv:
 
     def write_config(self) -> None:
         write_config(
-            self.config_path, namespaces=self.namespaces, workspaces=self.workspaces, notifications=self.notifications
+            self.config_path,
+            namespaces=self.namespaces,
+            workspaces=self.workspaces,
+            notifications=self.notifications,
+            people=self.people,
         )
 
     # --- runs --------------------------------------------------------------------------------------------
@@ -281,6 +287,7 @@ class DeployEnv:
             "registry signing key": self.registry.signing_key.get_secret_value(),
             "Slack token": SLACK_TOKEN,
             "webhook secret": WEBHOOK_SECRET,
+            "Slack signing secret": SLACK_SIGNING_SECRET,
         }
 
     def logs(self, flow_run_id: Any) -> list[Log]:
@@ -324,7 +331,12 @@ def deploy_env(
         # Zombie runs: the shipped heartbeat and window (icd.worker, automations.yaml), never a test's own.
         patch.delenv("ICD_ZOMBIE_AFTER_SECONDS", raising=False)
         registry = provision(
-            prefect_server, services, pool=POOL, alerts_url=receiver.url, webhook_secret=WEBHOOK_SECRET
+            prefect_server,
+            services,
+            pool=POOL,
+            alerts_url=receiver.url,
+            webhook_secret=WEBHOOK_SECRET,
+            slack_signing_secret=SLACK_SIGNING_SECRET,
         )
         client = api_client()
         # The scheduled watch has its own tests; here it would post Slack messages of its own.
@@ -343,6 +355,8 @@ def deploy_env(
         worker = start_worker(prefect_server, POOL, env=env_for_worker)
         # Refusals past their allowance are summarised when a window ends: seconds, not a minute, in tests.
         inbound, inbound_url = start_inbound(prefect_server, config=config_path, refusal_window=3)
+        # The Slack app's interactivity URL: the stand-in signs each click and posts it there, as Slack does.
+        slack.set_interactivity(f"{inbound_url}/slack/interactions", SLACK_SIGNING_SECRET)
         env = DeployEnv(
             prefect_server,
             worker,
