@@ -23,8 +23,10 @@ from icd.deploy.credentials import (
 )
 from icd.deploy.queue import WorkspaceQueue, prefect_run_alive
 from icd.deploy.queue_store import S3QueueStore
+from icd.deploy.running import Running, what_runs
 from icd.deploy.workdir import StateBackend, fetch_state
 from icd.registry.plans import PlanStore
+from icd.registry.provenance import load_private_key
 from icd.registry.registry import Registry
 from icd.registry.signing import Sealer
 
@@ -46,6 +48,13 @@ class ArtifactRegistry(Block):
         description=(
             "Secret that seals every registry record (HMAC-SHA256, at least 16 bytes). Records altered "
             "outside the registry are refused. Keep it only here: no instance or S3 policy needs it."
+        ),
+    )
+    provenance_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Ed25519 private key (base64 of its 32-byte seed, or PEM) that signs each artifact's SLSA provenance and "
+            "each deployment record; deploys refuse artifacts it did not sign. `icd-setup blocks` makes one."
         ),
     )
     state_lock_table: str | None = Field(
@@ -83,7 +92,8 @@ class ArtifactRegistry(Block):
         return Sealer(self.signing_key.get_secret_value().encode())
 
     def registry(self) -> Registry:
-        return Registry(self.s3_client(), self.bucket, self.prefix, sealer=self._sealer())
+        key = load_private_key(self.provenance_key.get_secret_value()) if self.provenance_key else None
+        return Registry(self.s3_client(), self.bucket, self.prefix, sealer=self._sealer(), provenance_key=key)
 
     def workspace_queue(self) -> WorkspaceQueue:
         """Each workspace's lock and pending request (``icd/deploy/queue.py``), sealed in this bucket; a holder
@@ -109,6 +119,15 @@ class ArtifactRegistry(Block):
         """The workspace's Terraform state as stored (None: it has none yet), and where it is."""
         backend = self.state_backend()
         return fetch_state(self.s3_client(), backend, workspace), backend.state_url(workspace)
+
+    def running(self, workspace: str, namespace: str) -> Running | None:
+        """What ``workspace`` runs, as its Terraform state says (``icd/deploy/running.py``): the one answer to
+        "what runs in W", for the deploy, the revocation notice, the teardown, drift and the audit."""
+        state, _ = self.workspace_state(workspace)
+        registry = self.registry()
+        return what_runs(
+            state, workspace=workspace, find_version=lambda artifact: registry.find_by_artifact_id(namespace, artifact)
+        )
 
     def terraform_env(
         self, workspace: str, step: TerraformStep, *, run_label: str = ""

@@ -37,11 +37,13 @@ from prefect_slack import SlackCredentials  # type: ignore[import-untyped]  # sh
 from pydantic import SecretStr
 
 from blocks.consul import ConsulConnection
+from blocks.github import DEFAULT_API_URL, GITHUB_BLOCK, GitHubConnection
 from blocks.notifier import AppriseNotification, SlackNotifier
 from blocks.registry import ArtifactRegistry
 from cli.inbound import SECRET_BLOCK
 from icd.deploy.credentials import UNSCOPED_WARNING
 from icd.paths import PROJECT_ROOT
+from icd.registry.provenance import generate_key_text
 from icd.worker import HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
 from tasks.watch import start_first_watch
 
@@ -62,7 +64,7 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 def register_block_types() -> None:
     # Apprise Notification: a notification block for any Apprise URL (e-mail over SMTP), for [notifications].
-    for block in (ArtifactRegistry, SlackNotifier, AppriseNotification, ConsulConnection):
+    for block in (ArtifactRegistry, SlackNotifier, AppriseNotification, ConsulConnection, GitHubConnection):
         block.register_type_and_schema()
 
 
@@ -169,6 +171,9 @@ class Site:
     # token (Socket Mode, no public URL); with either, approval notices and alerts carry buttons.
     slack_signing_secret: SecretStr | None = None
     slack_app_token: SecretStr | None = None
+    # A token that writes deployments and commit statuses (icd/github/); None: nothing is reported to GitHub.
+    github_token: SecretStr | None = None
+    github_api_url: str = DEFAULT_API_URL
 
     @property
     def results_bucket(self) -> str:
@@ -193,6 +198,7 @@ def save_blocks(site: Site) -> ArtifactRegistry:
         bucket=site.bucket,
         aws_credentials=credentials,
         signing_key=_existing_signing_key() or SecretStr(secrets.token_urlsafe(32)),
+        provenance_key=_existing_provenance_key() or SecretStr(generate_key_text()),
         state_lock_table=STATE_LOCK_TABLE,
         state_role_arn=site.state_role_arn,
     )
@@ -210,6 +216,8 @@ def save_blocks(site: Site) -> ArtifactRegistry:
         Secret(value=site.slack_signing_secret).save(SLACK_SIGNING_SECRET_BLOCK, overwrite=True)
     if site.slack_app_token is not None:
         Secret(value=site.slack_app_token).save(SLACK_APP_TOKEN_BLOCK, overwrite=True)
+    if site.github_token is not None:
+        GitHubConnection(token=site.github_token, api_url=site.github_api_url).save(GITHUB_BLOCK, overwrite=True)
     ConsulConnection(address=site.consul_addr, timeout_seconds=10).save(CONSUL_BLOCK, overwrite=True)
     Secret(value=site.webhook_secret).save(SECRET_BLOCK, overwrite=True)
     # Where critical-health automations send; operators may pick PagerDuty, Teams, e-mail... in the UI instead.
@@ -230,6 +238,15 @@ def _existing_signing_key() -> SecretStr | None:
     except ValueError:  # Prefect's "Unable to find block document named ..."
         return None
     return existing.signing_key if isinstance(existing, ArtifactRegistry) else None
+
+
+def _existing_provenance_key() -> SecretStr | None:
+    """Kept like the signing key: a new key would make every provenance signed so far unverifiable."""
+    try:
+        existing = ArtifactRegistry.load(REGISTRY_BLOCK)
+    except ValueError:  # Prefect's "Unable to find block document named ..."
+        return None
+    return existing.provenance_key if isinstance(existing, ArtifactRegistry) else None
 
 
 def create_lock_table(credentials: AwsCredentials, table: str) -> None:
@@ -276,6 +293,9 @@ def blocks_main(argv: list[str]) -> int:
         default=None,
         help="IAM role Terraform assumes, scoped per workspace (docs/operations.md); without it, the keys above",
     )
+    parser.add_argument(
+        "--github-api-url", default=DEFAULT_API_URL, help="GitHub's REST API (or a stand-in); with $ICD_GITHUB_TOKEN"
+    )
     args = parser.parse_args(argv)
     site = Site(
         bucket=args.bucket,
@@ -294,6 +314,8 @@ def blocks_main(argv: list[str]) -> int:
         state_role_arn=args.state_role_arn,
         slack_signing_secret=_optional_secret_from_env("ICD_SLACK_SIGNING_SECRET"),
         slack_app_token=_optional_secret_from_env("ICD_SLACK_APP_TOKEN"),
+        github_token=_optional_secret_from_env("ICD_GITHUB_TOKEN"),
+        github_api_url=args.github_api_url,
     )
     save_blocks(site)
     print(

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger
@@ -41,11 +42,13 @@ from icd.errors import DeployError
 from icd.notify.message import Notification
 from icd.paths import state_home
 from icd.registry.models import ArtifactVersion, BuildClaimed, BuildHeld
+from icd.registry.provenance import BuildFacts, template_digest
 from icd.rules import GitRef, Namespace
 from icd.text import operator_time
 from tasks.announce import announce_registration
 from tasks.build import build_artifact as bake
 from tasks.build import claim_build, find_existing_build, next_build_label, release_build_claim
+from tasks.github_status import build_status
 from tasks.notify import notify
 from tasks.preflight import preflight_check
 from tasks.register import register_artifact
@@ -74,6 +77,7 @@ def build_artifact(
     A second run of a commit being built ends ``Duplicate`` (its result names the run building it).
     """
     run_id, run_name = str(flow_run.id), str(flow_run.name)
+    reported: tuple[NamespaceConfig, str] | None = None  # the commit whose icd/build status this run reports
     try:
         # A typo in icd.toml (a ConfigError) is a build failure like any other: told, then the run fails.
         config = load_config().namespace(namespace)
@@ -86,8 +90,15 @@ def build_artifact(
         claimed = claim_build(registry, namespace, commit=sha, run_id=run_id, run_name=run_name)
         if isinstance(claimed, BuildHeld):
             return _second_build(build, sha, claimed)
-        return _build_under_claim(build, sha, claimed, source)
+        # Reported once the build is this run's (a duplicate run must not set a built commit back to pending).
+        build_status(config, sha, None, run_id=run_id, notifier_block=notifier_block)
+        reported = (config, sha)
+        built = _build_under_claim(build, sha, claimed, source)
+        build_status(config, sha, built, run_id=run_id, notifier_block=notifier_block)
+        return built
     except DeployError as exc:
+        if reported is not None:
+            build_status(*reported, exc, run_id=run_id, notifier_block=notifier_block)
         notifier = load_notifier(notifier_block)
         notify(
             notifier,
@@ -164,6 +175,8 @@ def _build_under_claim(
         source = source or resolve_source(config.repository, commit, build.workdir)
         # Every breach of the service contract, before anything is built (docs/service-contract.md).
         preflight_check(registry, source, namespace=namespace)
+        # For the signed provenance: the template as checked out, before Packer runs in it.
+        templates, started = template_digest(source.path / config.template_dir), datetime.now(UTC)
         built = bake(
             source,
             namespace=namespace,
@@ -187,6 +200,16 @@ def _build_under_claim(
         provenance={
             key: value for key, value in (("commit_author", source.author), ("pushed_by", build.pushed_by)) if value
         },
+        build_facts=BuildFacts(
+            repository=config.repository,
+            ref=build.ref,
+            commit=commit,
+            template_digest=templates,
+            packer_only=tuple(config.packer_only),
+            build_run_id=build.run_id,
+            started_on=started,
+            finished_on=datetime.now(UTC),
+        ),
     )
     version = registered.version
     if version.packer_run_uuid == built.packer_run_uuid:

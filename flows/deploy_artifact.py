@@ -45,10 +45,12 @@ from tasks.apply import apply_plan
 from tasks.approve import AwaitingApproval, approval_deadline, approval_notice, publish_plan, wait_for_approval
 from tasks.context import DeployContext, deploy_context, run_thread_key, tell_without_context
 from tasks.gate import close_window, gate_health, open_window
+from tasks.github_status import deploy_status
 from tasks.notify import notify_now, update_notice, update_notice_now
 from tasks.plan import plan_deploy, read_version, resolve_version
 from tasks.policies import once_per_run, retried
 from tasks.promote import empty_channel, promote_channel
+from tasks.provenance import record_deployment
 from tasks.queue import checkpoint_workspace, claim_workspace, release_workspace, supersede_waiting_run
 from tasks.record import record_deploy
 
@@ -65,6 +67,7 @@ def finish(ctx: DeployContext, outcome: Outcome) -> State[Any]:
         ctx.tell(notice, reply_to=outcome.thread)
     # The channel's one line for this deploy (its approval notice, if it asked) now says how it ended.
     ctx.close_thread(outcome.title, outcome.message, outcome.severity, outcome.name)
+    deploy_status(ctx, outcome.name, detail=outcome.title)  # GitHub: the deployment's final state
     get_run_logger().info("deploy-artifact finished: %s: %s", outcome.name, outcome.message)
     return _STATES[outcome.kind](name=outcome.name, message=one_line(outcome.message, 500))
 
@@ -120,6 +123,7 @@ def deploy_artifact(
         return end_on_fault(ctx, exc)
     if not isinstance(claim, Claimed):
         return finish(ctx, claim)
+    deploy_status(ctx, "queued", version=claim.holder.request.version)  # cached: once per run, resumed or not
     # Everything after the claim, including what runs again on resume, is inside the release path.
     try:
         outcome = deploy(ctx, claim.holder.request)
@@ -208,6 +212,8 @@ def deploy(ctx: DeployContext, mine: DeployRequest) -> Outcome:
     )
     # The notice says at once who decided, from where, and why; its buttons go (from Slack or from the UI).
     ctx.decided(decision)
+    if decision.approved:
+        deploy_status(ctx, "approved", detail=f"approved by {decision.approver}")
     return act_on(ctx, mine, asked, decision)
 
 
@@ -217,7 +223,10 @@ def act_on(ctx: DeployContext, mine: DeployRequest, asked: AwaitingApproval, dec
     planned = asked.planned
     record = outcomes.decision_record(planned, decision, ctx.run_url or ctx.run_id, datetime.now(UTC))
     if not decision.approved:
-        return outcomes.rejected(ctx.workspace, planned.view.version_diff, decision, record)
+        rejected = outcomes.rejected(ctx.workspace, planned.view.version_diff, decision, record)
+        # Nothing is applied; the decision is kept signed all the same, for the audit chain.
+        record_deployment(ctx.registry, ctx.run_id, planned, decision, {}, rejected)
+        return rejected
     expires = datetime.now(UTC) + timedelta(seconds=ctx.settings.health_deadline_seconds) + 2 * _MARGIN
     begun = checkpoint_workspace(ctx.registry, ctx.run_id, mine, advance_to="applying", expires_at=expires, retake=True)
     if isinstance(begun, Superseded):
@@ -260,6 +269,7 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
         rules=ctx.approval_rules(version),
     )
     notice = ctx.tell(replace(asking, thread_key=ctx.thread_key))
+    deploy_status(ctx, "waiting")
     return AwaitingApproval(version, planned, published, deadline, notice)
 
 
@@ -327,11 +337,13 @@ def apply_and_gate(
         seconds=seconds,
     )
     try:
+        deploy_status(ctx, "applying")
         applied = apply_plan(
             ctx.registry, planned, approved_sha256=decision.plan_sha256, watch=ctx.watch_apply("apply")
         )
         if isinstance(applied, StalePlan):
             return outcomes.stale_plan(ctx.workspace, applied.reason, planned.plan_sha256, record, teardown=False)
+        deploy_status(ctx, "applied", outputs=applied.outputs)  # the environment's URL, from the outputs
         gate = gate_health(
             ctx.consul,
             service_name=ctx.service_name,
@@ -345,10 +357,20 @@ def apply_and_gate(
             "outputs": ", ".join(f"{k}={v}" for k, v in sorted(applied.outputs.items())),
             "health": f"{gate.status} after {gate.waited_seconds:.1f}s",
         }
-        if not gate.healthy:
-            detail = f"{gate.output[:300] or gate.status}; looked for {gate.criteria}; found {gate.found}"
-            return handle_unhealthy(ctx, version, planned, record, detail)
-        return promote(ctx, version, planned, decision, applied, gate.waited_seconds, record)
+        health, outputs = record["health"], applied.outputs
+        try:
+            if not gate.healthy:
+                detail = f"{gate.output[:300] or gate.status}; looked for {gate.criteria}; found {gate.found}"
+                ended = handle_unhealthy(ctx, version, planned, record, detail)
+            else:
+                ended = promote(ctx, version, planned, decision, applied, gate.waited_seconds, record)
+        except DeployError as exc:
+            # The apply happened: its signed record says how the run ended, a fault after the apply too.
+            failed = outcomes.fault(ctx.workspace, exc)
+            record_deployment(ctx.registry, ctx.run_id, planned, decision, outputs, failed, gate=health)
+            raise
+        record_deployment(ctx.registry, ctx.run_id, planned, decision, outputs, ended, gate=health)
+        return ended
     finally:
         close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
 
@@ -371,6 +393,7 @@ def tear_down(
         seconds=PLAN_AND_APPLY_MARGIN_SECONDS,
     )
     try:
+        deploy_status(ctx, "applying")
         applied = apply_plan(
             ctx.registry, planned, approved_sha256=decision.plan_sha256, watch=ctx.watch_apply("teardown")
         )
@@ -401,7 +424,9 @@ def tear_down(
             get_run_logger().error("%s torn down, but %s", ctx.workspace, left)
             record = {**record, "channel": left}
     announce_teardown(ctx.workspace, ctx.namespace, version=view.from_version, by=decision.approver, run_id=ctx.run_id)
-    return outcomes.torn_down(ctx.workspace, view.version_diff, decision.approver, planned.plan_sha256, record)
+    ended = outcomes.torn_down(ctx.workspace, view.version_diff, decision.approver, planned.plan_sha256, record)
+    record_deployment(ctx.registry, ctx.run_id, planned, decision, applied.outputs, ended)
+    return ended
 
 
 def promote(
@@ -474,4 +499,6 @@ def handle_unhealthy(
                 ctx.workspace, ctx.namespace, version.version, previous, detail, applied.reason, record
             )
     record = {**record, "rollback plan": rollback.plan_sha256}
+    # GitHub: the restored commit's deployment is live again; this run's own ends as a failure (finish).
+    deploy_status(ctx, "Deployed", version=previous, detail=f"v{previous} restored: v{version.version} was unhealthy")
     return outcomes.rolled_back(ctx.workspace, version.version, previous, detail, record)

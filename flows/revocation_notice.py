@@ -1,9 +1,9 @@
 """revocation-notice: when a version is revoked, tell operators which workspaces still run it.
 
-Triggered by ``icd.version.revoked``. For each workspace of ``icd.toml`` whose deployed channel (the one it
-promotes, else the one it follows) pointed at the revoked version, operators get the command that plans that
-workspace back to what its followed channel points at now. Nothing is planned by itself: rolling a
-workspace back is an operator's decision.
+Triggered by ``icd.version.revoked``. For each workspace of ``icd.toml`` whose Terraform state says it runs the
+revoked version (``icd/deploy/running.py``: what was applied, not where a channel points, which moves before
+anything is applied), operators get the command that plans that workspace back to what its followed channel
+points at now. Nothing is planned by itself: rolling a workspace back is an operator's decision.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def revocation_notice(
 ) -> list[str]:
     """Notify about every workspace that runs ``namespace`` ``version``; returns their names."""
     config = load_config()
-    registry = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block)).registry()
+    block = cast(ArtifactRegistry, ArtifactRegistry.load(registry_block))
+    registry = block.registry()
     notifier = load_notifier(notifier_block)
     record = registry.get(namespace, version)
     reason = record.revocation.reason if record.revocation else "revoked"
@@ -34,8 +35,8 @@ def revocation_notice(
         settings = config.workspaces[workspace]
         if settings.namespace != namespace:
             continue
-        deployed = registry.get_channel(namespace, config.promoted_channel(workspace) or settings.channel)
-        if deployed is None or deployed.version != version:
+        running = block.running(workspace, namespace)
+        if running is None or running.version is None or running.version.version != version:
             continue
         affected.append(workspace)
         now = registry.get_channel(namespace, settings.channel)

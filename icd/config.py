@@ -61,6 +61,12 @@ class NamespaceConfig(_Strict):
     repository_aliases: list[str] = Field(
         default_factory=list, description="Other names of the repository in webhooks: 'owner/repo', HTML URL."
     )
+    # Where deploys and builds are reported (icd/github/); None: nothing is reported.
+    github_repository: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$",
+        description="The GitHub repository ('owner/name') whose commits get deployment and build statuses.",
+    )
 
     @field_validator("branches")
     @classmethod
@@ -126,6 +132,18 @@ class Person(_Strict):
     emails: list[str] = Field(default_factory=list, description="Commit author e-mails.")
 
 
+class DriftIgnore(_Strict):
+    """Drift the check does not tell (``[[workspaces.<name>.drift_ignore]]``): a resource address (a glob, such
+    as ``null_resource.*``; ``output.<name>`` for an output, ``consul.<service id>`` for a Consul instance), or
+    one attribute path of it (``triggers.x``, and everything under it). Who decided and why are required:
+    an ignored drift is a decision someone owns, not a silenced alarm."""
+
+    address: str = Field(min_length=1, max_length=500)
+    attribute: str | None = Field(default=None, min_length=1, max_length=500)
+    by: str = Field(min_length=1, max_length=100)
+    why: str = Field(min_length=1, max_length=500)
+
+
 class WorkspaceConfig(_Strict):
     """One place a namespace is deployed: what it follows, how it is deployed, what a healthy deploy moves."""
 
@@ -144,6 +162,9 @@ class WorkspaceConfig(_Strict):
     # the apply (PLAN_AND_APPLY_MARGIN_SECONDS), and every Terraform call's own limit.
     apply_timeout_seconds: Annotated[float, Field(gt=0, le=1800)] = 900.0
     approval: ApprovalPolicy = Field(default_factory=ApprovalPolicy)
+    # How often the drift check plans the workspace refresh-only (flows/drift_check.py; its schedule is 5 min).
+    drift_interval_seconds: Annotated[float, Field(ge=60, le=7 * 24 * 3600)] = 3600.0
+    drift_ignore: list[DriftIgnore] = Field(default_factory=list)
 
     @field_validator("follows")
     @classmethod

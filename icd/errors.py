@@ -134,6 +134,11 @@ class ArtifactIntegrityError(DeployError):
     """An image's bytes are not the ones the registry recorded (digest mismatch, missing file)."""
 
 
+class ProvenanceError(DeployError):
+    """An artifact's signed provenance, or a deployment record, is missing, unsigned, signed by another key,
+    changed after signing, or names another image (``icd/registry/provenance.py``): it is not deployed."""
+
+
 class ConflictError(RegistryError):
     """A conditional write lost a race too many times in a row."""
 
@@ -186,6 +191,14 @@ class NotificationError(DeployError):
 
 class TransientNotificationError(NotificationError):
     """Slack was unreachable, rate-limited us past the client's retries, or answered 5xx; retry later."""
+
+
+class StatusReportError(DeployError):
+    """GitHub refused a deployment or commit status, or answered something we can't use (icd/github/)."""
+
+
+class TransientStatusReportError(StatusReportError):
+    """GitHub was unreachable, timed out, rate-limited us or answered 5xx; redelivered later."""
 
 
 class InvalidChannelError(InvalidNameError, RegistryError):

@@ -14,6 +14,8 @@ to production and a health change to the deploy that caused it):
     icd.health.<status>      an instance's health transition (critical, ...); the one labelled
                              icd.page=true per incident                        -> automation -> notification
     icd.health.flapping      an instance changes too often: one notice; .settled when it held again
+    icd.drift.detected       a workspace left its state (first seen, or the drifted set changed)
+    icd.drift.resolved       a workspace told drifted matches its state again
 
 Fan-out (one registration, several workspaces) is :func:`plan_requests` over ``icd.toml``. Requests are not
 runs: each goes into its workspace's queue (``icd/deploy/queue.py``), where a newer one replaces an older
@@ -46,6 +48,8 @@ PLAN_SUPERSEDED = "icd.plan.superseded"
 TEARDOWN_REQUESTED = "icd.teardown.requested"
 WORKSPACE_TORN_DOWN = "icd.workspace.torn-down"
 HEALTH_PREFIX = "icd.health."
+DRIFT_DETECTED = "icd.drift.detected"
+DRIFT_RESOLVED = "icd.drift.resolved"
 # Deliveries of one GitHub webhook share this namespace: a redelivery gets the same event id.
 _DELIVERY_NAMESPACE = uuid.UUID("6f1e6d4e-51c1-4b8e-9a43-0e3c0c5d3a11")
 
@@ -228,6 +232,31 @@ def workspace_torn_down(*, workspace: str, namespace: str, version: int | None, 
         _workspace_resource(workspace, namespace, version),
         [flow_run_resource(run_id, "deploy-run")],
         {"workspace": workspace, "namespace": namespace, "version": version, "by": by},
+    )
+
+
+def drift_changed(
+    *,
+    workspace: str,
+    namespace: str,
+    version: int | None,
+    fingerprint: str | None,
+    resources: Sequence[str],
+    run_id: str | None,
+) -> EventSpec:
+    """``icd.drift.detected`` (a drifted set, ``fingerprint`` names it), or ``icd.drift.resolved`` when
+    ``fingerprint`` is None: the workspace matches its state again. One event per change, never per check."""
+    return EventSpec(
+        DRIFT_DETECTED if fingerprint else DRIFT_RESOLVED,
+        _workspace_resource(workspace, namespace, version),
+        [flow_run_resource(run_id, "drift-check-run")] if run_id else [],
+        {
+            "workspace": workspace,
+            "namespace": namespace,
+            "version": version,
+            "fingerprint": fingerprint,
+            "resources": list(resources),
+        },
     )
 
 

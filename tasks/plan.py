@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,8 +97,9 @@ def read_version(registry: ArtifactRegistry, namespace: str, version: int) -> Ar
     retry_condition_fn=retry_on(StateLockedError),
 )
 def plan_deploy(registry: ArtifactRegistry, request: PlanRequest) -> PlannedDeploy:
+    running = registry.running(request.workspace, request.version.namespace)
     planned = make_plan(
-        request,
+        replace(request, running_version=running.version.version if running and running.version else None),
         registry=registry.registry(),
         plans=registry.plan_store(),
         open_workdir=workdir_opener(registry, request.workspace, request.stack_dir, "plan"),

@@ -1,4 +1,4 @@
-"""Step 3: record the build as its commit's version of the namespace in the registry."""
+"""Step 3: record the build as its commit's version of the namespace in the registry, with its signed provenance."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from blocks.registry import ArtifactRegistry
 from icd.deploy.artifacts import BuiltArtifact
 from icd.errors import ConflictError, RegistryStorageError
 from icd.registry.models import RegistrationResult
+from icd.registry.provenance import BuildFacts
 from tasks.policies import ONCE_PER_RUN, retry_on
 
 
@@ -28,13 +29,21 @@ def register_artifact(
     build_run_id: str,
     rebuild_of: int | None,
     provenance: dict[str, str] | None = None,
+    build_facts: BuildFacts | None = None,
 ) -> RegistrationResult:
     """Register the build as its commit's version (or, with ``rebuild_of``, the rebuild of that version).
 
     The registry keeps one version per commit: when another build of the commit is registered already, that
     version comes back and this build is left unregistered (its image unused).
+
+    With ``build_facts`` the version this build registered gets its signed SLSA provenance, written once
+    beside it (a retry finds it there); a registry block without a provenance key is refused before anything
+    is registered, since deploys refuse a version without provenance.
     """
-    result = registry.registry().register(
+    reg = registry.registry()
+    if build_facts is not None:
+        reg.provenance_public_keys()  # ProvenanceError when the block has no key: nothing registered unsigned
+    result = reg.register(
         built.namespace,
         git_commit=built.commit,
         git_ref=built.ref,
@@ -68,4 +77,7 @@ def register_artifact(
     else:
         verb = "registered" if result.created else "already registered as"
         log.info("%s %s v%d", verb, built.namespace, version.version)
+        if build_facts is not None:
+            reg.write_provenance(version, build_facts)
+            log.info("signed the provenance of %s v%d", built.namespace, version.version)
     return result

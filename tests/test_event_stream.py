@@ -21,6 +21,7 @@ from icd.deploy.dispatch import submit
 from icd.registry.models import ArtifactVersion
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.test_events import stored_events
+from tests.test_provenance import sign_as_built
 from tests.waiting import wait_until
 
 # What a run that lost the race may end as; never Deployed.
@@ -45,6 +46,7 @@ def _register_copies(env: DeployEnv, names: Names, base: ArtifactVersion, count:
             created_by="test",
             labels={"build_label": label, "service_name": names.service_name},
         )
+        sign_as_built(registry, result.version)  # as a build would: deploys refuse a version without provenance
         versions.append(result.version.version)
     return versions
 

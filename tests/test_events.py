@@ -261,17 +261,24 @@ def test_a_promotion_plans_the_workspaces_following_the_channel(deploy_env: Depl
 def test_a_revocation_tells_operators_which_workspace_runs_it(deploy_env: DeployEnv) -> None:
     env = deploy_env
     names = env.service()
+    # A second workspace whose channel points at the version but which never deployed: its state holds
+    # nothing, so it runs nothing and is not named (what runs is the state's answer, not a channel's).
+    idle = f"{names.workspace}-idle"
+    env.workspace(idle, follows=f"{names.namespace}@latest", stack="examples/stacks/local", promotes="latest")
     run, version = env.deploy_until_paused(names)
     assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
 
     operations.revoke(env.registry.registry(), names.namespace, version, by="sec-team", why="CVE-2026-7")
     [notice] = wait_until(lambda: env.runs_of("revocation-notice", namespace=names.namespace), timeout=60)
-    env.wait_for(notice.id, states=ENDED)
+    done = env.wait_for(notice.id, states=ENDED)
     told = wait_until(
         lambda: [m for m in env.slack.messages if f"v{version} was revoked; {names.workspace} runs it" in m.text],
         timeout=30,
     )
     assert "CVE-2026-7" in told[0].text
+    assert done.state is not None
+    assert done.state.type.value == "COMPLETED", done.state
+    assert not [m for m in env.slack.messages if f"{idle} runs it" in m.text]
 
 
 def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_then_empties_the_workspace(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from icd.tools.terraform import (
     output_args,
     parse_plan_json,
     plan_args,
+    refresh_plan_args,
     show_plan_args,
     state_pull_args,
 )
@@ -99,6 +101,20 @@ pytestmark = pytest.mark.skipif(CLI_CONFIG is None, reason="run scripts/bootstra
             id="plan-destroy-values-with-equals",
         ),
         pytest.param(
+            lambda: refresh_plan_args(variables={"artifact_id": "ami-1"}, out=Path("/w/drift.tfplan")),
+            [
+                "plan",
+                "-refresh-only",
+                "-input=false",
+                "-no-color",
+                "-detailed-exitcode",
+                "-lock=false",
+                "-out=/w/drift.tfplan",
+                "-var=artifact_id=ami-1",
+            ],
+            id="refresh-plan",
+        ),
+        pytest.param(
             lambda: show_plan_args(Path("/w/p.tfplan")),
             ["show", "-no-color", "-json", "/w/p.tfplan"],
             id="show",
@@ -133,6 +149,7 @@ def test_argv_builders(build: Callable[[], list[str]], expected: list[str]) -> N
         pytest.param(lambda: plan_args(variables={"-destroy": "1"}, out=Path("p")), id="name-like-flag"),
         pytest.param(lambda: plan_args(variables={}, out=Path("p"), lock_timeout="5"), id="bad-duration"),
         pytest.param(lambda: apply_args(Path("p"), lock_timeout="soon"), id="apply-bad-duration"),
+        pytest.param(lambda: refresh_plan_args(variables={"-lock": "1"}, out=Path("p")), id="refresh-name-like-flag"),
     ],
 )
 def test_argv_builders_refuse_ambiguous_input(build: Callable[[], list[str]]) -> None:
@@ -214,6 +231,74 @@ def test_plan_parser_masks_values_terraform_marks_sensitive() -> None:
     assert plan.resource_changes[0].after == {"password": "(sensitive)", "name": "db"}
     assert plan.output_changes[0].after == "(sensitive)"
     assert plan.summary().change == 1
+
+
+def test_refresh_plan_parser_reads_output_drift_from_the_pinned_terraform() -> None:
+    # Captured from Terraform 1.0.3: the app fixture applied, then its state's trigger edited by hand. The null
+    # provider reads nothing back, so the drift shows as the output that no longer matches the state.
+    document = (FIXTURES / "plan_json" / "refresh_only_output_drift_terraform_1.0.3.json").read_text()
+    plan = parse_plan_json(document, sha256="0" * 64)
+    assert plan.resource_drift == ()
+    assert plan.resource_changes == ()
+    assert [(o.name, o.action, o.before, o.after) for o in plan.output_changes] == [
+        ("artifact_id", "update", "v1", "hand")
+    ]
+    assert plan.drifted
+
+
+@pytest.mark.parametrize(
+    ("drift", "expected"),
+    [
+        pytest.param([], [], id="none"),
+        pytest.param(
+            [
+                {
+                    "address": "aws_instance.web",
+                    "type": "aws_instance",
+                    "name": "web",
+                    "change": {
+                        "actions": ["update"],
+                        "before": {"instance_type": "t3.micro", "user_data": "s3cr3t", "tags": {"a": "1"}},
+                        "after": {"instance_type": "t3.large", "user_data": "0th3r", "tags": {"a": "2"}},
+                        "before_sensitive": {"user_data": True, "tags": {}},
+                        "after_sensitive": {"user_data": True, "tags": {}},
+                    },
+                }
+            ],
+            [
+                (
+                    "aws_instance.web",
+                    "update",
+                    {"instance_type": "t3.micro", "user_data": "(sensitive)", "tags": {"a": "1"}},
+                    {"instance_type": "t3.large", "user_data": "(sensitive)", "tags": {"a": "2"}},
+                )
+            ],
+            id="changed-with-sensitive",
+        ),
+        pytest.param(
+            [
+                {
+                    "address": 'aws_instance.web["b"]',
+                    "type": "aws_instance",
+                    "name": "web",
+                    "change": {"actions": ["delete"], "before": {"id": "i-1"}, "after": None},
+                }
+            ],
+            [('aws_instance.web["b"]', "delete", {"id": "i-1"}, None)],
+            id="deleted-out-of-band",
+        ),
+    ],
+)
+def test_refresh_plan_parser_reads_resource_drift(drift: list[dict[str, object]], expected: list[object]) -> None:
+    # The shape of `resource_drift` (plan JSON 0.15.4+, as resource_changes); the null provider of the local
+    # stacks never reports any, so these rows are written from Terraform's JSON format documentation.
+    document = json.dumps({"format_version": "0.2", "terraform_version": "1.0.3", "resource_drift": drift})
+    plan = parse_plan_json(document, sha256="0" * 64)
+    assert [(d.address, d.action, d.before, d.after) for d in plan.resource_drift] == expected
+    assert "s3cr3t" not in repr(plan)
+    assert "0th3r" not in repr(plan)
+    assert plan.drifted == bool(expected)
+    assert not plan.has_changes
 
 
 # --- against the real binary --------------------------------------------------------------------------
@@ -425,6 +510,28 @@ def test_held_state_lock_is_reported_with_id_and_holder(tmp_path: Path) -> None:
     assert caught.value.lock_id == held["ID"]
     assert caught.value.who == held["Who"]
     assert held["ID"] in str(caught.value)
+
+
+@pytest.mark.tools
+def test_refresh_plan_sees_a_state_edited_by_hand_and_never_writes_or_locks_it(app: Terraform) -> None:
+    app.apply(app.plan(variables={"artifact_id": "a"}, out=Path("a.tfplan")).plan_file)
+    # Terraform 1.0.3 exits 2 from a refresh-only plan even when nothing drifted: the plan decides.
+    assert not app.refresh_plan(variables={"artifact_id": "a"}, out=Path("clean.tfplan")).drifted
+
+    state_file = app.working_dir / "terraform.tfstate"
+    state = json.loads(state_file.read_text())
+    state["resources"][0]["instances"][0]["attributes"]["triggers"]["artifact"] = "by-hand"
+    state_file.write_text(json.dumps(state))
+    edited = state_file.read_bytes()
+    # Hold the state lock as the local backend takes it (an fcntl lock on the state file), as a deploy would.
+    with state_file.open("r+b") as held:
+        fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StateLockedError):
+            app.plan(variables={"artifact_id": "a"}, out=Path("locked.tfplan"))
+        drift = app.refresh_plan(variables={"artifact_id": "a"}, out=Path("drift.tfplan"))
+    assert state_file.read_bytes() == edited, "a refresh-only plan never writes the state"
+    assert drift.drifted
+    assert [(o.name, o.before, o.after) for o in drift.output_changes] == [("artifact_id", "a", "by-hand")]
 
 
 @pytest.mark.tools

@@ -6,7 +6,8 @@ Checked right before Terraform starts, in this order:
 2. the version was not revoked, it is still where the workspace's followed channel points (for ``latest``:
    the newest deployable version), and no channel the plan read moved since planning (a hotfix promoted
    during the approval wait must not be undone by an older approval, whatever order answers arrive in);
-3. the image still hashes to the registered digest;
+3. the image still hashes to the registered digest, and (but for a teardown) the version's signed provenance
+   still names it;
 4. the plan fetched from S3 hashes to the approved hash;
 5. the Terraform state's serial and lineage are the ones the plan was made against.
 
@@ -82,6 +83,8 @@ def apply_approved(
             f"{planned.namespace} v{planned.version}'s {platform} artifact is no longer the one planned "
             f"({planned.artifact_id}); nothing was applied"
         )
+    if not planned.view.teardown:
+        registry.verify_provenance(version, platform)  # ProvenanceError: nothing is applied
     plan_bytes = plans.get(planned.workspace, planned.plan_id, expected_sha256=approved_sha256)
     terraform = open_workdir(f"{planned.plan_id}-apply")
     plan_file = terraform.working_dir / PLAN_FILENAME

@@ -5,7 +5,8 @@ state (serial and lineage; Terraform 1.0.3 does not notice a plan made against a
 channels (another promotion during the approval wait) and the version itself (revoked meanwhile). A
 forward deploy plans only the version its followed channel points at now (:func:`not_current`), and the
 apply asks again: a superseded version is never applied. The image is verified against its registered
-digest before Terraform ever sees it.
+digest, and the version against its signed provenance (``icd/registry/provenance.py``), before Terraform ever
+sees it; a teardown deploys no image, so it needs no provenance.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class PlanRequest:
     # A forward deploy applies only the version its channel points at; a rollback to the last good version
     # (the deployment's own policy) and a teardown don't follow the channel.
     must_be_current: bool = True
+    # What the workspace runs now, from its state (``icd/deploy/running.py``): the plan's "from" when its own
+    # changes name no earlier artifact. None: nothing registered runs there.
+    running_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ def make_plan(
     """
     version, workspace, variables = request.version, request.workspace, request.variables
     artifact_id = verify_image(version, request.platform)
+    if not request.destroy:
+        registry.verify_provenance(version, request.platform)  # ProvenanceError: not built here, or altered
     if variables.get("artifact_id") != artifact_id:
         raise ArtifactIntegrityError(
             f"the stack variables deploy {variables.get('artifact_id')!r}, not {version.namespace} "
@@ -116,8 +122,8 @@ def make_plan(
         namespace=version.namespace,
         to_version=version.version,
         channel=(promoted or followed).channel,
-        # What this workspace runs now: the plan's own "before" artifacts, else what it last promoted.
-        channel_version=promoted.version if promoted else None,
+        # What this workspace runs now: the plan's own "before" artifacts, else what its state says it runs.
+        channel_version=request.running_version,
         find_version=lambda found: registry.find_by_artifact_id(version.namespace, found),
     )
     if request.destroy:

@@ -211,7 +211,8 @@ def _breakable(address: str) -> str:
     return re.sub(r"([.\[])", "\\1\u200b", address)
 
 
-def _artifact_of(values: Mapping[str, Any] | None) -> str | None:
+def artifact_of(values: Mapping[str, Any] | None) -> str | None:
+    """The artifact a resource runs: the first of ARTIFACT_KEYS among its triggers, else its attributes."""
     if not values:
         return None
     triggers = values.get("triggers") or {}
@@ -257,7 +258,7 @@ def summarize_plan(
     rows = []
     deployed_before: int | None = None
     for change in plan.resource_changes:
-        before, after = _artifact_of(change.before), _artifact_of(change.after)
+        before, after = artifact_of(change.before), artifact_of(change.after)
         row = ResourceRow(
             address=change.address,
             action=_ACTION_LABELS.get(change.action, change.action),

@@ -100,3 +100,23 @@ class PlanStore:
             return None
         recorded = metadata.get(_SHA_METADATA)
         return str(recorded) if recorded is not None else None
+
+    def plans_of(self, namespace: str, version: int) -> list[PlanOfVersion]:
+        """Every stored plan of ``namespace`` ``version``, in any workspace (the audit's "each plan"): its
+        workspace, plan id (the deploy run's id, or ``<run id>-rollback``) and recorded SHA-256."""
+        found = []
+        for key in self._objects.list_keys(self.prefix):
+            workspace, _, name = key.removeprefix(self.prefix).partition("/")
+            if not name.endswith(".tfplan"):
+                continue
+            metadata = self._objects.head(key) or {}
+            if metadata.get("namespace") == namespace and metadata.get("version") == str(version):
+                found.append(PlanOfVersion(workspace, name.removesuffix(".tfplan"), str(metadata.get(_SHA_METADATA))))
+        return sorted(found, key=lambda plan: (plan.workspace, plan.plan_id))
+
+
+@dataclass(frozen=True)
+class PlanOfVersion:
+    workspace: str
+    plan_id: str
+    sha256: str

@@ -15,6 +15,11 @@ Key layout, all under ``prefix`` (which should end in ``/`` when not empty); eve
     namespaces/<org>/<name>/commits/<git_commit>.json        -> versions built from that commit
     namespaces/<org>/<name>/artifacts/<sha256(id)[:32]>.json -> newest version with that artifact id
     namespaces/<org>/<name>/claims/<git_commit>.json         who is building that commit (BuildClaim)
+    namespaces/<org>/<name>/versions/00000001.provenance.dsse.json  v1's signed SLSA provenance; written once
+    deployments/<workspace>/<apply run id>.dsse.json               the signed record of one apply; written once
+
+The two ``.dsse.json`` kinds are not sealed but signed (Ed25519 DSSE envelopes, ``icd/registry/provenance.py``),
+so anyone holding the public key can check them.
 
 Runs, commits and artifacts are lookup entries, so every look-up a deploy makes (the next build label, a commit
 already built, the version of an artifact id in a plan, ``latest``) costs a fixed number of requests
@@ -46,21 +51,25 @@ it. Registrations of one commit that race past the build claim leave the losers'
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ValidationError
 
 from icd.errors import (
     ConflictError,
     InvalidChannelError,
+    ProvenanceError,
     RegistryIntegrityError,
     RevokedVersionError,
     VersionNotFoundError,
 )
+from icd.registry import provenance as prov
 from icd.registry.models import (
     ArtifactVersion,
     BuildClaim,
@@ -78,7 +87,7 @@ from icd.registry.models import (
 )
 from icd.registry.s3 import S3Objects
 from icd.registry.signing import Sealer
-from icd.rules import LATEST, check_channel, check_namespace
+from icd.rules import LATEST, check_channel, check_namespace, check_run_id, check_workspace
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
@@ -107,6 +116,7 @@ class Registry:
         sealer: Sealer,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         clock: Callable[[], datetime] | None = None,
+        provenance_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix
@@ -114,6 +124,7 @@ class Registry:
         self._objects = S3Objects(s3_client, bucket)  # type: ignore[arg-type]  # any boto3 S3 client
         self._sealer = sealer
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._provenance_key = provenance_key
 
     # --- keys and sealed objects ----------------------------------------------------------------------
 
@@ -547,6 +558,100 @@ class Registry:
                 f"by {revocation.revoked_by}: {revocation.reason}; refusing to deploy it"
             )
         return record
+
+    # --- provenance and deployment records (signed, icd/registry/provenance.py) ---------------------------
+
+    @property
+    def builder_id(self) -> str:
+        """The builder id every provenance of this registry names (its build-artifact deployment)."""
+        return prov.builder_id(self.bucket, self.prefix)
+
+    def provenance_public_keys(self) -> dict[str, Ed25519PublicKey]:
+        """keyid -> public key of what this registry trusts; :class:`ProvenanceError` when it holds no key."""
+        return {prov.key_id(key): key for key in [self._signing_key().public_key()]}
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        if self._provenance_key is None:
+            raise ProvenanceError(
+                "the registry block has no provenance_key, so no provenance can be signed or checked; "
+                "run `icd-setup blocks` to add one"
+            )
+        return self._provenance_key
+
+    def _provenance_key_name(self, namespace: str, version: int) -> str:
+        return f"{self._namespace_key(namespace)}versions/{version:0{_VERSION_DIGITS}d}.provenance.dsse.json"
+
+    def _deployment_folder(self, workspace: str) -> str:
+        return f"{self.prefix}deployments/{check_workspace(workspace)}/"
+
+    def _read_envelope(self, key: str) -> Any | None:
+        """The stored JSON of an envelope as is (None: absent); checking it is the caller's."""
+        found = self._objects.read(key)
+        if found is None:
+            return None
+        try:
+            return json.loads(found.body)
+        except ValueError as exc:
+            raise ProvenanceError(f"s3://{self.bucket}/{key} is not JSON, so not an envelope") from exc
+
+    def _write_envelope(self, key: str, envelope: Mapping[str, Any]) -> Any:
+        """Write once; a second writer (a retried task) gets the first one's envelope back."""
+        body = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+        if self._objects.write(key, body, if_match=None):
+            return dict(envelope)
+        return self._read_envelope(key)
+
+    def write_provenance(self, version: ArtifactVersion, facts: prov.BuildFacts) -> Any:
+        """Sign and store the SLSA provenance of ``version`` beside its record, once; returns the stored
+        envelope (the first one written, when this is a retry)."""
+        statement = prov.build_statement(version, facts, builder=self.builder_id)
+        envelope = prov.sign_envelope(statement, self._signing_key())
+        return self._write_envelope(self._provenance_key_name(version.namespace, version.version), envelope)
+
+    def provenance(self, namespace: str, version: int) -> Any | None:
+        """The provenance envelope of ``namespace`` v``version`` as stored (unchecked), or None."""
+        return self._read_envelope(self._provenance_key_name(namespace, version))
+
+    def verify_provenance(self, version: ArtifactVersion, platform: str) -> prov.VerifiedStatement:
+        """The proven provenance of ``version``'s ``platform`` artifact, signed by this registry's key and naming
+        the image's digest; :class:`ProvenanceError` with the reason otherwise (none stored included)."""
+        return prov.verify_provenance(
+            self.provenance(version.namespace, version.version),
+            version,
+            platform,
+            self.provenance_public_keys(),
+            builder=self.builder_id,
+        )
+
+    def record_deployment(self, facts: prov.DeploymentFacts) -> Any:
+        """Sign and store the record of one apply under its workspace, once per apply run; the stored envelope."""
+        key = f"{self._deployment_folder(facts.workspace)}{check_run_id(facts.apply_run_id)}.dsse.json"
+        envelope = prov.sign_envelope(
+            prov.deployment_statement(facts), self._signing_key(), payload_type=prov.DEPLOYMENT_PAYLOAD_TYPE
+        )
+        return self._write_envelope(key, envelope)
+
+    def deployment_records(self, workspace: str) -> list[prov.CheckedEnvelope]:
+        """Every deployment record of ``workspace``, each checked against this registry's key (a broken one is
+        listed with its problem, never dropped), oldest first. Reads every record: for audits, not deploys."""
+        keys = self.provenance_public_keys()
+        checked = []
+        for key in self._objects.list_keys(self._deployment_folder(workspace)):
+            where = f"s3://{self.bucket}/{key}"
+            envelope = None
+            try:
+                envelope = self._read_envelope(key)
+                verified = prov.verify_envelope(
+                    envelope, keys, payload_type=prov.DEPLOYMENT_PAYLOAD_TYPE, where=f"deployment record {where}"
+                )
+            except ProvenanceError as exc:
+                checked.append(prov.CheckedEnvelope(where, envelope, None, str(exc)))
+                continue
+            checked.append(prov.CheckedEnvelope(where, envelope, verified))
+        return sorted(
+            checked,
+            key=lambda item: (str(item.verified.statement.get("recordedAt", "")) if item.verified else "", item.where),
+        )
 
     # --- channels ---------------------------------------------------------------------------------------
 

@@ -486,7 +486,7 @@ def check_stack(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding
             )
     resource_home = _shown(resources[0].file, PROJECT_ROOT) if resources else home
     findings += _gate_meta(parsed, resources, resource_home)
-    # Where the plan view reads it (``plan_view._artifact_of``): an attribute or a trigger, not a tag.
+    # Where the plan view reads it (``plan_view.artifact_of``): an attribute or a trigger, not a tag.
     if not any(_records_key(block, ARTIFACT_KEYS, maps=("triggers",)) for block in resources):
         findings.append(
             Finding(

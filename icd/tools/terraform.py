@@ -125,6 +125,9 @@ class Plan:
     resource_changes: tuple[ResourceChange, ...]
     output_changes: tuple[OutputChange, ...]
     sha256: str
+    # What changed outside Terraform since the last apply (``resource_drift``, plan JSON since 0.15.4): "before"
+    # is the state, "after" what the provider read. Empty when nothing drifted (Terraform omits the key).
+    resource_drift: tuple[ResourceChange, ...] = ()
 
     def summary(self) -> PlanSummary:
         kinds = [change.action for change in self.resource_changes]
@@ -134,6 +137,12 @@ class Plan:
             replace=kinds.count("replace"),
             destroy=kinds.count("delete"),
         )
+
+    @property
+    def drifted(self) -> bool:
+        """A refresh-only plan found something: a resource read back different from its state, or an output
+        whose state value differs from what the state's resources now give."""
+        return bool(self.resource_drift) or any(oc.action not in {"no-op", "read"} for oc in self.output_changes)
 
     @property
     def has_changes(self) -> bool:
@@ -196,6 +205,23 @@ def plan_args(*, variables: Mapping[str, str], out: Path, destroy: bool = False,
         args.append("-destroy")
     for name, value in variables.items():
         # A name with "=" or a leading "-" would be parsed as something else entirely.
+        if not _VARIABLE_NAME.fullmatch(name):
+            raise ValueError(f"not a Terraform variable name: {name!r}")
+        args.append(f"-var={name}={value}")
+    return args
+
+
+def refresh_plan_args(*, variables: Mapping[str, str], out: Path) -> list[str]:
+    """The drift check's plan: refresh-only, so it never proposes to undo anything, and ``-lock=false``, so it
+    never takes the state lock a deploy needs. A plan never writes the state (only an apply of it would, and
+    this plan is never applied), so reading without the lock is safe; at worst it reads a state an apply is
+    writing, and the next check sees the result.
+
+    No ``-json``: Terraform 1.0.3's streamed ``-json`` UI prints no output changes, so the drift is read from
+    the saved plan (``show -json``: ``resource_drift`` and ``output_changes``).
+    """
+    args = ["plan", "-refresh-only", "-input=false", "-no-color", "-detailed-exitcode", "-lock=false", f"-out={out}"]
+    for name, value in variables.items():
         if not _VARIABLE_NAME.fullmatch(name):
             raise ValueError(f"not a Terraform variable name: {name!r}")
         args.append(f"-var={name}={value}")
@@ -308,6 +334,17 @@ def parse_plan_json(document: str | bytes, *, sha256: str) -> Plan:
             )
             for name, change in sorted((data.get("output_changes") or {}).items())
         )
+        drift = tuple(
+            ResourceChange(
+                address=rc["address"],
+                type=rc["type"],
+                name=rc["name"],
+                actions=_actions(rc["change"]["actions"], f"drift of {rc['address']}"),
+                before=_redact_sensitive(rc["change"].get("before"), rc["change"].get("before_sensitive")),
+                after=_redact_sensitive(rc["change"].get("after"), rc["change"].get("after_sensitive")),
+            )
+            for rc in data.get("resource_drift") or ()
+        )
     except (KeyError, TypeError) as exc:
         raise PlanFormatError(f"plan JSON is missing a field this adapter reads: {exc}") from exc
     return Plan(
@@ -316,6 +353,7 @@ def parse_plan_json(document: str | bytes, *, sha256: str) -> Plan:
         resource_changes=resources,
         output_changes=outputs,
         sha256=sha256,
+        resource_drift=drift,
     )
 
 
@@ -600,6 +638,19 @@ class Terraform:
         if result.returncode not in (0, 2):
             raise error_from_failure(result)
         return PlanResult(has_changes=result.returncode == 2, plan_file=plan_file)
+
+    def refresh_plan(self, *, variables: Mapping[str, str], out: Path) -> Plan:
+        """What drifted since the last apply (:func:`refresh_plan_args`), read from the saved plan; nothing
+        drifted is a result (``Plan.drifted`` False), a failure a typed error.
+
+        The exit code only tells an error (1) from a plan: Terraform 1.0.3 exits 2 from every refresh-only
+        ``-detailed-exitcode`` plan, with or without drift (seen on the pinned binary), so the plan decides.
+        """
+        plan_file = self._path(out)
+        result = self._run(refresh_plan_args(variables=variables, out=plan_file))
+        if result.returncode not in (0, 2):
+            raise error_from_failure(result)
+        return self.show_plan(plan_file)
 
     def show_plan(self, plan_file: Path) -> Plan:
         path = self._path(plan_file)

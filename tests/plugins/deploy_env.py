@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.deployments import run_deployment
+from pydantic import SecretStr
 
 from blocks.registry import ArtifactRegistry
 from examples.local_env import (
@@ -142,14 +143,22 @@ class DeployEnv:
 
     # --- icd.toml ----------------------------------------------------------------------------------------
 
-    def service(self, *, stack: str = "examples/stacks/local", **workspace_settings: object) -> Names:
-        """A fresh namespace, service and workspace (following its latest) in the session's icd.toml."""
+    def service(
+        self,
+        *,
+        stack: str = "examples/stacks/local",
+        namespace_settings: dict[str, object] | None = None,
+        **workspace_settings: object,
+    ) -> Names:
+        """A fresh namespace (with ``namespace_settings``), service and workspace (following its latest) in the
+        session's icd.toml."""
         tag = uuid.uuid4().hex[:6]
         names = Names(f"acmeinc/t{tag}", f"ws{tag}", f"svc{tag}")
         self.namespaces[names.namespace] = {
             "repository": str(self.repo.path),
             "repository_aliases": [f"acmeinc/repo-{tag}"],
             "service_name": names.service_name,
+            **(namespace_settings or {}),
         }
         self.workspace(names.workspace, follows=f"{names.namespace}@latest", stack=stack, **workspace_settings)
         return names
@@ -285,6 +294,7 @@ class DeployEnv:
         return {
             "registry AWS secret key": AWS_SECRET,
             "registry signing key": self.registry.signing_key.get_secret_value(),
+            "registry provenance key": _secret(self.registry.provenance_key),
             "Slack token": SLACK_TOKEN,
             "webhook secret": WEBHOOK_SECRET,
             "Slack signing secret": SLACK_SIGNING_SECRET,
@@ -304,6 +314,11 @@ class DeployEnv:
         self.worker.stop()
         self.worker = start_worker(self.server, POOL, env=self.worker_env, name=f"worker-{uuid.uuid4().hex[:6]}")
         self.workers.append(self.worker)
+
+
+def _secret(value: SecretStr | None) -> str:
+    assert value is not None, "icd-setup blocks gives the registry block its keys"
+    return value.get_secret_value()
 
 
 @pytest.fixture(scope="session")
@@ -342,6 +357,8 @@ def deploy_env(
         # The scheduled watch has its own tests; here it would post Slack messages of its own.
         # pause_deployment also deletes the runs already scheduled (update_deployment(paused=True) does not).
         client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
+        # Likewise the scheduled drift check: tests/test_drift.py runs it by hand, for its own workspaces.
+        client.pause_deployment(client.read_deployment_by_name("drift-check/drift-check").id)
 
         repo = AppRepo(make_app_repo(tmp_path_factory.mktemp("app-repo")))
         env_for_worker = worker_env(
@@ -350,6 +367,8 @@ def deploy_env(
             {
                 # Redelivery of a notification Slack refused: seconds, not minutes, in tests.
                 "ICD_REDELIVERY_BACKOFF_SECONDS": "1,2,4",
+                # ... and of a GitHub status: long enough to outlast an outage of a whole apply (test_github_status).
+                "ICD_STATUS_REDELIVERY_BACKOFF_SECONDS": "2,4,8,16,32",
             },
         )
         worker = start_worker(prefect_server, POOL, env=env_for_worker)
