@@ -7,6 +7,10 @@
        -> approved in the Prefect UI's form -> apply (v1's instance is replaced) -> healthy
     3. promote v2 to production (icd-registry promote) -> production plan -> Approve in Slack -> apply
     4. the production instance's health breaks -> icd.health.critical event, Slack alert, webhook notification
+    5. the drift check finds production clean; its instance is deregistered from Consul by hand -> the drift
+       check tells it (icd.drift.detected, the Slack notice with the way back)
+    6. the audit chain of what production runs: commit -> build -> signed provenance -> version -> plan ->
+       decision (who, from where) -> apply -> the Consul instances now -> drift checks
 
 Starts moto (S3, DynamoDB), the Consul and Slack API stand-ins (or a real `consul agent -dev` when `consul`
 is on PATH), a Prefect server, a process worker and the inbound webhook app; creates the blocks, the
@@ -39,6 +43,8 @@ from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from blocks.consul import ConsulConnection
+from cli.audit import Auditor
 from examples.local_env import (
     LocalServices,
     ManagedProcess,
@@ -235,6 +241,20 @@ def run_loop(
         demo.say(f"webhook notification ({delivery.webhook_id}) > {delivery.payload.get('text')}")
     for event in stored_events("icd.health.critical"):
         demo.say(f"event {event.event} about {event.resource.get('prefect.resource.name')}")
+    paged = bool(slack.webhook_deliveries)
+
+    demo.step("5. the drift check: production is clean; then its instance leaves Consul behind Terraform's back")
+    if not drift_check(demo, slack, "production", expect="clean"):
+        return 1
+    running = registry.running("production", NAMESPACE)
+    service_id = running.service_id if running else None
+    httpx.put(f"{consul_addr}/v1/agent/service/deregister/{service_id}", timeout=10).raise_for_status()
+    demo.say(f"deregistered {service_id} from Consul by hand")
+    if not drift_check(demo, slack, "production", expect="drift"):
+        return 1
+
+    demo.step("6. the audit chain of what production runs (icd-audit --workspace production)")
+    print(Auditor(registry, ConsulConnection.load("consul"), load_config()).workspace("production").to_text())
     if args.keep:
         demo.step(
             f"done in {time.monotonic() - demo.started:.0f}s; everything keeps running until Ctrl-C. "
@@ -242,7 +262,22 @@ def run_loop(
         )
         while True:
             time.sleep(3600)
-    return 0 if slack.webhook_deliveries else 1
+    return 0 if paged else 1
+
+
+def drift_check(demo: Demo, slack: SlackStandIn, workspace: str, *, expect: str) -> bool:
+    """Run the drift check of ``workspace`` now (as its schedule would) and show what it told."""
+    told_before = len(slack.messages)
+    run = run_deployment("drift-check/drift-check", parameters={"workspaces": [workspace], "force": True}, timeout=0)
+    done = wait_for_run(run.id, ENDED)  # type: ignore[union-attr]  # the sync variant
+    message = done.state.message if done.state else ""
+    demo.say(f"drift check {done.name}: {done.state.name if done.state else '?'}: {message}")
+    demo.slack(slack.base_url)
+    drifted = any("drift" in m.text.lower() for m in slack.messages[told_before:])
+    if (expect == "drift") != drifted:
+        demo.say(f"expected {expect}, the check said otherwise")
+        return False
+    return done.state is not None and done.state.type.value == "COMPLETED"
 
 
 def push_and_deploy(

@@ -45,7 +45,7 @@ from tasks.apply import apply_plan
 from tasks.approve import AwaitingApproval, approval_deadline, approval_notice, publish_plan, wait_for_approval
 from tasks.context import DeployContext, deploy_context, run_thread_key, tell_without_context
 from tasks.gate import close_window, gate_health, open_window
-from tasks.github_status import deploy_status
+from tasks.github_status import deploy_status, superseded_status
 from tasks.notify import notify_now, update_notice, update_notice_now
 from tasks.plan import plan_deploy, read_version, resolve_version
 from tasks.policies import once_per_run, retried
@@ -174,6 +174,7 @@ def claim_and_take_over(ctx: DeployContext, own: DeployRequest | None) -> Claime
         return claim
     told = outcomes.superseded(ctx.workspace, old.request, claim.holder.request, taken_by=claim.holder, asked=True)
     if supersede_waiting_run(old, claim.holder.request, ctx.run, message=told.message):
+        superseded_status(ctx, run_id=old.run_id, version=old.request.version, detail=told.title)
         # Told in the old run's thread, under its key, and its notice rewritten: the old run has no process.
         thread = NotificationReceipt(old.notice.channel, old.notice.ts) if old.notice else None
         text = f"Run {old.run_name}: {told.message}"
@@ -303,6 +304,7 @@ def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: A
     if isinstance(waiting, Superseded):
         ended = outcomes.superseded(ctx.workspace, mine, waiting.by, taken_by=waiting.taken_by, asked=True)
         if end_waiting_run(UUID(ctx.run_id), name=ended.name, message=ended.message):
+            superseded_status(ctx, run_id=ctx.run_id, version=asked.version.version, detail=ended.title)
             told = ctx.notice(ended.title, ended.message, ended.severity, facts=ended.facts)
             notify_now(ctx.notifier, told, reply_to=asked.notice)
             if asked.notice is not None:

@@ -262,6 +262,31 @@ def _deploy_status(
         _RUNS.pop(ctx.run_id, None)
 
 
+def superseded_status(ctx: DeployContext, *, run_id: str, version: int, detail: str) -> None:
+    """The deployment of a run that ended Superseded while it waited: ``failure``. That run has no process of
+    its own (or is suspended, and the server refuses its tasks), so this is no task: whoever ended it reports.
+    Never raises."""
+    try:
+        repository = github_repository(ctx.namespace)
+        if repository is None:
+            return
+        sha = ctx.registry.registry().get(ctx.namespace, version).git_commit
+        report = deploy_report(
+            repository,
+            sha,
+            ctx.workspace,
+            "failure",
+            detail,
+            namespace=ctx.namespace,
+            version=version,
+            run_id=run_id,
+            log_url=ctx.notifier.flow_run_url(run_id),
+        )
+        deliver(report, github_block=GITHUB_BLOCK)
+    except Exception as exc:  # noqa: BLE001  # best effort: a report never fails the run it reports on
+        _logger().warning("the superseded run %s not reported to GitHub: %s", run_id, one_line(str(exc), 300))
+
+
 def build_status(
     config: NamespaceConfig,
     sha: str,

@@ -38,13 +38,18 @@ _SERVER_FIXTURES = frozenset({"prefect_server", "deploy_env"})
 # tests first) put the end-to-end files last. Files not named (under 5 s each) keep their places after them.
 _LONGEST_FIRST = (
     "test_faults.py",  # 285 (issue 20, measured alone on a loaded machine: a 70 s zombie wait, S3 retries)
+    "test_drift.py",  # 257 (issue 22, measured alone)
     "test_deploy.py",  # 205
     "test_told_and_quiet.py",  # 196 with its set-up (issue 20, measured alone)
+    "test_slack_approvals.py",  # ~150 with its set-up (issue 21, measured alone)
+    "test_github_status.py",  # ~120 (issue 22, measured alone)
     "test_event_stream.py",  # 110 (issue 19, measured alone)
+    "test_provenance_e2e.py",  # ~110 (issue 22, measured alone)
     "test_trust.py",  # 104
     "test_operator_walkthrough.py",  # 89
     "test_events.py",  # 89
     "test_team_server.py",  # 78
+    "test_audit.py",  # 71 (issue 22, measured alone)
     "test_deliveries.py",  # 60 (issue 19, measured alone)
     "test_health_flaps.py",  # 30 (issue 19, measured alone)
     "test_tool_hangs.py",  # 54 (issue 20, measured alone)

@@ -1,11 +1,13 @@
 """End to end: the drift check (flows/drift_check.py) against a deployed workspace, the real server, Terraform,
-S3 (moto) and the Consul and Slack stand-ins. Drift is made out of band in Consul: the local stack's null
-provider reads nothing back, so a refresh-only plan of it finds no resource drift (tests/test_terraform.py
-covers Terraform's side on the real binary)."""
+S3 (moto) and the Consul and Slack stand-ins. Drift is made out of band in Consul, and on disk: the local
+stack's null provider reads nothing back, so a refresh-only plan finds no resource drift, but the stack's
+``instance_present`` output is evaluated again and leaves the state when the instance's files are gone
+(tests/test_terraform.py covers resource drift and a hand-edited state on the real binary)."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import consul
 import pytest
@@ -100,12 +102,24 @@ def test_drift_is_told_once_per_change_ignored_when_asked_and_never_checked_duri
     assert f"{ws}: clean;" in _check(env, ws) + ";"
     assert len(_told(env, ws)) == 3
 
+    # The instance's files removed behind Terraform's back: its refresh-only plan sees the stack's
+    # instance_present output leave the state. Told; put back, told resolved.
+    pid_file = Path(str(running.outputs["instance_dir"])) / ".owner"
+    kept = pid_file.read_bytes()
+    pid_file.unlink()
+    said = _check(env, ws)
+    assert f"{ws}: 1 drifted (told: detected)" in said, said
+    assert "output.instance_present" in _told(env, ws)[-1].text
+    pid_file.write_bytes(kept)
+    assert f"{ws}: clean (told: resolved)" in _check(env, ws)
+    assert len(_told(env, ws)) == 5
+
     # While a deploy of the workspace is in progress, the check leaves it alone and says so.
     env.repo.commit("a second version")
     waiting, _ = env.deploy_until_paused(names)
     agent.service.deregister(running.service_id)
     said = _check(env, ws)
     assert f"{ws}: skipped, a deploy of it is in progress" in said, said
-    assert len(_told(env, ws)) == 3
+    assert len(_told(env, ws)) == 5
     env.answer(waiting.id, env.plan_sha(ws, waiting.id), decision="reject")
     env.wait_for(waiting.id, states=ENDED)

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from icd.config import DriftIgnore
 from icd.errors import RegistryStorageError
 from icd.health.snapshot import ServiceEntry
-from icd.notify.message import Notification, Severity
+from icd.notify.message import Action, Confirm, Notification, Severity
 from icd.registry.s3 import S3Objects
 from icd.text import one_line, version_label
 from icd.tools.terraform import Plan
@@ -337,6 +337,10 @@ def decide(
 # --- telling -------------------------------------------------------------------------------------------
 
 
+# The drift notice's button (``Action.id``): a normal deploy of what the workspace should run.
+RECONCILE_ACTION = "reconcile"
+
+
 def reconcile_command(workspace: str, version: int | None) -> str | None:
     """The one command that puts the workspace back: a normal deploy of what it should run, planned and
     approved as usual. None when no registered version runs there (nothing to name)."""
@@ -397,6 +401,16 @@ def drift_notice(
     facts = {"workspace": workspace, "runs": f"{namespace} {version_label(version)}"}
     if report is not None and report.fingerprint:
         facts["fingerprint"] = report.fingerprint
+    actions: tuple[Action, ...] = ()
+    if tell in ("detected", "changed") and version is not None:
+        # The same deploy as the command: it plans and asks for approval as usual (icd/interactions/reconcile.py).
+        target = json.dumps({"workspace": workspace, "version": version}, separators=(",", ":"))
+        confirm = Confirm(
+            "Reconcile?",
+            f"Plan {namespace} v{version} into {workspace} again; it asks for approval as usual.",
+            "Plan it",
+        )
+        actions = (Action(RECONCILE_ACTION, f"Reconcile (plan v{version})", target, confirm=confirm),)
     return Notification(
         title=title,
         text="\n".join(lines),
@@ -407,6 +421,7 @@ def drift_notice(
         dedup_key=f"drift:{workspace}:{tell}:{decision.memory.fingerprint or decision.memory.error or ''}",
         kind="deploy",
         thread_key=f"drift:{workspace}",
+        actions=actions,
     )
 
 

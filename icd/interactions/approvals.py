@@ -309,6 +309,10 @@ class ApprovalButtons:
                     return run
                 time.sleep(0.2)
 
+    def group_members(self, approvers: list[str], user_id: str) -> set[str]:
+        """The users of ``approvers``' user groups (for the other buttons that follow the same policy)."""
+        return self._members(ApprovalPolicy(approvers=approvers), user_id)[0]
+
     def _members(self, policy: ApprovalPolicy, user_id: str) -> tuple[set[str], list[str]]:
         """The members of the policy's user groups (read only when the user is not listed by id), and the
         groups Slack would not list (a missing ``usergroups:read`` scope, a deleted group)."""

@@ -6,9 +6,11 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from icd.deploy.drift import RECONCILE_ACTION
 from icd.interactions.alerts import ALERT_ACTIONS, AlertButtons
 from icd.interactions.approvals import ApprovalButtons
 from icd.interactions.payloads import REJECT_CALLBACK, ButtonClick, ModalSubmitted, NotOurs, read_payload
+from icd.interactions.reconcile import ReconcileButton
 from icd.interactions.reply import Reply
 
 log = logging.getLogger("icd.interactions")
@@ -21,6 +23,8 @@ class SlackInteractions:
     def __init__(self, approvals: ApprovalButtons, alerts: AlertButtons | None = None) -> None:
         self.approvals = approvals
         self.alerts = alerts
+        # A drift notice's Reconcile: allowed to whoever may decide on the workspace's plans.
+        self.reconcile = ReconcileButton(config=approvals.config, members=approvals.group_members)
 
     def receive(self, payload: Mapping[str, Any]) -> Reply:
         read = read_payload(payload)
@@ -35,6 +39,8 @@ class SlackInteractions:
                     log.warning("a health alert's %s button was clicked, but alert buttons are off", read.action)
                     return Reply()
                 return self.alerts.click(read)
+            if read.action == RECONCILE_ACTION:
+                return self.reconcile.click(read)
             return self.approvals.click(read)
         if isinstance(read, ModalSubmitted) and read.callback_id == REJECT_CALLBACK:
             log.info("%s/%s submitted the reject modal", person.team_id, person.user_id)

@@ -172,3 +172,12 @@ output "instance_dir" {
 output "artifact_version" {
   value = null_resource.instance.triggers.artifact_version
 }
+
+# Whether the instance's files are still where it was unpacked. Outputs are evaluated again by every plan, a
+# refresh-only one included, so the drift check sees files removed behind Terraform's back as this output
+# leaving its state (the null provider itself reads nothing back). The path takes the resource's id (as ""),
+# so that Terraform evaluates it after the create step, not at plan time, before the files exist.
+output "instance_present" {
+  description = "The instance's files are in place (the .owner file its create step writes exists)."
+  value       = fileexists("${null_resource.instance.triggers.instance_dir}/.owner${replace(null_resource.instance.id, "/.*/", "")}")
+}
