@@ -137,7 +137,7 @@ class Auditor:
         moves.sort(key=lambda move: move.assigned_at)
         facts = {
             f"{operator_time(move.assigned_at)} {move.channel}": (
-                f"v{move.from_version or '-'} -> v{move.to_version or '-'} by {move.assigned_by}"
+                f"{_v(move.from_version)} -> {_v(move.to_version)} by {move.assigned_by}"
                 + (f" ({move.reason})" if move.reason else "")
             )
             for move in moves
@@ -275,6 +275,10 @@ class Auditor:
         services = self.consul.get_client().agent.services()
         found = services.get(service_id)
         return cast(dict[str, Any], found) if found else None
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "nothing"
 
 
 def _when(text: str) -> datetime | None:
