@@ -6,15 +6,21 @@ stack's null provider reads nothing back, so a refresh-only plan finds no resour
 
 from __future__ import annotations
 
+import json
+import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import consul
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
+from icd.deploy.workdir import open_terraform
 from icd.health.consul import parse_consul_address
+from icd.paths import PROJECT_ROOT
+from icd.tools.terraform import Terraform, build_env
 from standins.slack import ReceivedMessage
 from tests.plugins.deploy_env import ENDED, DeployEnv
 
@@ -37,8 +43,58 @@ def _told(env: DeployEnv, workspace: str) -> list[ReceivedMessage]:
     return [m for m in env.slack.messages if m.thread_key == f"drift:{workspace}"]
 
 
+def _terraform(env: DeployEnv, workspace: str, tmp_path: Path) -> Terraform:
+    """A working directory on the workspace's state, with the credentials a deploy's apply step gets."""
+    credentials, _ = env.registry.terraform_env(workspace, "apply")
+    return open_terraform(
+        PROJECT_ROOT / "examples/stacks/local",
+        tmp_path / f"edit-{uuid.uuid4().hex[:6]}",
+        backend=env.registry.state_backend(),
+        workspace=workspace,
+        env=credentials,
+    )
+
+
+def _raw(terraform: Terraform, *args: str, credentials: dict[str, str]) -> str:
+    done = subprocess.run(  # the pinned binary, fixed arguments
+        [terraform.binary, *args],
+        cwd=terraform.working_dir,
+        env=build_env(terraform.cli_config_file, credentials),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def _push_state(env: DeployEnv, workspace: str, tmp_path: Path, state: dict[str, Any]) -> None:
+    """``terraform state push`` of ``state`` with the next serial: S3 and the lock table's digest agree."""
+    terraform = _terraform(env, workspace, tmp_path)
+    credentials, _ = env.registry.terraform_env(workspace, "apply")
+    current = json.loads(_raw(terraform, "state", "pull", credentials=credentials))
+    pushed = {**state, "serial": int(current["serial"]) + 1}
+    (terraform.working_dir / "edited.tfstate").write_text(json.dumps(pushed))
+    _raw(terraform, "state", "push", "edited.tfstate", credentials=credentials)
+
+
+def _edit_state(env: DeployEnv, workspace: str, tmp_path: Path, attribute: str, value: str) -> dict[str, Any]:
+    """Change one attribute of the instance in the workspace's state, by hand; returns the state as it was."""
+    terraform = _terraform(env, workspace, tmp_path)
+    credentials, _ = env.registry.terraform_env(workspace, "apply")
+    original: dict[str, Any] = json.loads(_raw(terraform, "state", "pull", credentials=credentials))
+    edited = json.loads(json.dumps(original))
+    [instance] = next(r for r in edited["resources"] if r["name"] == "instance")["instances"]
+    target = instance["attributes"]
+    *parents, leaf = attribute.split(".")
+    for part in parents:
+        target = target[part]
+    target[leaf] = value
+    _push_state(env, workspace, tmp_path, edited)
+    return original
+
+
 def test_drift_is_told_once_per_change_ignored_when_asked_and_never_checked_during_a_deploy(
-    deploy_env: DeployEnv,
+    deploy_env: DeployEnv, tmp_path: Path
 ) -> None:
     env = deploy_env
     names = env.service(approval_timeout_seconds=900)
@@ -114,12 +170,22 @@ def test_drift_is_told_once_per_change_ignored_when_asked_and_never_checked_duri
     assert f"{ws}: clean (told: resolved)" in _check(env, ws)
     assert len(_told(env, ws)) == 5
 
+    # The state edited by hand (pushed through Terraform, as an operator would): what it records no longer
+    # gives its outputs. Told; the original pushed back, told resolved.
+    original = _edit_state(env, ws, tmp_path, "triggers.artifact_version", "edited-by-hand")
+    said = _check(env, ws)
+    assert f"{ws}: 1 drifted (told: detected)" in said, said
+    assert "output.artifact_version" in _told(env, ws)[-1].text
+    _push_state(env, ws, tmp_path, original)
+    assert f"{ws}: clean (told: resolved)" in _check(env, ws)
+    assert len(_told(env, ws)) == 7
+
     # While a deploy of the workspace is in progress, the check leaves it alone and says so.
     env.repo.commit("a second version")
     waiting, _ = env.deploy_until_paused(names)
     agent.service.deregister(running.service_id)
     said = _check(env, ws)
     assert f"{ws}: skipped, a deploy of it is in progress" in said, said
-    assert len(_told(env, ws)) == 5
+    assert len(_told(env, ws)) == 7
     env.answer(waiting.id, env.plan_sha(ws, waiting.id), decision="reject")
     env.wait_for(waiting.id, states=ENDED)

@@ -118,7 +118,12 @@ def test_two_proven_approvers_under_the_policy_apply_the_plan_and_everyone_else_
     # The UI's form: the workspace takes proven approvals only. The run asks again.
     assert env.answer(run.id, sha, approver="alice") is None
     env.wait_for_pause(run.id, "approval-1")
-    assert "takes approvals from Slack only" in env.state_message(run.id)
+    # The suspension and its message are two writes: wait for the second.
+    wait_until(
+        lambda: "takes approvals from Slack only" in env.state_message(run.id),
+        timeout=30,
+        message="the run never said why it asks again",
+    )
 
     # The commit's author may approve, but not alone: 1 of 2, in place and in the thread.
     first = env.slack.click(notice.ts, APPROVE, "U0DEV")
