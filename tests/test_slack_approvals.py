@@ -130,7 +130,7 @@ def test_two_proven_approvers_under_the_policy_apply_the_plan_and_everyone_else_
     _answered_in_time(first)
     _told(env, "U0DEV", "recorded (1 of 2)")
     updated = wait_until(
-        lambda: next(m for m in env.slack.messages if m.ts == notice.ts and "1 of 2" in str(m.blocks)) or None,
+        lambda: next((m for m in env.slack.messages if m.ts == notice.ts and "1 of 2" in str(m.blocks)), None),
         timeout=30,
         message="the notice does not show 1 of 2",
     )
@@ -152,8 +152,8 @@ def test_two_proven_approvers_under_the_policy_apply_the_plan_and_everyone_else_
     done = env.wait_for(run.id, states=ENDED)
     _ended_as(done, "Deployed")
     final = wait_until(
-        lambda: (
-            next(m for m in env.slack.messages if m.ts == notice.ts and m.text.startswith(":white_check_mark:")) or None
+        lambda: next(
+            (m for m in env.slack.messages if m.ts == notice.ts and m.text.startswith(":white_check_mark:")), None
         ),
         timeout=30,
         message="the notice was not rewritten with the outcome",
