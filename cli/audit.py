@@ -26,6 +26,7 @@ from icd.audit import Chain, Link, broken, chain, missing
 from icd.config import PipelineConfig, load_config
 from icd.deploy.drift import DriftMemory, DriftStore
 from icd.errors import DeployError
+from icd.health.snapshot import ServiceEntry, aggregate, parse_service_entries
 from icd.registry.models import ArtifactVersion
 from icd.registry.provenance import CheckedEnvelope
 from icd.text import operator_time
@@ -42,6 +43,8 @@ class Auditor:
         self.consul = consul
         self.config = config
         self._records: dict[str, list[CheckedEnvelope]] = {}
+        self._entries: dict[str, list[ServiceEntry]] = {}
+        self._drift_memories: dict[str, DriftMemory | None] = {}
 
     # --- entry points ------------------------------------------------------------------------------------
 
@@ -222,25 +225,27 @@ class Auditor:
         mine = [
             entry
             for entry in entries
-            if (meta := entry["Service"].get("Meta") or {}).get("deploy_run_id") == run_id
-            and (not build_label or str(meta.get("artifact_version", build_label)) == build_label)
+            if entry.meta.get("deploy_run_id") == run_id
+            and (not build_label or entry.meta.get("artifact_version", build_label) == build_label)
         ]
         if not mine:
             return [Link("instance", "none carries this deploy now", facts={"workspace": workspace})]
-        links = []
-        for entry in mine:
-            checks = entry.get("Checks") or []
-            worst = _worst(str(check.get("Status", "")) for check in checks)
-            service = entry["Service"]
-            facts = {"node": str(entry.get("Node", {}).get("Node", "")), "health": worst}
-            links.append(Link("instance", str(service.get("ID")), facts=facts))
-        return links
+        return [
+            Link(
+                "instance",
+                entry.instance.service_id,
+                # The health watch's own aggregation: the worst check, maintenance aside.
+                facts={
+                    "node": entry.instance.node,
+                    "health": aggregate(entry.instance).status if entry.instance.checks else "no checks",
+                },
+            )
+            for entry in mine
+        ]
 
     def _drift(self, workspace: str, said: dict[str, Any]) -> list[Link]:
         try:
-            memory: DriftMemory | None = DriftStore(self.block.s3_client(), self.block.bucket, self.block.prefix).load(
-                workspace
-            )
+            memory = self._drift_memory(workspace)
         except DeployError as exc:
             return [broken("drift", workspace, str(exc))]
         if memory is None or memory.checked_at is None:
@@ -259,15 +264,26 @@ class Auditor:
             self._records[workspace] = self.registry.deployment_records(workspace)
         return next((r for r in self._records[workspace] if r.where.endswith(f"/{run_id}.dsse.json")), None)
 
-    def _consul_entries(self, workspace: str) -> list[dict[str, Any]] | None:
+    def _drift_memory(self, workspace: str) -> DriftMemory | None:
+        """What the drift check of ``workspace`` last told; read once per audit (every apply link shows it)."""
+        if workspace not in self._drift_memories:
+            store = DriftStore(self.block.s3_client(), self.block.bucket, self.block.prefix)
+            self._drift_memories[workspace] = store.load(workspace)
+        return self._drift_memories[workspace]
+
+    def _consul_entries(self, workspace: str) -> list[ServiceEntry] | None:
+        """The workspace's instances in Consul with their checks, read once per audit; None when Consul fails."""
         assert self.consul is not None
-        settings = self.config.workspace(workspace)
-        service = self.config.namespace(settings.namespace).service_name
-        try:
-            _, entries = self.consul.get_client().health.service(service)
-        except Exception:  # noqa: BLE001  # shown as a missing link, with the reason
-            return None
-        return [e for e in entries if (e["Service"].get("Meta") or {}).get("workspace") == workspace]
+        if workspace not in self._entries:
+            settings = self.config.workspace(workspace)
+            service = self.config.namespace(settings.namespace).service_name
+            try:
+                _, entries = self.consul.get_client().health.service(service)
+            except Exception:  # noqa: BLE001  # shown as a missing link, with the reason
+                return None
+            parsed = parse_service_entries(entries)
+            self._entries[workspace] = [entry for entry in parsed if entry.meta.get("workspace") == workspace]
+        return self._entries[workspace]
 
     def _consul_instance(self, service_id: str) -> dict[str, Any] | None:
         if self.consul is None:
@@ -286,12 +302,6 @@ def _when(text: str) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-def _worst(statuses: Any) -> str:
-    order = {"critical": 3, "warning": 2, "passing": 1}
-    found = list(statuses)
-    return max(found, key=lambda s: order.get(s, 0)) if found else "no checks"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -262,10 +262,10 @@ def create_lock_table(credentials: AwsCredentials, table: str) -> None:
 
 
 def _secret_from_env(name: str) -> SecretStr:
-    value = os.environ.get(name, "")
-    if not value:
+    secret = _optional_secret_from_env(name)
+    if secret is None:
         raise SystemExit(f"icd-setup blocks: set ${name} (secrets are read from the environment, never argv)")
-    return SecretStr(value)
+    return secret
 
 
 def _optional_secret_from_env(name: str) -> SecretStr | None:

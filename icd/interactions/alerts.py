@@ -24,7 +24,6 @@ from typing import Any
 
 import consul
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError, SlackClientError
 
 from icd.deploy.approvers import slack_identity
 from icd.errors import DeployError, NotificationError
@@ -41,7 +40,7 @@ from icd.health.silences import (
     new_silence,
 )
 from icd.health.state import HealthStateStore
-from icd.interactions.approvals import tell_clicker
+from icd.interactions.approvals import display_name, tell_clicker
 from icd.interactions.payloads import ButtonClick, Person
 from icd.interactions.reply import Reply
 from icd.notify.message import Notification, Sender
@@ -200,14 +199,7 @@ class AlertButtons:
     def _name(self, user_id: str) -> str:
         if self.slack is None:
             return ""
-        try:
-            user = self.slack.users_info(user=user_id).get("user") or {}
-        except (SlackApiError, SlackClientError, OSError) as exc:
-            log.warning("could not read user %s: %s", user_id, type(exc).__name__)
-            return ""
-        profile = user.get("profile") or {}
-        name = profile.get("display_name") or profile.get("real_name") or user.get("real_name") or user.get("name")
-        return one_line(str(name or ""), _NAME_MAX)
+        return one_line(display_name(self.slack, user_id), _NAME_MAX)
 
     def _tell_channel(self, click: ButtonClick, notification: Notification) -> None:
         """The channel hears of the change as when ``icd-silence`` makes it; a lost message does not undo it."""

@@ -329,16 +329,7 @@ class ApprovalButtons:
         return members, unread
 
     def _name(self, user_id: str) -> str:
-        """The user's display name, for people reading the record; their id alone if Slack won't say."""
-        try:
-            user = self.slack.users_info(user=user_id).get("user") or {}
-        except (SlackApiError, SlackClientError, OSError) as exc:
-            log.warning("could not read user %s: %s", user_id, _slack_error(exc))
-            return ""
-        profile = user.get("profile") or {}
-        return str(
-            profile.get("display_name") or profile.get("real_name") or user.get("real_name") or user.get("name") or ""
-        )
+        return display_name(self.slack, user_id)
 
     def _progress(self, waiting: Waiting, votes: list[Vote]) -> str:
         approvals = slack_approvals(votes, waiting.request.plan_sha256)
@@ -384,6 +375,20 @@ class ApprovalButtons:
             self.respond(response_url, f"Nothing changed: {refused.reason}.")
             return
         self.respond(response_url, done)
+
+
+def display_name(slack: WebClient, user_id: str) -> str:
+    """A Slack user's display name (``users.info``), for people reading a record; "" if Slack won't say (the
+    record then names them by their proven id alone)."""
+    try:
+        user = slack.users_info(user=user_id).get("user") or {}
+    except (SlackApiError, SlackClientError, OSError) as exc:
+        log.warning("could not read user %s: %s", user_id, _slack_error(exc))
+        return ""
+    profile = user.get("profile") or {}
+    return str(
+        profile.get("display_name") or profile.get("real_name") or user.get("real_name") or user.get("name") or ""
+    )
 
 
 def _slack_error(exc: BaseException) -> str:
