@@ -15,6 +15,7 @@ guessed. The exit code is 0 when every link holds, 1 otherwise (2: bad arguments
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -22,7 +23,7 @@ from typing import Any, cast
 
 from blocks.consul import ConsulConnection
 from blocks.registry import ArtifactRegistry
-from icd.audit import Chain, Link, broken, chain, missing
+from icd.audit import Chain, Link, batch_gate, broken, chain, missing, parse_plan_id
 from icd.config import PipelineConfig, load_config
 from icd.deploy.drift import DriftMemory, DriftStore
 from icd.errors import DeployError
@@ -30,8 +31,6 @@ from icd.health.snapshot import ServiceEntry, aggregate, parse_service_entries
 from icd.registry.models import ArtifactVersion
 from icd.registry.provenance import CheckedEnvelope
 from icd.text import operator_time
-
-_ROLLBACK_SUFFIX = "-rollback"
 
 
 class Auditor:
@@ -158,21 +157,44 @@ class Auditor:
             return [missing("plan", "-", "no plan of this version is stored (never planned, or not in a workspace)")]
         links = []
         for plan in plans:
-            run_id = plan.plan_id.removesuffix(_ROLLBACK_SUFFIX)
+            which = parse_plan_id(plan.plan_id)
+            run_id = which.run_id
             record = self._record_of(plan.workspace, run_id)
             children: list[Link] = []
-            if plan.plan_id.endswith(_ROLLBACK_SUFFIX):
-                children.append(
-                    Link("decision", f"automatic rollback by run {run_id}", facts={"policy": "rollback_on_unhealthy"})
+            facts = {"run": run_id}
+            if which.role in ("rollback", "revert"):
+                what, policy = (
+                    ("rollback", "rollback_on_unhealthy") if which.role == "rollback" else ("revert", "auto_revert")
                 )
+                children.append(Link("decision", f"automatic {what} by run {run_id}", facts={"policy": policy}))
                 children += self._apply(record, plan.workspace, rollback=True, build_label=version.build_label)
+            elif which.role == "batch" and which.batch is not None:
+                # A rollout's later batch: applied under the approval of the run's first plan, and only while
+                # it stayed on the approved path; its instances are listed under that plan's apply (same run).
+                facts["batch"] = str(which.batch)
+                children.append(self._batch_decision(record, run_id, which.batch, plan.sha256))
             else:
                 children.append(self._decision(record, run_id, plan.sha256))
                 children += self._apply(record, plan.workspace, rollback=False, build_label=version.build_label)
-            links.append(
-                Link("plan", f"{plan.sha256[:16]} in {plan.workspace}", facts={"run": run_id}, children=tuple(children))
-            )
+            links.append(Link("plan", f"{plan.sha256[:16]} in {plan.workspace}", facts=facts, children=tuple(children)))
         return links
+
+    def _batch_decision(self, record: CheckedEnvelope | None, run_id: str, batch: int, plan_sha: str) -> Link:
+        label = f"batch {batch} of run {run_id}"
+        if record is None:
+            return missing("decision", label, "no signed decision of its run covers this batch")
+        if record.verified is None:
+            return broken("decision", label, record.problem)
+        verdict = record.verified.statement.get("verdict", {})
+        if verdict.get("outcome") == "Rejected":
+            return broken("decision", label, "its run's rollout was rejected, yet this batch was planned")
+        line = batch_gate(str(verdict.get("gate") or ""), batch)
+        # Each applied batch's line names its plan's whole hash: the stored plan must be that one.
+        named = re.search(r"\(plan ([0-9a-f]{64})\)", line or "")
+        if named is not None and named[1] != plan_sha:
+            return broken("decision", label, f"the signed record applied plan {named[1]}, the stored one is {plan_sha}")
+        facts = {"gate": line or "not applied (the signed record has no line for this batch)"}
+        return Link("decision", f"covered by the rollout's approval (run {run_id})", facts=facts)
 
     def _decision(self, record: CheckedEnvelope | None, run_id: str, plan_sha: str) -> Link:
         if record is None:
@@ -238,6 +260,8 @@ class Auditor:
                 facts={
                     "node": entry.instance.node,
                     "health": aggregate(entry.instance).status if entry.instance.checks else "no checks",
+                    # A fleet's instance says its slot (examples/stacks/local-fleet); a single one has none.
+                    **({"slot": entry.meta["slot"]} if entry.meta.get("slot") else {}),
                 },
             )
             for entry in mine

@@ -5,10 +5,11 @@
        -> apply -> healthy (Consul)
     2. the developer pushes a change: v2 -> build -> registered -> staging plan "acmeinc/web v1 → v2"
        -> approved in the Prefect UI's form -> apply (v1's instance is replaced) -> healthy
-    3. promote v2 to production (icd-registry promote) -> production plan -> Approve in Slack -> apply
-    4. the production instance's health breaks -> icd.health.critical event, Slack alert, webhook notification
-    5. the drift check finds production clean; its instance is deregistered from Consul by hand -> the drift
-       check tells it (icd.drift.detected, the Slack notice with the way back)
+    3. promote v2 to production (icd-registry promote) -> production plan -> Approve in Slack -> a rollout to
+       3 instances, one batch at a time, each gated on its instance's health (a line per batch in the thread)
+    4. one production instance's health breaks -> icd.health.critical event, Slack alert, webhook notification
+    5. the drift check finds production clean; one of its instances is deregistered from Consul by hand -> the
+       drift check tells it (icd.drift.detected, the Slack notice with the way back)
     6. the audit chain of what production runs: commit -> build -> signed provenance -> version -> plan ->
        decision (who, from where) -> apply -> the Consul instances now -> drift checks
 
@@ -28,6 +29,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -73,6 +75,11 @@ POOL = "local-pool"
 TOKEN = "xoxb-demo-token"
 OPERATOR = "U0OPS"  # the stand-in's on-call operator, who approves from Slack
 NAMESPACE = "acmeinc/web"
+# Production runs a fleet (examples/stacks/local-fleet), replaced one instance at a time, each batch held
+# healthy for 2 s before the next starts; staging stays one instance (examples/stacks/local).
+PRODUCTION_ROLLOUT = {"instances": 3, "max_parallel": 1, "min_healthy_time_seconds": 2}
+# A batch's thread message repeats its title ("... batch 2/3") before the line: take the last "batch N/M: ...".
+BATCH_LINE = re.compile(r"(?:batch \d+/\d+: )*(batch \d+/\d+: .*)")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
@@ -165,8 +172,12 @@ def run_loop(
         demo.home / "icd.toml",
         namespaces={NAMESPACE: {"repository": str(repo), "repository_aliases": [NAMESPACE], "service_name": "web"}},
         workspaces={
-            workspace: {"follows": f"{NAMESPACE}@{follows}", "stack": "examples/stacks/local"}
-            for workspace, follows in (("staging", "latest"), ("production", "production"))
+            "staging": {"follows": f"{NAMESPACE}@latest", "stack": "examples/stacks/local"},
+            "production": {
+                "follows": f"{NAMESPACE}@production",
+                "stack": "examples/stacks/local-fleet",
+                "rollout": PRODUCTION_ROLLOUT,
+            },
         },
     )
     os.environ["ICD_CONFIG"] = str(config)
@@ -209,7 +220,7 @@ def run_loop(
     show_release(demo, demo.home / "icd" / "instances" / "staging")
 
     version = registry.registry().last_version(NAMESPACE)
-    demo.step(f"3. promote v{version} to production (icd-registry promote) -> production plan")
+    demo.step(f"3. promote v{version} to production (icd-registry promote) -> a rollout to 3 instances")
     promoted_at = time.time()
     done = operations.promote(
         registry.registry(),
@@ -222,15 +233,16 @@ def run_loop(
         why=f"staging is healthy on v{version}",
     )
     demo.say(f"{NAMESPACE}@production -> v{done.assignment.to_version}; plans requested for {done.plans_requested}")
-    if not approve(demo, server, slack, registry, "production", after=promoted_at, via="slack"):
+    if not approve(demo, server, slack, registry, "production", after=promoted_at, via="slack", batches=True):
         return 1
     show_release(demo, demo.home / "icd" / "instances" / "production")
 
-    demo.step("4. the production instance's health breaks; the watch sees it")
+    demo.step("4. one production instance's health breaks (slot 0); the watch sees it")
     watch = run_deployment("consul-health/consul-health", parameters={"window_seconds": 40}, timeout=0)
     wait_for_run(watch.id, {"RUNNING"})
     wait_for_baseline(consul_addr)
-    instance = next((demo.home / "icd" / "instances" / "production").glob("web-*"))
+    # The fleet's instance directories are web-<slot>-<version>: break slot 0's, the others stay healthy.
+    instance = next((demo.home / "icd" / "instances" / "production").glob("web-0-*"))
     (instance / "unhealthy").touch()
     demo.say(f"touched {instance / 'unhealthy'}: /health answers 500 from now on")
     deadline = time.monotonic() + 60
@@ -243,11 +255,15 @@ def run_loop(
         demo.say(f"event {event.event} about {event.resource.get('prefect.resource.name')}")
     paged = bool(slack.webhook_deliveries)
 
-    demo.step("5. the drift check: production is clean; then its instance leaves Consul behind Terraform's back")
+    demo.step("5. the drift check: production is clean; then an instance leaves Consul behind Terraform's back")
     if not drift_check(demo, slack, "production", expect="clean"):
         return 1
     running = registry.running("production", NAMESPACE)
-    service_id = running.service_id if running else None
+    service_ids = running.service_ids if running else []
+    if len(service_ids) != PRODUCTION_ROLLOUT["instances"]:
+        demo.say(f"production's state lists instances {service_ids}, not {PRODUCTION_ROLLOUT['instances']}")
+        return 1
+    service_id = service_ids[-1]  # the last slot: one of the fleet, not the one whose health was broken
     httpx.put(f"{consul_addr}/v1/agent/service/deregister/{service_id}", timeout=10).raise_for_status()
     demo.say(f"deregistered {service_id} from Consul by hand")
     if not drift_check(demo, slack, "production", expect="drift"):
@@ -346,11 +362,20 @@ def wait_for_baseline(consul_addr: str, timeout: float = 60) -> None:
 
 
 def approve(
-    demo: Demo, server: Any, slack: SlackStandIn, registry: Any, workspace: str, *, after: float, via: str
+    demo: Demo,
+    server: Any,
+    slack: SlackStandIn,
+    registry: Any,
+    workspace: str,
+    *,
+    after: float,
+    via: str,
+    batches: bool = False,
 ) -> bool:
     """Approve the plan ``workspace``'s newest run waits on: ``via`` "slack" clicks Approve on its notice (the
     stand-in signs the click as Slack does; the run resumes once icd-inbound checked it), "ui" answers as the
-    Prefect UI's form does. Interactive: you do either."""
+    Prefect UI's form does. Interactive: you do either. ``batches``: a rollout; print the line each batch
+    posted in the deploy's thread, and fail unless there was one."""
     run = first_run_after("deploy-artifact", after)
     paused = wait_for_run(run.id, {"PAUSED", *ENDED})
     if paused.state is None or paused.state.type.value != "PAUSED":
@@ -372,6 +397,15 @@ def approve(
     done = wait_for_run(run.id, ENDED, timeout=7200)
     demo.say(f"run {done.name}: {done.state.name if done.state else '?'}: {done.state.message if done.state else ''}")
     demo.slack(slack.base_url)
+    if batches:
+        parent = next((m for m in slack.top_level() if m.thread_key == f"deploy-run:{run.id}"), None)
+        replies = slack.thread(parent.ts) if parent is not None else []
+        lines = [found.group(1) for m in replies if (found := BATCH_LINE.search(m.text))]
+        for line in lines:
+            demo.say(f"rollout > {line}")
+        if not lines:
+            demo.say(f"the {workspace} rollout posted no batch line in its thread")
+            return False
     return done.state is not None and done.state.name == "Deployed"
 
 

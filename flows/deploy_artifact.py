@@ -14,6 +14,8 @@ from its record (``once_per_run``), so code here outside tasks has no side effec
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -34,17 +36,26 @@ from icd.deploy.dispatch import checkpoint
 from icd.deploy.outcome import Outcome
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.queue import Claimed, DeployRequest, Lost, NoticeRef, RunRef, Superseded
-from icd.errors import ConfigError, ConflictError, DeployError, RegistryStorageError, RunRecordStoreError
-from icd.notify.message import NotificationReceipt
+from icd.deploy.rollout import RolloutPath, describe_mix, deviation
+from icd.errors import (
+    ConfigError,
+    ConflictError,
+    ContractBreachError,
+    DeployError,
+    RegistryStorageError,
+    RunRecordStoreError,
+)
+from icd.health.gate import BatchGateResult, InstanceHealth
+from icd.notify.message import NotificationReceipt, Severity
 from icd.registry.models import ArtifactVersion, ChannelMoved
 from icd.rules import PLAN_AND_APPLY_MARGIN_SECONDS, Workspace
-from icd.service.contract import SERVICE_ID_OUTPUT
+from icd.service.contract import SERVICE_ID_OUTPUT, SERVICE_IDS_OUTPUT, cite
 from icd.text import one_line
 from tasks.announce import announce_channel_move, announce_teardown
 from tasks.apply import apply_plan
 from tasks.approve import AwaitingApproval, approval_deadline, approval_notice, publish_plan, wait_for_approval
 from tasks.context import DeployContext, deploy_context, run_thread_key, tell_without_context
-from tasks.gate import close_window, gate_health, open_window
+from tasks.gate import close_window, gate_batch, gate_health, open_window
 from tasks.github_status import deploy_status, superseded_status
 from tasks.notify import notify_now, update_notice, update_notice_now
 from tasks.plan import plan_deploy, read_version, resolve_version
@@ -53,6 +64,7 @@ from tasks.promote import empty_channel, promote_channel
 from tasks.provenance import record_deployment
 from tasks.queue import checkpoint_workspace, claim_workspace, release_workspace, supersede_waiting_run
 from tasks.record import record_deploy
+from tasks.rollout import announce_batch, ask_again, plan_rollout, publish_instances
 
 _STATES = {"completed": Completed, "cancelled": Cancelled, "failed": Failed}
 _MARGIN = timedelta(seconds=PLAN_AND_APPLY_MARGIN_SECONDS)
@@ -134,7 +146,16 @@ def deploy_artifact(
     except BaseException:
         give_back(ctx)
         raise
-    give_back(ctx)
+    if give_back(ctx) and outcome.again:
+        # Only once the workspace is free: a request for the target its holder serves would be dropped.
+        ask_again(
+            ctx.registry,
+            ctx.workspace,
+            ctx.namespace,
+            claim.holder.request.version,
+            by=f"run {run.name}",
+            why=outcome.again,
+        )
     return finish(ctx, outcome)
 
 
@@ -228,7 +249,9 @@ def act_on(ctx: DeployContext, mine: DeployRequest, asked: AwaitingApproval, dec
         # Nothing is applied; the decision is kept signed all the same, for the audit chain.
         record_deployment(ctx.registry, ctx.run_id, planned, decision, {}, rejected)
         return rejected
-    expires = datetime.now(UTC) + timedelta(seconds=ctx.settings.health_deadline_seconds) + 2 * _MARGIN
+    # The lease covers the apply, the gate and a rollback; a rollout's, its whole progress deadline.
+    seconds = asked.rollout.progress_deadline_seconds if asked.rollout else ctx.settings.health_deadline_seconds
+    expires = datetime.now(UTC) + timedelta(seconds=seconds) + 2 * _MARGIN
     begun = checkpoint_workspace(ctx.registry, ctx.run_id, mine, advance_to="applying", expires_at=expires, retake=True)
     if isinstance(begun, Superseded):
         by, taker = begun.by, begun.taken_by
@@ -239,6 +262,8 @@ def act_on(ctx: DeployContext, mine: DeployRequest, asked: AwaitingApproval, dec
         return outcomes.lock_lost(ctx.workspace, begun.holder, record)
     if ctx.teardown:
         return tear_down(ctx, mine, planned, decision, record)
+    if asked.rollout is not None:
+        return roll_out(ctx, mine, asked, decision, record)
     return apply_and_gate(ctx, asked.version, planned, decision, record)
 
 
@@ -249,7 +274,12 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
     )
     if isinstance(version, str):
         return outcomes.not_current(ctx.workspace, mine, version)
-    planned = plan_deploy(ctx.registry, ctx.plan_request(version, plan_id=ctx.run_id))
+    # A workspace that rolls out plans its first batch; the operator approves the whole path with it.
+    rollout = None
+    if ctx.settings.rollout is not None and not ctx.teardown:
+        rollout = plan_rollout(ctx.registry, ctx.workspace, ctx.settings, version)
+    first = rollout.slots_after(0) if rollout is not None else ()
+    planned = plan_deploy(ctx.registry, ctx.plan_request(version, plan_id=ctx.run_id, instances=first))
     view = planned.view
     # A teardown whose plan destroys no resource has nothing to do (outputs left in the state don't count).
     if not planned.has_changes or (ctx.teardown and not view.destroy):
@@ -258,7 +288,7 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
     still = checkpoint_workspace(ctx.registry, ctx.run_id, mine)
     if isinstance(still, Superseded):
         return outcomes.superseded(ctx.workspace, mine, still.by, taken_by=still.taken_by, asked=False)
-    published = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.ui_url)
+    published = publish_plan(planned, run_url=ctx.run_url, ui_url=ctx.notifier.ui_url, rollout=rollout)
     deadline = approval_deadline(planned.plan_sha256, ctx.settings.approval_timeout_seconds)
     asking = approval_notice(
         planned,
@@ -268,10 +298,12 @@ def plan_and_ask(ctx: DeployContext, mine: DeployRequest) -> AwaitingApproval | 
         run_url=ctx.run_url,
         version=version,
         rules=ctx.approval_rules(version),
+        rollout=rollout,
+        reason=mine.reason,
     )
     notice = ctx.tell(replace(asking, thread_key=ctx.thread_key))
     deploy_status(ctx, "waiting")
-    return AwaitingApproval(version, planned, published, deadline, notice)
+    return AwaitingApproval(version, planned, published, deadline, notice, rollout)
 
 
 def still_wanted_while_waiting(ctx: DeployContext, mine: DeployRequest, asked: AwaitingApproval) -> None:
@@ -502,5 +534,214 @@ def handle_unhealthy(
             )
     record = {**record, "rollback plan": rollback.plan_sha256}
     # GitHub: the restored commit's deployment is live again; this run's own ends as a failure (finish).
+    deploy_status(ctx, "Deployed", version=previous, detail=f"v{previous} restored: v{version.version} was unhealthy")
+    return outcomes.rolled_back(ctx.workspace, version.version, previous, detail, record)
+
+
+def roll_out(
+    ctx: DeployContext, mine: DeployRequest, asked: AwaitingApproval, decision: ApprovalDecision, record: dict[str, str]
+) -> Outcome:
+    """Apply the approved rollout a batch at a time (``icd/deploy/rollout.py``).
+
+    Batch 1 applies the approved plan itself. Before each later batch the run asks the queue whether it is
+    still wanted (latest wins between batches) and renews its lease, then plans the batch and applies it
+    only if that plan stays on the approved path. Every batch's new instances must pass their Consul checks
+    for ``min_healthy`` within the batch deadline (and the rollout's progress deadline) before the next one
+    starts. A failed batch reverts every slot to what ran before (``auto_revert``), or stops where it is.
+    """
+    path, version, first = asked.rollout, asked.version, asked.planned
+    assert path is not None
+    ends = time.monotonic() + path.progress_deadline_seconds
+    open_window(
+        ctx.consul,
+        ctx.service_name,
+        deploy_run_id=ctx.run_id,
+        from_version=path.outgoing_build_label,
+        to_version=version.build_label,
+        seconds=path.progress_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
+    )
+    try:
+        deploy_status(ctx, "applying")
+        done: list[str] = []
+        applied: AppliedDeploy | None = None
+        waited = 0.0
+        for batch in range(path.total):
+            name = f"batch {batch + 1}/{path.total}"
+            plan, approved_sha = first, decision.plan_sha256
+            if batch > 0:
+                left = max(ends - time.monotonic(), 0.0)
+                kept = checkpoint_workspace(
+                    ctx.registry,
+                    ctx.run_id,
+                    mine,
+                    advance_to="applying",
+                    expires_at=datetime.now(UTC) + timedelta(seconds=left) + 2 * _MARGIN,
+                )
+                if isinstance(kept, Superseded):
+                    where = describe_mix(path.slots_after(batch - 1))
+                    return outcomes.rollout_superseded(
+                        ctx.workspace,
+                        mine,
+                        kept.by,
+                        taken_by=kept.taken_by,
+                        done=where,
+                        record=record,
+                        thread=asked.notice,
+                    )
+                if isinstance(kept, Lost):
+                    return outcomes.lock_lost(ctx.workspace, kept.holder, record)
+                plan = plan_deploy(
+                    ctx.registry,
+                    ctx.plan_request(version, plan_id=f"{ctx.run_id}-b{batch + 1}", instances=path.slots_after(batch)),
+                )
+                why = deviation(path, batch, plan.deltas, first.deltas)
+                if why is not None:
+                    return outcomes.rollout_deviated(ctx.workspace, first.view.version_diff, name, why, record)
+                approved_sha = plan.plan_sha256  # on the approved path: the rollout's approval covers it
+            result = apply_plan(ctx.registry, plan, approved_sha256=approved_sha, watch=ctx.watch_apply(name))
+            if isinstance(result, StalePlan):
+                return outcomes.stale_plan(ctx.workspace, result.reason, plan.plan_sha256, record, teardown=False)
+            applied = result
+            ids = batch_service_ids(applied.outputs, path.new_slots(batch))
+            # A batch that moves no slot (everything on the version already) has nothing to gate.
+            gate = (
+                gate_within_progress(ctx, path, ids, left=ends - time.monotonic())
+                if ids
+                else BatchGateResult(True, 0.0, ())
+            )
+            waited += gate.waited_seconds
+            line = batch_line(name, gate)
+            done.append(f"{line} (plan {plan.plan_sha256})")  # signed with the deployment record: each batch's plan
+            record[name] = line
+            tell_batch(ctx, path, batch, gate, applied.outputs, line)
+            if not gate.healthy:
+                ended = batch_failed(ctx, version, path, batch, gate, record)
+                record_deployment(
+                    ctx.registry, ctx.run_id, first, decision, applied.outputs, ended, gate="; ".join(done)
+                )
+                return ended
+        assert applied is not None  # a rollout path always has a batch (an empty one plans no changes)
+        # The channel records the plan the operator approved (batch 1); the batches are in the deploy record.
+        ended = promote(ctx, version, first, decision, replace(applied, plan_sha256=first.plan_sha256), waited, record)
+        record_deployment(ctx.registry, ctx.run_id, first, decision, applied.outputs, ended, gate="; ".join(done))
+        return ended
+    finally:
+        close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
+
+
+def gate_within_progress(ctx: DeployContext, path: RolloutPath, ids: Sequence[str], *, left: float) -> BatchGateResult:
+    """The batch's gate, within what is left of the rollout's progress deadline: a batch whose instances could
+    no longer stay healthy for ``min_healthy`` before it passes fails without waiting."""
+    deadline = min(path.healthy_deadline_seconds, left)
+    if deadline <= path.min_healthy_seconds or deadline <= 0:
+        why = f"the rollout's progress deadline ({path.progress_deadline_seconds:g} s) left no time for this batch"
+        return BatchGateResult(False, 0.0, tuple(InstanceHealth(sid, "missing", why, 0.0) for sid in ids))
+    return gate_batch(
+        ctx.consul,
+        service_name=ctx.service_name,
+        service_ids=ids,
+        deploy_run_id=ctx.run_id,
+        min_healthy_seconds=path.min_healthy_seconds,
+        deadline_seconds=deadline,
+    )
+
+
+def batch_service_ids(outputs: Mapping[str, Any], slots: Sequence[int]) -> list[str]:
+    """The Consul service IDs of ``slots``, from the stack's list output (docs/service-contract.md#rollout)."""
+    ids = outputs.get(SERVICE_IDS_OUTPUT)
+    if not isinstance(ids, list) or any(slot >= len(ids) for slot in slots):
+        raise ContractBreachError(
+            f"the stack's {SERVICE_IDS_OUTPUT!r} output ({ids!r}) does not list slots {list(slots)}; "
+            f"see {cite('rollout')}"
+        )
+    return [str(ids[slot]) for slot in slots]
+
+
+def batch_line(name: str, gate: BatchGateResult) -> str:
+    """The thread's line for one batch: "batch 2/4: web-7, web-8 healthy after 11 s"."""
+    ids = ", ".join(instance.service_id for instance in gate.instances)
+    if not ids:
+        return f"{name}: applied; no instance replaced"
+    if gate.healthy:
+        return f"{name}: {ids} healthy after {gate.waited_seconds:.0f} s"
+    failing = gate.failing
+    assert failing is not None
+    check = f": {one_line(failing.output, 300)}" if failing.output else ""
+    return f"{name}: {failing.service_id} {failing.status} after {gate.waited_seconds:.0f} s{check}"
+
+
+def tell_batch(
+    ctx: DeployContext, path: RolloutPath, batch: int, gate: BatchGateResult, outputs: Mapping[str, Any], line: str
+) -> None:
+    """One batch, told everywhere it is read: an event, a line in the deploy's thread, the UI's table of the
+    instances by version, and the deploy record (so a run that dies between batches leaves what it did)."""
+    announce_batch(
+        events.rollout_batch(
+            workspace=ctx.workspace,
+            namespace=ctx.namespace,
+            version=path.target.version or 0,
+            outcome="healthy" if gate.healthy else "failed",
+            batch=batch + 1,
+            batches=path.total,
+            instances=[instance.service_id for instance in gate.instances],
+            detail=line,
+            run_id=ctx.run_id,
+        )
+    )
+    severity: Severity = "info" if gate.healthy else "critical"
+    ctx.tell(ctx.notice(f"Rollout on {ctx.workspace}: {line.split(':')[0]}", line, severity))
+    ids = outputs.get(SERVICE_IDS_OUTPUT)
+    slots = path.slots_after(batch)
+    rows = [
+        {
+            "slot": str(index),
+            "version": slot.label,
+            "service id": str(ids[index]) if isinstance(ids, list) and index < len(ids) else "-",
+            "moved in": next(
+                (f"batch {b + 1}" for b, moved in enumerate(path.batches) if index in moved and b <= batch), "-"
+            ),
+        }
+        for index, slot in enumerate(slots)
+    ]
+    publish_instances(ctx.workspace, rows, f"{ctx.workspace}: {describe_mix(slots)}")
+    record_deploy(
+        ctx.workspace,
+        {"outcome": f"rolling out ({line})", "instances": describe_mix(slots), "run": ctx.run_url or ctx.run_id},
+    )
+
+
+def batch_failed(
+    ctx: DeployContext,
+    version: ArtifactVersion,
+    path: RolloutPath,
+    batch: int,
+    gate: BatchGateResult,
+    record: dict[str, str],
+) -> Outcome:
+    """Put back what ran before on every slot (``auto_revert``), verified and applied like any rollback; or,
+    with nothing to revert to, stop where the rollout is and say what runs."""
+    detail = batch_line(f"batch {batch + 1}/{path.total}", gate)
+    revert = path.revert_to if path.auto_revert else None
+    previous = revert[0].version if revert else None
+    if revert is None or previous is None:
+        why = (
+            "auto_revert is off"
+            if not path.auto_revert
+            else "nothing to revert to (no single registered version ran on every instance before)"
+        )
+        where = describe_mix(path.slots_after(batch))
+        return outcomes.rollout_halted(ctx.workspace, ctx.namespace, version.version, detail, why, where, record)
+    target = resolve_version(ctx.registry, ctx.namespace, previous)
+    assert isinstance(target, ArtifactVersion)  # without `follows` it is a version or an exception
+    back = plan_deploy(
+        ctx.registry, ctx.plan_request(target, plan_id=f"{ctx.run_id}-revert", rollback=True, instances=revert)
+    )
+    if back.has_changes:
+        applied = apply_plan(ctx.registry, back, approved_sha256=back.plan_sha256, watch=ctx.watch_apply("revert"))
+        if isinstance(applied, StalePlan):
+            return outcomes.rollback_failed(
+                ctx.workspace, ctx.namespace, version.version, previous, detail, applied.reason, record
+            )
+    record = {**record, "revert plan": back.plan_sha256, "instances": describe_mix(revert)}
     deploy_status(ctx, "Deployed", version=previous, detail=f"v{previous} restored: v{version.version} was unhealthy")
     return outcomes.rolled_back(ctx.workspace, version.version, previous, detail, record)

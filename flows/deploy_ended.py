@@ -38,11 +38,14 @@ from prefect.states import Cancelled
 
 from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
-from icd.errors import DeployError
+from icd.config import load_config
+from icd.errors import ConfigError, DeployError
 from icd.notify.message import Notification, NotificationReceipt, Notifier, Severity
 from tasks.context import run_thread_key
 from tasks.notify import notify, update_notice
 from tasks.queue import release_workspace
+from tasks.record import record_deploy
+from tasks.rollout import instances_now
 
 TIMED_OUT = "never resumed"
 # Waits between tries of a release S3 refused (about 15 minutes in all): short first, S3 is often back soon.
@@ -76,6 +79,8 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             f"Run {run.name} crashed ({state.message or 'no message'}); its workspace lock {lock}. "
             "Terraform's state lock guards the state; check the run's last log lines, then plan again."
         )
+        if mix := _instances_after_crash(registry, workspace, run.name):
+            text += f" The workspace runs {mix}, as its state says: the next plan rolls out from there."
         severity, done = "critical", "crash handled"
     elif (
         state is not None
@@ -117,6 +122,23 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     if released is None:
         return _release_when_back(registry, notifier, workspace, str(run.id), done)
     return done
+
+
+def _instances_after_crash(registry: ArtifactRegistry, workspace: str, run_name: str) -> str | None:
+    """For a workspace that rolls out: what its instances run now, told and put in its deploy record, so a
+    rollout that died between batches never leaves an unknown mix. None for other workspaces, or when the
+    state can't be read (the notice then says nothing more than it did)."""
+    try:
+        settings = load_config().workspaces.get(workspace)
+        if settings is None or settings.rollout is None:
+            return None
+        mix = instances_now(registry, workspace, settings.namespace)
+    except (ConfigError, DeployError) as exc:
+        get_run_logger().warning("could not read what %s runs after run %s crashed: %s", workspace, run_name, exc)
+        return None
+    if mix is not None:
+        record_deploy(workspace, {"outcome": "crashed mid-rollout", "instances": mix, "run": run_name})
+    return mix
 
 
 _PENDING = "could not be released yet (S3 unreachable): deploy-ended releases it as soon as S3 answers"

@@ -13,12 +13,18 @@ match), with the reason. Nothing is guessed: a link with no record says so.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 LinkStatus = Literal["ok", "missing", "broken"]
 _MARK: Mapping[LinkStatus, str] = {"ok": "✓", "missing": "?", "broken": "✗"}
+PlanRole = Literal["approved", "batch", "rollback", "revert"]
+# The plan ids a deploy run stores (flows/deploy_artifact.py): its own id for the plan it asks approval of,
+# "-b<N>" for a rollout's later batches (at most 100 instances: 3 digits, so never a UUID's 12-hex tail),
+# "-rollback" for an automatic rollback, "-revert" for a failed rollout's revert.
+_PLAN_SUFFIX = re.compile(r"^(?P<run>.+?)-(?:b(?P<batch>\d{1,3})|(?P<role>rollback|revert))$")
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,31 @@ def _text(link: Link, depth: int) -> list[str]:
     for child in link.children:
         lines += _text(child, depth + 1)
     return lines
+
+
+@dataclass(frozen=True)
+class PlanId:
+    """Which run stored a plan, and why: the plan it asked approval of, a later batch, a rollback, a revert."""
+
+    run_id: str
+    role: PlanRole = "approved"
+    batch: int | None = None  # the rollout's batch number (2 and up) of a "batch" plan
+
+
+def parse_plan_id(plan_id: str) -> PlanId:
+    """The run and role of a stored plan id ("<run>", "<run>-b2", "<run>-rollback", "<run>-revert")."""
+    found = _PLAN_SUFFIX.match(plan_id)
+    if found is None:
+        return PlanId(plan_id)
+    if found["batch"] is not None:
+        return PlanId(found["run"], "batch", int(found["batch"]))
+    return PlanId(found["run"], "rollback" if found["role"] == "rollback" else "revert")
+
+
+def batch_gate(gate: str, batch: int) -> str | None:
+    """Batch ``batch``'s line in a rollout's signed gate ("batch 1/3: ...; batch 2/3: ..."), if it has one."""
+    prefix = f"batch {batch}/"
+    return next((part.strip() for part in gate.split("; ") if part.strip().startswith(prefix)), None)
 
 
 def missing(kind: str, label: str, reason: str) -> Link:

@@ -144,6 +144,28 @@ class DriftIgnore(_Strict):
     why: str = Field(min_length=1, max_length=500)
 
 
+class RolloutPolicy(_Strict):
+    """How a deploy replaces a workspace's instances (``[workspaces.<name>.rollout]``), after Nomad's ``update``
+    block: ``max_parallel`` instances at a time, each batch gated on its new instances' Consul checks passing
+    for ``min_healthy_time_seconds`` within ``healthy_deadline_seconds``, the whole rollout within
+    ``progress_deadline_seconds``. The defaults are the single-instance deploy: one instance, one batch, the
+    workspace's ``health_deadline_seconds`` and ``rollback_on_unhealthy``. More than one instance needs a stack
+    that runs a list of instances (docs/service-contract.md#rollout; the pre-flight check verifies it)."""
+
+    instances: Annotated[int, Field(ge=1, le=100)] = 1
+    max_parallel: Annotated[int, Field(ge=1, le=100)] = 1
+    min_healthy_time_seconds: Annotated[float, Field(ge=0, le=3600)] = 0.0
+    # None: the workspace's health_deadline_seconds (one gate per batch, as per deploy).
+    healthy_deadline_seconds: Annotated[float, Field(gt=0, le=MAX_HEALTH_DEADLINE_SECONDS)] | None = None
+    progress_deadline_seconds: Annotated[float, Field(gt=0, le=6 * 3600)] = 600.0
+    # None: the workspace's rollback_on_unhealthy. Revert to what ran before the rollout when a batch fails.
+    auto_revert: bool | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return min(self.max_parallel, self.instances)
+
+
 class WorkspaceConfig(_Strict):
     """One place a namespace is deployed: what it follows, how it is deployed, what a healthy deploy moves."""
 
@@ -165,6 +187,31 @@ class WorkspaceConfig(_Strict):
     # How often the drift check plans the workspace refresh-only (flows/drift_check.py; its schedule is 5 min).
     drift_interval_seconds: Annotated[float, Field(ge=60, le=7 * 24 * 3600)] = 3600.0
     drift_ignore: list[DriftIgnore] = Field(default_factory=list)
+    # Present: the stack runs a list of instances and a deploy rolls them out in batches (icd/deploy/rollout.py).
+    rollout: RolloutPolicy | None = None
+
+    @model_validator(mode="after")
+    def _rollout_fits(self) -> WorkspaceConfig:
+        if self.rollout is None:
+            return self
+        healthy = self.rollout.healthy_deadline_seconds or self.health_deadline_seconds
+        if self.rollout.min_healthy_time_seconds >= healthy:
+            raise ValueError(
+                f"rollout.min_healthy_time_seconds ({self.rollout.min_healthy_time_seconds:g}) must be shorter "
+                f"than the healthy deadline ({healthy:g} s): no batch could ever pass"
+            )
+        return self
+
+    @property
+    def batch_deadline_seconds(self) -> float:
+        """How long each batch's new instances have to become healthy (and stay so for min_healthy_time)."""
+        return (self.rollout and self.rollout.healthy_deadline_seconds) or self.health_deadline_seconds
+
+    @property
+    def auto_revert(self) -> bool:
+        if self.rollout is None or self.rollout.auto_revert is None:
+            return self.rollback_on_unhealthy
+        return self.rollout.auto_revert
 
     @field_validator("follows")
     @classmethod

@@ -50,6 +50,8 @@ WORKSPACE_TORN_DOWN = "icd.workspace.torn-down"
 HEALTH_PREFIX = "icd.health."
 DRIFT_DETECTED = "icd.drift.detected"
 DRIFT_RESOLVED = "icd.drift.resolved"
+# One per batch of a rollout: icd.rollout.batch.healthy, .failed, .reverted
+ROLLOUT_BATCH_PREFIX = "icd.rollout.batch."
 # Deliveries of one GitHub webhook share this namespace: a redelivery gets the same event id.
 _DELIVERY_NAMESPACE = uuid.UUID("6f1e6d4e-51c1-4b8e-9a43-0e3c0c5d3a11")
 
@@ -256,6 +258,36 @@ def drift_changed(
             "version": version,
             "fingerprint": fingerprint,
             "resources": list(resources),
+        },
+    )
+
+
+def rollout_batch(
+    *,
+    workspace: str,
+    namespace: str,
+    version: int,
+    outcome: str,
+    batch: int,
+    batches: int,
+    instances: Sequence[str],
+    detail: str,
+    run_id: str,
+) -> EventSpec:
+    """``icd.rollout.batch.<outcome>``: batch ``batch`` of ``batches`` (1-based) of a rollout to ``version``
+    ended ``healthy`` or ``failed`` (its new ``instances``, by Consul service ID, and what the gate saw)."""
+    return EventSpec(
+        f"{ROLLOUT_BATCH_PREFIX}{outcome}",
+        _workspace_resource(workspace, namespace, version),
+        [flow_run_resource(run_id, "deploy-run")],
+        {
+            "workspace": workspace,
+            "namespace": namespace,
+            "version": version,
+            "batch": batch,
+            "batches": batches,
+            "instances": list(instances),
+            "detail": detail,
         },
     )
 

@@ -37,10 +37,11 @@ from icd.deploy.approval import (
 )
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.record import artifact_key
+from icd.deploy.rollout import RolloutPath
 from icd.deploy.votes import ApprovalRequest, read_votes, record_request
 from icd.notify.message import Action, Confirm, Notification, NotificationReceipt
 from icd.registry.models import ArtifactVersion
-from icd.text import operator_time
+from icd.text import markdown_inline, operator_time
 from tasks.policies import ONCE_PER_RUN, once_per_run
 
 
@@ -51,10 +52,16 @@ class PublishedPlan:
 
 
 @task(name="publish-plan", persist_result=True, cache_policy=ONCE_PER_RUN)
-def publish_plan(planned: PlannedDeploy, *, run_url: str | None, ui_url: str | None = None) -> PublishedPlan:
+def publish_plan(
+    planned: PlannedDeploy, *, run_url: str | None, ui_url: str | None = None, rollout: RolloutPath | None = None
+) -> PublishedPlan:
     """Publish the full plan (Markdown) and its resource changes (a table) as artifacts of the run; return
-    the approval form's compact description, which links to the full plan."""
-    markdown = planned.view.markdown(workspace=planned.workspace, extra={"Run": run_url or "-"})
+    the approval form's compact description, which links to the full plan. A rollout's path is part of what
+    is approved: it heads both."""
+    extra = {"Run": run_url or "-"}
+    if rollout is not None:
+        extra = {"Rollout": rollout.describe(), "This plan": f"batch 1 of {rollout.total}", **extra}
+    markdown = planned.view.markdown(workspace=planned.workspace, extra=extra)
     plan_artifact = create_markdown_artifact(
         markdown, key=artifact_key("plan", planned.workspace), description=f"Plan {planned.plan_sha256[:12]}"
     )
@@ -68,6 +75,8 @@ def publish_plan(planned: PlannedDeploy, *, run_url: str | None, ui_url: str | N
     # address is not configured; the configured address also works behind a path prefix.
     details_url = f"{(ui_url or '').rstrip('/')}/artifacts/artifact/{plan_artifact}"
     form = planned.view.approval_markdown(workspace=planned.workspace, details_url=details_url)
+    if rollout is not None:
+        form = f"**Rollout:** {markdown_inline(rollout.describe())} This plan is batch 1.\n\n{form}"
     return PublishedPlan(form, str(plan_artifact))
 
 
@@ -86,6 +95,8 @@ def approval_notice(
     run_url: str | None,
     version: ArtifactVersion | None = None,
     rules: ApprovalRules | None = None,
+    rollout: RolloutPath | None = None,
+    reason: str = "",
 ) -> Notification:
     """The "approve me" message: what changes (versions, commit and author, resource counts), the plan's
     whole hash, the deadline, who may approve, Approve and Reject (each asks "are you sure?" first), the
@@ -97,6 +108,11 @@ def approval_notice(
         author = version.labels.get("commit_author") or ""
         pushed_by = version.labels.get("pushed_by") or ""
         facts["author"] = ", ".join(filter(None, [author, f"pushed by {pushed_by}" if pushed_by else ""])) or "-"
+    if reason:  # why it is asked (a rollout that left its approved path is asked again)
+        facts["reason"] = reason
+    if rollout is not None:
+        facts["rollout"] = rollout.describe()
+        facts["first batch"] = f"slots {', '.join(str(slot) for slot in rollout.batches[0])}"
     facts |= {"changes": view.counts, "plan sha256": planned.plan_sha256, "run": run_name}
     policy = rules.policy if rules is not None else ApprovalPolicy()
     if policy != ApprovalPolicy():
@@ -158,6 +174,7 @@ class AwaitingApproval:
     published: PublishedPlan
     deadline: datetime
     notice: NotificationReceipt | None  # the "approve me" message, for replies in its thread
+    rollout: RolloutPath | None = None  # what the approval covers beyond the first batch's plan
 
 
 # Tell operators a warning about this run: (title, text, facts); the flow adds the workspace and the run's link.

@@ -7,7 +7,7 @@ so the flow body only orchestrates.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import cast
@@ -20,12 +20,13 @@ from icd.deploy.approval import ApprovalDecision, ApprovalRules
 from icd.deploy.artifacts import artifact_for
 from icd.deploy.plan import PlanRequest
 from icd.deploy.queue import DeployRequest, RunRef
+from icd.deploy.rollout import Slot, encode_instances
 from icd.deploy.stuck import heads_up_seconds, heads_up_text, heads_up_title
 from icd.deploy.votes import ApprovalRequest
 from icd.notify.message import MessageKind, Notification, NotificationReceipt, Notifier, Severity
 from icd.paths import PROJECT_ROOT, state_home
 from icd.registry.models import ArtifactVersion
-from icd.service.contract import StackVariables
+from icd.service.contract import ROLLOUT_VARIABLE, StackVariables
 from icd.text import operator_time
 from icd.tools.terraform import ApplyWatch, HeadsUp
 from tasks.approve import AwaitingApproval, approval_notice
@@ -90,9 +91,12 @@ class DeployContext:
             requested_at=datetime.now(UTC),
         )
 
-    def plan_request(self, version: ArtifactVersion, *, plan_id: str, rollback: bool = False) -> PlanRequest:
+    def plan_request(
+        self, version: ArtifactVersion, *, plan_id: str, rollback: bool = False, instances: Sequence[Slot] = ()
+    ) -> PlanRequest:
         """What to plan; every stack gets the same variables. Contract: docs/service-contract.md#stack-variables
-        (the pre-flight check reports a stack that doesn't declare one of them)."""
+        (the pre-flight check reports a stack that doesn't declare one of them). A workspace that rolls out
+        also passes what each slot runs (``instances``; docs/service-contract.md#rollout)."""
         variables = StackVariables(
             artifact_id=artifact_for(version, self.settings.platform),
             artifact_version=version.build_label,
@@ -103,6 +107,8 @@ class DeployContext:
             workspace=self.workspace,
             instance_root=str(state_home() / "instances" / self.workspace),
         ).as_vars()
+        if self.settings.rollout is not None:
+            variables[ROLLOUT_VARIABLE] = encode_instances(instances)
         return PlanRequest(
             workspace=self.workspace,
             stack_dir=self.stack_dir,

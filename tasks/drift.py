@@ -23,14 +23,24 @@ from blocks.consul import ConsulConnection
 from blocks.registry import ArtifactRegistry
 from icd import events
 from icd.config import WorkspaceConfig
-from icd.deploy.drift import Decision, DriftMemory, DriftReport, DriftStore, build_report, drift_notice, table_rows
+from icd.deploy.drift import (
+    Decision,
+    DriftMemory,
+    DriftReport,
+    DriftStore,
+    build_report,
+    deploy_run_of,
+    drift_notice,
+    table_rows,
+)
 from icd.deploy.record import applied_seconds, artifact_key
+from icd.deploy.rollout import Slot, encode_instances
 from icd.deploy.running import Running
 from icd.health.consul import consul_call
 from icd.health.snapshot import ServiceEntry, parse_service_entries
 from icd.notify.message import Notifier
 from icd.paths import PROJECT_ROOT, state_home
-from icd.service.contract import StackVariables
+from icd.service.contract import ROLLOUT_VARIABLE, StackVariables
 from tasks.notify import notify
 from tasks.plan import workdir_opener
 
@@ -82,10 +92,12 @@ def running_variables(
     running: Running, settings: WorkspaceConfig, *, service_name: str, consul_addr: str, deploy_run_id: str
 ) -> dict[str, str]:
     """The stack variables of what runs now, from its state: its artifact and build label, not a new version's
-    (docs/service-contract.md#stack-variables). ``deploy_run_id`` is no trigger: any value plans the same."""
+    (docs/service-contract.md#stack-variables), and a rolling-out workspace's ``instances`` as its slots run
+    them (without it the fleet stack would plan a single instance). ``deploy_run_id`` is no trigger: any
+    value plans the same."""
     if not running.artifact_ids:
         raise ValueError(f"the state of {running.workspace} names no artifact")
-    return StackVariables(
+    variables = StackVariables(
         artifact_id=running.artifact_ids[0],
         artifact_version=running.build_label or "",
         namespace=settings.namespace,
@@ -95,6 +107,12 @@ def running_variables(
         workspace=running.workspace,
         instance_root=str(state_home() / "instances" / running.workspace),
     ).as_vars()
+    # As the deploy does (tasks/context.py): only a rolling-out workspace's stack declares ``instances``. A
+    # counted resource has no gaps, so slot order is list order.
+    if settings.rollout is not None and running.slots:
+        slots = [Slot(artifact, label) for _, (artifact, label) in sorted(running.slots.items())]
+        variables[ROLLOUT_VARIABLE] = encode_instances(slots)
+    return variables
 
 
 @dataclass(frozen=True)
@@ -119,9 +137,7 @@ def check_drift(
     entries = _consul_entries(consul, service_name)
     plan = None
     if running is not None:
-        touched = next(
-            (e.meta.get("deploy_run_id") for e in entries if e.instance.service_id == running.service_id), None
-        )
+        touched = deploy_run_of(running.service_ids, entries)
         variables = running_variables(
             running,
             settings,
@@ -139,7 +155,7 @@ def check_drift(
     report = build_report(
         workspace,
         plan=plan,
-        state_service_id=running.service_id if running else None,
+        state_service_ids=running.service_ids if running else [],
         consul_entries=entries,
         ignores=settings.drift_ignore,
         recorded_run=None,

@@ -19,13 +19,15 @@ from icd.deploy.drift import (
     build_report,
     consul_drift,
     decide,
+    deploy_run_of,
     drift_notice,
     due,
     fingerprint,
     table_rows,
+    terraform_drift,
 )
 from icd.health.snapshot import InstanceHealth, ServiceEntry
-from icd.tools.terraform import parse_plan_json
+from icd.tools.terraform import OutputChange, Plan, parse_plan_json
 
 FIXTURES = Path(__file__).parent / "fixtures" / "terraform" / "plan_json"
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -63,7 +65,7 @@ def test_attribute_drift(before: object, after: object, expected: list[tuple[str
 
 def test_terraform_drift_from_the_pinned_terraforms_refresh_plan() -> None:
     plan = parse_plan_json((FIXTURES / "refresh_only_output_drift_terraform_1.0.3.json").read_text(), sha256="0")
-    found = build_report(WS, plan=plan, state_service_id=None, consul_entries=[], ignores=[])
+    found = build_report(WS, plan=plan, state_service_ids=[], consul_entries=[], ignores=[])
     assert [(i.address, i.kind, i.describe()) for i in found.items] == [
         ("output.artifact_id", "output", "value: v1 → hand")
     ]
@@ -87,7 +89,134 @@ def test_terraform_drift_from_the_pinned_terraforms_refresh_plan() -> None:
     ],
 )
 def test_consul_drift(state_id: str | None, entries: list[ServiceEntry], expected: list[tuple[str, str]]) -> None:
-    assert [(i.address, i.kind) for i in consul_drift(WS, state_id, entries)] == expected
+    assert [(i.address, i.kind) for i in consul_drift(WS, [state_id] if state_id else [], entries)] == expected
+
+
+FLEET = ["web-prod-0-2", "web-prod-1-2", "web-prod-2-2"]  # a fleet's service_ids output, in slot order
+
+
+@pytest.mark.parametrize(
+    ("expected_ids", "entries", "expected"),
+    [
+        pytest.param(FLEET, [entry(sid, workspace=WS) for sid in FLEET], [], id="all-registered"),
+        pytest.param(
+            FLEET,
+            [entry(sid, workspace=WS) for sid in FLEET[:2]],
+            [("consul.web-prod-2-2", "missing-from-consul")],
+            id="one-deregistered",
+        ),
+        pytest.param(
+            FLEET,
+            [],
+            [(f"consul.{sid}", "missing-from-consul") for sid in FLEET],
+            id="all-deregistered",
+        ),
+        pytest.param(
+            FLEET,
+            [*(entry(sid, workspace=WS) for sid in FLEET), entry("web-prod-1-1", workspace=WS, deploy_run_id="r1")],
+            [("consul.web-prod-1-1", "unknown-in-consul")],
+            id="old-slot-left-behind",
+        ),
+        pytest.param(
+            FLEET[:2],
+            [entry(sid, workspace=WS) for sid in FLEET],
+            [("consul.web-prod-2-2", "unknown-in-consul")],
+            id="shrunk-but-still-registered",
+        ),
+        pytest.param(
+            FLEET,
+            [*(entry(sid, workspace=WS) for sid in FLEET), entry("web-stage-0-2", workspace="stage"), entry("x")],
+            [],
+            id="others-not-ours",
+        ),
+        pytest.param(
+            [],
+            [entry(sid, workspace=WS) for sid in FLEET],
+            [(f"consul.{sid}", "unknown-in-consul") for sid in FLEET],
+            id="no-state",
+        ),
+    ],
+)
+def test_consul_drift_of_a_fleet(
+    expected_ids: list[str], entries: list[ServiceEntry], expected: list[tuple[str, str]]
+) -> None:
+    assert [(i.address, i.kind) for i in consul_drift(WS, expected_ids, entries)] == expected
+
+
+def test_consul_drift_refuses_a_lone_service_id_string() -> None:
+    with pytest.raises(TypeError, match="list of service IDs"):
+        consul_drift(WS, "web-prod-1", [])
+
+
+@pytest.mark.parametrize(
+    ("expected_ids", "entries", "run"),
+    [
+        pytest.param(["web-prod-1"], [entry("web-prod-1", workspace=WS, deploy_run_id="r1")], "r1", id="single"),
+        pytest.param(["web-prod-1"], [entry("web-prod-1", workspace=WS)], None, id="single-no-meta"),
+        pytest.param([], [entry("web-prod-1", workspace=WS, deploy_run_id="r1")], None, id="no-state"),
+        pytest.param(
+            FLEET,
+            [entry(FLEET[1], deploy_run_id="r2"), entry(FLEET[2], deploy_run_id="r3")],
+            "r2",
+            id="fleet-first-registered-slot",
+        ),
+        pytest.param(
+            FLEET,
+            [entry("web-prod-9-9", workspace=WS, deploy_run_id="other")],
+            None,
+            id="fleet-none-registered",
+        ),
+    ],
+)
+def test_deploy_run_of(expected_ids: list[str], entries: list[ServiceEntry], run: str | None) -> None:
+    assert deploy_run_of(expected_ids, entries) == run
+
+
+def test_a_fleet_report_names_the_deregistered_slot_and_the_run_of_another() -> None:
+    entries = [entry(sid, workspace=WS, deploy_run_id="run-7") for sid in FLEET[:2]]
+    found = build_report(WS, plan=None, state_service_ids=FLEET, consul_entries=entries, ignores=[])
+    assert found.addresses == ("consul.web-prod-2-2",)
+    assert found.touched_by == "run-7"
+    ignored = build_report(
+        WS, plan=None, state_service_ids=FLEET, consul_entries=entries, ignores=[ignore("consul.web-prod-2-*")]
+    )
+    assert not ignored.drifted
+    assert len(ignored.ignored) == 1
+
+
+def _output_plan(name: str, before: object, after: object) -> Plan:
+    return Plan("1.0", "1.0.3", (), (OutputChange(name, ("update",), before, after),), sha256="0")
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        pytest.param("v1", "hand", [("", "v1", "hand")], id="scalar-as-before"),
+        pytest.param([True, True, True], [True, False, True], [("1", True, False)], id="one-slot-files-gone"),
+        pytest.param([True, True], [True, True, True], [("2", None, True)], id="list-grows"),
+        pytest.param(None, [], [("", None, [])], id="none-to-empty"),
+    ],
+)
+def test_a_list_output_drifts_slot_by_slot(
+    before: object, after: object, expected: list[tuple[str, object, object]]
+) -> None:
+    (drifted,) = terraform_drift(_output_plan("instance_present", before, after))
+    assert (drifted.address, drifted.kind) == ("output.instance_present", "output")
+    assert [(c.path, c.before, c.after) for c in drifted.changes] == expected
+
+
+def test_list_outputs_fingerprint_past_a_shortened_value_and_ignore_by_slot() -> None:
+    # Two long lists that differ only past show_value's 80 characters: the whole-value form would hash the
+    # same shortened text; slot by slot, they don't.
+    long = [f"web-production-{slot}-2-with-a-long-build-label" for slot in range(3)]
+    moved = [*long[:2], "web-production-2-3-with-a-long-build-label"]
+    same = terraform_drift(_output_plan("service_ids", long, [*long[:2], "x"]))
+    other = terraform_drift(_output_plan("service_ids", long, moved))
+    assert fingerprint(same) != fingerprint(other)
+    gone = terraform_drift(_output_plan("instance_present", [True, True, True], [True, False, False]))
+    left, hidden = apply_ignores(gone, [ignore("output.instance_present", "1")])
+    assert [(i.address, [c.path for c in i.changes]) for i in left] == [("output.instance_present", ["2"])]
+    assert len(hidden) == 1
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from icd.service.preflight import (
     breach_error,
     check_service,
     check_stack,
+    rollout_findings,
     service_under_check,
 )
 from icd.service.scaffold import NewService, scaffold
@@ -347,9 +348,100 @@ def test_the_aws_example_stack_needs_only_the_networks_values_and_passes_with_th
     assert {finding.kind for finding in findings} == {"stack-variable-unset"}
     unset = sorted(re.findall(r'variable "(\w+)"', " ".join(finding.message for finding in findings)))
     assert unset == ["iam_instance_profile", "security_group_ids", "subnet_id"]
+    assert rollout_findings(stack, ["production"]) == []  # a fleet, with count
     shutil.copytree(stack, tmp_path / "aws")
     shutil.copy(stack / "terraform.tfvars.example", tmp_path / "aws" / "terraform.tfvars")
     assert check_stack(tmp_path / "aws") == []
+
+
+# --- the rollout (docs/service-contract.md#rollout) -----------------------------------------------------
+
+FLEET_STACK = PROJECT_ROOT / "examples" / "stacks" / "local-fleet"
+
+
+def with_rollout(service: Service, instances: int) -> None:
+    with service.config.open("a") as config:
+        config.write(f"\n[workspaces.{WORKSPACE}.rollout]\ninstances = {instances}\n")
+
+
+def test_a_workspace_with_a_rollout_needs_a_stack_that_runs_a_list_of_instances(service: Service) -> None:
+    # The scaffold's stack is the single-instance local stack: fine until the workspace declares a rollout.
+    assert service.check() == []
+    with_rollout(service, 3)
+    assert [finding.message for finding in service.check()] == [
+        f"{service.stack}: workspace {WORKSPACE} has a rollout, which passes the stack its list of instances "
+        '(instances), but the stack declares no variable "instances", so it runs one instance and can\'t be told '
+        'which version each instance runs. Fix: declare variable "instances" { type = list(object({ artifact_id = '
+        "string, artifact_version = string })) } and run one instance per element, count = length(var.instances) "
+        "(see examples/stacks/local-fleet). See docs/service-contract.md#rollout",
+        f"{service.stack}: workspace {WORKSPACE} has a rollout, which passes the stack its list of instances "
+        "(instances), but the stack has no output \"service_ids\", so a batch's health gate can't tell which "
+        'Consul service instance each slot registered. Fix: add output "service_ids" { value = '
+        "<resource>[*].<the Consul service ID of each instance> }, in slot order. "
+        "See docs/service-contract.md#rollout",
+    ]
+    shutil.copy(FLEET_STACK / "main.tf", service.stack)
+    assert service.check() == []
+
+
+def test_the_fleet_example_stack_passes_every_stack_check() -> None:
+    assert check_stack(FLEET_STACK) == []
+    assert rollout_findings(FLEET_STACK, ["production"]) == []
+
+
+def test_the_single_stack_lacks_what_a_rollout_needs() -> None:
+    findings = rollout_findings(PROJECT_ROOT / "examples" / "stacks" / "local", ["production", "staging"])
+    assert [(finding.kind, finding.file, finding.section) for finding in findings] == [
+        ("rollout-variable-undeclared", "examples/stacks/local/main.tf", "rollout"),
+        ("rollout-output-missing", "examples/stacks/local/main.tf", "rollout"),
+    ]
+    assert findings[0].message.startswith(
+        "examples/stacks/local/main.tf: workspaces production, staging have a rollout, which passes the stack"
+    )
+
+
+@pytest.mark.parametrize(
+    ("declared_type", "takes_the_list"),
+    [
+        ("list(object({ artifact_id = string, artifact_version = string }))", True),
+        ("list(object({\n    artifact_version = string\n    artifact_id      = string\n  }))", True),
+        ("list(map(string))", True),
+        ("any", True),
+        (None, True),
+        ("list(string)", False),
+        ("map(string)", False),
+        ("object({ artifact_id = string, artifact_version = string })", False),
+        ("list(object({ artifact_id = string }))", False),
+        ("list(object({ artifact_id = string, artifact_version = string, zone = string }))", False),
+        ("list(object({ artifact_id = number, artifact_version = string }))", False),
+    ],
+)
+def test_the_rollout_variable_must_take_the_list_the_rollout_passes(
+    tmp_path: Path, declared_type: str | None, takes_the_list: bool
+) -> None:
+    main = (FLEET_STACK / "main.tf").read_text()
+    replacement = "" if declared_type is None else f"type = {declared_type}\n"
+    edited, count = re.subn(
+        r"type = list\(object\(\{\n.*?\}\)\)\n", lambda _: replacement, main, count=1, flags=re.DOTALL
+    )
+    assert count == 1
+    (tmp_path / "main.tf").write_text(edited)
+    findings = rollout_findings(tmp_path, ["production"])
+    assert [finding.kind for finding in findings] == ([] if takes_the_list else ["rollout-variable-type"])
+    if not takes_the_list:
+        compact = re.sub(r"\s", "", findings[0].message)  # python-hcl2 rewrites a type's spacing
+        assert "hastype" + re.sub(r"\s", "", declared_type or "") + "," in compact
+
+
+def test_a_rollout_variable_nothing_reads_is_a_finding(tmp_path: Path) -> None:
+    main = (FLEET_STACK / "main.tf").read_text()
+    edited, count = re.subn(r"instances = var\.instances != null \? var\.instances : ", "instances = ", main)
+    assert count == 1
+    (tmp_path / "main.tf").write_text(edited)
+    assert [(finding.kind, finding.section) for finding in rollout_findings(tmp_path)] == [
+        ("rollout-variable-unused", "rollout")
+    ]
+    assert rollout_findings(tmp_path / "absent") == []  # check_stack reports a missing stack
 
 
 def test_a_missing_template_or_stack_is_a_finding_not_a_crash(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ Two sources, one report:
   names each that changed or disappeared out of band (before = the state, after = what the provider read),
   and an output whose value no longer follows from the state's resources shows a state edited by hand.
   Values Terraform marks sensitive arrive as "(sensitive)" and stay so.
-- **Consul**: the instance the state deployed (its ``service_id`` output) must be registered, and every
-  instance of the service whose Meta says it was deployed by this workspace must be the state's. Anything
-  else is drift too: a deregistered instance, or one nobody's state owns.
+- **Consul**: the instances the state deployed (its ``service_id`` output, or a fleet's ``service_ids`` list:
+  ``Running.service_ids``) must be registered, and every instance of the service whose Meta says it was
+  deployed by this workspace must be one of the state's. Anything else is drift too: a deregistered
+  instance, or one nobody's state owns. A list output that moves is told leaf by leaf (``instance_present.1``),
+  so the ignore list can name one slot and no change hides past a shortened value.
 
 Told on change, as HCP Terraform's health assessments do: the report has a :func:`fingerprint` (a hash of the
 drifted set, values included), and :func:`decide` compares it with the last one told, so a check tells on
@@ -153,34 +155,49 @@ def terraform_drift(plan: Plan) -> list[DriftedItem]:
             items.append(DriftedItem(drift.address, "changed", attribute_drift(drift.before, drift.after)))
     for output in plan.output_changes:
         if output.action not in ("no-op", "read"):
-            items.append(
-                DriftedItem(
-                    f"{OUTPUT_PREFIX}{output.name}", "output", (AttributeDrift("", output.before, output.after),)
-                )
-            )
+            # A scalar keeps its one "" path; a list or map (a fleet's instance_present, service_ids) is
+            # compared leaf by leaf, as resources are: each slot that moved is named, and none is lost to
+            # show_value's shortening in the fingerprint.
+            changes = attribute_drift(output.before, output.after) or (AttributeDrift("", output.before, output.after),)
+            items.append(DriftedItem(f"{OUTPUT_PREFIX}{output.name}", "output", changes))
     return items
 
 
-def consul_drift(workspace: str, state_service_id: str | None, entries: Iterable[ServiceEntry]) -> list[DriftedItem]:
-    """The state's instance missing from Consul, and instances Consul holds for ``workspace`` that the state
-    doesn't (their Meta ``workspace`` is this one; another workspace's instances of the service are not ours)."""
+def _expected(state_service_ids: Sequence[str]) -> list[str]:
+    # A lone string is a Sequence[str] too: refuse it, or "web-1" would be read as the IDs "w", "e", ...
+    if isinstance(state_service_ids, str):
+        raise TypeError(f"state_service_ids takes a list of service IDs, not the string {state_service_ids!r}")
+    return [service_id for service_id in state_service_ids if service_id]
+
+
+def consul_drift(
+    workspace: str, state_service_ids: Sequence[str], entries: Iterable[ServiceEntry]
+) -> list[DriftedItem]:
+    """The state's instances (``Running.service_ids``: one, a fleet's, or none) missing from Consul, and
+    instances Consul holds for ``workspace`` that the state doesn't (their Meta ``workspace`` is this one;
+    another workspace's instances of the service are not ours)."""
+    expected = _expected(state_service_ids)
     registered = {entry.instance.service_id: entry for entry in entries}
     items = []
-    if state_service_id and state_service_id not in registered:
-        items.append(DriftedItem(f"{CONSUL_PREFIX}{state_service_id}", "missing-from-consul"))
+    for service_id in sorted(set(expected)):
+        if service_id not in registered:
+            items.append(DriftedItem(f"{CONSUL_PREFIX}{service_id}", "missing-from-consul"))
     for service_id, entry in sorted(registered.items()):
-        if entry.meta.get("workspace") == workspace and service_id != state_service_id:
+        if entry.meta.get("workspace") == workspace and service_id not in expected:
             run = entry.meta.get("deploy_run_id")
             changes = (AttributeDrift("deploy_run_id", None, run),) if run else ()
             items.append(DriftedItem(f"{CONSUL_PREFIX}{service_id}", "unknown-in-consul", changes))
     return items
 
 
-def deploy_run_of(state_service_id: str | None, entries: Iterable[ServiceEntry]) -> str | None:
-    """The deploy run that registered the state's instance (its Service Meta), if Consul still has it."""
-    for entry in entries:
-        if state_service_id and entry.instance.service_id == state_service_id:
-            return entry.meta.get("deploy_run_id") or None
+def deploy_run_of(state_service_ids: Sequence[str], entries: Iterable[ServiceEntry]) -> str | None:
+    """The deploy run that registered the state's instances (their Service Meta), if Consul still has one:
+    the first of ``state_service_ids`` (slot order) that Consul holds and that names a run."""
+    by_id = {entry.instance.service_id: entry for entry in entries}
+    for service_id in _expected(state_service_ids):
+        entry = by_id.get(service_id)
+        if entry is not None and entry.meta.get("deploy_run_id"):
+            return entry.meta["deploy_run_id"]
     return None
 
 
@@ -224,7 +241,7 @@ def build_report(
     workspace: str,
     *,
     plan: Plan | None,
-    state_service_id: str | None,
+    state_service_ids: Sequence[str],
     consul_entries: Sequence[ServiceEntry],
     ignores: Sequence[DriftIgnore],
     recorded_run: str | None = None,
@@ -234,10 +251,10 @@ def build_report(
     Consul no longer has the instance that would name it."""
     found = [
         *(terraform_drift(plan) if plan is not None else ()),
-        *consul_drift(workspace, state_service_id, consul_entries),
+        *consul_drift(workspace, state_service_ids, consul_entries),
     ]
     items, ignored = apply_ignores(found, ignores)
-    touched = deploy_run_of(state_service_id, consul_entries) or recorded_run
+    touched = deploy_run_of(state_service_ids, consul_entries) or recorded_run
     return DriftReport(workspace=workspace, items=items, ignored=ignored, touched_by=touched)
 
 

@@ -35,6 +35,9 @@ class Outcome:
     # superseded before anyone was asked): the run's state message says it, and an event records it.
     tell: bool = True
     thread: NotificationReceipt | None = None  # the approval notice: how it ended is told in its thread
+    # Why the same target is queued again once the run has released the workspace ("" for never): a rollout
+    # whose later batch left the approved path asks an operator again, from what runs now.
+    again: str = ""
 
 
 def decision_record(planned: PlannedDeploy, decision: ApprovalDecision, run: str, at: datetime) -> dict[str, str]:
@@ -237,4 +240,57 @@ def rollback_failed(
         f"Health gate failed: {detail}. The rollback to v{previous} went stale: {reason}",
         "critical",
         {"outcome": "unhealthy; rollback plan went stale", **record},
+    )
+
+
+def rollout_superseded(
+    workspace: str,
+    mine: DeployRequest,
+    by: DeployRequest,
+    *,
+    taken_by: Holder | None,
+    done: str,
+    record: Mapping[str, str],
+    thread: NotificationReceipt | None,
+) -> Outcome:
+    """A newer request came between two batches: latest wins, so this rollout applies nothing more and the
+    newer target is planned from the instances as they are (``done`` says which)."""
+    where = f"planned in run {taken_by.run_name}" if taken_by is not None else "which gets its own run"
+    message = f"superseded by {by.what} between batches, {where}; {done}; nothing more of {mine.what} is applied"
+    title = f"Rollout superseded on {workspace}: {mine.what} -> {by.what}"
+    facts = {"superseded by": by.what, "instances": done}
+    kept = {"outcome": "rollout superseded between batches", **record, "superseded by": by.what}
+    return Outcome("cancelled", "Superseded", title, message, "warning", kept, facts, thread=thread)
+
+
+def rollout_deviated(workspace: str, version_diff: str, batch: str, why: str, record: Mapping[str, str]) -> Outcome:
+    """A later batch's plan left the approved path: nothing more is applied and the rollout is asked again."""
+    message = (
+        f"the plan of {batch} is not on the approved path: {why}. Nothing more was applied; a new plan from what "
+        "runs now asks for approval again"
+    )
+    return Outcome(
+        "cancelled",
+        "Deviated",
+        f"Rollout stopped on {workspace}: {version_diff}, {batch} deviates",
+        message,
+        "warning",
+        {"outcome": f"rollout stopped at {batch}: plan deviated", **record, "deviation": why},
+        {"deviation": why},
+        again=f"the rollout's {batch} deviated from the approved path: {why}",
+    )
+
+
+def rollout_halted(
+    workspace: str, namespace: str, version: int, detail: str, why: str, where: str, record: Mapping[str, str]
+) -> Outcome:
+    """A batch failed its gate and nothing is reverted (``why``): the rollout stops where it is and says what
+    runs there now."""
+    return Outcome(
+        "failed",
+        "Unhealthy",
+        f"{namespace} v{version} is unhealthy on {workspace}; rollout stopped",
+        f"{detail}. {why}: the rollout stopped where it is ({where}); nothing was reverted.",
+        "critical",
+        {"outcome": f"unhealthy; rollout stopped ({why})", **record, "instances": where},
     )

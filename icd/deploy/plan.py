@@ -17,6 +17,7 @@ from pathlib import Path
 
 from icd.deploy.artifacts import verify_image
 from icd.deploy.plan_view import PlanView, summarize_plan
+from icd.deploy.rollout import ResourceDelta, resource_deltas
 from icd.deploy.workdir import PLAN_FILENAME, STATE_LOCK_TIMEOUT
 from icd.errors import ArtifactIntegrityError, PlanIntegrityError
 from icd.registry.models import ArtifactVersion
@@ -71,6 +72,8 @@ class PlannedDeploy:
     must_be_current: bool = True
     stack_dir: str = ""  # where the stack is, for the apply's fresh working directory
     platform: str = "local"  # which of the version's artifacts the stack deploys
+    # What the plan changes, resource by resource: a rollout checks each later batch against the first's.
+    deltas: tuple[ResourceDelta, ...] = ()
 
 
 def seen(registry: Registry, namespace: str, channel: str) -> ChannelSeen:
@@ -153,4 +156,5 @@ def make_plan(
         must_be_current=request.must_be_current and not request.destroy,
         stack_dir=request.stack_dir,
         platform=request.platform,
+        deltas=resource_deltas(plan),
     )

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from icd.deploy.plan_view import artifact_of
+from icd.deploy.rollout import slots_of_state
 from icd.errors import TerraformError
 from icd.registry.models import ArtifactVersion
-from icd.service.contract import SERVICE_ID_OUTPUT
+from icd.service.contract import SERVICE_ID_OUTPUT, SERVICE_IDS_OUTPUT
 
 # The stack's output naming the build label it deploys (examples/stacks/*: ``artifact_version``).
 ARTIFACT_VERSION_OUTPUT = "artifact_version"
@@ -40,11 +41,21 @@ class Running:
     serial: int = 0
     lineage: str = ""
     resources: tuple[str, ...] = ()  # the managed resources' addresses, for drift and the audit
+    # Slot -> (artifact, build label) of a stack that runs a list of instances (docs/service-contract.md#rollout).
+    slots: Mapping[int, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def service_id(self) -> str | None:
         value = self.outputs.get(SERVICE_ID_OUTPUT)
         return str(value) if value else None
+
+    @property
+    def service_ids(self) -> list[str]:
+        """Every Consul instance the state deployed: a fleet's list output, else the single instance's ID."""
+        fleet = self.outputs.get(SERVICE_IDS_OUTPUT)
+        if isinstance(fleet, list):
+            return [str(value) for value in fleet if value]
+        return [self.service_id] if self.service_id else []
 
     @property
     def build_label(self) -> str | None:
@@ -112,4 +123,5 @@ def what_runs(
         serial=int(document.get("serial") or 0),
         lineage=str(document.get("lineage") or ""),
         resources=tuple(address for address, _ in instances),
+        slots=slots_of_state(instances),
     )

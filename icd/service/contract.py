@@ -23,6 +23,7 @@ Section = Literal[
     "detached-daemons",
     "provisioner-environment",
     "one-service-per-workspace",
+    "rollout",
 ]
 
 
@@ -50,6 +51,14 @@ SERVICE_ID_OUTPUT: Final = "service_id"
 # key: an attribute, or a key of one of these maps (a null_resource's triggers, a cloud resource's tags, ...).
 IDENTITY_KEY: Final = "namespace"
 IDENTITY_MAPS: Final = ("triggers", "tags", "meta", "labels")
+
+# Contract: docs/service-contract.md#rollout. A stack that declares this variable can be rolled out in
+# batches: slot i runs element i of the list, each an {artifact_id, artifact_version} object passed as JSON
+# text. It outputs each slot's Consul service ID, in slot order, under SERVICE_IDS_OUTPUT.
+ROLLOUT_VARIABLE: Final = "instances"
+SERVICE_IDS_OUTPUT: Final = "service_ids"
+# The attributes of each element of ROLLOUT_VARIABLE, all strings.
+ROLLOUT_SLOT_FIELDS: Final = ("artifact_id", "artifact_version")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ from icd.service.contract import (
     LOCAL_IMAGE_BUILDERS,
     MANIFEST_POST_PROCESSOR,
     PACKER_VARIABLES,
+    ROLLOUT_SLOT_FIELDS,
+    ROLLOUT_VARIABLE,
+    SERVICE_IDS_OUTPUT,
     STACK_VARIABLES,
     Section,
     cite,
@@ -62,6 +65,10 @@ FindingKind = Literal[
     "provisioner-daemon-keeps-output",
     "workspace-holds-another-service",
     "workspace-state-unreadable",
+    "rollout-variable-undeclared",
+    "rollout-variable-type",
+    "rollout-variable-unused",
+    "rollout-output-missing",
 ]
 
 _PACKER_VALUE_FILES = ("*.auto.pkrvars.hcl",)
@@ -93,12 +100,15 @@ class WorkspaceTarget:
     """A workspace the service deploys to: its stack and what its state holds now.
 
     ``state`` is the state document's bytes as stored (None: the workspace has no state yet, or it was not
-    read)."""
+    read). ``rollout_instances`` is the instance count of its rollout (``[workspaces.<name>.rollout]``), None
+    when it declares none: a workspace with a rollout gets its stack a list of instances, so that stack must
+    take one (:func:`rollout_findings`)."""
 
     workspace: str
     stack_dir: Path
     state: bytes | None = None
     state_location: str = ""
+    rollout_instances: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,13 @@ def check_service(service: ServiceUnderCheck) -> list[Finding]:
         stacks.setdefault(target.stack_dir, []).append(target.workspace)
     for stack_dir, workspaces in stacks.items():
         findings += check_stack(stack_dir, workspaces)
+        rolled_out = [
+            target.workspace
+            for target in service.workspaces
+            if target.stack_dir == stack_dir and target.rollout_instances is not None
+        ]
+        if rolled_out:
+            findings += rollout_findings(stack_dir, rolled_out)
     for target in service.workspaces:
         findings += check_state(target, service.namespace)
     return findings
@@ -167,12 +184,14 @@ def service_under_check(
     targets = []
     for name in workspaces or following:
         state, location = read_state(name) if read_state is not None else (None, "")
+        rollout = config.workspace(name).rollout
         targets.append(
             WorkspaceTarget(
                 workspace=name,
                 stack_dir=config.workspace(name).stack_path,
                 state=state,
                 state_location=location,
+                rollout_instances=rollout.instances if rollout is not None else None,
             )
         )
     return ServiceUnderCheck(
@@ -510,6 +529,113 @@ def check_stack(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding
                 "tags), so a workspace's state can't tell which service it holds",
                 "add namespace = var.namespace to the triggers (or tags) of the resource that runs the image",
                 "one-service-per-workspace",
+            )
+        )
+    return findings
+
+
+# Contract: docs/service-contract.md#rollout. The types of ROLLOUT_VARIABLE that take the list the rollout
+# passes (JSON text of [{"artifact_id": ..., "artifact_version": ...}, ...]); no type at all means any.
+_ROLLOUT_LOOSE_TYPES = frozenset({"any", "list(any)", "list(map(string))", "list(map(any))"})
+_ROLLOUT_OBJECT_TYPE = re.compile(r"^list\(object\(\{(?P<fields>.*)\}\)\)$")
+ROLLOUT_TYPE = "list(object({ artifact_id = string, artifact_version = string }))"
+
+
+def _takes_the_rollout_list(type_text: object) -> bool:
+    """Whether a variable's ``type`` (python-hcl2's text of it) accepts the list of slots the rollout passes:
+    a list of objects with exactly the slot fields as strings (an object type with more attributes refuses
+    elements without them), or a looser type."""
+    if type_text is None:
+        return True
+    if not isinstance(type_text, str):
+        return False
+    compact = re.sub(r"\s+", "", type_text.removeprefix("${").removesuffix("}"))
+    if compact in _ROLLOUT_LOOSE_TYPES:
+        return True
+    match = _ROLLOUT_OBJECT_TYPE.match(compact)
+    if match is None:
+        return False
+    fields = dict(item.split("=", 1) for item in re.split(r"[,\n]", match["fields"]) if "=" in item)
+    return set(fields) == set(ROLLOUT_SLOT_FIELDS) and all(kind in {"string", "any"} for kind in fields.values())
+
+
+def rollout_findings(stack_dir: Path, workspaces: Sequence[str] = ()) -> list[Finding]:
+    """What a stack lacks to be rolled out in batches (docs/service-contract.md#rollout): the ``instances``
+    variable (of a type that takes the list of slots, and read by something), and the ``service_ids`` output.
+    ``workspaces`` are the workspaces whose rollout needs it, for the messages. A stack that is missing or
+    doesn't parse gives no finding here: :func:`check_stack` reports it."""
+    stacks = sorted(stack_dir.glob("*.tf")) if stack_dir.is_dir() else []
+    parsed = hcl.read_files(stacks)
+    if not stacks or parsed.problems:
+        return []
+    variables = {block.labels[0]: block for block in parsed.of_type("variable") if block.labels}
+    outputs = {block.labels[0] for block in parsed.of_type("output") if block.labels}
+    home = _shown(stacks[0], PROJECT_ROOT)
+    if len(workspaces) > 1:
+        rolled = f"workspaces {', '.join(workspaces)} have a rollout"
+    else:
+        rolled = f"workspace {workspaces[0]} has a rollout" if workspaces else "a workspace with a rollout"
+    needs = f"{rolled}, which passes the stack its list of instances ({ROLLOUT_VARIABLE})"
+    declare = (
+        f'declare variable "{ROLLOUT_VARIABLE}" {{ type = {ROLLOUT_TYPE} }} and run one instance per element, '
+        f"count = length(var.{ROLLOUT_VARIABLE}) (see examples/stacks/local-fleet)"
+    )
+    findings: list[Finding] = []
+    declared = variables.get(ROLLOUT_VARIABLE)
+    if declared is None:
+        findings.append(
+            Finding(
+                "rollout-variable-undeclared",
+                home,
+                f'{needs}, but the stack declares no variable "{ROLLOUT_VARIABLE}", so it runs one instance and '
+                "can't be told which version each instance runs",
+                declare,
+                "rollout",
+            )
+        )
+    else:
+        type_text = declared.attributes().get("type")
+        if not _takes_the_rollout_list(type_text):
+            written = str(type_text).removeprefix("${").removesuffix("}")
+            findings.append(
+                Finding(
+                    "rollout-variable-type",
+                    _shown(declared.file, PROJECT_ROOT),
+                    f'{needs}, but variable "{ROLLOUT_VARIABLE}" has type {written}, '
+                    f"which refuses the list the rollout passes (one {{{', '.join(ROLLOUT_SLOT_FIELDS)}}} object "
+                    "per instance), so terraform plan would stop",
+                    f"make its type {ROLLOUT_TYPE}",
+                    "rollout",
+                )
+            )
+        readers = [
+            block
+            for block in parsed.blocks
+            if block.type not in {"variable", "output", "terraform"}
+            and hcl.reads_variable(block.body, ROLLOUT_VARIABLE)
+        ]
+        if not readers:
+            findings.append(
+                Finding(
+                    "rollout-variable-unused",
+                    _shown(declared.file, PROJECT_ROOT),
+                    f'{needs}, but the stack declares variable "{ROLLOUT_VARIABLE}" and never reads it, so every '
+                    "batch would plan the same thing and no instance would run the version its slot is given",
+                    f"run one instance per element: count = length(var.{ROLLOUT_VARIABLE}) on the resource that "
+                    f"runs the image, its artifact from var.{ROLLOUT_VARIABLE}[count.index]",
+                    "rollout",
+                )
+            )
+    if SERVICE_IDS_OUTPUT not in outputs:
+        findings.append(
+            Finding(
+                "rollout-output-missing",
+                home,
+                f"{needs}, but the stack has no output \"{SERVICE_IDS_OUTPUT}\", so a batch's health gate can't "
+                "tell which Consul service instance each slot registered",
+                f'add output "{SERVICE_IDS_OUTPUT}" {{ value = <resource>[*].<the Consul service ID of each '
+                "instance> }, in slot order",
+                "rollout",
             )
         )
     return findings

@@ -1,4 +1,6 @@
-# One instance of the app on AWS, from the AMI built by examples/app/packer (source.amazon-ebs.ami_ssh).
+# A fleet of the app on AWS, one instance per slot, from the AMIs built by examples/app/packer
+# (source.amazon-ebs.ami_ssh). Slot i runs var.instances[i], so a rollout moves the fleet a few slots at a time
+# (docs/service-contract.md#rollout); without var.instances it is one instance of var.artifact_id.
 # Documented, NOT run in this repository: the aws provider cannot be downloaded here. See README.md.
 terraform {
   required_version = "~> 1.0.0"
@@ -10,13 +12,24 @@ terraform {
   }
 }
 
+variable "instances" {
+  type = list(object({
+    artifact_id      = string
+    artifact_version = string
+  }))
+  # Null when the deploy passes no fleet (a workspace without a rollout): one instance of artifact_id.
+  default     = null
+  description = "Slot i runs instances[i]: the AMI (as artifact_id below) and its version. Passed as JSON text."
+}
+
 variable "artifact_id" {
   type        = string
-  description = "The AMI to run: the Packer manifest's artifact_id (\"us-east-1:ami-...\") or a bare AMI id."
+  description = "The rollout's target AMI: the Packer manifest's artifact_id (\"us-east-1:ami-...\") or a bare AMI id."
 }
 
 variable "artifact_version" {
-  type = string
+  type        = string
+  description = "The rollout's target version; the fleet's version when instances is null."
 }
 
 variable "namespace" {
@@ -85,20 +98,30 @@ provider "aws" {
 }
 
 locals {
+  instances = var.instances != null ? var.instances : [
+    { artifact_id = var.artifact_id, artifact_version = var.artifact_version },
+  ]
   # The manifest's artifact_id is "<region>:<ami id>"; accept a bare id too.
-  ami_id     = element(split(":", var.artifact_id), length(split(":", var.artifact_id)) - 1)
-  service_id = "${var.service_name}-${var.artifact_version}"
+  ami_ids = [for slot in local.instances : element(split(":", slot.artifact_id), length(split(":", slot.artifact_id)) - 1)]
+  # The ID each instance's agent registers (baked by the Packer build): unique per node, which is where
+  # Consul keeps service IDs, not across the fleet; slots of one version share it, and Meta slot tells them apart.
+  service_ids = [for slot in local.instances : "${var.service_name}-${slot.artifact_version}"]
 }
 
 resource "aws_instance" "app" {
-  ami                    = local.ami_id
+  # One instance per slot, addressed by its index: a slot whose AMI changes is replaced alone, and a shorter
+  # list terminates the last slots.
+  count = length(local.instances)
+
+  ami                    = local.ami_ids[count.index]
   instance_type          = var.instance_type
   subnet_id              = var.subnet_id
   vpc_security_group_ids = var.security_group_ids
   iam_instance_profile   = var.iam_instance_profile
 
   # The AMI already holds the app (/opt/<service>) and the baked Consul service definition
-  # (/etc/consul.d/<service>.json, written by the Packer build). Boot only starts the agent and the app.
+  # (/etc/consul.d/<service>.json, written by the Packer build). Boot adds the slot to its Meta (a slot's
+  # index never changes, so it replaces nothing), then starts the agent and the app.
   user_data = <<-EOT
     #!/bin/sh
     set -eu
@@ -106,10 +129,12 @@ resource "aws_instance" "app" {
     data_dir   = "/opt/consul"
     retry_join = ["${var.consul_retry_join}"]
     HCL
+    /usr/bin/python3 -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); d["service"].setdefault("Meta", {})["slot"] = sys.argv[2]; json.dump(d, open(p, "w"), indent=2)' \
+      /etc/consul.d/${var.service_name}.json ${count.index}
     systemctl enable --now consul
     cat > /etc/systemd/system/${var.service_name}.service <<'UNIT'
     [Unit]
-    Description=${var.namespace} ${var.artifact_version}
+    Description=${var.namespace} ${local.instances[count.index].artifact_version}
     After=network-online.target
     [Service]
     ExecStart=/usr/bin/python3 /opt/${var.service_name}/app/app.py --bind 0.0.0.0 --port 8080 --instance-dir /opt/${var.service_name}
@@ -122,13 +147,14 @@ resource "aws_instance" "app" {
   EOT
 
   tags = {
-    Name          = local.service_id
+    Name          = "${var.service_name}-${count.index}-${local.instances[count.index].artifact_version}"
     namespace     = var.namespace
-    version       = var.artifact_version
+    version       = local.instances[count.index].artifact_version
+    slot          = tostring(count.index)
     deploy_run_id = var.deploy_run_id
   }
 
-  # A new AMI replaces the instance; the replacement boots and joins Consul before the old one goes away.
+  # A new AMI replaces the slot's instance; the replacement boots and joins Consul before the old one goes away.
   lifecycle {
     create_before_destroy = true
     # A re-run with the same artifact must not show a diff only because the run id changed.
@@ -136,18 +162,37 @@ resource "aws_instance" "app" {
   }
 }
 
+output "service_ids" {
+  description = "The Consul service ID each slot's agent registers, in slot order."
+  value       = local.service_ids
+}
+
+output "instance_ids" {
+  value = aws_instance.app[*].id
+}
+
+output "private_ips" {
+  value = aws_instance.app[*].private_ip
+}
+
+output "artifact_versions" {
+  value = [for slot in local.instances : slot.artifact_version]
+}
+
+# The single-instance outputs, of slot 0, for what reads them (the deploy's health gate, the deploy record,
+# icd/deploy/running.py); null for an empty fleet.
 output "service_id" {
-  value = local.service_id
+  value = try(local.service_ids[0], null)
 }
 
 output "instance_id" {
-  value = aws_instance.app.id
+  value = try(aws_instance.app[0].id, null)
 }
 
 output "private_ip" {
-  value = aws_instance.app.private_ip
+  value = try(aws_instance.app[0].private_ip, null)
 }
 
 output "artifact_version" {
-  value = var.artifact_version
+  value = try(local.instances[0].artifact_version, null)
 }
