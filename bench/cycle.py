@@ -1,27 +1,43 @@
-"""One deploy cycle through the deployed flows, against the same Packer + Terraform work done by a shell script.
+"""One deploy cycle through the deployed flows, against the same Packer + Terraform work done by a shell script,
+on both databases a site can run the Prefect server on, side by side.
 
-    .venv/bin/python bench/cycle.py [--rounds 5] [--database-url postgresql+asyncpg://...]
+    .venv/bin/python bench/cycle.py [--rounds 5]                # both: PostgreSQL and the SQLite default
+    .venv/bin/python bench/cycle.py --rounds 5 --postgres       # PostgreSQL only (--sqlite: SQLite only)
     .venv/bin/python bench/cycle.py --concurrent 10 --workers 2 --postgres
 
-Everything runs here for real: moto (S3, DynamoDB), the Consul and Slack stand-ins, a Prefect server, one
-worker (`icd-worker`, warm runs; `--cold` for Prefect's process worker, polling every second), the
-deployments and triggers of prefect.yaml. Each round, interleaved:
+Everything runs here for real: moto (S3, DynamoDB), and per database its own Consul and Slack stand-ins, Prefect
+server, worker (`icd-worker`, warm runs; `--cold` for Prefect's process worker, polling every second), the
+deployments and triggers of prefect.yaml, in its own bucket. The servers: **PostgreSQL**, a fresh database on the
+local server (``ICD_POSTGRES_DSN``, default 127.0.0.1:5432 ``test``, trust auth) made for this run and dropped at
+its end; **SQLite**, the embedded default a newcomer gets: ``icd-server start`` (cli/server.py) on a new file
+under this run's temp dir. Each round, interleaved:
 
-* **baseline**: a shell script that clones the app, runs `packer build`, then `terraform init`, `plan -out`,
-  `show -json` and `apply` on the local stack with the same S3 backend and lock table;
-* **ours**: a commit, then `build-artifact` (the registration's event plans the workspace), the
-  `deploy-artifact` run that the trigger starts, approved the moment it waits, until it ends `Deployed`.
+* **shell**: a shell script that clones the app, runs `packer build`, then `terraform init`, `plan -out`,
+  `show -json` and `apply` on the local stack with the same S3 backend and lock table; each tool call is timed
+  (``date`` around it) for its tool time;
+* **ours**, on PostgreSQL, then on SQLite: a commit, then `build-artifact` (the registration's event plans the
+  workspace), the `deploy-artifact` run that the trigger starts, approved the moment it waits, until it ends
+  `Deployed`.
 
-Ours is measured on the server's own timestamps, from the build run's creation to the deploy run's end,
-minus the time the run sat suspended before this script resumed it. Tool time is the sum of the durations
-the flows logged for every Packer and Terraform call (`icd/tools/process.py`). Overhead = wall - tool time -
-the health check's own wait (the gate's task). Also printed: trigger -> plan waiting in Slack, and the event
--> run -> plan latency of the deployment trigger.
+Ours is measured on the server's own timestamps, from the build run's creation to the deploy run's end, minus
+the time the run sat suspended before this script resumed it. Tool time is the sum of the durations the flows
+logged for every Packer and Terraform call (`icd/tools/process.py`), read once the runs' logs have stopped
+growing (:func:`settled_logs`; issue 24: read the moment the run ends, the last batch of log lines is missing).
+After the last round every cycle's logs are read again and their tool lines must still sum to what was reported
+(the cross-check). Overhead = wall - tool time - the health check's own wait (the gate's task).
+
+Also printed, per database: trigger -> the approval notice in Slack (its first post: the notice is rewritten
+in place once decided, issue 21), minus the tool time before it; the ratio (wall - suspended) / shell; tool
+time by call against the shell's; the cycle cut into consecutive phases (they add up to the wall) with the
+tool time and overhead in each; the task runs by time less their tools; the lock steps (claim / checkpoint /
+release tasks); the machine's load before and after; and what the server's and worker's logs hold
+(``database is locked``, errors).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -31,6 +47,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,12 +67,15 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from examples.local_env import (
     LocalServices,
+    ManagedProcess,
+    PrefectServer,
     create_postgres_database,
     drop_postgres_database,
     first_run_after,
     free_port,
     git,
     make_app_repo,
+    postgres_available,
     provision,
     read_flow_run,
     run_logs,
@@ -67,12 +88,32 @@ from examples.local_env import (
 )
 from icd.tools.binaries import packer_binary, terraform_binary, terraform_cli_config
 from standins.consul import ConsulStandIn
-from standins.slack import SlackStandIn
+from standins.slack import ReceivedMessage, SlackStandIn
 
 NAMESPACE = "bench/web"
 WORKSPACE = "bench"
 PROJECT = Path(__file__).resolve().parent.parent
 _TOOL_LINE = re.compile(r"tool (\S+) (\S*) exited (-?\d+) in ([\d.]+)s")
+# The lock steps of a cycle: the build's claim on its commit, the deploy's on its workspace (issue 24 asks for
+# them as fast on SQLite as on PostgreSQL).
+LOCK_TASKS = (
+    "build: claim-build",
+    "build: release-build-claim",
+    "deploy: claim-workspace",
+    "deploy: checkpoint-workspace",
+    "deploy: release-workspace",
+)
+# Consecutive stretches from the build run's creation to the deploy's end (the suspension left out): they add
+# up to the wall time.
+PHASES = (
+    "build: created -> running",
+    "build: running -> registration announced",
+    "registration -> deploy run created",
+    "deploy: created -> running",
+    "deploy: running -> paused (plan, notice)",
+    "deploy: resumed -> running again",
+    "deploy: running again -> Deployed",
+)
 
 
 @dataclass
@@ -80,16 +121,25 @@ class Cycle:
     build_id: Any
     deploy_id: Any
     wall: float
-    tool: float
+    tool: float  # the tool lines of both runs, read once their logs settled
     gate: float
-    to_slack: float  # build run created -> "plan waiting" stored by the Slack stand-in
+    to_slack: float  # build run created -> the approval notice first posted to the Slack stand-in
     tool_before_slack: float
+    tool_at_end: float = 0.0  # the same tool lines read the moment the deploy ended (what cycle.py used to count)
+    tools: dict[str, list[float]] = field(default_factory=dict)  # "terraform plan" -> durations
     trigger: dict[str, float] = field(default_factory=dict)
-    phases: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # PHASES -> seconds
+    phase_tool: dict[str, float] = field(default_factory=dict)  # PHASES -> tool seconds logged in it
+    tasks: dict[str, float] = field(default_factory=dict)  # "deploy: plan-deploy" -> summed task run seconds
+    task_tool: dict[str, float] = field(default_factory=dict)  # the same -> tool seconds logged inside
 
     @property
     def overhead(self) -> float:
         return self.wall - self.tool - self.gate
+
+    def phase_overhead(self, name: str) -> float:
+        gate = self.gate if name == PHASES[-1] else 0.0  # the health gate runs after the apply
+        return self.phases[name] - self.phase_tool.get(name, 0.0) - gate
 
 
 def _tool_seconds(logs: list[Any], until: float | None = None) -> float:
@@ -98,6 +148,37 @@ def _tool_seconds(logs: list[Any], until: float | None = None) -> float:
         if (match := _TOOL_LINE.search(log.message)) and (until is None or log.timestamp.timestamp() <= until):
             total += float(match.group(4))
     return total
+
+
+def _tool_calls(logs: list[Any]) -> dict[str, list[float]]:
+    """``"terraform plan"`` -> the durations of those calls."""
+    calls: dict[str, list[float]] = defaultdict(list)
+    for log in logs:
+        if match := _TOOL_LINE.search(log.message):
+            calls[f"{Path(match.group(1)).name} {match.group(2)}".strip()].append(float(match.group(4)))
+    return dict(calls)
+
+
+def settled_logs(run_id: Any, *, after: float, min_applies: int, quiet: float = 2.5, timeout: float = 60) -> list[Any]:
+    """The run's logs once they stop growing: Prefect ships log lines in batches (every 2 s by default), so the
+    last batch lands after the run has ended. At least ``min_applies`` `terraform apply` lines after ``after``
+    must be there, and then nothing new for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    seen, since = -1, time.monotonic()
+    while True:
+        logs = run_logs(run_id)
+        applies = sum(
+            1
+            for log in logs
+            if log.timestamp.timestamp() >= after and (m := _TOOL_LINE.search(log.message)) and m.group(2) == "apply"
+        )
+        if len(logs) != seen:
+            seen, since = len(logs), time.monotonic()
+        elif applies >= min_applies and time.monotonic() - since >= quiet:
+            return logs
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the run's logs never settled with {min_applies} applies (saw {applies})")
+        time.sleep(0.25)
 
 
 def _task_runs(run_id: Any) -> list[Any]:
@@ -110,15 +191,29 @@ def _states(run_id: Any) -> list[Any]:
         return list(client.read_flow_run_states(run_id))
 
 
+def plan_notice(slack: SlackStandIn, plan_sha256: str, timeout: float = 30) -> ReceivedMessage:
+    """The approval notice of the plan ``plan_sha256``, as the stand-in stored it. Found by the dedup key the
+    notice carries in its metadata (``plan-<sha256>``, tasks/approve.py): its text is rewritten in place once
+    decided (issue 21), its metadata and ``received_at`` (the first post's time) are kept by ``chat.update``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [m for m in slack.messages if m.dedup_key == f"plan-{plan_sha256}" and m.thread_ts is None]
+        if found:
+            return min(found, key=lambda message: message.received_at)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no approval notice for plan {plan_sha256[:12]} reached the Slack stand-in")
+        time.sleep(0.05)
+
+
 def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int) -> Cycle:
     app = repo / "src" / "app.py"
     app.write_text(app.read_text() + f"\n# bench round {round_number} {uuid.uuid4().hex}\n")
     git(repo, "commit", "-q", "-am", f"round {round_number}")
-    slack_seen = len(slack.messages)
-    build = run_deployment("build-artifact/build-artifact", parameters={"namespace": NAMESPACE}, timeout=0)
+    # Any: these FlowRun reads are typed for async callers too, and their times as optional.
+    build: Any = run_deployment("build-artifact/build-artifact", parameters={"namespace": NAMESPACE}, timeout=0)
     started = build.created.timestamp()
-    deploy = first_run_after("deploy-artifact", started - 1, interval=0.05)
-    paused = wait_for_run(deploy.id, {"PAUSED", "FAILED", "CRASHED", "CANCELLED", "COMPLETED"}, interval=0.05)
+    deploy: Any = first_run_after("deploy-artifact", started - 1, interval=0.05)
+    paused: Any = wait_for_run(deploy.id, {"PAUSED", "FAILED", "CRASHED", "CANCELLED", "COMPLETED"}, interval=0.05)
     if paused.state.type.value != "PAUSED":
         raise RuntimeError(f"the deploy ended without asking: {paused.state}")
     resumed_at = time.time()
@@ -126,33 +221,62 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
     resume_flow_run(
         deploy.id, run_input={"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": sha}
     )
-    done = wait_for_run(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, interval=0.05)
+    done: Any = wait_for_run(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, interval=0.05)
+    tool_at_end = _tool_seconds([*run_logs(build.id), *run_logs(deploy.id)])
     if done.state.name != "Deployed":
         raise RuntimeError(f"the deploy ended {done.state.name}: {done.state.message}")
-    build_run = read_flow_run(build.id)
-    pause_state = next(s for s in _states(deploy.id) if s.type.value == "PAUSED")
+    # The deploy's last log lines arrive after it ended; the build ended long before (the deploy's plan and
+    # apply ran since), so one quiet read shows all of its lines.
+    deploy_logs = settled_logs(deploy.id, after=0, min_applies=1)
+    build_logs = settled_logs(build.id, after=0, min_applies=0, quiet=0.5)
+    logs = [*build_logs, *deploy_logs]
+    build_run: Any = read_flow_run(build.id)
+    states = _states(deploy.id)
+    pause_state = next(s for s in states if s.type.value == "PAUSED")
     suspended = resumed_at - pause_state.timestamp.timestamp()
     wall = done.end_time.timestamp() - started - suspended
-    logs = [*run_logs(build.id), *run_logs(deploy.id)]
-    tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(deploy.id) if t.state and t.state.name != "Cached"}
-    build_tasks = {t.name.rsplit("-", 1)[0]: t for t in _task_runs(build.id)}
-    gate = tasks["health-gate"].total_run_time.total_seconds() if "health-gate" in tasks else 0.0
-    waiting = next(m for m in slack.messages[slack_seen:] if "Plan waiting" in m.text)
-    slack_at = waiting.received_at
-    announce = build_tasks.get("announce-registration")
-    plan = tasks.get("plan-deploy")
-    trigger = {}
-    if announce is not None and announce.end_time and plan is not None and plan.start_time:
-        trigger = {
-            "event -> deploy run created": deploy.created.timestamp() - announce.end_time.timestamp(),
-            "run created -> plan started": plan.start_time.timestamp() - deploy.created.timestamp(),
-        }
-    phases = {
-        "build: queued + process start": build_run.start_time.timestamp() - started,
-        "build: flow (incl. packer)": build_run.end_time.timestamp() - build_run.start_time.timestamp(),
-        "deploy: queued + process start": paused_start(deploy.id) - deploy.created.timestamp(),
-        "deploy: resume -> running again": resumed_run_start(deploy.id, resumed_at) - resumed_at,
-    }
+    deploy_tasks = _task_runs(deploy.id)
+    build_tasks = _task_runs(build.id)
+    gate = sum(
+        t.total_run_time.total_seconds()
+        for t in deploy_tasks
+        if t.name.startswith("health-gate") and t.state and t.state.name != "Cached"
+    )
+    slack_at = plan_notice(slack, sha).received_at
+    announce = next((t for t in build_tasks if t.name.startswith("announce-registration") and t.end_time), None)
+    plan = next((t for t in deploy_tasks if t.name.startswith("plan-deploy") and t.start_time), None)
+    announced = announce.end_time.timestamp() if announce is not None else build_run.end_time.timestamp()
+    trigger = {"event -> deploy run created": deploy.created.timestamp() - announced}
+    if plan is not None:
+        trigger["run created -> plan started"] = plan.start_time.timestamp() - deploy.created.timestamp()
+    running = [s.timestamp.timestamp() for s in states if s.type.value == "RUNNING"]
+    again = min(at for at in running if at > resumed_at)
+    bounds = [
+        started,
+        build_run.start_time.timestamp(),
+        announced,
+        deploy.created.timestamp(),
+        running[0],
+        pause_state.timestamp.timestamp(),
+        # the suspension: the pause -> the approval sent, left out
+        resumed_at,
+        again,
+        done.end_time.timestamp(),
+    ]
+    spans = [(bounds[i], bounds[i + 1]) for i in (0, 1, 2, 3, 4)] + [(bounds[6], bounds[7]), (bounds[7], bounds[8])]
+    phases = {name: end - begin for name, (begin, end) in zip(PHASES, spans, strict=True)}
+    phase_tool = {name: _tool_in(logs, begin, end) for name, (begin, end) in zip(PHASES, spans, strict=True)}
+    tasks: dict[str, float] = defaultdict(float)
+    task_tool: dict[str, float] = defaultdict(float)
+    for flow_name, runs, run_log in (("build", build_tasks, build_logs), ("deploy", deploy_tasks, deploy_logs)):
+        for task in runs:
+            if task.start_time is None or task.end_time is None:
+                continue
+            # A step read back from its record after the resume (once_per_run) still costs its round trips.
+            read_back = " (read back)" if task.state and task.state.name == "Cached" else ""
+            name = f"{flow_name}: {task.name.rsplit('-', 1)[0]}{read_back}"
+            tasks[name] += task.end_time.timestamp() - task.start_time.timestamp()
+            task_tool[name] += _tool_in(run_log, task.start_time.timestamp(), task.end_time.timestamp())
     return Cycle(
         build_id=build.id,
         deploy_id=deploy.id,
@@ -161,19 +285,28 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
         gate=gate,
         to_slack=slack_at - started,
         tool_before_slack=_tool_seconds(logs, until=slack_at),
+        tool_at_end=tool_at_end,
+        tools=_tool_calls(logs),
         trigger=trigger,
         phases=phases,
+        phase_tool=phase_tool,
+        tasks=dict(tasks),
+        task_tool=dict(task_tool),
     )
 
 
-def paused_start(run_id: Any) -> float:
-    running = [s for s in _states(run_id) if s.type.value == "RUNNING"]
-    return running[0].timestamp.timestamp()
+def _tool_in(logs: list[Any], begin: float, end: float) -> float:
+    """Tool seconds of the calls that ended (were logged) within [begin, end)."""
+    total = 0.0
+    for log in logs:
+        if (match := _TOOL_LINE.search(log.message)) and begin <= log.timestamp.timestamp() < end:
+            total += float(match.group(4))
+    return total
 
 
-def resumed_run_start(run_id: Any, after: float) -> float:
-    running = [s for s in _states(run_id) if s.type.value == "RUNNING" and s.timestamp.timestamp() > after]
-    return running[0].timestamp.timestamp()
+def recheck(cycles: list[Cycle]) -> list[float]:
+    """Every cycle's tool lines read again now, minus what was reported for it (0 when the figure held)."""
+    return [_tool_seconds([*run_logs(one.build_id), *run_logs(one.deploy_id)]) - one.tool for one in cycles]
 
 
 def load_workspaces(count: int) -> list[str]:
@@ -189,10 +322,11 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         app = repo / "src" / "app.py"
         app.write_text(app.read_text() + f"\n# {label} {uuid.uuid4().hex}\n")
         git(repo, "commit", "-q", "-am", label)
-        build = run_deployment(
+        build: Any = run_deployment(
             "build-artifact/build-artifact", parameters={"namespace": NAMESPACE, "plan": False}, timeout=0
         )
-        if wait_for_run(build.id, {"COMPLETED", "FAILED", "CRASHED"}, interval=0.05).state.type.value != "COMPLETED":
+        built: Any = wait_for_run(build.id, {"COMPLETED", "FAILED", "CRASHED"}, interval=0.05)
+        if built.state.type.value != "COMPLETED":
             raise RuntimeError("the load test's build failed")
         versions.append(registry.registry().last_version(NAMESPACE))
     started = time.time()
@@ -200,7 +334,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
     for number in range(deploys):
         workspace = workspaces[number % len(workspaces)]
         version = versions[-1]
-        run = run_deployment(
+        run: Any = run_deployment(
             "deploy-artifact/deploy-artifact", parameters={"workspace": workspace, "version": version}, timeout=0
         )
         runs[run.id] = workspace
@@ -233,7 +367,8 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         wall = run.end_time.timestamp() - run.created.timestamp() - suspended
         tasks = [t for t in _task_runs(run_id) if t.state and t.state.name != "Cached" and t.total_run_time]
         gate = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("health-gate"))
-        overheads.append(wall - _tool_seconds(run_logs(run_id)) - gate)
+        logs = settled_logs(run_id, after=0, min_applies=1, quiet=1.0)
+        overheads.append(wall - _tool_seconds(logs) - gate)
     print(
         f"\n{deploys} deploys at once over {len(workspaces)} workspaces, server on {database}: all Deployed "
         f"in {all_done:.0f}s"
@@ -246,34 +381,45 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
 
 BASELINE = r"""
 set -eu
+# Each tool call timed, as ours are: start and end on one line of $WORK/times.
+t() { a=$(date +%s.%N); "$@"; echo "$a $(date +%s.%N) $(basename "$1") $2" >>"$WORK/times"; }
 rm -rf "$WORK" && mkdir -p "$WORK"
-git clone -q "$REPO" "$WORK/src"
+t git clone -q "$REPO" "$WORK/src"
 cd "$WORK/src/packer"
-"$PACKER" build -machine-readable -only=null.local_image \
+t "$PACKER" build -machine-readable -only=null.local_image \
   -var namespace="$NAMESPACE" -var version="$VERSION" -var commit="$(git rev-parse HEAD)" \
   -var output_dir="$WORK/images" -var service_name=benchsh . >/dev/null
 cp -r "$STACK" "$WORK/stack" && cd "$WORK/stack"
 printf 'terraform {\n  backend "s3" {}\n}\n' > backend_override.tf
-"$TERRAFORM" init -input=false -no-color -reconfigure \
+t "$TERRAFORM" init -input=false -no-color -reconfigure \
   -backend-config=bucket="$BUCKET" -backend-config=key="shell/$VERSION.tfstate" -backend-config=region=us-east-1 \
   -backend-config=endpoint="$ENDPOINT" -backend-config=force_path_style=true \
   -backend-config=skip_credentials_validation=true -backend-config=skip_metadata_api_check=true \
   -backend-config=skip_region_validation=true -backend-config=dynamodb_table="$TABLE" \
   -backend-config=dynamodb_endpoint="$ENDPOINT" >/dev/null
-"$TERRAFORM" plan -input=false -no-color -out=plan.tfplan \
+t "$TERRAFORM" plan -input=false -no-color -out=plan.tfplan \
   -var artifact_id="$WORK/images/benchsh-$VERSION.tar.gz" -var artifact_version="$VERSION" \
   -var namespace="$NAMESPACE" -var service_name=benchsh -var consul_addr="$CONSUL" \
   -var deploy_run_id=shell -var workspace=shell -var instance_root="$WORK/instances" >/dev/null
-"$TERRAFORM" show -json plan.tfplan >/dev/null
-"$TERRAFORM" apply -input=false -no-color plan.tfplan >/dev/null
+t "$TERRAFORM" show -json plan.tfplan >/dev/null
+t "$TERRAFORM" apply -input=false -no-color plan.tfplan >/dev/null
 "$TERRAFORM" destroy -auto-approve -input=false -no-color \
   -var artifact_id=x -var artifact_version="$VERSION" -var namespace="$NAMESPACE" -var service_name=benchsh \
   -var consul_addr="$CONSUL" -var deploy_run_id=shell -var workspace=shell -var instance_root="$WORK/instances" >/dev/null
 """
 
 
-def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) -> float:
-    """The baseline's wall time (its clean-up `destroy` excluded)."""
+@dataclass
+class ShellCycle:
+    wall: float  # start -> the apply done (its clean-up `destroy` excluded)
+    tools: dict[str, float]  # "terraform plan" -> seconds
+
+    @property
+    def tool(self) -> float:
+        return sum(self.tools.values())
+
+
+def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) -> ShellCycle:
     script = BASELINE.replace('"$TERRAFORM" destroy', 'date +%s.%N > "$WORK/applied"; "$TERRAFORM" destroy')
     work = home / f"shell-{round_number}"
     started = time.time()
@@ -284,121 +430,220 @@ def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) 
     )
     if result.returncode != 0:
         raise RuntimeError(f"the shell baseline failed:\n{(work / 'log').read_text()[-3000:]}")
-    return float((work / "applied").read_text()) - started
+    tools: dict[str, float] = defaultdict(float)
+    for line in (work / "times").read_text().splitlines():
+        begin, end, name, command = line.split(maxsplit=3)
+        tools[f"{name} {command}"] += float(end) - float(begin)
+    return ShellCycle(wall=float((work / "applied").read_text()) - started, tools=dict(tools))
+
+
+@dataclass
+class Side:
+    """One database's server, with its own worker, stand-ins, bucket and cycles."""
+
+    label: str  # "PostgreSQL", "SQLite"
+    server: PrefectServer
+    registry: Any
+    slack: SlackStandIn
+    consul: ConsulStandIn
+    bucket: str
+    workers: list[ManagedProcess] = field(default_factory=list)
+    cycles: list[Cycle] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def api(self) -> Iterator[None]:
+        """This side's server as the Prefect client's API."""
+        with temporary_settings(updates={PREFECT_API_URL: self.server.api_url}):
+            yield
+
+    def log_findings(self) -> dict[str, dict[str, Any]]:
+        """Per process (server, workers): lines saying ``database is locked``, ERROR lines, the first errors."""
+        found: dict[str, dict[str, Any]] = {}
+        for process in [self.server.process, *self.workers]:
+            try:
+                lines = process.log_path.read_text(errors="replace").splitlines()
+            except OSError:
+                lines = []
+            errors = [line for line in lines if " ERROR " in line or "| ERROR" in line or line.startswith("ERROR")]
+            found[process.name] = {
+                "locked": sum("database is locked" in line for line in lines),
+                "errors": len(errors),
+                "warnings": sum(" WARNING " in line or "| WARNING" in line for line in lines),
+                "first errors": errors[:3],
+            }
+        return found
+
+
+def start_side(
+    stack: contextlib.ExitStack,
+    home: Path,
+    label: str,
+    database_url: str | None,
+    *,
+    endpoint: str,
+    config: Path,
+    workers: int,
+    cold: bool,
+) -> Side:
+    key = label.lower()
+    consul = ConsulStandIn().start()
+    stack.callback(consul.stop)
+    slack = SlackStandIn(token="xoxb-bench").start()
+    stack.callback(slack.stop)
+    server = start_prefect_server(home / f"prefect-{key}", database_url=database_url)
+    stack.callback(server.stop)
+    bucket = f"icd-bench-{key}"
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        services = LocalServices(endpoint, bucket, "bench", "bench", slack.api_url, "xoxb-bench", consul.http_addr)
+        registry = provision(server, services, alerts_url=slack.webhook_url("alerts"))
+        with get_client(sync_client=True) as client:
+            client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
+    side = Side(label, server, registry, slack, consul, bucket)
+    icd_home = home / f"icd-{key}"
+    stack.callback(stop_instances, icd_home)
+    for number in range(workers):
+        process = start_worker(
+            server, "local-pool", env=worker_env(icd_home, config), name=f"worker-{key}-{number}", warm=not cold
+        )
+        stack.callback(process.stop)
+        side.workers.append(process)
+    return side
+
+
+def machine_load() -> str:
+    """``uptime``'s load averages (1, 5, 15 min) and the number of cores."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--database-url", default=None, help="PostgreSQL for the Prefect server (default: SQLite)")
-    parser.add_argument("--postgres", action="store_true", help="a fresh database on the local PostgreSQL")
-    parser.add_argument("--timeline", action="store_true", help="print the last cycle's task timeline")
+    parser.add_argument(
+        "--both", action="store_true", help="PostgreSQL and the SQLite default side by side (the default)"
+    )
+    parser.add_argument("--postgres", action="store_true", help="only a fresh database on the local PostgreSQL")
+    parser.add_argument("--sqlite", action="store_true", help="only the SQLite default (icd-server)")
+    parser.add_argument("--database-url", default=None, help="only a server on this database")
+    parser.add_argument("--timeline", action="store_true", help="print each side's last cycle's task timeline")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (servers' and workers' logs)")
     parser.add_argument(
         "--concurrent", type=int, default=0, help="instead: this many deploys at once (the team load test)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="process workers on the pool")
+    parser.add_argument("--workers", type=int, default=1, help="process workers on each side's pool")
     parser.add_argument(
         "--cold",
         action="store_true",
         help="Prefect's own process worker (a fresh interpreter per run) instead of icd-worker: the before",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    only = [flag for flag in ("postgres", "sqlite", "database_url") if getattr(args, flag)]
+    if len(only) > 1 or (only and args.both):
+        parser.error("--both, --postgres, --sqlite and --database-url exclude each other")
+    if args.concurrent and not only:
+        parser.error("--concurrent runs on one database: add --postgres (the team set-up), --sqlite or --database-url")
+    wanted: list[tuple[str, str | None]] = []  # (label, database URL or None for a fresh one)
+    if args.database_url:
+        wanted = [("PostgreSQL" if args.database_url.startswith("postgresql") else "given", args.database_url)]
+    if args.postgres or not only:
+        if not postgres_available():
+            parser.error("no PostgreSQL at ICD_POSTGRES_DSN (default postgresql://postgres@127.0.0.1:5432/test)")
+        wanted.append(("PostgreSQL", None))
+    if args.sqlite or not only:
+        wanted.append(("SQLite", None))
     home = Path(tempfile.mkdtemp(prefix="icd-bench-cycle-"))
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{moto_port}"
-    consul = ConsulStandIn().start()
-    slack = SlackStandIn(token="xoxb-bench").start()
-    database_url = create_postgres_database("icd_bench") if args.postgres else args.database_url
-    server = start_prefect_server(home / "prefect", database_url=database_url)
-    processes = []
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            repo = make_app_repo(home / "repo")
-            config = write_config(
-                home / "icd.toml",
-                namespaces={NAMESPACE: {"repository": str(repo), "service_name": "web"}},
-                workspaces={
-                    name: {"follows": f"{NAMESPACE}@latest", "stack": "examples/stacks/local"}
-                    for name in [WORKSPACE, *load_workspaces(args.concurrent)]
-                },
-            )
-            os.environ["ICD_CONFIG"] = str(config)
-            services = LocalServices(
-                endpoint, "icd-bench", "bench", "bench", slack.api_url, "xoxb-bench", consul.http_addr
-            )
-            registry = provision(server, services, alerts_url=slack.webhook_url("alerts"))
-            with get_client(sync_client=True) as client:
-                client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
-            for number in range(args.workers):
-                processes.append(
-                    start_worker(
-                        server,
-                        "local-pool",
-                        env=worker_env(home / "icd", config),
-                        name=f"worker-{number}",
-                        warm=not args.cold,
-                    )
-                )
-            if args.concurrent:
-                under_load(repo, registry, args.concurrent, load_workspaces(args.concurrent), server.database)
-                return 0
-            shell_env = {
-                "PATH": os.environ["PATH"],
-                "HOME": os.environ.get("HOME", "/root"),
-                "REPO": str(repo),
-                "PACKER": packer_binary(),
-                "TERRAFORM": terraform_binary(),
-                "TF_CLI_CONFIG_FILE": str(terraform_cli_config()),
-                "CHECKPOINT_DISABLE": "1",
-                "TF_IN_AUTOMATION": "1",
-                "NAMESPACE": NAMESPACE,
-                "STACK": str(PROJECT / "examples" / "stacks" / "local"),
-                "BUCKET": "icd-bench",
-                "TABLE": registry.state_lock_table or "",
-                "ENDPOINT": endpoint,
-                "CONSUL": consul.http_addr,
-                "AWS_ACCESS_KEY_ID": "bench",
-                "AWS_SECRET_ACCESS_KEY": "bench",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }
-            baselines, ours = [], []
-            for round_number in range(args.rounds + 1):  # round 0 warms both up and is not counted
-                baseline = shell_cycle(home, repo, shell_env, round_number)
-                cycle = our_cycle(repo, registry, slack, round_number)
-                if round_number:
-                    baselines.append(baseline)
-                    ours.append(cycle)
-                print(
-                    f"round {round_number}{' (warm-up)' if not round_number else ''}: shell {baseline:5.1f}s  "
-                    f"ours {cycle.wall:5.1f}s (tools {cycle.tool:4.1f}s, gate {cycle.gate:4.1f}s, "
-                    f"overhead {cycle.overhead:4.1f}s)",
-                    flush=True,
-                )
-            report(baselines, ours)
-            if args.timeline:
-                timeline(ours[-1])
-    finally:
-        for process in processes:
-            process.stop()
-        stop_instances(home / "icd")
-        server.stop()
-        if args.postgres and database_url:
-            drop_postgres_database(database_url)
-        slack.stop()
-        consul.stop()
-        moto.stop()
-        if not args.timeline:
-            shutil.rmtree(home, ignore_errors=True)
+    load_before = machine_load()
+    print(f"before: {load_before}", flush=True)
+    with contextlib.ExitStack() as stack:
+        if not (args.keep or args.timeline):
+            stack.callback(shutil.rmtree, home, ignore_errors=True)
         else:
-            print(f"kept {home}")
+            stack.callback(print, f"kept {home}")
+        moto_port = free_port()
+        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
+        moto.start()
+        stack.callback(moto.stop)
+        endpoint = f"http://127.0.0.1:{moto_port}"
+        repo = make_app_repo(home / "repo")
+        config = write_config(
+            home / "icd.toml",
+            namespaces={NAMESPACE: {"repository": str(repo), "service_name": "web"}},
+            workspaces={
+                name: {"follows": f"{NAMESPACE}@latest", "stack": "examples/stacks/local"}
+                for name in [WORKSPACE, *load_workspaces(args.concurrent)]
+            },
+        )
+        os.environ["ICD_CONFIG"] = str(config)
+        sides = []
+        for label, given_url in wanted:
+            url = given_url
+            if label == "PostgreSQL" and given_url is None:
+                url = create_postgres_database("icd_bench")  # fresh: no earlier run's rows
+                stack.callback(drop_postgres_database, url)
+            sides.append(
+                start_side(
+                    stack, home, label, url, endpoint=endpoint, config=config, workers=args.workers, cold=args.cold
+                )
+            )
+        if args.concurrent:
+            with sides[0].api():
+                under_load(repo, sides[0].registry, args.concurrent, load_workspaces(args.concurrent), sides[0].label)
+            return 0
+        first = sides[0]
+        shell_env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "REPO": str(repo),
+            "PACKER": packer_binary(),
+            "TERRAFORM": terraform_binary(),
+            "TF_CLI_CONFIG_FILE": str(terraform_cli_config()),
+            "CHECKPOINT_DISABLE": "1",
+            "TF_IN_AUTOMATION": "1",
+            "NAMESPACE": NAMESPACE,
+            "STACK": str(PROJECT / "examples" / "stacks" / "local"),
+            "BUCKET": first.bucket,
+            "TABLE": first.registry.state_lock_table or "",
+            "ENDPOINT": endpoint,
+            "CONSUL": first.consul.http_addr,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        shells: list[ShellCycle] = []
+        for round_number in range(args.rounds + 1):  # round 0 warms every side up and is not counted
+            baseline = shell_cycle(home, repo, shell_env, round_number)
+            line = f"round {round_number}{' (warm-up)' if not round_number else ''}: shell {baseline.wall:5.1f}s"
+            for side in sides:
+                with side.api():
+                    one = our_cycle(repo, side.registry, side.slack, round_number)
+                if round_number:
+                    side.cycles.append(one)
+                line += (
+                    f" | {side.label} {one.wall:5.1f}s (tools {one.tool:4.1f}s [at the end {one.tool_at_end:4.1f}s],"
+                    f" gate {one.gate:3.1f}s, overhead {one.overhead:4.1f}s)"
+                )
+            if round_number:
+                shells.append(baseline)
+            print(line, flush=True)
+        differences = {}
+        for side in sides:
+            with side.api():
+                differences[side.label] = recheck(side.cycles)
+        load_after = machine_load()
+        report(shells, sides, differences, load_before, load_after)
+        if args.timeline:
+            for side in sides:
+                with side.api():
+                    timeline(side.label, side.cycles[-1])
     return 0
 
 
-def timeline(cycle: Cycle) -> None:
+def timeline(label: str, cycle: Cycle) -> None:
     """Every task run and flow state of one cycle, in seconds from the build run's creation."""
-    start = read_flow_run(cycle.build_id).created.timestamp()
+    first: Any = read_flow_run(cycle.build_id)
+    start = first.created.timestamp()
     rows = []
     for run_id, flow_name in ((cycle.build_id, "build"), (cycle.deploy_id, "deploy")):
         for state in _states(run_id):
@@ -412,7 +657,7 @@ def timeline(cycle: Cycle) -> None:
         for log in run_logs(run_id):
             if _TOOL_LINE.search(log.message):
                 rows.append((log.timestamp.timestamp() - start, f"{flow_name}:   {log.message}", None))
-    print("\ntimeline of the last cycle (s from the build run's creation):")
+    print(f"\ntimeline of the last cycle on {label} (s from the build run's creation):")
     for at, what, took in sorted(rows, key=lambda row: row[0]):
         print(f"  {at:6.2f}  {what}" + (f"  [{took:.2f}s]" if took is not None else ""))
 
@@ -422,29 +667,147 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def report(baselines: list[float], ours: list[Cycle]) -> None:
+def report(
+    shells: list[ShellCycle],
+    sides: list[Side],
+    differences: dict[str, list[float]],
+    load_before: str,
+    load_after: str,
+) -> None:
     med = statistics.median
+
+    def row(name: str, shell: str, values: list[str]) -> None:
+        print(f"{name:44s} {shell:>16s}" + "".join(f" {value:>22s}" for value in values))
+
+    def p50_p95(values: list[float], unit: str = "s") -> str:
+        return f"{med(values):.2f}{unit} / {_p(values, 0.95):.2f}{unit}"
+
     print()
-    print(f"cycles: {len(ours)} of each, interleaved")
-    print(f"shell baseline     wall p50 {med(baselines):5.1f}s")
     print(
-        f"deployed flows     wall p50 {med(c.wall for c in ours):5.1f}s  p95 {_p([c.wall for c in ours], 0.95):5.1f}s"
+        f"cycles: {len(shells)} per column, interleaved (shell, then {', '.join(s.label for s in sides)}, each round)"
     )
-    print(f"  tool time             p50 {med(c.tool for c in ours):5.1f}s")
-    print(f"  health gate wait      p50 {med(c.gate for c in ours):5.1f}s")
-    print(
-        f"  orchestration overhead p50 {med(c.overhead for c in ours):5.1f}s  p95 {_p([c.overhead for c in ours], 0.95):5.1f}s  (goal <= 5 s)"
+    row("", "shell", [side.label for side in sides])
+    row(
+        "wall (- suspended)      p50 / p95",
+        p50_p95([s.wall for s in shells]),
+        [p50_p95([c.wall for c in side.cycles]) for side in sides],
     )
-    print(f"ratio ours/shell        p50 x{med(c.wall for c in ours) / med(baselines):.1f}")
-    beyond = [c.to_slack - c.tool_before_slack for c in ours]
-    print(
-        f"trigger -> 'plan waiting' in Slack, minus tool time: p50 {med(beyond):4.1f}s  p95 {_p(beyond, 0.95):4.1f}s  (goal <= 3 s)"
+    row(
+        "tool time               p50 / p95",
+        p50_p95([s.tool for s in shells]),
+        [p50_p95([c.tool for c in side.cycles]) for side in sides],
     )
-    print("per phase (p50):")
-    for name in ours[0].phases:
-        print(f"  {name:36s} {med(c.phases[name] for c in ours):5.2f}s")
-    for name in ours[0].trigger:
-        print(f"  trigger: {name:27s} {med(c.trigger[name] for c in ours if name in c.trigger):5.2f}s")
+    row(
+        "  tool ours / shell (per round) p50",
+        "",
+        [f"x{med(c.tool / s.tool for c, s in zip(side.cycles, shells, strict=True)):.2f}" for side in sides],
+    )
+    row("health gate             p50", "", [f"{med(c.gate for c in side.cycles):.2f}s" for side in sides])
+    row(
+        "OVERHEAD (wall - tool - gate) p50 / p95",
+        "",
+        [p50_p95([c.overhead for c in side.cycles]) for side in sides],
+    )
+    row(
+        "ratio (wall - suspended)/shell p50",
+        "",
+        [f"x{med(c.wall / s.wall for c, s in zip(side.cycles, shells, strict=True)):.2f}" for side in sides],
+    )
+    row(
+        "trigger -> notice in Slack - tool, p50/p95",
+        "",
+        [p50_p95([c.to_slack - c.tool_before_slack for c in side.cycles]) for side in sides],
+    )
+    for name in sides[0].cycles[0].trigger:
+        row(
+            f"  {name}  p50",
+            "",
+            [f"{med(c.trigger[name] for c in side.cycles if name in c.trigger):.2f}s" for side in sides],
+        )
+    row(
+        "tool time read as the run ends: missed p50/max",
+        "",
+        [
+            f"{med(c.tool - c.tool_at_end for c in side.cycles):.2f}s / "
+            f"{max(c.tool - c.tool_at_end for c in side.cycles):.2f}s"
+            for side in sides
+        ],
+    )
+    row(
+        "cross-check: tool lines re-read = reported",
+        "",
+        [
+            f"{sum(abs(d) < 0.0005 for d in differences[side.label])} of {len(differences[side.label])}"
+            + (f" (max {max(abs(d) for d in differences[side.label]):.3f}s)" if differences[side.label] else "")
+            for side in sides
+        ],
+    )
+
+    print("\ntool calls per cycle: count, seconds (p50)")
+    commands = sorted(
+        {name for side in sides for c in side.cycles for name in c.tools} | {n for s in shells for n in s.tools}
+    )
+    for name in commands:
+        row(
+            f"  {name}",
+            f"{med(s.tools.get(name, 0.0) for s in shells):.2f}s" if any(name in s.tools for s in shells) else "-",
+            [
+                f"{med(len(c.tools.get(name, [])) for c in side.cycles):.0f} x, "
+                f"{med(sum(c.tools.get(name, [])) for c in side.cycles):.2f}s"
+                for side in sides
+            ],
+        )
+
+    print("\nphases (consecutive, they add up to the wall): p50 duration / tool in it / overhead in it")
+    for name in PHASES:
+        row(
+            f"  {name}",
+            "",
+            [
+                f"{med(c.phases[name] for c in side.cycles):.2f} /{med(c.phase_tool[name] for c in side.cycles):5.2f} /"
+                f"{med(c.phase_overhead(name) for c in side.cycles):5.2f}"
+                for side in sides
+            ],
+        )
+    for side in sides:
+        ranked = sorted(PHASES, key=lambda name: -med(c.phase_overhead(name) for c in side.cycles))
+        print(
+            f"  {side.label}: overhead by phase, largest first: "
+            + "; ".join(f"{name} {med(c.phase_overhead(name) for c in side.cycles):.2f}s" for name in ranked)
+        )
+
+    print("\ntask runs, p50 seconds less the tool time inside them (the largest 12 per database)")
+    for side in sides:
+        names = {name for c in side.cycles for name in c.tasks}
+
+        def own(name: str, side: Side = side) -> float:
+            return med(c.tasks.get(name, 0.0) - c.task_tool.get(name, 0.0) for c in side.cycles)
+
+        print(f"  {side.label}:")
+        for name in sorted(names, key=lambda n: -own(n))[:12]:
+            print(f"    {name:46s} {own(name):5.2f}s  (task {med(c.tasks.get(name, 0.0) for c in side.cycles):5.2f}s)")
+
+    print("\nlock steps (task run start -> end): p50 / max")
+    for name in LOCK_TASKS:
+        row(
+            f"  {name}",
+            "",
+            [
+                f"{med(c.tasks.get(name, 0.0) for c in side.cycles):.2f}s / {max(c.tasks.get(name, 0.0) for c in side.cycles):.2f}s"
+                for side in sides
+            ],
+        )
+
+    print(f"\nmachine before: {load_before}")
+    print(f"machine after:  {load_after}")
+    for side in sides:
+        for process, found in side.log_findings().items():
+            print(
+                f"{side.label} {process} log: {found['locked']} 'database is locked', {found['errors']} ERROR, "
+                f"{found['warnings']} WARNING lines"
+            )
+            for line in found["first errors"]:
+                print(f"    {line[:200]}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ image on both sides):
   the single deploy's ``health-gate``); the gates' own waited seconds (their log lines) are printed too.
   Overhead = wall - tool - gate; per batch = overhead / 5.
   Also printed: ours' Terraform calls by subcommand and its task time after the approval, by task.
-* **one deploy cycle** (cycle.py's ``our_cycle``, its tool time re-read once the logs settle): the single
+* **one deploy cycle** (cycle.py's ``our_cycle``, its tool time read once the logs settle): the single
   deploy's overhead in the same run, the goal's yardstick. ``--no-cycle`` leaves it out.
 
 Round 0 warms both sides up and is not counted.
@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -68,7 +67,6 @@ from examples.local_env import (
     git,
     make_app_repo,
     provision,
-    run_logs,
     start_prefect_server,
     start_worker,
     stop_instances,
@@ -125,28 +123,8 @@ class ShellRollout:
         return (self.wall - self.tool - self.gate) / STEPS
 
 
-def settled_logs(run_id: Any, *, after: float, min_applies: int, quiet: float = 2.5, timeout: float = 60) -> list[Any]:
-    """The run's logs once they stop growing: Prefect ships log lines in batches (every 2 s by default), so the
-    last batch lands after the run has ended. At least ``min_applies`` `terraform apply` lines after ``after``
-    must be there, and then nothing new for ``quiet`` seconds."""
-    deadline = time.monotonic() + timeout
-    seen, since = -1, time.monotonic()
-    while True:
-        logs = run_logs(run_id)
-        applies = sum(
-            1
-            for log in logs
-            if log.timestamp.timestamp() >= after
-            and (m := cycle._TOOL_LINE.search(log.message))
-            and m.group(2) == "apply"
-        )
-        if len(logs) != seen:
-            seen, since = len(logs), time.monotonic()
-        elif applies >= min_applies and time.monotonic() - since >= quiet:
-            return logs
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the run's logs never settled with {min_applies} applies (saw {applies})")
-        time.sleep(0.25)
+# Shared with cycle.py (issue 24: a run's last log lines arrive after it ended).
+settled_logs = cycle.settled_logs
 
 
 def tool_after(logs: list[Any], after: float) -> dict[str, list[float]]:
@@ -292,46 +270,9 @@ def fleet_workspace(max_parallel: int) -> dict[str, object]:
     }
 
 
-class _NoticeKeeper:
-    """The Slack stand-in as cycle.our_cycle reads it, plus a copy of every "Plan waiting" message as first seen:
-    the notice is edited (chat.update) once it is decided, which drops those words before our_cycle looks."""
-
-    def __init__(self, slack: SlackStandIn) -> None:
-        self.slack = slack
-        self.kept: dict[str, Any] = {}
-        self.before = {message.ts for message in slack.messages}  # earlier runs' notices are not this cycle's
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    @property
-    def messages(self) -> list[Any]:
-        return [*self.slack.messages, *self.kept.values()]
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.02):
-            for message in self.slack.messages:
-                if "Plan waiting" in message.text and message.ts not in self.kept and message.ts not in self.before:
-                    self.kept[message.ts] = message
-
-    def __enter__(self) -> _NoticeKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def one_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int) -> cycle.Cycle:
-    with _NoticeKeeper(slack) as keeper:
-        return settle_cycle_tool(cycle.our_cycle(repo, registry, keeper, round_number))  # type: ignore[arg-type]
-
-
-def settle_cycle_tool(one: cycle.Cycle) -> cycle.Cycle:
-    """cycle.py reads the logs the moment the deploy ends (issue 24's under-count): read them again once settled."""
-    settled = settled_logs(one.deploy_id, after=0, min_applies=1)
-    one.tool = cycle._tool_seconds([*run_logs(one.build_id), *settled])
-    return one
+    """cycle.py's single deploy (its tool time read from settled logs, its notice found by the plan's hash)."""
+    return cycle.our_cycle(repo, registry, slack, round_number)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,17 +35,25 @@ from icd.deploy.approval import give_answer
 DEPLOYMENT = "deploy-artifact"
 
 
+# The server answers at most this many runs a call (PREFECT_API_DEFAULT_LIMIT): read page after page.
+_PAGE = 200
+
+
 def waiting_runs() -> list[Any]:
+    found: list[Any] = []
     with get_client(sync_client=True) as client:
-        return list(
-            client.read_flow_runs(
+        while True:
+            page = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT])),
                 flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
                 ),
-                limit=200,
+                limit=_PAGE,
+                offset=len(found),
             )
-        )
+            found += page
+            if len(page) < _PAGE:
+                return found
 
 
 def _read(run_id: UUID) -> Any:

@@ -53,7 +53,7 @@ from icd.inbound.github import (
 )
 from icd.interactions.reply import InteractionHandler
 from icd.interactions.signing import NotVerified, RequestVerifier
-from icd.prefect_tls import reuse_tls_context_for_plain_http
+from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
 
 SECRET_BLOCK = "github-webhook-secret"  # noqa: S105  # the block's name, not a secret
 SLACK_SIGNING_SECRET_BLOCK = "slack-signing-secret"  # noqa: S105  # the block's name, not a secret

@@ -44,7 +44,7 @@ from cli.inbound import SECRET_BLOCK
 from icd.deploy.credentials import UNSCOPED_WARNING
 from icd.paths import PROJECT_ROOT
 from icd.registry.provenance import generate_key_text
-from icd.worker import HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
+from icd.worker_settings import HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
 from tasks.watch import start_first_watch
 
 # The block names the flows and automations load by default (flow parameters can name others).

@@ -1,8 +1,10 @@
-"""``icd-worker``: Prefect's process worker for this project's pool, with warm flow runs (icd/worker/warm.py).
+"""``icd-worker``: Prefect's process worker for this project's pool, with warm flow runs.
+
+The warm worker itself is ``prefect_patches/warm_worker.py``.
 
 Same pool, job template and settings as ``prefect worker start --type process``; each flow run is forked
 from a process that has already imported Prefect and the project's flows instead of a fresh interpreter.
-Its runs send a heartbeat every 30 s (``icd.worker.HEARTBEAT_SECONDS``; Prefect's default is 180 s) unless
+Its runs send a heartbeat every 30 s (``icd.worker_settings.HEARTBEAT_SECONDS``; Prefect's default is 180 s) unless
 ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set, so the ``icd-zombie-runs`` automation notices a dead one in time.
 """
 
@@ -18,9 +20,9 @@ from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, get_current_setti
 from prefect.utilities.processutils import setup_signal_handlers_worker
 
 from icd.paths import PROJECT_ROOT
-from icd.prefect_tls import reuse_tls_context_for_plain_http
-from icd.worker import HEARTBEAT_ENV, HEARTBEAT_SECONDS
-from icd.worker.warm import WarmProcessWorker, start_fork_server
+from icd.worker_settings import HEARTBEAT_ENV, HEARTBEAT_SECONDS
+from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
+from prefect_patches.warm_worker import WarmProcessWorker, start_fork_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # minutes; a value set in the environment or the Prefect profile wins.
     if HEARTBEAT_ENV not in get_current_settings().to_environment_variables(exclude_unset=True):
         os.environ[HEARTBEAT_ENV] = str(HEARTBEAT_SECONDS)
-    reuse_tls_context_for_plain_http()  # the worker's own clients; icd.worker.preload does it for the runs
+    reuse_tls_context_for_plain_http()  # the worker's own clients; its fork server does it for the runs
     # Before the event loop and its threads: the fork server must start from a single-threaded process.
     for module, error in start_fork_server(args.project_dir.resolve()).items():
         print(f"icd-worker: could not preload {module} ({error}); runs that need it import it themselves")

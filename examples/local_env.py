@@ -46,7 +46,7 @@ from cli.setup import RESULTS_BLOCK, STATE_LOCK_TABLE, Site, save_blocks, setup
 from icd.config import parse_config
 from icd.deploy.credentials import state_role_policy
 from icd.deploy.workdir import StateBackend
-from icd.worker import HEARTBEAT_ENV, HEARTBEAT_SECONDS, LONGEST_STOP_SECONDS
+from icd.worker_settings import HEARTBEAT_ENV, HEARTBEAT_SECONDS, LONGEST_STOP_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # The PostgreSQL these machines run for teams (trust auth); a fresh database is made on it per server.
@@ -271,7 +271,7 @@ def api_client() -> SyncPrefectClient:
     Polling loops (tests, benchmarks, the demo) read the API several times a second, and every
     ``get_client()`` builds a new TLS context, parsing the whole CA bundle even for an ``http://`` API:
     about 25 ms of CPU each, which was a seventh of all the CPU an end-to-end test used. Where
-    ``icd/prefect_tls.py`` is applied (the test session) that cost is gone; a kept client still saves a
+    ``prefect_patches/shared_tls.py`` is applied (the test session) that cost is gone; a kept client still saves a
     client and a connection per read."""
     url = str(PREFECT_API_URL.value())
     with _API_CLIENTS_LOCK:
@@ -498,7 +498,8 @@ def worker_env(icd_home: Path, config: Path, extra: Mapping[str, str] | None = N
         "PREFECT_LOGGING_EXTRA_LOGGERS": "icd",
         # Results in S3 (provision() makes the block): a run suspended on one worker resumes on any other.
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": f"s3-bucket/{RESULTS_BLOCK}",
-        # A dead run is noticed within 90 s (icd.worker); icd-worker sets it too, Prefect's own worker does not.
+        # A dead run is noticed within 90 s (icd.worker_settings); icd-worker sets it too, Prefect's own worker
+        # does not.
         HEARTBEAT_ENV: str(HEARTBEAT_SECONDS),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **(extra or {}),

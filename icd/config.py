@@ -30,11 +30,13 @@ from icd.notify.message import MESSAGE_KINDS, MessageKind
 from icd.paths import PROJECT_ROOT
 from icd.rules import (
     LATEST,
-    MAX_HEALTH_DEADLINE_SECONDS,
     ApprovalTimeout,
     Channel,
+    HealthDeadline,
+    LockWait,
     Name,
     Namespace,
+    Workspace,
     check_channel,
     check_namespace,
     check_ref,
@@ -156,7 +158,7 @@ class RolloutPolicy(_Strict):
     max_parallel: Annotated[int, Field(ge=1, le=100)] = 1
     min_healthy_time_seconds: Annotated[float, Field(ge=0, le=3600)] = 0.0
     # None: the workspace's health_deadline_seconds (one gate per batch, as per deploy).
-    healthy_deadline_seconds: Annotated[float, Field(gt=0, le=MAX_HEALTH_DEADLINE_SECONDS)] | None = None
+    healthy_deadline_seconds: HealthDeadline | None = None
     progress_deadline_seconds: Annotated[float, Field(gt=0, le=6 * 3600)] = 600.0
     # None: the workspace's rollback_on_unhealthy. Revert to what ran before the rollout when a batch fails.
     auto_revert: bool | None = None
@@ -176,9 +178,9 @@ class WorkspaceConfig(_Strict):
         default=None, description="Channel moved after a healthy deploy; default: the workspace name."
     )
     approval_timeout_seconds: ApprovalTimeout = 3600
-    health_deadline_seconds: Annotated[float, Field(gt=0, le=MAX_HEALTH_DEADLINE_SECONDS)] = 60.0
+    health_deadline_seconds: HealthDeadline = 60.0
     rollback_on_unhealthy: bool = True
-    lock_wait_seconds: Annotated[float, Field(ge=0, le=24 * 3600)] = 3600.0
+    lock_wait_seconds: LockWait = 3600.0
     # An apply (or teardown, or rollback) whose Terraform only says "Still creating..." for this long is
     # stopped as stuck (docs/operations.md#stuck-applies). At most 30 min: the workspace lease's margin for
     # the apply (PLAN_AND_APPLY_MARGIN_SECONDS), and every Terraform call's own limit.
@@ -272,9 +274,7 @@ class PipelineConfig(_Strict):
     site: SiteConfig = Field(default_factory=SiteConfig)
     notifications: NotificationRoutes = Field(default_factory=NotificationRoutes)
     namespaces: dict[Namespace, NamespaceConfig] = Field(default_factory=dict)
-    workspaces: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")], WorkspaceConfig] = Field(
-        default_factory=dict
-    )
+    workspaces: dict[Workspace, WorkspaceConfig] = Field(default_factory=dict)
     people: dict[str, Person] = Field(default_factory=dict)
 
     @model_validator(mode="after")

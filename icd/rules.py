@@ -30,7 +30,6 @@ LATEST: Final = "latest"
 _NAME = re.compile(NAME_PATTERN)
 # A git ref as a developer types it: no leading '-', no '..', no control characters, no spaces.
 _REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Bounds. The workspace lock's lease must cover the approval wait plus planning and applying, and
 # Prefect's lease API accepts at most 24 h, so the approval wait is capped well below that.
@@ -81,12 +80,6 @@ def check_run_id(value: object) -> str:
         return str(uuid.UUID(str(value)))
     except ValueError:
         raise InvalidInputError(f"invalid run id {value!r}: expected a UUID") from None
-
-
-def check_sha256(value: object, *, what: str = "sha256") -> str:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
-        raise InvalidInputError(f"invalid {what} {value!r}: 64 lowercase hex digits")
-    return value
 
 
 def check_seconds(value: float, *, what: str, minimum: float, maximum: float) -> float:

@@ -30,6 +30,7 @@ def apply_plan(
         registry=registry.registry(),
         plans=registry.plan_store(),
         open_workdir=workdir_opener(registry, planned.workspace, planned.stack_dir, "apply"),
+        read_state=lambda: registry.workspace_state(planned.workspace)[0],
         planned=planned,
         approved_sha256=approved_sha256,
         platform=planned.platform,

@@ -30,12 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import consul
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
 from examples.local_env import api_client
 from icd.deploy.approval import BLANK_APPROVER
+from tests.helpers import consul_instances
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -315,12 +315,6 @@ def artifact_url(env: DeployEnv, key: str, run_id: Any) -> str:
     return f"{env.server.ui_url}/artifacts/artifact/{found[0].id}"
 
 
-def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
-    host, port = env.consul.address.rsplit(":", 1)
-    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
-    return list(entries)
-
-
 def _pushed_v2(env: DeployEnv, names: Names) -> None:
     env.repo.commit("v2", {"src/app.py": env.repo.read("src/app.py") + f"\n# v2 of {names.namespace}\n"})
 
@@ -487,7 +481,7 @@ def test_rejecting_in_the_browser_applies_nothing(deploy_env: DeployEnv, ui: UI,
     assert done.state is not None
     assert (done.state.type.value, done.state.name) == ("CANCELLED", "Rejected"), done.state
     assert env.registry.registry().get_channel(names.namespace, names.workspace) is None, "no channel moved"
-    assert _services(env, names.service_name) == [], "no instance was started"
+    assert consul_instances(env, names.service_name) == [], "no instance was started"
     assert env.holder(names.workspace) is None
 
     def rejected(page: Page) -> None:

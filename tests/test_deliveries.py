@@ -9,22 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.states import Scheduled
 
 from examples.local_env import api_client, git
 from flows.build_artifact import build_artifact
+from tests.helpers import task_runs
 from tests.plugins.deploy_env import ENDED, DeployEnv
 from tests.test_events import push_of, stored_events, webhook
 from tests.waiting import wait_until
 
 DELIVERIES = 10
-
-
-def _task_runs(run_id: Any, task_name: str) -> list[Any]:
-    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
 
 
 def _state(run: Any) -> tuple[str, str, str]:
@@ -61,13 +56,13 @@ def test_ten_deliveries_of_one_push_at_once_build_once_and_register_one_version(
     assert registry.commit_versions(ns, commit) == [1]
     assert registry.last_version(ns) == 1
     assert registry.get(ns, 1).labels["build_run_id"] == str(builder.id)
-    assert [run.id for run in ended if _task_runs(run.id, "build-artifact")] == [builder.id], "one Packer build"
+    assert [run.id for run in ended if task_runs(run.id, "build-artifact")] == [builder.id], "one Packer build"
     for run in ended:
         if run.id != builder.id:
             _, name, message = _state(run)
             assert name in {"Duplicate", "Reused"}, (name, message)
             assert str(builder.id) in message, f"a {name} run names the run that built: {message}"
-            assert _task_runs(run.id, "resolve-source") == [], "a push names its commit: nothing checked out"
+            assert task_runs(run.id, "resolve-source") == [], "a push names its commit: nothing checked out"
     claim = registry.build_claim(ns, commit)
     assert claim is not None
     # Released by the builder, or by a run that came after it, claimed and reused v1.
@@ -124,7 +119,7 @@ def test_a_run_that_registered_and_ended_unannounced_is_finished_by_the_next_bui
     kind, name, message = _state(second)
     assert (kind, name) == ("COMPLETED", "Reused"), message
     assert str(first.id) in message
-    assert _task_runs(second.id, "build-artifact") == [], "nothing was built"
+    assert task_runs(second.id, "build-artifact") == [], "nothing was built"
     assert registry.last_version(ns) == 1
     claim = registry.build_claim(ns, commit)
     assert claim is not None

@@ -10,23 +10,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import consul
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from examples.local_env import api_client
+from tests.helpers import consul_instances, task_runs
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
-
-
-def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
-    host, port = env.consul.address.rsplit(":", 1)
-    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
-    return list(entries)
-
-
-def _task_runs(run_id: Any, task_name: str) -> list[Any]:
-    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
 
 
 def _slack_mentions(env: DeployEnv, text: str) -> list[str]:
@@ -51,7 +40,7 @@ def test_full_cycle_v1_then_the_same_commit_then_v2_across_a_worker_restart(depl
     history = reg.channel_history(ns, ws)
     assert history[-1].assigned_by == "alice"
     assert history[-1].metadata["plan_sha256"] == sha1
-    instances = _services(env, names.service_name)
+    instances = consul_instances(env, names.service_name)
     assert len(instances) == 1
     assert instances[0]["Service"]["Meta"]["deploy_run_id"] == str(run1.id)
     assert instances[0]["Service"]["Meta"]["workspace"] == ws
@@ -74,11 +63,11 @@ def test_full_cycle_v1_then_the_same_commit_then_v2_across_a_worker_restart(depl
     env.restart_worker()
     done2 = env.approve(run2.id, ws)
     assert done2.state is not None and done2.state.name == "Deployed", done2.state
-    plans = _task_runs(run2.id, "plan-deploy")
+    plans = task_runs(run2.id, "plan-deploy")
     assert [p.state.name for p in plans].count("Completed") == 1, [p.state.name for p in plans]
-    assert len(_task_runs(run2.id, "apply-plan")) == 1
+    assert len(task_runs(run2.id, "apply-plan")) == 1
     assert reg.get_channel(ns, ws).version == v2  # type: ignore[union-attr]
-    instances = _services(env, names.service_name)
+    instances = consul_instances(env, names.service_name)
     assert [i["Service"]["Meta"]["deploy_run_id"] for i in instances] == [str(run2.id)], "v1 was replaced"
 
 
@@ -118,7 +107,7 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
         # Each re-ask waits only for what is left (rounded up to the second), so the deadline stays put.
         assert abs(again.state_details.pause_timeout - deadline) < timedelta(seconds=1), attempt
         wait_until(lambda: "not accepted" in env.state_message(run.id), timeout=30, message="the reason never showed")
-        assert _services(env, names.service_name) == [], "a refused answer applies nothing"
+        assert consul_instances(env, names.service_name) == [], "a refused answer applies nothing"
         assert f"answer before {told.group(1)}" in env.state_message(run.id), "the run names the same deadline"
         assert env.holder(ws) == holder, "the same lease still holds the workspace"
     done = env.approve(run.id, ws)
@@ -150,7 +139,7 @@ def test_approval_timeout_cancels_releases_and_notifies(deploy_env: DeployEnv) -
     )
     assert done.state is not None and done.state.type.value == "CANCELLED"
     assert env.holder(names.workspace) is None
-    assert _services(env, names.service_name) == []
+    assert consul_instances(env, names.service_name) == []
     wait_until(lambda: _slack_mentions(env, f"Approval timed out on {names.workspace}"), timeout=60)
     # deploy-ended tells it in the run's approval thread, and rewrites the notice: one line in the channel.
     key = f"deploy-run:{run.id}"
@@ -177,7 +166,7 @@ def test_tampered_plan_is_refused_and_told(deploy_env: DeployEnv) -> None:
     done = env.wait_for(run.id, states=ENDED)
     assert done.state is not None and done.state.type.value == "FAILED"
     assert "sha256" in (done.state.message or "")
-    assert _services(env, names.service_name) == []
+    assert consul_instances(env, names.service_name) == []
     assert env.holder(names.workspace) is None
     wait_until(lambda: _slack_mentions(env, f"Deploy failed on {names.workspace}: PlanIntegrityError"), timeout=30)
 
@@ -201,7 +190,7 @@ def test_stale_plan_is_not_applied(deploy_env: DeployEnv) -> None:
     env.answer(stale.id, stale_sha)
     done = env.wait_for(stale.id, states=ENDED)
     assert done.state is not None and done.state.name == "StalePlan", done.state
-    services = _services(env, names.service_name)
+    services = consul_instances(env, names.service_name)
     assert [s["Service"]["Meta"]["deploy_run_id"] for s in services] == [str(other.id)]
 
 
@@ -212,7 +201,7 @@ def test_an_approved_run_whose_lock_was_broken_and_taken_applies_nothing(deploy_
     env.answer(first.id, first_sha)
     done = env.wait_for(first.id, states=ENDED)
     assert done.state is not None and done.state.name == "LockLost", done.state
-    assert _services(env, names.service_name) == [], "nothing applied"
+    assert consul_instances(env, names.service_name) == [], "nothing applied"
     holder = env.holder(names.workspace)
     assert holder is not None and holder.run_id == str(other.id), "the other run keeps the workspace"
     env.answer(other.id, env.plan_sha(names.workspace, other.id), decision="reject")
@@ -239,7 +228,7 @@ def test_a_second_run_for_the_plan_waiting_ends_at_once_and_a_rejection_applies_
     assert (rejected.state.type.value, rejected.state.name) == ("CANCELLED", "Rejected")
     assert env.holder(a.workspace) is None, "the rejection released the workspace"
     assert env.registry.registry().get_channel(a.namespace, a.workspace) is None, "the rejection applied nothing"
-    assert _services(env, a.service_name) == []
+    assert consul_instances(env, a.service_name) == []
     env.answer(other_ws.id, env.plan_sha(b.workspace, other_ws.id), decision="reject")
     env.wait_for(other_ws.id, states={"CANCELLED"})
 
@@ -275,7 +264,7 @@ def test_unhealthy_deploy_rolls_back_never_moves_the_channel_and_verifies_the_im
     assert reg.get_channel(ns, ws).version == v1  # type: ignore[union-attr]
     # Gate, then promote: the channel never pointed at the unhealthy version.
     assert [h.to_version for h in reg.channel_history(ns, ws)] == [v1]
-    services = _services(env, names.service_name)
+    services = consul_instances(env, names.service_name)
     assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{ws}-{v1}"]
 
     # The rollback goes through the same plan and apply as a forward deploy, so it verifies v1's image the same
@@ -287,7 +276,7 @@ def test_unhealthy_deploy_rolls_back_never_moves_the_channel_and_verifies_the_im
     assert refused.state is not None and refused.state.type.value == "FAILED", refused.state
     wait_until(lambda: _slack_mentions(env, f"Deploy failed on {ws}: ArtifactIntegrityError"), timeout=30)
     assert f"{ns} v{v1}: image" in (refused.state.message or ""), refused.state.message
-    services = _services(env, names.service_name)
+    services = consul_instances(env, names.service_name)
     assert [s["Service"]["ID"] for s in services] == [f"{names.service_name}-{ws}-{v2}"], (
         "nothing started from the doctored image"
     )

@@ -19,6 +19,7 @@ from icd import events, operations
 from icd.config import load_config
 from icd.deploy.dispatch import submit
 from icd.registry.models import ArtifactVersion
+from tests.helpers import consul_instance_ids
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.test_events import stored_events
 from tests.test_provenance import sign_as_built
@@ -71,14 +72,6 @@ def _state(run: Any) -> tuple[str, str]:
     return run.state.type.value, run.state.name
 
 
-def _instances(env: DeployEnv, service_name: str) -> list[str]:
-    import consul
-
-    host, port = env.consul.address.rsplit(":", 1)
-    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
-    return [entry["Service"]["ID"] for entry in entries]
-
-
 def test_a_waiting_plan_is_superseded_by_a_newer_version_and_says_so_in_the_run_the_thread_and_the_plan(
     deploy_env: DeployEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -124,7 +117,7 @@ def test_a_waiting_plan_is_superseded_by_a_newer_version_and_says_so_in_the_run_
     assert icd_approve(["answer", str(first.id), "--approve", "--approver", "late", "--plan-sha256", sha]) == 1
     assert f"not waiting for approval (Superseded: {says}" in capsys.readouterr().out
     assert env.approve(second.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
-    assert _instances(env, names.service_name) == [f"{names.service_name}-{ws}-2"]
+    assert consul_instance_ids(env, names.service_name) == [f"{names.service_name}-{ws}-2"]
 
 
 def test_a_channel_flapping_v1_v2_v1_v2_ends_on_its_last_version_whatever_was_answered_meanwhile(
@@ -168,7 +161,7 @@ def test_a_channel_flapping_v1_v2_v1_v2_ends_on_its_last_version_whatever_was_an
     endings = Counter(_state(r)[1] for r in _deploy_runs(env, production) if r.id != last.id)
     assert set(endings) <= NOT_APPLIED, endings
     assert _state(env.read(first.id))[1] in {"Superseded", "StalePlan"}, "the approved v1 plan was never applied"
-    assert _instances(env, names.service_name) == [f"{names.service_name}-{production}-{v2}"]
+    assert consul_instance_ids(env, names.service_name) == [f"{names.service_name}-{production}-{v2}"]
 
 
 def test_a_burst_of_registrations_leaves_one_plan_per_workspace_for_the_newest_and_nothing_waiting_in_a_process(

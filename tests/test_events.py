@@ -17,6 +17,7 @@ from prefect.states import Cancelling
 from examples.local_env import api_client, deliver_webhook, git, github_push
 from icd import operations
 from icd.config import load_config
+from tests.helpers import consul_instances
 from tests.plugins.deploy_env import ENDED, WEBHOOK_SECRET, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -290,7 +291,7 @@ def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_the
     names = env.service()
     run, version = env.deploy_until_paused(names)
     assert env.approve(run.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
-    assert _instances(env, names.service_name), "deployed and registered"
+    assert consul_instances(env, names.service_name), "deployed and registered"
 
     argv = ["--block", "registry", "teardown", names.workspace, "--by", "ops", "--why", "retired"]
     assert icd_registry(argv) == 0
@@ -302,11 +303,11 @@ def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_the
     # The suspension and its message are two writes: wait for the second.
     headline = f"Tear down {names.namespace} v{version} in {names.workspace}: 1 destroy"
     wait_until(lambda: headline in env.state_message(teardown.id), timeout=30, message="the run never said why")
-    assert _instances(env, names.service_name), "nothing is destroyed before the approval"
+    assert consul_instances(env, names.service_name), "nothing is destroyed before the approval"
 
     done = env.approve(teardown.id, names.workspace, approver="carol")
     assert (done.state.type.value, done.state.name) == ("COMPLETED", "TornDown"), done.state  # type: ignore[union-attr]
-    assert _instances(env, names.service_name) == [], "the instance stopped and left Consul"
+    assert consul_instances(env, names.service_name) == [], "the instance stopped and left Consul"
     assert env.holder(names.workspace) is None
     [requested] = wait_until(
         lambda: stored_events("icd.teardown.requested", **{"icd.workspace": names.workspace}), timeout=30
@@ -326,11 +327,6 @@ def test_a_teardown_from_the_command_plans_a_destroy_that_waits_for_approval_the
     ended = env.wait_for(again.id, states=ENDED)
     assert ended.state.name == "NothingToDeploy", ended.state  # type: ignore[union-attr]
     assert "nothing to tear down" in env.state_message(again.id)
-
-
-def _instances(env: DeployEnv, service_name: str) -> list[Any]:
-    host, port = env.consul.address.rsplit(":", 1)
-    return list(consul.Consul(host=host, port=int(port)).health.service(service_name)[1])
 
 
 def test_a_health_transition_is_an_event_with_its_deploy_and_version_and_pages_through_the_automation(

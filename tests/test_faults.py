@@ -1,5 +1,5 @@
 """Faults the loop must end cleanly, end to end on the real loop: S3 gone while a run waits for approval, and a
-worker killed with its run in the middle of an apply, with the shipped settings (``icd.worker``)."""
+worker killed with its run in the middle of an apply, with the shipped settings (``icd.worker_settings``)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ from pydantic import SecretStr
 from cli.setup import check_zombie_window
 from examples.local_env import free_port, start_worker, worker_env
 from icd.paths import PROJECT_ROOT
-from icd.worker import HEARTBEAT_ENV, HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
+from icd.worker_settings import HEARTBEAT_ENV, HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
 from tasks.policies import _is_missing, _stored
+from tests.helpers import consul_instances as _services
+from tests.helpers import parent_pid as _parent_pid
+from tests.helpers import terraform_applying as _terraform_applying
+from tests.helpers import told as _told
 from tests.plugins.deploy_env import ENDED, POOL, DeployEnv
-from tests.test_trust import _parent_pid, _services, _terraform_applying, _told
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 import tasks.notify as notify_tasks
 from blocks.notifier import SlackNotifier
+from examples.local_env import PrefectServer
 from icd.errors import NotificationError, TransientNotificationError
 from icd.notify.message import Notification, NotificationReceipt, Severity, redact_notification, redact_text
 from icd.notify.slack import SERVER_ERROR_RETRIES, render_slack_message
@@ -458,7 +459,9 @@ def test_update_needs_a_valid_token(slack_standin: SlackStandIn, slack_notifier:
 
 
 def test_update_notice_task_logs_a_refusal_and_never_raises(
-    slack_standin: SlackStandIn, slack_notifier: SlackNotifier
+    prefect_server: PrefectServer,  # a flow runs here: against the session's server, not a temporary one
+    slack_standin: SlackStandIn,
+    slack_notifier: SlackNotifier,
 ) -> None:
     receipt = slack_notifier.channel_sender().send(Notification("ours", "x", "info"))
     gone = NotificationReceipt(receipt.channel, "1.000001")

@@ -14,15 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import consul
 import httpx
 import pytest
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from cli.service import main as icd_service
 from examples.local_env import api_client, git
 from icd.config import load_config
 from icd.service.preflight import check_service, service_under_check
+from tests.helpers import consul_instances, task_runs
 from tests.plugins.deploy_env import DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -49,17 +48,6 @@ def _commit(root: Path, message: str, path: Path, old: str, new: str, *, branch:
     git(root, "checkout", "-q", "main")
 
 
-def _instances(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
-    host, port = env.consul.address.rsplit(":", 1)
-    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
-    return list(entries)
-
-
-def _task_runs(run_id: Any, task_name: str) -> list[Any]:
-    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
-
-
 def _answer(instance: dict[str, Any]) -> Any:
     """What the deployed service answers on GET /, where Consul says it listens."""
     service = instance["Service"]
@@ -84,18 +72,18 @@ def test_a_scaffolded_service_is_onboarded_from_v1_to_v2(
 
     run1, v1 = env.deploy_until_paused(names)
     [build1] = env.runs_of("build-artifact", namespace=ns)
-    assert [t.state.name for t in _task_runs(build1.id, "preflight-check")] == ["Completed"]
+    assert [t.state.name for t in task_runs(build1.id, "preflight-check")] == ["Completed"]
     done1 = env.approve(run1.id, ws)
     assert done1.state is not None
     assert done1.state.name == "Deployed", done1.state
     label1 = env.registry.registry().get(ns, v1).build_label
-    [instance] = _instances(env, names.service_name)
+    [instance] = consul_instances(env, names.service_name)
     assert instance["Service"]["ID"] == f"{names.service_name}-{ws}-{label1}"
     meta = instance["Service"]["Meta"]
     assert (meta["deploy_run_id"], meta["namespace"], meta["artifact_version"]) == (str(run1.id), ns, label1)
     assert all(check["Status"] == "passing" for check in instance["Checks"])
     assert _answer(instance) == {"service": names.service_name, "version": label1}
-    assert _instances(env, "web") == [], "the example's service is not involved"
+    assert consul_instances(env, "web") == [], "the example's service is not involved"
 
     _commit(
         root,
@@ -108,13 +96,13 @@ def test_a_scaffolded_service_is_onboarded_from_v1_to_v2(
     assert v2 == v1 + 1
     build2 = env.runs_of("build-artifact", namespace=ns)[-1]
     # The second pre-flight read the workspace's state, which now holds this service: no breach.
-    assert [t.state.name for t in _task_runs(build2.id, "preflight-check")] == ["Completed"]
+    assert [t.state.name for t in task_runs(build2.id, "preflight-check")] == ["Completed"]
     assert f"{ns} v{v1} -> v{v2}" in _plan_document(ws, run2.id), "the plan shows the artifact version diff"
     done2 = env.approve(run2.id, ws)
     assert done2.state is not None
     assert done2.state.name == "Deployed", done2.state
     label2 = env.registry.registry().get(ns, v2).build_label
-    [instance] = _instances(env, names.service_name)
+    [instance] = consul_instances(env, names.service_name)
     assert instance["Service"]["Meta"]["deploy_run_id"] == str(run2.id), "v1 was replaced"
     assert _answer(instance) == {"service": names.service_name, "version": label2, "items": []}
     assert env.registry.registry().get_channel(ns, ws).version == v2  # type: ignore[union-attr]
@@ -142,7 +130,7 @@ def test_a_breach_fails_the_build_before_packer_with_every_finding(deploy_env: D
     assert f"ContractBreachError: {names.namespace} breaks the service contract" in message, message
     for finding in expected:
         assert finding.message in message
-    assert _task_runs(done.id, "build-artifact") == [], "Packer never ran"
+    assert task_runs(done.id, "build-artifact") == [], "Packer never ran"
     assert env.registry.registry().last_version(names.namespace) == 0, "nothing was registered"
     told = wait_until(
         lambda: [m for m in env.slack.messages if f"Build of {names.namespace} broken failed" in m.text],

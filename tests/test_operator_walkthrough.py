@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from examples.local_env import free_port, stop_instances
+from tests.helpers import session_commands
 from tests.waiting import wait_until
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -83,17 +84,5 @@ def _left_running(session: int, timeout: float = 60) -> list[str]:
     """What the walkthrough started and its stop left running: its session's processes still alive after
     ``timeout`` (a worker stopped after its server, or a run still retrying against the stopped server)."""
     with contextlib.suppress(AssertionError):
-        wait_until(lambda: not _members(session), timeout=timeout)
-    return _members(session)
-
-
-def _members(session: int) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            state, _parent, _group, member_of = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
-            if int(member_of) == session and state != "Z":  # a zombie is only a record left to reap
-                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError):
-            continue  # not a process, or gone meanwhile
-    return found
+        wait_until(lambda: not session_commands(session), timeout=timeout)
+    return session_commands(session)

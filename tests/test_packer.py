@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from icd.tools.packer import (
     validate_argv,
 )
 from icd.tools.process import redact_argv
+from tests.helpers import pids_working_in
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures" / "packer"
@@ -46,21 +46,6 @@ def packer_build_flow(template_dir: Path, marker: str) -> str:
 def template(name: str, tmp_path: Path) -> Path:
     """A private copy of a fixture template: builds write their manifest and artifacts beside it."""
     return Path(shutil.copytree(FIXTURES / name, tmp_path / name)).resolve()
-
-
-def processes_working_in(directory: Path) -> list[int]:
-    """Pids of live processes whose working directory is ``directory`` (packer, its plugins, scripts)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cwd = Path(os.readlink(entry / "cwd"))
-        except OSError:  # gone, a zombie, or not ours to inspect
-            continue
-        if cwd == directory:
-            pids.append(int(entry.name))
-    return pids
 
 
 # --- pure functions -----------------------------------------------------------------------------------
@@ -300,9 +285,11 @@ def test_broken_template_raises_packers_message_and_builds_nothing(tmp_path: Pat
     assert "broken.pkr.hcl line 7" in message
     assert 'An argument named "inlinez" is not' in message
     assert caught.value.exit_code == 1
-    assert caught.value.argv[1] == "validate"
+    # No separate validate (issue 24): packer build refuses the template before any builder starts.
+    assert caught.value.argv[1] == "build"
     assert not (template_dir / MANIFEST_FILENAME).exists()
-    assert progress == []
+    assert progress[0].startswith("Error: Failed preparing provisioner-block")
+    assert not any("null.smoke" in line for line in progress), "a builder started"
 
 
 @pytest.mark.tools
@@ -366,7 +353,7 @@ def test_progress_streams_while_the_build_runs(tmp_path: Path) -> None:
 
     def on_progress(text: str) -> None:
         # How many processes (packer, its plugins, the step's shell) are still working at this line.
-        seen.append((text, len(processes_working_in(template_dir))))
+        seen.append((text, len(pids_working_in(template_dir))))
 
     result = build(template_dir, {"marker": "marker-7f3a", "sleep_seconds": "1"}, on_progress=on_progress)
 
@@ -401,8 +388,8 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     def on_progress(text: str) -> None:
         if "marker-timeout" in text:
             # Wait until the step's shell is running beside packer and its plugin.
-            wait_until(lambda: len(processes_working_in(template_dir)) >= 3, timeout=10, message="no shell")
-            running_during_build.extend(processes_working_in(template_dir))
+            wait_until(lambda: len(pids_working_in(template_dir)) >= 3, timeout=10, message="no shell")
+            running_during_build.extend(pids_working_in(template_dir))
 
     with pytest.raises(ToolTimeoutError) as caught:
         build(
@@ -414,7 +401,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
 
     # packer, its plugin processes and the shell-local script were all working in the template directory.
     assert len(running_during_build) >= 3
-    assert processes_working_in(template_dir) == []
+    assert pids_working_in(template_dir) == []
     assert caught.value.argv[1] == "build"
     assert not (template_dir / MANIFEST_FILENAME).exists()
 

@@ -1,4 +1,5 @@
-"""icd/prefect_tls.py: Prefect clients of an http:// API share one TLS context; everything else is Prefect's."""
+"""prefect_patches/shared_tls.py: Prefect clients of an http:// API share one TLS context; everything else is
+Prefect's."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import pytest
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
 from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
 
-from icd import prefect_tls
+from prefect_patches import shared_tls
 
 
 @pytest.fixture
 def contexts_built(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
-    """Every TLS context built from now on (by Prefect or by prefect_tls), with prefect_tls's cache empty."""
+    """Every TLS context built from now on (by Prefect or by shared_tls), with shared_tls's cache empty."""
     built: list[ssl.SSLContext] = []
     original = ssl.create_default_context
 
@@ -23,9 +24,9 @@ def contexts_built(monkeypatch: pytest.MonkeyPatch) -> list[ssl.SSLContext]:
         return built[-1]
 
     monkeypatch.setattr(ssl, "create_default_context", counting)
-    monkeypatch.setattr(prefect_tls, "_CONTEXTS", {})
-    prefect_tls.reuse_tls_context_for_plain_http()
-    prefect_tls.reuse_tls_context_for_plain_http()  # idempotent: wrapped once
+    monkeypatch.setattr(shared_tls, "_CONTEXTS", {})
+    shared_tls.reuse_tls_context_for_plain_http()
+    shared_tls.reuse_tls_context_for_plain_http()  # idempotent: wrapped once
     return built
 
 
@@ -59,7 +60,7 @@ def test_a_client_given_its_own_context_keeps_it(contexts_built: list[ssl.SSLCon
 def test_the_insecure_setting_is_kept(contexts_built: list[ssl.SSLContext]) -> None:
     with temporary_settings(updates={PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
         SyncPrefectClient("http://127.0.0.1:4200/api")
-        context = prefect_tls.shared_tls_context()
+        context = shared_tls.shared_tls_context()
     assert context.verify_mode == ssl.CERT_NONE
     assert not context.check_hostname
-    assert prefect_tls.shared_tls_context() is not context, "the verifying context is another one"
+    assert shared_tls.shared_tls_context() is not context, "the verifying context is another one"

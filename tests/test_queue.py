@@ -8,11 +8,12 @@ requests, claims, checkpoints and releases must keep the queue's promises at eve
 from __future__ import annotations
 
 import random
+import re
 import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -326,6 +327,43 @@ def test_a_record_altered_outside_the_loop_is_refused_and_a_bad_name_never_reach
         queue.read("../etc")
 
 
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ({"workspace": WS, "holder": {"run_id": "run-a"}}, "is sealed but is not a queue record"),
+        ({"workspace": "production"}, "holds the queue of workspace 'production'"),
+    ],
+)
+def test_a_malformed_record_is_an_error_naming_it_and_is_never_read_as_a_free_workspace(
+    s3_client: Any, s3_bucket: str, payload: dict[str, Any], why: str
+) -> None:
+    """Sealed by us yet not a queue record of this workspace: read as absent, the next claim would write a
+    fresh record over it and take a workspace that someone may hold. It is refused, named, and left as found."""
+    from tasks.queue import claim_workspace
+
+    sealer = Sealer(b"k" * 32)
+    key = "registry/queues/staging.json"
+    where = f"s3://{s3_bucket}/{key}"
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=sealer.seal(key, payload))
+    queue = WorkspaceQueue(S3QueueStore(s3_client, s3_bucket, "registry/", sealer=sealer))
+
+    with pytest.raises(RegistryIntegrityError, match=re.escape(f"{where} {why}")):
+        queue.read(WS)
+    with pytest.raises(RegistryIntegrityError, match=re.escape(where)) as refused:
+        queue.claim(WS, RunRef("run-b", "b"))
+    with pytest.raises(RegistryIntegrityError, match=re.escape(where)):
+        queue.request(req(1))
+    assert s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == sealer.seal(key, payload)
+
+    class _Failed:  # the state the claim task ends in, as its retry condition reads it
+        def result(self) -> Any:
+            raise refused.value
+
+    retry = claim_workspace.retry_condition_fn
+    assert retry is not None
+    assert not retry(claim_workspace, cast(Any, None), cast(Any, _Failed())), "a retry cannot mend it"
+
+
 def test_racing_requests_and_claims_never_make_two_holders(store: Any) -> None:
     """Twenty threads request and claim at once: one holder, the newest request held or pending."""
     queue = WorkspaceQueue(store, run_alive=lambda _: True)
@@ -509,6 +547,7 @@ def test_the_apply_refuses_a_version_its_channel_no_longer_points_at_before_terr
         registry=registry,
         plans=PlanStore(s3_client, s3_bucket),
         open_workdir=open_workdir,
+        read_state=lambda: None,
         planned=_planned(planned_version, follows, followed_at),
         approved_sha256="ab" * 32,
         platform="us-east-1",

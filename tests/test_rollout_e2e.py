@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import consul
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
 from examples.local_env import api_client, start_worker
 from icd.paths import PROJECT_ROOT
+from tests.helpers import completed_task_runs as _task_runs
+from tests.helpers import descendants as _descendants
+from tests.helpers import told as _told
 from tests.plugins.deploy_env import ENDED, POOL, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -51,15 +54,6 @@ def _runs_on(env: DeployEnv, names: Names, label: str, slots: int) -> dict[int, 
 
 def _label(env: DeployEnv, names: Names, version: int) -> str:
     return env.registry.registry().get(names.namespace, version).build_label
-
-
-def _task_runs(run_id: Any, task_name: str) -> list[Any]:
-    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name and run.state and run.state.is_completed()]
-
-
-def _told(env: DeployEnv, *fragments: str) -> list[str]:
-    return [m.text for m in env.slack.messages if all(f in m.text for f in fragments)]
 
 
 def _notice_fields(env: DeployEnv, run_id: Any) -> str:
@@ -227,21 +221,6 @@ def test_a_batch_plan_off_the_approved_path_stops_and_asks_again_and_a_newer_ver
     assert f"2 instances v{v2} + v{v3} → v{v4}" in _notice_fields(env, run4.id)
     assert env.approve(run4.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
     assert _runs_on(env, names, _label(env, names, v4), 2), _fleet(env, names)
-
-
-def _descendants(root: int) -> list[int]:
-    """Every process below ``root`` (by parent pid), so a killed worker takes its flow processes with it."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
 
 
 def test_a_worker_killed_mid_rollout_leaves_a_known_mix_that_the_next_plan_finishes(deploy_env: DeployEnv) -> None:

@@ -40,6 +40,7 @@ from icd.tools.terraform import (
     show_plan_args,
     state_pull_args,
 )
+from tests.helpers import pids_mentioning
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures" / "terraform"
@@ -327,20 +328,6 @@ def _unique_sleep() -> str:
     return f"3{uuid.uuid4().int % 10}.{uuid.uuid4().int % 10**9:09d}"
 
 
-def _processes_mentioning(token: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if token in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.tools
 def test_no_call_runs_past_the_deadline_whatever_its_own_timeout(tmp_path: Path) -> None:
     """The deadline is when the step's credentials stop working: a call started near it gets what is left."""
@@ -545,7 +532,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     def watch(line: str) -> None:
         # Proves the sleep really ran, so the check after the timeout can fail.
         if "Executing:" in line:
-            sleeping_pids.extend(wait_until(lambda: _processes_mentioning(sleep_for), timeout=5, message="no sleep"))
+            sleeping_pids.extend(wait_until(lambda: pids_mentioning(sleep_for), timeout=5, message="no sleep"))
 
     # Long enough for a loaded 2-CPU runner to reach the provisioner, far shorter than the sleep.
     impatient = Terraform(slow.working_dir, timeout=5, on_line=watch)
@@ -555,7 +542,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
 
     assert sleeping_pids
     assert caught.value.argv[1] == "apply"
-    wait_until(lambda: not _processes_mentioning(sleep_for), timeout=5, message="the provisioner outlived the kill")
+    wait_until(lambda: not pids_mentioning(sleep_for), timeout=5, message="the provisioner outlived the kill")
 
 
 def test_constructor_requires_a_mirror_config(tmp_path: Path) -> None:

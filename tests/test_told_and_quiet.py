@@ -14,13 +14,10 @@ from prefect.states import Cancelling
 
 from examples.local_env import api_client
 from tasks.watch import FIRST_WATCH_TAG
+from tests.helpers import told
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.test_events import stored_events
 from tests.waiting import wait_until
-
-
-def _told(env: DeployEnv, *fragments: str) -> list[str]:
-    return [m.text for m in env.slack.messages if all(f in m.text for f in fragments)]
 
 
 def _redeliveries_of(env: DeployEnv, fragment: str) -> list[FlowRun]:
@@ -38,7 +35,7 @@ def test_a_burst_of_slack_5xx_delays_the_approval_notice_by_seconds_not_a_redeli
     env.slack.fail_next(3, status=503, text_containing=headline)
 
     run = env.deploy(names.workspace, 1)
-    [notice] = wait_until(lambda: _told(env, headline), timeout=240, message="the approval notice never came")
+    [notice] = wait_until(lambda: told(env, headline), timeout=240, message="the approval notice never came")
 
     faulted = [call for call in env.slack.faulted_calls() if headline in call.text]
     assert len(faulted) == 3
@@ -78,9 +75,9 @@ def test_a_typo_in_icd_toml_fails_the_build_and_the_deploy_and_both_are_told(dep
         assert done.state is not None
         assert done.state.type.value == "FAILED", done.state
         assert "servce_name" in (done.state.message or ""), done.state
-    [build_notice] = wait_until(lambda: _told(env, f"Build of {names.namespace} main failed: ConfigError"), timeout=60)
+    [build_notice] = wait_until(lambda: told(env, f"Build of {names.namespace} main failed: ConfigError"), timeout=60)
     assert "servce_name" in build_notice
-    [deploy_notice] = wait_until(lambda: _told(env, f"Deploy failed on {names.workspace}: ConfigError"), timeout=60)
+    [deploy_notice] = wait_until(lambda: told(env, f"Deploy failed on {names.workspace}: ConfigError"), timeout=60)
     assert "servce_name" in deploy_notice
 
 
@@ -153,8 +150,8 @@ def test_a_teardown_under_a_running_watch_pages_nobody_and_leaves_the_channel_li
     [sentinel_page] = _pages_about(env, f"sentinel-{names.service_name}")
     assert "(a new instance)" in json.dumps(sentinel_page), "no None reaches an operator"
     assert _pages_about(env, names.service_name) == [sentinel_page]
-    assert _told(env, names.service_name, "instance left") == []
-    assert _told(env, f"{names.service_name} is critical") == []
+    assert told(env, names.service_name, "instance left") == []
+    assert told(env, f"{names.service_name} is critical") == []
 
     # The workspace's channel no longer lists it at its last version; its history says who and why.
     capsys.readouterr()

@@ -29,6 +29,7 @@ from icd.service.shell import daemons_holding_output
 from icd.tools import binaries
 from icd.tools.process import PipeHolder, command_label
 from icd.tools.terraform import ApplyWatch, HeadsUp, InProgress, Terraform
+from tests.helpers import live_pids_with
 from tests.plugins.deploy_env import AWS_SECRET, ENDED, DeployEnv
 from tests.waiting import wait_until
 
@@ -256,28 +257,11 @@ def test_the_check_warns_on_the_daemon_stack_and_names_the_line(tmp_path: Path) 
 # --- the chokepoint, with the real Terraform --------------------------------------------------------------
 
 
-def _alive(marker: str) -> list[int]:
-    """Live processes whose command line holds ``marker`` (zombies are dead)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker.encode() not in (entry / "cmdline").read_bytes():
-                continue
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if not stat[stat.rindex(")") + 2 :].startswith("Z"):
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.fixture
 def daemon_marker() -> Iterator[str]:
     marker = f"icd-test-daemon-{uuid.uuid4().hex[:10]}"
     yield marker
-    for pid in _alive(marker):  # only if the code under test failed to
+    for pid in live_pids_with(marker):  # only if the code under test failed to
         os.kill(pid, signal.SIGKILL)
 
 
@@ -309,7 +293,7 @@ def test_a_stuck_apply_is_stopped_and_its_daemon_killed(tmp_path: Path, daemon_m
     assert f"pid {daemon_pid} (python3" in str(error)
     assert "null_resource.app (still creating" in str(error)
     assert "docs/service-contract.md#detached-daemons" in str(error)
-    wait_until(lambda: not _alive(daemon_marker), timeout=10, message="the daemon outlived the stop")
+    wait_until(lambda: not live_pids_with(daemon_marker), timeout=10, message="the daemon outlived the stop")
     # Stopped gracefully (one SIGTERM to Terraform, not two): it saved its state, the resource tainted.
     assert not any("Two interrupts" in line for line in lines), lines[-10:]
     assert '"status": "tainted"' in (tmp_path / "terraform.tfstate").read_text()
@@ -333,7 +317,7 @@ def test_a_daemon_started_the_documented_way_leaves_the_apply_alone(tmp_path: Pa
     told: list[HeadsUp] = []
     terraform.apply(plan.plan_file, watch=ApplyWatch(stuck_after=60, heads_up_after=30, on_heads_up=told.append))
     assert not told
-    assert _alive(daemon_marker), "the daemon was started and lives on, as a service instance would"
+    assert live_pids_with(daemon_marker), "the daemon was started and lives on, as a service instance would"
 
 
 # --- end to end: the daemon stack on the whole loop ------------------------------------------------------
@@ -385,7 +369,7 @@ def test_a_daemon_holding_the_apply_is_told_then_stopped_and_the_run_fails_clean
     assert "null_resource.instance (still creating after" in heads_up, heads_up
     assert "holds the output of a provisioner open" in heads_up, heads_up
     assert env.read(run.id).state.type.value == "RUNNING"  # type: ignore[union-attr]  # a run has a state
-    daemons = _alive(f"{daemon_marker}-{run.id}")
+    daemons = live_pids_with(f"{daemon_marker}-{run.id}")
     assert len(daemons) == 1, "the stack's daemon runs while the apply waits for it"
     assert f"pid {daemons[0]} (python3" in heads_up, heads_up
 
@@ -400,7 +384,7 @@ def test_a_daemon_holding_the_apply_is_told_then_stopped_and_the_run_fails_clean
     assert _state_lock(env, ws) is None, "Terraform released its state lock"
     failed = wait_until(lambda: said(f"Deploy failed on {ws}"), timeout=60, message="operators were not told")
     assert "detached-daemons" in failed[0], failed[0]
-    assert not _alive(f"{daemon_marker}-{run.id}"), "no daemon of the run outlives it"
+    assert not live_pids_with(f"{daemon_marker}-{run.id}"), "no daemon of the run outlives it"
 
 
 @pytest.mark.slow
@@ -416,7 +400,7 @@ def test_cancelling_a_held_apply_ends_it_tells_operators_and_leaves_no_daemon(
     wait_until(
         lambda: [m for m in env.slack.messages if f"Slow apply on {ws}" in m.text], timeout=180, message="no heads-up"
     )
-    assert _alive(f"{daemon_marker}-{run.id}"), "the stack's daemon runs while the apply waits for it"
+    assert live_pids_with(f"{daemon_marker}-{run.id}"), "the stack's daemon runs while the apply waits for it"
 
     api_client().set_flow_run_state(run.id, Cancelling(message="held by a daemon"))
 
@@ -431,7 +415,9 @@ def test_cancelling_a_held_apply_ends_it_tells_operators_and_leaves_no_daemon(
     assert "its workspace lock" in told[0], told[0]
     wait_until(lambda: env.holder(ws) is None, timeout=60, message="the cancelled run kept the workspace")
     wait_until(lambda: _state_lock(env, ws) is None, timeout=60, message="Terraform kept its state lock")
-    wait_until(lambda: not _alive(f"{daemon_marker}-{run.id}"), timeout=30, message="the daemon outlived the run")
+    wait_until(
+        lambda: not live_pids_with(f"{daemon_marker}-{run.id}"), timeout=30, message="the daemon outlived the run"
+    )
 
 
 @pytest.mark.parametrize(

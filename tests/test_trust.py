@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import consul
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
 from blocks.registry import ArtifactRegistry
@@ -21,20 +20,11 @@ from examples.local_env import api_client
 from icd import operations
 from icd.config import load_config
 from icd.notify.slack import SERVER_ERROR_RETRIES
+from tests.helpers import consul_instances, parent_pid, processes, terraform_applying, told
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _told(env: DeployEnv, *fragments: str) -> list[str]:
-    return [m.text for m in env.slack.messages if all(f in m.text for f in fragments)]
-
-
-def _services(env: DeployEnv, service_name: str) -> list[dict[str, Any]]:
-    host, port = env.consul.address.rsplit(":", 1)
-    _, entries = consul.Consul(host=host, port=int(port)).health.service(service_name)
-    return list(entries)
 
 
 def _failed_and_told(env: DeployEnv, names: Names, run: Any, error: str, *, lock_store_down: bool = False) -> str:
@@ -43,8 +33,8 @@ def _failed_and_told(env: DeployEnv, names: Names, run: Any, error: str, *, lock
     assert done.state.type.value == "FAILED", done.state
     if not lock_store_down:  # the lock lives beside the state in S3: with S3 down it is checked once S3 is back
         assert env.holder(names.workspace) is None, "the lock is released on the failure path"
-    assert _services(env, names.service_name) == [], "nothing was deployed"
-    wait_until(lambda: _told(env, f"Deploy failed on {names.workspace}: {error}"), timeout=30)
+    assert consul_instances(env, names.service_name) == [], "nothing was deployed"
+    wait_until(lambda: told(env, f"Deploy failed on {names.workspace}: {error}"), timeout=30)
     return done.state.message or ""
 
 
@@ -172,38 +162,12 @@ def test_a_slack_outage_blocks_neither_the_approval_nor_the_final_state(deploy_e
     assert done.state is not None
     assert done.state.name == "Deployed", done.state
     # Both messages arrive later, through deliver-notification runs.
-    wait_until(lambda: _told(env, "Plan waiting for approval", names.workspace), timeout=90)
-    wait_until(lambda: _told(env, "Deployed", names.workspace), timeout=90)
+    wait_until(lambda: told(env, "Plan waiting for approval", names.workspace), timeout=90)
+    wait_until(lambda: told(env, "Deployed", names.workspace), timeout=90)
     assert env.runs_of("deliver-notification"), "redelivery is a visible flow run"
 
 
 # --- 7. one apply at a time, and a worker that dies mid-apply ----------------------------------------------
-
-
-def _terraform_applying(icd_home: Path, run_id: str) -> list[int]:
-    """Pids of `terraform apply` working in this run's apply directory.
-
-    A child terraform has just forked (a provider, the provisioner's shell) looks the same until it execs;
-    it is left out by its parent, which is a match too.
-    """
-    workdir = str(icd_home / "runs" / f"{run_id}-apply")
-    found: dict[int, int] = {}  # pid -> parent pid
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            cwd = os.readlink(entry / "cwd")
-            parent = _parent_pid(int(entry.name))
-        except OSError:
-            continue
-        if cwd == workdir and any(part.endswith(b"terraform") for part in cmdline[:1]) and b"apply" in cmdline:
-            found[int(entry.name)] = parent
-    return [pid for pid, parent in found.items() if parent not in found]
-
-
-def _parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _approved_into_a_slow_apply(env: DeployEnv) -> tuple[Names, Any, list[int]]:
@@ -211,24 +175,22 @@ def _approved_into_a_slow_apply(env: DeployEnv) -> tuple[Names, Any, list[int]]:
     names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
     run, _ = env.deploy_until_paused(names)
     env.answer(run.id, env.plan_sha(names.workspace, run.id))
-    applying = wait_until(lambda: _terraform_applying(env.icd_home, str(run.id)), timeout=120)
+    applying = wait_until(lambda: terraform_applying(env.icd_home, str(run.id)), timeout=120)
     return names, run, applying
 
 
 def _assert_stopped_crashed_told_and_unlocked(env: DeployEnv, names: Names, run: Any) -> None:
-    wait_until(
-        lambda: not _terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying"
-    )
+    wait_until(lambda: not terraform_applying(env.icd_home, str(run.id)), timeout=60, message="terraform kept applying")
     crashed = env.wait_for(run.id, states={"CRASHED"}, timeout=300)
     assert crashed.state is not None
-    wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
+    wait_until(lambda: told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
     assert env.holder(names.workspace) is None
 
 
 def test_a_worker_killed_mid_apply_leaves_a_crashed_run_no_orphan_and_no_lock(deploy_env: DeployEnv) -> None:
     env = deploy_env
     names, run, [terraform] = _approved_into_a_slow_apply(env)
-    supervisor = _parent_pid(terraform)  # the flow's process
+    supervisor = parent_pid(terraform)  # the flow's process
     os.kill(supervisor, signal.SIGKILL)
     _assert_stopped_crashed_told_and_unlocked(env, names, run)
 
@@ -253,13 +215,9 @@ def test_no_secret_leaves_its_block_in_a_full_cycle(deploy_env: DeployEnv) -> No
 
     def sample_argv() -> None:
         while not stop.is_set():
-            for entry in Path("/proc").iterdir():
-                if entry.name.isdigit():
-                    try:
-                        cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                    except OSError:
-                        continue
-                    seen_in_argv.extend(name for name, value in canaries.items() if value in cmdline)
+            for process in processes():
+                cmdline = process.cmdline.decode(errors="replace")
+                seen_in_argv.extend(name for name, value in canaries.items() if value in cmdline)
             stop.wait(0.05)
 
     sampler = threading.Thread(target=sample_argv, daemon=True)

@@ -1,5 +1,5 @@
-"""The warm worker (icd/worker/): what it preloads, which events it acts on, how it accounts for slots, and
-that a run never executes project code older than what is on disk. Every deploy in the end-to-end tests
+"""The warm worker (prefect_patches/warm_worker.py): what it preloads, which events it acts on, how it accounts
+for slots, and that a run never executes project code older than what is on disk. Every deploy in the end-to-end tests
 runs through it; these are the parts those tests cannot reach on purpose."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from prefect.states import Paused, Pending, Running, Suspended
 
 from examples.local_env import PrefectServer
 from icd.paths import PROJECT_ROOT
-from icd.worker import LONGEST_STOP_SECONDS
-from icd.worker.warm import WarmProcessWorker, _schedules_a_run, _suspends_a_run, flow_modules
+from icd.worker_settings import LONGEST_STOP_SECONDS
+from prefect_patches.warm_worker import WarmProcessWorker, _schedules_a_run, _suspends_a_run, flow_modules
 from tests.waiting import wait_until
 
 # --- which modules the fork server preloads ------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_a_module_that_fails_to_preload_is_reported_and_the_fork_server_still_fo
         f"""
         import os
         from pathlib import Path
-        from icd.worker.warm import _FORKS, start_fork_server
+        from prefect_patches.warm_worker import _FORKS, start_fork_server
         print(start_fork_server(Path({str(tmp_path)!r})))
         child = _FORKS.Process(target=os.getpid)
         child.start()
@@ -216,8 +216,8 @@ def test_a_run_imports_project_code_changed_since_the_fork_server_loaded_it(tmp_
         import os, sys, time
         os.environ["ICD_WORKER_PROJECT_DIR"] = {str(tmp_path)!r}
         os.environ["ICD_WORKER_PRELOAD"] = "service.steps,service.other"
-        import icd.worker.preload  # what the fork server does
-        from icd.worker.warm import _forget_changed_project_modules
+        import prefect_patches.fork_server_preload  # what the fork server does
+        from prefect_patches.warm_worker import _forget_changed_project_modules
         import service.steps
         assert service.steps.VERSION == 1
 

@@ -9,7 +9,9 @@ Checked right before Terraform starts, in this order:
 3. the image still hashes to the registered digest, and (but for a teardown) the version's signed provenance
    still names it;
 4. the plan fetched from S3 hashes to the approved hash;
-5. the Terraform state's serial and lineage are the ones the plan was made against.
+5. the Terraform state's serial and lineage are the ones the plan was made against (read from the backend;
+   Terraform checks them again under its state lock and refuses a stale plan, except one made against no
+   state, which only this check catches).
 
 A stale plan is an expected outcome (:class:`StalePlan`): nothing is applied and the operator plans again.
 Tampering is a fault: :class:`PlanIntegrityError` / :class:`ArtifactIntegrityError`.
@@ -28,7 +30,7 @@ from icd.errors import ArtifactIntegrityError, PlanIntegrityError, StalePlanErro
 from icd.registry.plans import PlanStore
 from icd.registry.registry import Registry
 from icd.text import hash_difference, version_label
-from icd.tools.terraform import ApplyWatch, StateVersion, Terraform
+from icd.tools.terraform import ApplyWatch, StateVersion, Terraform, parse_state_outputs, parse_state_version
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,20 @@ def apply_approved(
     registry: Registry,
     plans: PlanStore,
     open_workdir: Callable[[str], Terraform],
+    read_state: Callable[[], bytes | None],
     planned: PlannedDeploy,
     approved_sha256: str,
     platform: str,
     watch: ApplyWatch | None = None,
 ) -> AppliedDeploy | StalePlan:
     """Apply the approved plan after every check above; ``watch`` stops an apply that is stuck
-    (``icd/deploy/stuck.py``)."""
+    (``icd/deploy/stuck.py``).
+
+    ``open_workdir(name)`` returns an initialised working directory (``icd.deploy.workdir.open_terraform``:
+    where the plan ran, from its kept ``init``);
+    ``read_state()`` returns the workspace's state document as the backend stores it (None: no state), read
+    directly (``icd.deploy.workdir.fetch_state``) for check 5 and for the outputs, so neither costs a
+    Terraform call."""
     if approved_sha256 != planned.plan_sha256:
         raise PlanIntegrityError(f"the approved plan {hash_difference(approved_sha256, planned.plan_sha256)}")
     version = registry.resolve_deployable(planned.namespace, planned.version)
@@ -86,19 +95,23 @@ def apply_approved(
     if not planned.view.teardown:
         registry.verify_provenance(version, platform)  # ProvenanceError: nothing is applied
     plan_bytes = plans.get(planned.workspace, planned.plan_id, expected_sha256=approved_sha256)
-    terraform = open_workdir(f"{planned.plan_id}-apply")
-    plan_file = terraform.working_dir / PLAN_FILENAME
-    plan_file.write_bytes(plan_bytes)
-    state_now = terraform.state_pull()
+    stored = read_state()
+    state_now = None if stored is None else parse_state_version(stored.decode("utf-8", errors="replace"))
     if state_now != planned.state_before:
         return StalePlan(
             f"the state of workspace {planned.workspace!r} moved since planning "
             f"({_describe(planned.state_before)} -> {_describe(state_now)}); nothing was applied"
         )
+    terraform = open_workdir(f"{planned.plan_id}-apply")
+    plan_file = terraform.working_dir / PLAN_FILENAME
+    plan_file.write_bytes(plan_bytes)
     try:
         applied = terraform.apply(
             plan_file, expected_sha256=approved_sha256, lock_timeout=STATE_LOCK_TIMEOUT, watch=watch
         )
     except StalePlanError as exc:
         return StalePlan(f"Terraform refused the saved plan as stale: {exc}; nothing was applied")
-    return AppliedDeploy(approved_sha256, terraform.output(), applied.duration_seconds)
+    # The outputs from the state the apply just wrote, as `terraform output` would read them from it.
+    after = read_state()
+    outputs = {} if after is None else parse_state_outputs(after)
+    return AppliedDeploy(approved_sha256, outputs, applied.duration_seconds)

@@ -24,7 +24,7 @@ from icd.registry.models import ArtifactVersion
 from icd.registry.plans import PlanStore
 from icd.registry.registry import Registry
 from icd.rules import LATEST
-from icd.tools.terraform import StateVersion, Terraform
+from icd.tools.terraform import StateVersion, Terraform, plan_state_version
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ def not_current(registry: Registry, namespace: str, version: int, follows: str) 
 def make_plan(
     request: PlanRequest, *, registry: Registry, plans: PlanStore, open_workdir: Callable[[str], Terraform]
 ) -> PlannedDeploy:
-    """``init`` + ``plan -out``; a plan with changes goes to S3 with its sha256 before anyone approves it.
+    """``init`` + ``plan -out`` + ``show -json``; a plan with changes goes to S3 with its sha256 before anyone
+    approves it.
 
     ``open_workdir(name)`` returns an initialised Terraform working directory named ``name``.
     """
@@ -114,11 +115,12 @@ def make_plan(
     followed = seen(registry, version.namespace, request.follows)
     promoted = seen(registry, version.namespace, request.promotes) if request.promotes else None
     terraform = open_workdir(request.plan_id)
-    # Recorded so the apply can prove nothing else wrote the state since this plan was made.
-    state_before = terraform.state_pull()
     result = terraform.plan(
         variables=dict(variables), out=Path(PLAN_FILENAME), destroy=request.destroy, lock_timeout=STATE_LOCK_TIMEOUT
     )
+    # Recorded so the apply can prove nothing else wrote the state since this plan was made: the state the
+    # plan itself was made against, from the plan file (no `state pull`, and no window between the two).
+    state_before = plan_state_version(result.plan_file)
     plan = terraform.show_plan(result.plan_file)
     view = summarize_plan(
         plan,

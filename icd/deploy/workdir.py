@@ -12,7 +12,11 @@ neither the instance nor anything it starts ever holds a registry or backend cre
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,8 @@ from icd.tools.terraform import Terraform
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+logger = logging.getLogger(__name__)
 
 PLAN_FILENAME = "deploy.tfplan"
 BACKEND_OVERRIDE = "icd_backend_override.tf"
@@ -95,6 +101,34 @@ def prepare_workdir(stack_dir: Path, workdir: Path) -> Path:
     return workdir
 
 
+def _same_setting(stored: object, wanted: str) -> bool:
+    # Terraform stores each -backend-config value with its schema type: "true" comes back as true.
+    if isinstance(stored, bool):
+        return str(stored).lower() == wanted
+    return stored is not None and str(stored) == wanted
+
+
+def initialised_for(workdir: Path, config: Mapping[str, str]) -> bool:
+    """Whether ``workdir`` is a working directory that ``terraform init`` already set up with these
+    ``-backend-config`` pairs (``.terraform/terraform.tfstate`` records them), its providers locked and
+    installed. Credentials are never recorded there: they travel by environment on every call."""
+    if not (workdir / BACKEND_OVERRIDE).is_file() or not (workdir / ".terraform.lock.hcl").is_file():
+        return False
+    if not (workdir / ".terraform" / "providers").is_dir():
+        return False
+    try:
+        recorded = json.loads((workdir / ".terraform" / "terraform.tfstate").read_text(encoding="utf-8"))
+        settings = recorded["backend"]["config"]
+        kind = recorded["backend"]["type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (
+        kind == "s3"
+        and isinstance(settings, dict)
+        and all(_same_setting(settings.get(key), value) for key, value in config.items())
+    )
+
+
 def open_terraform(
     stack_dir: Path,
     workdir: Path,
@@ -107,7 +141,14 @@ def open_terraform(
 ) -> Terraform:
     """A fresh working directory for ``workspace``, initialised against its state in the backend. Each call
     runs at most :data:`TERRAFORM_TIMEOUT_SECONDS`, and none past ``deadline`` (``time.monotonic()``; set when
-    the credentials in ``env`` expire)."""
+    the credentials in ``env`` expire).
+
+    ``terraform init`` runs once per stack and workspace on a worker: its result is kept beside the runs'
+    directories (:data:`INIT_CACHE`) and copied into the next fresh directory with the same fingerprint (the
+    apply's, after its plan; the next batch's plan of a rollout; the next deploy's). A directory made where
+    nothing was kept yet (another worker, a changed stack) is initialised as before.
+    """
+    config = backend.config(workspace)
     terraform = Terraform(
         prepare_workdir(stack_dir, workdir),
         env=env,
@@ -115,5 +156,46 @@ def open_terraform(
         deadline=deadline,
         on_line=on_line,
     )
-    terraform.init(backend_config=backend.config(workspace), reconfigure=True)
+    cached = workdir.parent / INIT_CACHE / _init_fingerprint(terraform, config)
+    if initialised_for(cached, config):
+        shutil.copytree(cached / ".terraform", workdir / ".terraform", symlinks=True)
+        shutil.copy2(cached / ".terraform.lock.hcl", workdir / ".terraform.lock.hcl")
+        return terraform
+    terraform.init(backend_config=config, reconfigure=True)
+    _remember_init(workdir, cached)
     return terraform
+
+
+# Initialised copies of stacks, by what `terraform init` read (see _init_fingerprint), beside the runs' dirs.
+INIT_CACHE = ".init-cache"
+
+
+def _init_fingerprint(terraform: Terraform, config: Mapping[str, str]) -> str:
+    """Everything ``terraform init`` reads: the stack's files (configuration, modules, a lock file it ships),
+    the backend settings, the binary and the CLI config that names the provider mirror. Two directories with
+    the same fingerprint get the same ``.terraform`` and lock file from init (providers are symlinks into
+    the mirror, modules are local), so the second can take the first's instead of running init again."""
+    digest = hashlib.sha256()
+    root = terraform.working_dir
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(root)}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(json.dumps(dict(config), sort_keys=True).encode())
+    digest.update(f"\0{terraform.binary}\0".encode())
+    digest.update(terraform.cli_config_file.read_bytes())
+    return digest.hexdigest()
+
+
+def _remember_init(workdir: Path, cached: Path) -> None:
+    """Keep a copy of a freshly initialised directory for the next one with its fingerprint. Written aside
+    and renamed into place, so a reader never sees half a copy; when another process got there first, its
+    copy stands (they are the same). A failure here costs the next plan an init, nothing else."""
+    staging = cached.parent / f".staging-{uuid.uuid4().hex}"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(workdir, staging, symlinks=True, ignore=shutil.ignore_patterns("*.tfplan"))
+        staging.rename(cached)
+    except OSError as exc:
+        logger.info("did not keep the initialised directory for reuse: %s", exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -26,17 +26,15 @@ REDACTED = "***"
 @dataclass(frozen=True)
 class SeverityStyle:
     emoji: str
-    # Block Kit blocks carry no colour; this is for attachment-based receivers and the docs table.
-    colour: str
     label: str
 
 
 SEVERITY_STYLES: Mapping[Severity, SeverityStyle] = MappingProxyType(
     {
-        "info": SeverityStyle(":information_source:", "#439FE0", "Info"),
-        "success": SeverityStyle(":white_check_mark:", "#2EB67D", "Success"),
-        "warning": SeverityStyle(":warning:", "#ECB22E", "Warning"),
-        "critical": SeverityStyle(":rotating_light:", "#E01E5A", "Critical"),
+        "info": SeverityStyle(":information_source:", "Info"),
+        "success": SeverityStyle(":white_check_mark:", "Success"),
+        "warning": SeverityStyle(":warning:", "Warning"),
+        "critical": SeverityStyle(":rotating_light:", "Critical"),
     }
 )
 

@@ -29,6 +29,7 @@ import logging
 import re
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,6 +367,40 @@ def parse_state_version(document: str) -> StateVersion | None:
         return StateVersion(serial=int(data["serial"]), lineage=str(data["lineage"]))
     except (ValueError, KeyError, TypeError) as exc:
         raise TerraformError(f"`terraform state pull` printed something that is not a state: {exc}") from exc
+
+
+def parse_state_outputs(document: str | bytes) -> dict[str, Any]:
+    """Output values by name from a state document, as ``terraform output -json`` gives them (sensitive ones
+    included: never log the result); ``{}`` for no state. The apply reads the state the S3 backend stored
+    instead of starting ``terraform output``, which would read that same document."""
+    if not document.strip():
+        return {}
+    try:
+        outputs = json.loads(document).get("outputs") or {}
+        return {str(name): entry["value"] for name, entry in outputs.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TerraformError(f"the state's outputs are not what Terraform writes: {exc}") from exc
+
+
+# The saved plan is a zip; this entry is the state the plan was made against (Terraform's planfile format).
+_PLAN_PRIOR_STATE = "tfstate"
+
+
+def plan_state_version(plan_file: Path) -> StateVersion | None:
+    """Serial and lineage of the state a saved plan was made against, read from the plan file itself: exactly
+    what Terraform compares at apply ("Saved plan is stale"), with no ``state pull``. ``None`` when the plan
+    was made against no state (Terraform 1.0.3 records an empty lineage then, and checks nothing)."""
+    try:
+        with zipfile.ZipFile(plan_file) as archive:
+            document = archive.read(_PLAN_PRIOR_STATE)
+    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+        raise PlanFormatError(f"{Path(plan_file).name} is not a saved plan with a prior state: {exc}") from exc
+    try:
+        data = json.loads(document)
+        lineage, serial = str(data.get("lineage") or ""), int(data["serial"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PlanFormatError(f"the prior state in {Path(plan_file).name} is not a state: {exc}") from exc
+    return StateVersion(serial=serial, lineage=lineage) if lineage else None
 
 
 _LOCK_ID = re.compile(r"^\s*ID:\s*(\S+)\s*$", re.MULTILINE)

@@ -220,11 +220,17 @@ class DeployEnv:
 
     def runs_of(self, deployment: str, **parameters: object) -> list[FlowRun]:
         """Runs of ``deployment`` whose parameters include ``parameters``, oldest first."""
-        runs = api_client().read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
-            flow_run_filter=FlowRunFilter(),
-            limit=200,
-        )
+        runs: list[FlowRun] = []
+        while True:  # page by page: the server answers at most 200 runs a call
+            page = api_client().read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                flow_run_filter=FlowRunFilter(),
+                limit=200,
+                offset=len(runs),
+            )
+            runs += page
+            if len(page) < 200:
+                break
         matching = [run for run in runs if all(run.parameters.get(k) == v for k, v in parameters.items())]
         return sorted(matching, key=lambda run: run.created or run.expected_start_time)  # type: ignore[arg-type, return-value]
 
@@ -343,7 +349,7 @@ def deploy_env(
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ICD_CONFIG", str(config_path))
-        # Zombie runs: the shipped heartbeat and window (icd.worker, automations.yaml), never a test's own.
+        # Zombie runs: the shipped heartbeat and window (icd.worker_settings, automations.yaml), never a test's own.
         patch.delenv("ICD_ZOMBIE_AFTER_SECONDS", raising=False)
         registry = provision(
             prefect_server,

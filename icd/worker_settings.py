@@ -1,7 +1,12 @@
-"""The warm process worker (``icd-worker``): flow runs forked from a process with everything imported.
+"""Plain settings of the project's workers and of the runs they start: how long a worker's stop may take, how
+often a run sends a heartbeat, when a silent run is taken for dead.
 
-``warm`` is the worker; ``preload`` is what its fork server imports, and is imported nowhere else.
+The warm worker itself is Prefect-patching code and lives apart, in ``prefect_patches/`` (which ``icd/``
+never imports); these numbers are shared with the set-up (``cli/setup.py``), the automations and the test
+harness, so they stay here, in the library.
 """
+
+from __future__ import annotations
 
 # A stopping worker lets a suspended run's process finish its teardown (about a second) for up to
 # SUSPENDED_TEARDOWN_SECONDS; any other run, or one still alive after that, gets SIGTERM, then SIGKILL, each
@@ -11,10 +16,6 @@ SUSPENDED_TEARDOWN_SECONDS = 15.0
 TERM_GRACE_SECONDS = 10.0
 KILL_GRACE_SECONDS = 5.0
 LONGEST_STOP_SECONDS = SUSPENDED_TEARDOWN_SECONDS + TERM_GRACE_SECONDS + KILL_GRACE_SECONDS
-
-# Set by the worker before it starts the fork server, which inherits its environment.
-PRELOAD_ENV = "ICD_WORKER_PRELOAD"
-PROJECT_ENV = "ICD_WORKER_PROJECT_DIR"
 
 # A dead worker is noticed within 90 s (docs/decisions.md, "A dead worker is noticed"): each flow run sends a
 # heartbeat every HEARTBEAT_SECONDS (Prefect's minimum; its default is 180), and the `icd-zombie-runs`

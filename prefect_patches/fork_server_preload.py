@@ -7,7 +7,7 @@ to preload), so the work happens at import time:
 * the pydantic models those modules define, completed now instead of at their first use in every run;
 * python-hcl2's Lark parser, which the pre-flight check would otherwise build in every build run;
 * botocore's service models, parsed once and shared by every boto3 session a run creates (below);
-* one TLS context for the run's Prefect clients of an ``http://`` API (``icd/prefect_tls.py``).
+* one TLS context for the run's Prefect clients of an ``http://`` API (``prefect_patches/shared_tls.py``).
 
 A module that fails to import is left out rather than taking the fork server down: a run that needs it
 imports it again in its own process and fails there, with the real error in the run's log, as a cold start
@@ -22,8 +22,8 @@ import os
 import sys
 import time
 
-from icd.prefect_tls import reuse_tls_context_for_plain_http, shared_tls_context
-from icd.worker import PRELOAD_ENV, PROJECT_ENV
+from prefect_patches import PRELOAD_ENV, PROJECT_ENV
+from prefect_patches.shared_tls import reuse_tls_context_for_plain_http, shared_tls_context
 
 # Project files changed after this moment are imported again by the run that finds them changed.
 IMPORTED_AT = time.time()

@@ -10,7 +10,7 @@ build it (``PREFECT_API_SSL_CERT_FILE`` or certifi's bundle; unverified if
 ``PREFECT_API_TLS_INSECURE_SKIP_VERIFY``). Clients of an ``https://`` API, and clients given their own
 ``verify``, are left to Prefect untouched. The worker, its fork server (so every flow run) and the inbound app
 call it at start; a Prefect upgrade that changes the clients' constructors is caught by
-``tests/test_prefect_tls.py``.
+``tests/test_prefect_tls.py``, and any change to them by ``prefect_patches/seams.py``.
 """
 
 from __future__ import annotations

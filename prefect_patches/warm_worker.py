@@ -10,10 +10,14 @@ Prefect's control channel. Only the step that starts the process differs, throug
 ProcessStarter protocol and inject it into FlowRunExecutor"). Why, and what it costs: docs/decisions.md.
 
 The fork server is ``multiprocessing``'s ``forkserver``: a single-threaded process started by the worker,
-which imports ``icd.worker.preload`` (and through it the flows) once, and forks a child per request. The
-child is a separate process, as a cold start is: a run that crashes takes nothing else down, and a run
+which imports ``prefect_patches.fork_server_preload`` (and through it the flows) once, and forks a child per
+request. The child is a separate process, as a cold start is: a run that crashes takes nothing else down, and a run
 survives its worker as before. What the child runs is Prefect's own engine entry point
 (``prefect.engine`` as ``__main__``) with the run's environment, so a flow run behaves as it would cold.
+
+The private Prefect and interpreter names it relies on are listed, with fingerprints, in ``seams.py``
+(``tests/test_prefect_seams.py`` fails when one changes); ``prefect worker start --type process`` on the same
+pool is the fallback (``tests/test_stock_worker.py`` runs a whole cycle on it).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from prefect.settings import get_current_settings
 from prefect.utilities.processutils import sanitize_subprocess_env
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
-from icd.worker import KILL_GRACE_SECONDS, PRELOAD_ENV, PROJECT_ENV, SUSPENDED_TEARDOWN_SECONDS, TERM_GRACE_SECONDS
+from icd.worker_settings import KILL_GRACE_SECONDS, SUSPENDED_TEARDOWN_SECONDS, TERM_GRACE_SECONDS
+from prefect_patches import PRELOAD_ENV, PROJECT_ENV
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -152,7 +157,7 @@ def _exit_like_the_interpreter() -> None:
 def _forget_changed_project_modules(project: str | None) -> None:
     """Project code edited since the fork server imported it is imported again by this run (and by every
     run after it, until the worker restarts): a run never executes code older than what is on disk."""
-    from icd.worker.preload import IMPORTED_AT  # the fork server's; this runs in its child
+    from prefect_patches.fork_server_preload import IMPORTED_AT  # the fork server's; this runs in its child
 
     if not project:
         return
@@ -195,11 +200,11 @@ def start_fork_server(project_dir: Path | None) -> dict[str, str]:
     Returns what it could not preload (module -> error): runs that need those import them themselves.
     """
     flows = flow_modules(project_dir) if project_dir else []
-    modules = ["prefect.engine", "prefect.flow_engine", *flows, "icd.worker.warm"]
+    modules = ["prefect.engine", "prefect.flow_engine", *flows, "prefect_patches.warm_worker"]
     os.environ[PRELOAD_ENV] = ",".join(modules)
     if project_dir:
         os.environ[PROJECT_ENV] = str(project_dir)
-    _FORKS.set_forkserver_preload(["icd.worker.preload"])
+    _FORKS.set_forkserver_preload(["prefect_patches.fork_server_preload"])
     receiver, sender = _FORKS.Pipe(duplex=False)
     probe = _FORKS.Process(target=_report_preload_failures, args=(sender,), name="icd-worker-warm-up")
     probe.start()
@@ -212,7 +217,7 @@ def start_fork_server(project_dir: Path | None) -> dict[str, str]:
 
 
 def _report_preload_failures(sender: Connection) -> None:
-    from icd.worker.preload import FAILED  # the fork server's; this runs in its child
+    from prefect_patches.fork_server_preload import FAILED  # the fork server's; this runs in its child
 
     sender.send(dict(FAILED))
     sender.close()
