@@ -48,6 +48,20 @@ def task_runs(run_id: Any, task_name: str) -> list[Any]:
     return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
 
 
+def run_artifacts(run_id: Any, key: str | None = None) -> list[Any]:
+    """The artifacts flow run ``run_id`` created (only those under ``key``, when given), asked of the server
+    by run: a listing of every artifact stops at its first page once the session has made enough of them."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    from examples.local_env import api_client
+
+    found = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+        key=ArtifactFilterKey(any_=[key]) if key is not None else None,
+    )
+    return list(api_client().read_artifacts(artifact_filter=found))
+
+
 def completed_task_runs(run_id: Any, task_name: str) -> list[Any]:
     """The runs of task ``task_name`` in flow run ``run_id`` that completed."""
     return [run for run in task_runs(run_id, task_name) if run.state and run.state.is_completed()]

@@ -13,7 +13,7 @@ from typing import Any
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from examples.local_env import api_client
-from tests.helpers import consul_instances, task_runs
+from tests.helpers import consul_instances, run_artifacts, task_runs
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -55,8 +55,7 @@ def test_full_cycle_v1_then_the_same_commit_then_v2_across_a_worker_restart(depl
 
     env.repo.commit("v2", {"src/app.py": env.repo.read("src/app.py") + "\n# v2\n"})
     run2, v2 = env.deploy_until_paused(names)
-    artifacts = api_client().read_artifacts()
-    plan_docs = [a for a in artifacts if a.key == f"plan-{ws}" and a.flow_run_id == run2.id]
+    plan_docs = run_artifacts(run2.id, f"plan-{ws}")
     assert plan_docs, "the plan is published as an artifact of the run"
     assert f"{ns} v{v1} -> v{v2}" in str(plan_docs[0].data), "the plan shows the artifact version diff"
     # v2's wait outlives its worker: another worker resumes it, and nothing before the wait runs twice.

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from cli.service import main as icd_service
-from examples.local_env import api_client, git
+from examples.local_env import git
 from icd.config import load_config
 from icd.service.preflight import check_service, service_under_check
-from tests.helpers import consul_instances, task_runs
+from tests.helpers import consul_instances, run_artifacts, task_runs
 from tests.plugins.deploy_env import DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -55,8 +55,7 @@ def _answer(instance: dict[str, Any]) -> Any:
 
 
 def _plan_document(workspace: str, run_id: Any) -> str:
-    artifacts = api_client().read_artifacts()
-    return "".join(str(a.data) for a in artifacts if a.key == f"plan-{workspace}" and a.flow_run_id == run_id)
+    return "".join(str(a.data) for a in run_artifacts(run_id, f"plan-{workspace}"))
 
 
 def test_a_scaffolded_service_is_onboarded_from_v1_to_v2(

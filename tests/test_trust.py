@@ -20,7 +20,7 @@ from examples.local_env import api_client
 from icd import operations
 from icd.config import load_config
 from icd.notify.slack import SERVER_ERROR_RETRIES
-from tests.helpers import consul_instances, parent_pid, processes, terraform_applying, told
+from tests.helpers import consul_instances, parent_pid, processes, run_artifacts, terraform_applying, told
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -238,7 +238,7 @@ def test_no_secret_leaves_its_block_in_a_full_cycle(deploy_env: DeployEnv) -> No
     client = api_client()
     logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     found += leaks("the run's logs", "\n".join(log.message for log in logs))
-    found += leaks("artifacts", json.dumps([a.data for a in client.read_artifacts()], default=str))
+    found += leaks("artifacts", json.dumps([a.data for a in run_artifacts(run.id)], default=str))
     task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     found += leaks("task runs", json.dumps([t.model_dump(mode="json") for t in task_runs], default=str))
     database = env.server.home / "prefect.db"
