@@ -146,17 +146,26 @@ def deploy_artifact(
     except BaseException:
         give_back(ctx)
         raise
-    if give_back(ctx) and outcome.again:
-        # Only once the workspace is free: a request for the target its holder serves would be dropped.
-        ask_again(
-            ctx.registry,
-            ctx.workspace,
-            ctx.namespace,
-            claim.holder.request.version,
-            by=f"run {run.name}",
-            why=outcome.again,
-        )
+    released = give_back(ctx)
+    if outcome.again:
+        outcome = asked_again(ctx, outcome, claim.holder.request.version, released=released)
     return finish(ctx, outcome)
+
+
+def asked_again(ctx: DeployContext, outcome: Outcome, version: int, *, released: bool) -> Outcome:
+    """Queue the same version again (``outcome.again``), only once the workspace is free: a request for the
+    target its holder serves would be dropped. When that can't be done, the run's message says so."""
+    if not released:
+        note = "the workspace could not be released now (S3 unreachable), so it was not asked again: re-run it"
+        return replace(outcome, message=f"{outcome.message}. But {note}")
+    try:
+        ask_again(ctx.registry, ctx.workspace, ctx.namespace, version, by=f"run {ctx.run.name}", why=outcome.again)
+    except DeployError as exc:
+        get_run_logger().error("could not ask %s v%d again on %s: %s", ctx.namespace, version, ctx.workspace, exc)
+        return replace(
+            outcome, message=f"{outcome.message}. But asking again failed ({one_line(str(exc), 200)}): re-run it"
+        )
+    return outcome
 
 
 def end_on_fault(ctx: DeployContext, exc: DeployError) -> State[Any]:
@@ -560,10 +569,28 @@ def roll_out(
         to_version=version.build_label,
         seconds=path.progress_deadline_seconds + PLAN_AND_APPLY_MARGIN_SECONDS,
     )
+    done: list[str] = []  # each applied batch's line and plan hash, for the signed deployment record
+    applied: AppliedDeploy | None = None
+
+    def midway(ended: Outcome, batches_applied: int, *, say_mix: bool = True) -> Outcome:
+        """An ending before the last batch: what the applied batches left is said, recorded and signed."""
+        if batches_applied == 0:
+            return ended
+        mix = describe_mix(path.slots_after(batches_applied - 1))
+        if say_mix:
+            ended = replace(
+                ended,
+                message=f"{ended.message}. Batches 1-{batches_applied} of {path.total} were applied before it: "
+                f"{ctx.workspace} runs {mix}",
+            )
+        ended = replace(ended, record={**ended.record, "instances": mix})
+        outputs = applied.outputs if applied is not None else {}
+        record_deployment(ctx.registry, ctx.run_id, first, decision, outputs, ended, gate="; ".join(done))
+        return ended
+
+    applied_batches = 0
     try:
         deploy_status(ctx, "applying")
-        done: list[str] = []
-        applied: AppliedDeploy | None = None
         waited = 0.0
         for batch in range(path.total):
             name = f"batch {batch + 1}/{path.total}"
@@ -579,7 +606,7 @@ def roll_out(
                 )
                 if isinstance(kept, Superseded):
                     where = describe_mix(path.slots_after(batch - 1))
-                    return outcomes.rollout_superseded(
+                    superseded = outcomes.rollout_superseded(
                         ctx.workspace,
                         mine,
                         kept.by,
@@ -588,20 +615,24 @@ def roll_out(
                         record=record,
                         thread=asked.notice,
                     )
+                    return midway(superseded, batch, say_mix=False)  # its message names the mix already
                 if isinstance(kept, Lost):
-                    return outcomes.lock_lost(ctx.workspace, kept.holder, record)
+                    return midway(outcomes.lock_lost(ctx.workspace, kept.holder, record), batch)
                 plan = plan_deploy(
                     ctx.registry,
                     ctx.plan_request(version, plan_id=f"{ctx.run_id}-b{batch + 1}", instances=path.slots_after(batch)),
                 )
                 why = deviation(path, batch, plan.deltas, first.deltas)
                 if why is not None:
-                    return outcomes.rollout_deviated(ctx.workspace, first.view.version_diff, name, why, record)
+                    return midway(
+                        outcomes.rollout_deviated(ctx.workspace, first.view.version_diff, name, why, record), batch
+                    )
                 approved_sha = plan.plan_sha256  # on the approved path: the rollout's approval covers it
             result = apply_plan(ctx.registry, plan, approved_sha256=approved_sha, watch=ctx.watch_apply(name))
             if isinstance(result, StalePlan):
-                return outcomes.stale_plan(ctx.workspace, result.reason, plan.plan_sha256, record, teardown=False)
-            applied = result
+                stale = outcomes.stale_plan(ctx.workspace, result.reason, plan.plan_sha256, record, teardown=False)
+                return midway(stale, batch)
+            applied, applied_batches = result, batch + 1
             ids = batch_service_ids(applied.outputs, path.new_slots(batch))
             # A batch that moves no slot (everything on the version already) has nothing to gate.
             gate = (
@@ -625,6 +656,10 @@ def roll_out(
         ended = promote(ctx, version, first, decision, replace(applied, plan_sha256=first.plan_sha256), waited, record)
         record_deployment(ctx.registry, ctx.run_id, first, decision, applied.outputs, ended, gate="; ".join(done))
         return ended
+    except DeployError as exc:
+        # A fault after a batch was applied: its signed record says what was applied and what runs now.
+        midway(outcomes.fault(ctx.workspace, exc), applied_batches)
+        raise
     finally:
         close_window(ctx.consul, ctx.service_name, deploy_run_id=ctx.run_id)
 

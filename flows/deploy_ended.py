@@ -39,7 +39,7 @@ from prefect.states import Cancelled
 from blocks.notifier import load_notifier
 from blocks.registry import ArtifactRegistry
 from icd.config import load_config
-from icd.errors import ConfigError, DeployError
+from icd.errors import DeployError
 from icd.notify.message import Notification, NotificationReceipt, Notifier, Severity
 from tasks.context import run_thread_key
 from tasks.notify import notify, update_notice
@@ -133,11 +133,11 @@ def _instances_after_crash(registry: ArtifactRegistry, workspace: str, run_name:
         if settings is None or settings.rollout is None:
             return None
         mix = instances_now(registry, workspace, settings.namespace)
-    except (ConfigError, DeployError) as exc:
+        if mix is not None:
+            record_deploy(workspace, {"outcome": "crashed mid-rollout", "instances": mix, "run": run_name})
+    except Exception as exc:  # noqa: BLE001  # an extra for the notice: never in the way of the release or the notice
         get_run_logger().warning("could not read what %s runs after run %s crashed: %s", workspace, run_name, exc)
         return None
-    if mix is not None:
-        record_deploy(workspace, {"outcome": "crashed mid-rollout", "instances": mix, "run": run_name})
     return mix
 
 

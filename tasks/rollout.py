@@ -67,7 +67,13 @@ def announce_batch(spec: events.EventSpec) -> None:
     events.emit(spec)
 
 
-@task(name="ask-again", cache_policy=NO_CACHE)
+@task(
+    name="ask-again",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 3, 9],
+    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+)
 def ask_again(registry: ArtifactRegistry, workspace: str, namespace: str, version: int, *, by: str, why: str) -> str:
     """Queue the same version for the workspace again, so a new run plans from what runs now and asks an
     operator, naming ``why`` (a rollout that left its approved path)."""
