@@ -12,14 +12,16 @@ setup:
 demo: setup
 	@$(PY) -m examples.demo $(ARGS)
 
-# One pytest worker per core (at most 4): each has its own Prefect server, worker and stand-ins, and takes
-# whole test files, so module fixtures are made once; the longest files first (tests/conftest.py).
-JOBS ?= $(shell n=$$(nproc); [ $$n -gt 4 ] && n=4; echo $$n)
+# Two pytest workers per core, at most 4: each has its own Prefect server, worker and stand-ins, and takes whole
+# test files, so module fixtures are made once; the longest files first (tests/conftest.py). A test waits on
+# servers, tools, health checks and timeouts as much as it computes: on 2 cores, 4 workers kept the CPU 92 %
+# busy and ran the suite in 12.3 min where 2 took 19-20 (docs/benchmarks.md, "The test suite").
+JOBS ?= $(shell n=$$(( $$(nproc) * 2 )); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: lint
 	@$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
-# The edit-test loop: no Prefect server, no Packer, no Terraform; about 40 s on 2 cores.
+# The edit-test loop: no Prefect server, no Packer, no Terraform; about 60 s on 2 cores.
 test-fast: setup
 	@$(VENV)/bin/lint-imports --no-cache >/dev/null || $(VENV)/bin/lint-imports --no-cache
 	@$(PY) -m pytest -n $(JOBS) -m "not slow and not tools" $(PYTEST_ARGS)

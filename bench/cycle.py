@@ -69,6 +69,7 @@ from examples.local_env import (
     LocalServices,
     ManagedProcess,
     PrefectServer,
+    api_client,
     create_postgres_database,
     drop_postgres_database,
     first_run_after,
@@ -342,10 +343,11 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
     ended: dict[Any, Any] = {}
     deadline = time.monotonic() + 1800
     while len(ended) < len(runs) and time.monotonic() < deadline:
-        for run_id, workspace in runs.items():
-            if run_id in ended:
-                continue
-            run = read_flow_run(run_id)
+        # One read of every run per poll, not one per run: the bench's own polling is load on the server it
+        # measures (ten reads every 0.2 s were 50 requests a second).
+        waiting = [run_id for run_id in runs if run_id not in ended]
+        for run in api_client().read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=waiting))):
+            run_id, workspace = run.id, runs[run.id]
             kind = run.state.type.value if run.state else ""
             if kind in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
                 ended[run_id] = run

@@ -31,41 +31,51 @@ reuse_tls_context_for_plain_http()
 _SERVER_FIXTURES = frozenset({"prefect_server", "deploy_env"})
 
 
-# The files that take longest, longest first (seconds of test time on a quiet two-core machine, 2026-11-28,
-# from a per-file timeline of `make test`). `make test` hands whole files to its workers in collection order
+# The files that take longest, longest first (seconds of test time, setup included, from `--durations=0` of
+# `make test` on a fresh clone with four pytest workers on two cores, 2026-12-05: the machine was busy, so each
+# figure is about twice its time alone). `make test` hands whole files to its workers in collection order
 # (`--dist loadfile --no-loadscope-reorder`): longest first, the short files fill the gaps at the end and the
-# two workers end within seconds of each other (longest-processing-time first). xdist's own order (most
-# tests first) put the end-to-end files last. Files not named (under 5 s each) keep their places after them.
+# workers end within seconds of each other (longest-processing-time first). xdist's own order (most tests
+# first) put the end-to-end files last. Files not named (under 5 s each) keep their places after them.
 _LONGEST_FIRST = (
-    "test_rollout_e2e.py",  # ~400 (issue 23, measured alone: 83 + 114 s, and a 90 s crash wait)
-    "test_faults.py",  # 285 (issue 20, measured alone on a loaded machine: a 70 s zombie wait, S3 retries)
-    "test_drift.py",  # 257 (issue 22, measured alone)
-    "test_deploy.py",  # 205
-    "test_told_and_quiet.py",  # 196 with its set-up (issue 20, measured alone)
-    "test_slack_approvals.py",  # ~150 with its set-up (issue 21, measured alone)
-    "test_github_status.py",  # ~120 (issue 22, measured alone)
-    "test_event_stream.py",  # 110 (issue 19, measured alone)
-    "test_provenance_e2e.py",  # ~110 (issue 22, measured alone)
-    "test_trust.py",  # 104
-    "test_operator_walkthrough.py",  # 89
-    "test_events.py",  # 89
-    "test_team_server.py",  # 78
-    "test_stock_worker.py",  # 73 (issue 24, measured alone: cold runs on Prefect's stock worker)
-    "test_audit.py",  # 71 (issue 22, measured alone)
-    "test_deliveries.py",  # 60 (issue 19, measured alone)
-    "test_health_flaps.py",  # 30 (issue 19, measured alone)
-    "test_tool_hangs.py",  # 54 (issue 20, measured alone)
-    "test_browser.py",  # 58
-    "test_terraform.py",  # 22
-    "test_health_watch.py",  # 22
-    "test_workdir.py",  # 21
-    "test_onboarding.py",  # 16
-    "test_examples.py",  # 15
+    "test_rollout_e2e.py",  # 390
+    "test_faults.py",  # 293
+    "test_deploy.py",  # 249
+    "test_trust.py",  # 222
+    "test_operator_walkthrough.py",  # 196
+    "test_tool_hangs.py",  # 144
+    "test_events.py",  # 128
+    "test_drift.py",  # 121
+    "test_team_server.py",  # 104
+    "test_event_stream.py",  # 82
+    "test_browser.py",  # 73
+    "test_provenance_e2e.py",  # 71
+    "test_github_status.py",  # 69
+    "test_slack_approvals.py",  # 63
+    "test_stock_worker.py",  # 61
+    "test_audit.py",  # 57
+    "test_told_and_quiet.py",  # 51
+    "test_workdir.py",  # 48
+    "test_deliveries.py",  # 42
+    "test_onboarding.py",  # 38
+    "test_registry.py",  # 33
+    "test_health_watch.py",  # 28
+    "test_notifications.py",  # 27
+    "test_worker.py",  # 23
+    "test_terraform.py",  # 20
+    "test_sqlite_load.py",  # 18
+    "test_notification_routes.py",  # 18
+    "test_socket_mode.py",  # 18
+    "test_examples.py",  # 16
+    "test_deploy_thread.py",  # 15
     "test_consul_standin.py",  # 14
-    "test_registry.py",  # 14
-    "test_worker.py",  # 13
-    "test_notifications.py",  # 12
-    "test_packer.py",  # 9
+    "test_silences.py",  # 14
+    "test_health_flaps.py",  # 14
+    "test_packer.py",  # 11
+    "test_health_gate.py",  # 9
+    "test_fleet_stack.py",  # 9
+    "test_least_privilege.py",  # 8
+    "test_suspension.py",  # 6
 )
 
 

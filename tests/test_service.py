@@ -634,3 +634,48 @@ def test_every_contract_citation_names_a_section_of_the_page() -> None:
     }
     assert {anchor for _, anchor in cited} >= {"packer-variables", "stack-variables", "consul-registration"}
     assert [(path, anchor) for path, anchor in sorted(cited) if anchor not in headings] == []
+
+
+# --- the parse cache -------------------------------------------------------------------------------------
+
+_TEMPLATE_TEXT = 'variable "version" {\n  type = string\n}\nsource "null" "local_image" {\n  communicator = "none"\n}\n'
+
+
+def test_a_parsed_text_is_read_back_from_the_cache_with_the_same_blocks_and_a_broken_entry_is_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
+    fresh, problem = hcl.parse_text(_TEMPLATE_TEXT, Path("a.pkr.hcl"))
+    [entry] = hcl.parse_cache().iterdir()
+
+    # What is read back is the kept document, not a new parse: a doctored entry shows through.
+    doctored = json.loads(entry.read_text())
+    doctored["variable"][0]["version"]["type"] = "number"
+    entry.write_text(json.dumps(doctored))
+    [variable, _], _ = hcl.parse_text(_TEMPLATE_TEXT, Path("b.pkr.hcl"))
+    assert variable.body["type"] == "number"
+
+    entry.write_text("{not json")  # a torn or foreign file: parsed again, and the entry made whole
+    again, again_problem = hcl.parse_text(_TEMPLATE_TEXT, Path("a.pkr.hcl"))
+    assert (again, again_problem) == (fresh, problem)
+    assert problem is None
+    assert [(block.type, block.labels) for block in fresh] == [
+        ("variable", ("version",)),
+        ("source", ("null", "local_image")),
+    ]
+    assert json.loads(entry.read_text()) != doctored
+
+
+def test_a_text_that_does_not_parse_is_refused_each_time_and_never_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
+    broken = 'variable "version" {\n  type = \n'
+
+    first = hcl.parse_text(broken, Path("t.pkr.hcl"))
+    second = hcl.parse_text(broken, Path("t.pkr.hcl"))
+
+    assert first == second
+    assert first[1] is not None
+    assert first[1].file == Path("t.pkr.hcl")
+    assert not hcl.parse_cache().exists() or list(hcl.parse_cache().iterdir()) == []

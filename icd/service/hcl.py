@@ -8,11 +8,20 @@ variables an expression reads; nothing here evaluates HCL.
 
 A file that doesn't parse is a :class:`ParseProblem` naming the line, never an exception: the check reports
 it like any other breach, and Packer or Terraform would refuse the file anyway.
+
+Parsing is slow (Lark: 0.1-0.3 s for a template and its stacks, on every build's pre-flight check) and the
+files rarely change, so what a text parsed to is kept on disk by the text's hash (``$ICD_HOME/cache/hcl``)
+and read back as JSON. Only what parsed is kept; a text that doesn't parse is parsed, and refused, each time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +30,47 @@ from typing import Any
 import hcl2
 from lark.exceptions import LarkError, UnexpectedInput
 
+from icd.paths import state_home
+
 _BLOCK_MARKER = "__is_block__"
 _OPTIONS = hcl2.SerializationOptions(with_comments=False, explicit_blocks=True, strip_string_quotes=True)
+# Part of every cache key: another python-hcl2 or other options parse the same text differently.
+_PARSER = f"python-hcl2 {getattr(hcl2, '__version__', '?')} {_OPTIONS!r}"
+
+
+def parse_cache() -> Path:
+    return state_home() / "cache" / "hcl"
+
+
+def _loads(text: str) -> dict[str, Any]:
+    """python-hcl2's document of ``text``, read back from the parse cache when this text parsed before.
+    Raises what python-hcl2 raises for a text that doesn't parse."""
+    key = hashlib.sha256(_PARSER.encode() + b"\0" + text.encode()).hexdigest()
+    cached = parse_cache() / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError):  # absent, or unreadable: parse it
+        document = json.loads(cached.read_text(encoding="utf-8"))
+        if isinstance(document, dict):
+            return document
+    document = hcl2.loads(text, serialization_options=_OPTIONS)
+    with contextlib.suppress(OSError, TypeError, ValueError):  # a cache that can't be written only costs time
+        kept = json.dumps(document)
+        if json.loads(kept) == document:  # only what JSON gives back unchanged
+            _write_atomically(cached, kept)
+    return document
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers see the whole file or none: runs on one worker parse at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 @dataclass(frozen=True)
@@ -105,7 +153,7 @@ def _blocks(block_type: str, entries: Iterable[Any], file: Path) -> Iterator[Blo
 def parse_text(text: str, file: Path) -> tuple[list[Block], ParseProblem | None]:
     """The top-level blocks of one file's text, or the reason it doesn't parse."""
     try:
-        document = hcl2.loads(text, serialization_options=_OPTIONS)
+        document = _loads(text)
     except UnexpectedInput as exc:
         return [], _unexpected(exc, text, file)
     except (LarkError, ValueError, TypeError, KeyError) as exc:
@@ -155,7 +203,7 @@ def read_assignments(paths: Iterable[Path]) -> tuple[set[str], list[ParseProblem
     for path in sorted(paths):
         try:
             text = path.read_text(encoding="utf-8")
-            document = hcl2.loads(text, serialization_options=_OPTIONS)
+            document = _loads(text)
         except UnexpectedInput as exc:
             problems.append(_unexpected(exc, text, path))
             continue
