@@ -15,7 +15,7 @@ demo: setup
 # Two pytest workers per core, at most 4: each has its own Prefect server, worker and stand-ins, and takes whole
 # test files, so module fixtures are made once; the longest files first (tests/conftest.py). A test waits on
 # servers, tools, health checks and timeouts as much as it computes: on 2 cores, 4 workers kept the CPU 92 %
-# busy and ran the suite in 12.3 min where 2 took 19-20 (docs/benchmarks.md, "The test suite").
+# busy and pytest took 12.3-12.9 min where 2 took 18.2-19.5 (docs/benchmarks.md, "Issue 24: fourth session").
 JOBS ?= $(shell n=$$(( $$(nproc) * 2 )); [ $$n -gt 4 ] && n=4; echo $$n)
 
 test: lint

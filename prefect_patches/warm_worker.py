@@ -195,7 +195,7 @@ def _modified_since(file: str, moment: float) -> bool:
 
 
 # Modules Prefect and boto3 import only when a run first calls a task or reads a result (py-spy over a bench
-# cycle, 2026-12-05: about 40 ms of each run's start, 0.36 s over a cycle's nine processes).
+# cycle, 2026-12-05: about 40 ms of each run's start, 0.36 s over three cycles' nine processes).
 _IMPORTED_AT_FIRST_USE = (
     "prefect.task_engine",
     "prefect.utilities.visualization",

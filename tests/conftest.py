@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
 from examples.local_env import free_port
+from icd.service import hcl
 from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
 
 pytest_plugins = [
@@ -85,6 +87,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
     rank = {name: position for position, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hcl_parse_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The pre-flight check's parse cache (``icd/service/hcl.py``) of this test process, empty at its start: the
+    tests' parses never land in the work tree's ``.state`` nor come from an earlier run's. (The flow runs of the
+    end-to-end tests are other processes, with their own ``ICD_HOME``.)"""
+    home = tmp_path_factory.mktemp("hcl-parse-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hcl, "state_home", lambda: home)
+        yield hcl.parse_cache()
 
 
 @pytest.fixture(scope="session")

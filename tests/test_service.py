@@ -17,7 +17,7 @@ from cli.service import main as icd_service
 from icd.config import load_config, parse_config
 from icd.deploy.workdir import StateBackend, fetch_state
 from icd.errors import ConfigError, InvalidInputError, InvalidNameError
-from icd.paths import PROJECT_ROOT
+from icd.paths import PROJECT_ROOT, state_home
 from icd.service import hcl
 from icd.service.contract import PACKER_VARIABLES, STACK_VARIABLES, Section
 from icd.service.preflight import (
@@ -644,32 +644,44 @@ _TEMPLATE_TEXT = 'variable "version" {\n  type = string\n}\nsource "null" "local
 def test_a_parsed_text_is_read_back_from_the_cache_with_the_same_blocks_and_a_broken_entry_is_parsed_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hcl, "parse_cache", lambda: tmp_path / "cache")
     fresh, problem = hcl.parse_text(_TEMPLATE_TEXT, Path("a.pkr.hcl"))
     [entry] = hcl.parse_cache().iterdir()
+    assert problem is None
+    assert [(block.type, block.labels) for block in fresh] == [
+        ("variable", ("version",)),
+        ("source", ("null", "local_image")),
+    ]
+    assert hcl.parse_text(_TEMPLATE_TEXT, Path("a.pkr.hcl")) == (fresh, None)  # read back: the same blocks
 
     # What is read back is the kept document, not a new parse: a doctored entry shows through.
-    doctored = json.loads(entry.read_text())
+    kept = entry.read_text()
+    doctored = json.loads(kept)
     doctored["variable"][0]["version"]["type"] = "number"
     entry.write_text(json.dumps(doctored))
     [variable, _], _ = hcl.parse_text(_TEMPLATE_TEXT, Path("b.pkr.hcl"))
     assert variable.body["type"] == "number"
 
     entry.write_text("{not json")  # a torn or foreign file: parsed again, and the entry made whole
-    again, again_problem = hcl.parse_text(_TEMPLATE_TEXT, Path("a.pkr.hcl"))
-    assert (again, again_problem) == (fresh, problem)
-    assert problem is None
-    assert [(block.type, block.labels) for block in fresh] == [
-        ("variable", ("version",)),
-        ("source", ("null", "local_image")),
-    ]
-    assert json.loads(entry.read_text()) != doctored
+    assert hcl.parse_text(_TEMPLATE_TEXT, Path("a.pkr.hcl")) == (fresh, None)
+    assert entry.read_text() == kept
+
+    # Another text has its own entry and its own blocks.
+    other, _ = hcl.parse_text('variable "commit" {}\n', Path("c.pkr.hcl"))
+    assert [(block.type, block.labels) for block in other] == [("variable", ("commit",))]
+    assert len(list(hcl.parse_cache().iterdir())) == 2
+
+
+def test_the_parse_cache_is_kept_under_icd_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hcl, "state_home", state_home)  # the real one, not the session's (tests/conftest.py)
+    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
+    assert hcl.parse_cache() == (tmp_path / "home" / "cache" / "hcl").resolve()
 
 
 def test_a_text_that_does_not_parse_is_refused_each_time_and_never_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ICD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(hcl, "parse_cache", lambda: tmp_path / "cache")
     broken = 'variable "version" {\n  type = \n'
 
     first = hcl.parse_text(broken, Path("t.pkr.hcl"))

@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import hcl2
+import lark
 from lark.exceptions import LarkError, UnexpectedInput
 
 from icd.paths import state_home
 
 _BLOCK_MARKER = "__is_block__"
 _OPTIONS = hcl2.SerializationOptions(with_comments=False, explicit_blocks=True, strip_string_quotes=True)
-# Part of every cache key: another python-hcl2 or other options parse the same text differently.
-_PARSER = f"python-hcl2 {getattr(hcl2, '__version__', '?')} {_OPTIONS!r}"
+# Part of every cache key: another python-hcl2, Lark or other options parse the same text differently.
+_PARSER = f"python-hcl2 {getattr(hcl2, '__version__', '?')} lark {getattr(lark, '__version__', '?')} {_OPTIONS!r}"
 
 
 def parse_cache() -> Path:
@@ -45,18 +46,28 @@ def parse_cache() -> Path:
 def _loads(text: str) -> dict[str, Any]:
     """python-hcl2's document of ``text``, read back from the parse cache when this text parsed before.
     Raises what python-hcl2 raises for a text that doesn't parse."""
-    key = hashlib.sha256(_PARSER.encode() + b"\0" + text.encode()).hexdigest()
-    cached = parse_cache() / f"{key}.json"
-    with contextlib.suppress(OSError, ValueError):  # absent, or unreadable: parse it
-        document = json.loads(cached.read_text(encoding="utf-8"))
-        if isinstance(document, dict):
-            return document
+    cached = _cache_entry(text)
+    if cached is not None:
+        with contextlib.suppress(OSError, ValueError):  # absent, or unreadable: parse it
+            document = json.loads(cached.read_text(encoding="utf-8"))
+            if isinstance(document, dict):
+                return document
     document = hcl2.loads(text, serialization_options=_OPTIONS)
-    with contextlib.suppress(OSError, TypeError, ValueError):  # a cache that can't be written only costs time
-        kept = json.dumps(document)
-        if json.loads(kept) == document:  # only what JSON gives back unchanged
-            _write_atomically(cached, kept)
+    if cached is not None:
+        with contextlib.suppress(OSError, TypeError, ValueError):  # a cache that can't be written only costs time
+            kept = json.dumps(document)
+            if json.loads(kept) == document:  # only what JSON gives back unchanged
+                _write_atomically(cached, kept)
     return document
+
+
+def _cache_entry(text: str) -> Path | None:
+    """Where the document of ``text`` is kept; None when there is nowhere to keep it (then it is only parsed)."""
+    try:
+        key = hashlib.sha256(_PARSER.encode() + b"\0" + text.encode("utf-8", "surrogatepass")).hexdigest()
+        return parse_cache() / f"{key}.json"
+    except (OSError, ValueError):  # no home directory to resolve (UnicodeError is a ValueError)
+        return None
 
 
 def _write_atomically(path: Path, text: str) -> None:
