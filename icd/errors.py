@@ -59,7 +59,7 @@ class ToolStuckError(ToolError):
 
 
 class PackerError(ToolError):
-    """`packer validate` or `packer build` failed; the message is Packer's own."""
+    """`packer build` failed or refused its template; the message is Packer's own (or names the `-only` at fault)."""
 
 
 class TerraformError(ToolError):

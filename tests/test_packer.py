@@ -23,7 +23,6 @@ from icd.tools.packer import (
     parse_machine_readable,
     parse_manifest,
     template_sources,
-    validate_argv,
 )
 from icd.tools.process import redact_argv
 from tests.helpers import pids_working_in
@@ -54,23 +53,6 @@ def template(name: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("builder", "variables", "only", "expected"),
     [
-        (validate_argv, {}, None, ["packer", "validate", "-machine-readable", "."]),
-        (
-            validate_argv,
-            {"version": "1.0.0", "ami_name": "web"},
-            ["amazon-ebs.web"],
-            [
-                "packer",
-                "validate",
-                "-machine-readable",
-                "-only=amazon-ebs.web",
-                "-var",
-                "ami_name=web",
-                "-var",
-                "version=1.0.0",
-                ".",
-            ],
-        ),
         (build_argv, {}, None, ["packer", "build", "-machine-readable", "-color=false", "."]),
         (build_argv, {}, [], ["packer", "build", "-machine-readable", "-color=false", "."]),
         (

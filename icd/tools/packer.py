@@ -1,6 +1,6 @@
 """The Packer CLI adapter (Packer 1.6.6, HCL2 templates), in the style of hashicorp/terraform-exec.
 
-``validate_argv`` and ``build_argv`` are pure and tested as a table; ``validate`` and ``build`` run them
+``build_argv`` is pure and tested as a table; ``build`` runs it
 through ``icd.tools.process.run_command``, the project's one subprocess chokepoint, which streams lines,
 redacts ``-var`` values and kills the whole process group (Packer forks a plugin process per
 builder/provisioner) on timeout.
@@ -127,17 +127,6 @@ def _option_args(variables: Mapping[str, str], only: Sequence[str] | None) -> li
     return args
 
 
-def validate_argv(
-    variables: Mapping[str, str],
-    *,
-    only: Sequence[str] | None = None,
-    template: str = ".",
-    binary: str = "packer",
-) -> list[str]:
-    # Machine-readable so that errors are parsed the same way as the build's.
-    return [binary, "validate", "-machine-readable", *_option_args(variables, only), template]
-
-
 def build_argv(
     variables: Mapping[str, str],
     *,
@@ -247,30 +236,6 @@ def _ui_errors(stdout: str) -> list[str]:
         if parsed is not None and parsed.ui_kind == "error" and parsed.text:
             errors.append(parsed.text)
     return errors
-
-
-def validate(
-    template_dir: Path,
-    variables: Mapping[str, str],
-    *,
-    only: Sequence[str] | None = None,
-    timeout: float | None = None,
-    env: Mapping[str, str] | None = None,
-) -> None:
-    """``packer validate``; raises ``PackerError`` whose message is Packer's own (file and line at fault),
-    or names the sources when ``only`` matches none of them (Packer itself says nothing then)."""
-    template_dir = Path(template_dir).resolve()
-    argv = validate_argv(variables, only=only, binary=binaries.packer_binary())
-    completed = _run(argv, template_dir, timeout, env)
-    if completed.returncode != 0:
-        message = "\n\n".join(_ui_errors(completed.stdout)) or completed.stderr_tail() or completed.stdout
-        raise PackerError(
-            message.strip() or f"packer validate exited with code {completed.returncode}",
-            argv=completed.argv,
-            exit_code=completed.returncode,
-            stderr_tail=completed.stderr_tail(),
-        )
-    _check_only(template_dir, only, completed.argv)
 
 
 def _check_only(template_dir: Path, only: Sequence[str] | None, argv: Sequence[str]) -> None:

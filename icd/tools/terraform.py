@@ -359,14 +359,15 @@ def parse_plan_json(document: str | bytes, *, sha256: str) -> Plan:
 
 
 def parse_state_version(document: str) -> StateVersion | None:
-    """Serial and lineage from ``terraform state pull``; ``None`` when there is no state yet."""
+    """Serial and lineage of a state document (as the backend stores it, or as ``terraform state pull``
+    prints it); ``None`` when there is no state yet."""
     if not document.strip():
         return None
     try:
         data = json.loads(document)
         return StateVersion(serial=int(data["serial"]), lineage=str(data["lineage"]))
     except (ValueError, KeyError, TypeError) as exc:
-        raise TerraformError(f"`terraform state pull` printed something that is not a state: {exc}") from exc
+        raise TerraformError(f"the workspace's state document is not a Terraform state: {exc}") from exc
 
 
 def parse_state_outputs(document: str | bytes) -> dict[str, Any]:
