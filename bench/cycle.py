@@ -62,7 +62,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 from prefect.deployments import run_deployment
-from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from examples.local_env import (
@@ -87,6 +86,7 @@ from examples.local_env import (
     worker_env,
     write_config,
 )
+from icd.deploy.approval import give_answer
 from icd.tools.binaries import packer_binary, terraform_binary, terraform_cli_config
 from standins.consul import ConsulStandIn
 from standins.slack import ReceivedMessage, SlackStandIn
@@ -206,6 +206,16 @@ def plan_notice(slack: SlackStandIn, plan_sha256: str, timeout: float = 30) -> R
         time.sleep(0.05)
 
 
+def approve(run_id: Any, plan_sha256: str) -> None:
+    """Approve a waiting run the way a script or a chat button does (``give_answer``): the moment it is
+    Suspended its form's schema may not be saved yet, and Prefect refuses an answer until it is."""
+    refused = give_answer(
+        run_id, {"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": plan_sha256}
+    )
+    if refused is not None:
+        raise RuntimeError(f"the approval of run {run_id} was refused: {refused}")
+
+
 def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int) -> Cycle:
     app = repo / "src" / "app.py"
     app.write_text(app.read_text() + f"\n# bench round {round_number} {uuid.uuid4().hex}\n")
@@ -219,9 +229,7 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
         raise RuntimeError(f"the deploy ended without asking: {paused.state}")
     resumed_at = time.time()
     sha = registry.plan_store().sha256_of(WORKSPACE, str(deploy.id))
-    resume_flow_run(
-        deploy.id, run_input={"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": sha}
-    )
+    approve(deploy.id, sha)
     done: Any = wait_for_run(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, interval=0.05)
     tool_at_end = _tool_seconds([*run_logs(build.id), *run_logs(deploy.id)])
     if done.state.name != "Deployed":
@@ -354,9 +362,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
             elif kind == "PAUSED" and run_id not in resumed:
                 sha = registry.plan_store().sha256_of(workspace, str(run_id))
                 resumed[run_id] = time.time()
-                resume_flow_run(
-                    run_id, run_input={"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": sha}
-                )
+                approve(run_id, sha)
         time.sleep(0.2)
     all_done = time.time() - started
     not_deployed = [run.state.name for run in ended.values() if run.state.name != "Deployed"]

@@ -56,7 +56,6 @@ from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from examples.local_env import (
@@ -161,7 +160,7 @@ def our_rollout(registry: Any, version: int, *, batches: int) -> Rollout:
         raise RuntimeError(f"the rollout ended without asking: {paused.state}")
     sha = registry.plan_store().sha256_of(FLEET_WORKSPACE, str(run.id))
     resumed_at = time.time()
-    resume_flow_run(run.id, run_input={"decision": "approve", "approver": "bench", "comment": "", "plan_sha256": sha})
+    cycle.approve(run.id, sha)
     done = wait_for_run(run.id, ENDED, interval=0.05, timeout=900)
     if done.state is None or done.state.name != "Deployed":
         raise RuntimeError(f"the rollout ended {done.state and done.state.name}: {done.state and done.state.message}")
