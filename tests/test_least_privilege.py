@@ -28,6 +28,7 @@ from icd.errors import StateCredentialsError
 from icd.paths import PROJECT_ROOT
 from icd.service.preflight import check_stack
 from tests.plugins.deploy_env import DeployEnv
+from tests.waiting import wait_until
 
 LEAKY_STACK = PROJECT_ROOT / "tests" / "fixtures" / "terraform" / "leaky_deploy"
 BACKEND = StateBackend(bucket="reg", key_prefix="registry/", region="us-east-1", lock_table="locks")
@@ -234,8 +235,12 @@ def test_a_leaky_stack_forced_through_leaves_its_instance_nothing_that_opens_the
     assert environ.get("AWS_SESSION_TOKEN")
     assert [name for name, value in env.secrets().items() if value in raw.decode(errors="replace")] == []
 
-    # The run log says which session Terraform's apply ran with, what it opens and until when.
-    described = [m for log in env.logs(run.id) if (m := _DESCRIBED.search(log.message))]
+    # The run log says which session Terraform's apply ran with, what it opens and until when. A run's last
+    # log lines reach the server after it has ended (Prefect sends them in batches): wait for the line.
+    def described_lines() -> list[re.Match[str]]:
+        return [m for log in env.logs(run.id) if (m := _DESCRIBED.search(log.message))]
+
+    described = wait_until(described_lines, timeout=30, message="the apply's session line never reached the run log")
     assert [m.group(1) for m in described] == [names.workspace]
     [line] = described
     assert line.group(2) == key
