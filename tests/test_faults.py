@@ -3,6 +3,7 @@ worker killed with its run in the middle of an apply, with the shipped settings 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import signal
@@ -12,14 +13,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 from botocore.exceptions import ClientError, EndpointConnectionError
+from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 from pydantic import SecretStr
 
 from cli.setup import check_zombie_window
-from examples.local_env import free_port, start_worker, worker_env
+from examples.local_env import api_client, free_port, start_worker, worker_env
 from icd.paths import PROJECT_ROOT
 from icd.worker_settings import HEARTBEAT_ENV, HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
 from tasks.policies import _is_missing, _stored
@@ -92,12 +95,18 @@ def test_s3_unreachable_at_resume_fails_the_run_naming_it_tells_and_releases_onc
 def test_a_worker_killed_with_its_run_mid_apply_is_noticed_within_90_s_released_and_told(
     deploy_env: DeployEnv,
 ) -> None:
-    """The shipped settings (a heartbeat every 30 s from icd-worker, icd-zombie-runs after 70 s), not a test's."""
+    """The shipped settings (a heartbeat every 30 s from icd-worker, icd-zombie-runs after 70 s), not a test's.
+    A run that ended under a name of its own before the kill is left alone meanwhile."""
     env = deploy_env
     assert "ICD_ZOMBIE_AFTER_SECONDS" not in os.environ
     names = env.service(stack=str(FIXTURES / "terraform" / "slow_deploy"))
-    run, _ = env.deploy_until_paused(names)
+    run, version = env.deploy_until_paused(names)
     sha = env.plan_sha(names.workspace, run.id)
+    # The same version asked for again while it awaits approval: that run ends at once, under a name of ours.
+    again = env.deploy(names.workspace, version)
+    ended_again = env.wait_for(again.id, states=ENDED, timeout=120)
+    assert ended_again.state is not None
+    assert ended_again.state.name not in {"Completed", "Cancelled", "Failed"}, ended_again.state
     # The run resumes on a worker of its own, killed with it; another one then runs deploy-ended.
     env.worker.stop()
     doomed = start_worker(env.server, POOL, env=env.worker_env, name=f"doomed-{uuid.uuid4().hex[:6]}")
@@ -124,6 +133,26 @@ def test_a_worker_killed_with_its_run_mid_apply_is_noticed_within_90_s_released_
     assert "No heartbeat for 70 s" in (crashed.state.message or "")
     wait_until(lambda: _told(env, f"Deploy run crashed on {names.workspace}"), timeout=120)
     wait_until(lambda: env.holder(names.workspace) is None, timeout=60, message="the workspace stayed held")
+    # The automation acted on the dead run; the other run's window (it began earlier: that run ended before the
+    # answer) had closed by then, and its ending closed it: nothing was tried on it (it used to be, and fail).
+    wait_until(
+        lambda: "prefect.automation.action.executed" in _zombie_actions(run.id),
+        timeout=60,
+        message="the automation's action on the dead run was never recorded",
+    )
+    assert _zombie_actions(again.id) == [], f"icd-zombie-runs acted on run {again.name}, which had ended"
+
+
+def _zombie_actions(run_id: object) -> list[str]:
+    """The automation actions the server recorded on run ``run_id`` as their target, by event name."""
+    page = api_client().read_events(
+        filter=EventFilter(
+            event=EventNameFilter(prefix=["prefect.automation.action."]),
+            related=EventRelatedFilter(resources_in_roles=[(f"prefect.flow-run.{run_id}", "target")]),
+        ),
+        limit=50,
+    )
+    return [event.event for event in page.events]
 
 
 # --- fast: the parts, each against the real thing ---------------------------------------------------------
@@ -156,6 +185,63 @@ def test_a_missing_record_is_absent_and_an_unreachable_store_is_a_fault(
     assert _stored(local, "never-written") is False
     assert not _is_missing(ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"))
     assert not _is_missing(ValueError("Path /x is not a file."))
+
+
+# The state constructors a run ends through under a name of its own (``finish`` builds them from an Outcome).
+_ENDING_CALLS = {"Completed", "Cancelled", "Failed", "Crashed", "end_waiting_run"}
+
+
+def _state_names_runs_end_with() -> set[str]:
+    """Every state name our code gives a run's last state: the Outcomes' names (``Outcome(kind, name, ...)``)
+    and the ``name=`` of the state constructors, as written in flows/, tasks/ and icd/ (a literal, or a
+    module constant); a name passed through from a caller is counted where the caller writes it."""
+    names: set[str] = set()
+    sources = [*(PROJECT_ROOT / "flows").glob("*.py"), *(PROJECT_ROOT / "tasks").glob("*.py")]
+    for path in [*sources, *(PROJECT_ROOT / "icd").rglob("*.py")]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for call in ast.walk(tree):
+            if not isinstance(call, ast.Call):
+                continue
+            func = call.func
+            called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            given: list[ast.expr] = []
+            if called == "Outcome" and len(call.args) >= 2:
+                given.append(call.args[1])
+            if called in _ENDING_CALLS:
+                given += [keyword.value for keyword in call.keywords if keyword.arg == "name"]
+            for value in given:
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    names.add(value.value)
+                elif isinstance(value, ast.Name) and value.id in constants:
+                    names.add(constants[value.id])
+    return names
+
+
+def test_a_run_that_ends_under_a_name_of_its_own_is_not_taken_for_a_dead_one() -> None:
+    """Prefect names a state's event after the state's *name* (``prefect.flow-run.Deployed``), so icd-zombie-runs
+    must expect each name a run of ours can end with: a run that ended ``Deployed`` is otherwise still awaited,
+    and 70 s after its last heartbeat the automation tries to crash it (Prefect refuses: a failed action and a
+    WARNING each time). Listed by name, never ``prefect.flow-run.*``: that would also take a pull step's event
+    for a sign of life, and a run that died just after it would never be crashed."""
+    automations = yaml.safe_load((PROJECT_ROOT / "automations.yaml").read_text(encoding="utf-8"))
+    [zombies] = [automation for automation in automations["automations"] if automation["name"] == "icd-zombie-runs"]
+    expected = set(zombies["trigger"]["expect"])
+    ours = _state_names_runs_end_with()
+    # The collector itself: it must find the names we know of, or the check below proves nothing.
+    assert {"Deployed", "Rejected", "Superseded", "Queued", "Reused", "Duplicate", "ApprovalTimedOut"} <= ours
+    stock = {"Completed", "Failed", "Cancelled", "Crashed", "TimedOut", "Suspended", "Paused"}
+    missing = sorted(f"prefect.flow-run.{name}" for name in ours | stock if f"prefect.flow-run.{name}" not in expected)
+    assert not missing, f"icd-zombie-runs (automations.yaml) does not expect: {', '.join(missing)}"
+    assert not [name for name in expected if "*" in name], "a wildcard would take any event for a heartbeat"
 
 
 def test_the_shipped_settings_notice_a_dead_run_within_90_s(monkeypatch: pytest.MonkeyPatch) -> None:
