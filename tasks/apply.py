@@ -11,15 +11,13 @@ from icd.deploy.plan import PlannedDeploy
 from icd.errors import StateLockedError
 from icd.tools.terraform import ApplyWatch
 from tasks.plan import workdir_opener
-from tasks.policies import retry_on
+from tasks.policies import transient
 
 
 @task(
     name="apply-plan",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[5, 15, 30],
-    retry_condition_fn=retry_on(StateLockedError),
+    **transient(StateLockedError, delays=(5, 15, 30)),
 )
 def apply_plan(
     registry: ArtifactRegistry, planned: PlannedDeploy, *, approved_sha256: str, watch: ApplyWatch | None = None

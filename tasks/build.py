@@ -14,11 +14,11 @@ from prefect.exceptions import ObjectNotFound
 from blocks.registry import ArtifactRegistry
 from icd.deploy.artifacts import LOCAL, BuiltArtifact, collect_artifacts
 from icd.deploy.source import SourceCheckout
-from icd.errors import ConflictError, PackerError, RegistryStorageError
+from icd.errors import PackerError, RegistryStorageError
 from icd.registry.models import ArtifactVersion, BuildClaimed, BuildHeld
 from icd.service.contract import PackerVariables
 from icd.tools import packer
-from tasks.policies import ONCE_PER_RUN, retry_on
+from tasks.policies import ONCE_PER_RUN, REGISTRY_BLIP, transient
 
 BUILD_TIMEOUT_SECONDS = 3600.0
 # The claim is taken right before Packer, which is killed at its timeout; ten minutes more cover the
@@ -45,9 +45,7 @@ def run_may_be_building(run_id: str) -> bool:
     name="claim-build",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def claim_build(
     registry: ArtifactRegistry, namespace: str, *, commit: str, run_id: str, run_name: str
@@ -78,9 +76,7 @@ def claim_build(
     name="release-build-claim",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def release_build_claim(registry: ArtifactRegistry, namespace: str, *, commit: str, run_id: str, outcome: str) -> bool:
     """Give the commit's build back, saying how it ended; False if this run no longer held it."""
@@ -96,9 +92,7 @@ def release_build_claim(registry: ArtifactRegistry, namespace: str, *, commit: s
     name="find-existing-build",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def find_existing_build(
     registry: ArtifactRegistry, namespace: str, *, commit: str, service_name: str, platform: str
@@ -119,9 +113,7 @@ def find_existing_build(
     name="next-build-label",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError),
+    **transient(RegistryStorageError),
 )
 def next_build_label(registry: ArtifactRegistry, namespace: str) -> str:
     return registry.registry().next_build_label(namespace)

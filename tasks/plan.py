@@ -20,11 +20,11 @@ from blocks.registry import ArtifactRegistry
 from icd.deploy.credentials import UNSCOPED_WARNING, TerraformStep
 from icd.deploy.plan import PlannedDeploy, PlanRequest, make_plan, not_current
 from icd.deploy.workdir import open_terraform
-from icd.errors import ConflictError, RegistryStorageError, StateLockedError
+from icd.errors import StateLockedError
 from icd.paths import state_home
 from icd.registry.models import ArtifactVersion
 from icd.tools.terraform import Terraform
-from tasks.policies import ONCE_PER_RUN, retry_on
+from tasks.policies import ONCE_PER_RUN, REGISTRY_BLIP, transient
 
 
 def workdir_opener(
@@ -59,9 +59,7 @@ def workdir_opener(
 @task(
     name="resolve-version",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def resolve_version(
     registry: ArtifactRegistry, namespace: str, version: int, *, follows: str | None = None
@@ -79,9 +77,7 @@ def resolve_version(
 @task(
     name="read-version",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def read_version(registry: ArtifactRegistry, namespace: str, version: int) -> ArtifactVersion:
     """A version's record, revoked or not (what ran before a deploy, for its label)."""
@@ -92,9 +88,7 @@ def read_version(registry: ArtifactRegistry, namespace: str, version: int) -> Ar
     name="plan-deploy",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[5, 15, 30],
-    retry_condition_fn=retry_on(StateLockedError),
+    **transient(StateLockedError, delays=(5, 15, 30)),
 )
 def plan_deploy(registry: ArtifactRegistry, request: PlanRequest) -> PlannedDeploy:
     running = registry.running(request.workspace, request.version.namespace)

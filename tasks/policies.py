@@ -21,14 +21,16 @@ retries a failure for half a minute (:data:`STORE_RETRY_SECONDS`), then raises
 written is the same fault. Prefect itself is not patched: the check wraps its transaction.
 
 **Retry only what a retry can fix.** Retrying everything hides real faults (a broken template fails the same
-way again) and wastes the operator's time; each task names the exceptions that are transient for it.
+way again) and wastes the operator's time; each task names the exceptions that are transient for it, with
+:func:`transient` (``@task(..., **transient(StateLockedError, delays=(5, 15, 30)))``), most of them
+:data:`REGISTRY_BLIP` (S3 failing for a moment, or a conditional write lost to another writer).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Sequence
+from typing import Any, TypedDict, TypeVar, cast
 
 from botocore.exceptions import ClientError
 from prefect import Task, get_run_logger
@@ -41,7 +43,7 @@ from prefect.results import ResultStore, get_default_result_storage
 from prefect.runtime import flow_run
 from prefect.transactions import CommitMode, Transaction, transaction
 
-from icd.errors import RunRecordStoreError
+from icd.errors import ConflictError, RegistryStorageError, RunRecordStoreError
 from icd.registry.s3 import is_not_found
 from icd.text import one_line
 
@@ -176,3 +178,21 @@ def retry_on(*transient: type[BaseException]) -> RetryCondition:
         return False
 
     return should_retry
+
+
+class Retries(TypedDict):
+    """A task's retry settings as ``@task`` takes them: ``@task(name=..., **transient(SomeError))``."""
+
+    retries: int
+    retry_delay_seconds: list[float]
+    retry_condition_fn: RetryCondition
+
+
+def transient(*errors: type[BaseException], delays: Sequence[float] = (1, 3, 9)) -> Retries:
+    """Run the task again after each of ``delays`` seconds while it raises one of ``errors``; any other
+    failure is final at once."""
+    return Retries(retries=len(delays), retry_delay_seconds=list(delays), retry_condition_fn=retry_on(*errors))
+
+
+# The registry's S3 blinked, or a conditional write lost to another writer: reading again and retrying fixes both.
+REGISTRY_BLIP = transient(RegistryStorageError, ConflictError)

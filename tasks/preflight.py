@@ -12,7 +12,7 @@ from icd.deploy.credentials import UNSCOPED_WARNING
 from icd.deploy.source import SourceCheckout
 from icd.errors import RegistryStorageError
 from icd.service.preflight import breach_error, breaches, check_service, service_under_check, warnings
-from tasks.policies import ONCE_PER_RUN, retry_on
+from tasks.policies import ONCE_PER_RUN, transient
 
 
 # Retried only for S3 (reading the states); a breach is the same breach on every try.
@@ -20,9 +20,7 @@ from tasks.policies import ONCE_PER_RUN, retry_on
     name="preflight-check",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError),
+    **transient(RegistryStorageError),
 )
 def preflight_check(registry: ArtifactRegistry, source: SourceCheckout, *, namespace: str) -> int:
     """Raises ``ContractBreachError`` listing every breach; returns how many workspaces were checked."""

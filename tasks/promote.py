@@ -13,15 +13,13 @@ from blocks.registry import ArtifactRegistry
 from icd.errors import ConflictError, RegistryStorageError
 from icd.registry.models import ChannelAssignment, ChannelMoved
 from icd.text import version_label
-from tasks.policies import retry_on
+from tasks.policies import transient
 
 
 @task(
     name="promote-channel",
     cache_policy=NO_CACHE,
-    retries=4,
-    retry_delay_seconds=[1, 2, 4, 8],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **transient(RegistryStorageError, ConflictError, delays=(1, 2, 4, 8)),
 )
 def promote_channel(
     registry: ArtifactRegistry,
@@ -59,9 +57,7 @@ def promote_channel(
 @task(
     name="empty-channel",
     cache_policy=NO_CACHE,
-    retries=4,
-    retry_delay_seconds=[1, 2, 4, 8],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **transient(RegistryStorageError, ConflictError, delays=(1, 2, 4, 8)),
 )
 def empty_channel(
     registry: ArtifactRegistry,

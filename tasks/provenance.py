@@ -19,18 +19,15 @@ from blocks.registry import ArtifactRegistry
 from icd.deploy.approval import ApprovalDecision
 from icd.deploy.outcome import Outcome
 from icd.deploy.plan import PlannedDeploy
-from icd.errors import ConflictError, RegistryStorageError
 from icd.registry.provenance import DeploymentFacts, subject_digest
-from tasks.policies import retry_on
+from tasks.policies import REGISTRY_BLIP
 
 
 # No cache: the record is written once per apply run in S3 (IfNoneMatch), so a retry finds it there.
 @task(
     name="record-deployment",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def record_deployment_task(registry: ArtifactRegistry, facts: DeploymentFacts) -> None:
     registry.registry().record_deployment(facts)

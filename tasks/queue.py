@@ -31,20 +31,15 @@ from icd.deploy.queue import (
     RunRef,
     Superseded,
 )
-from icd.errors import ConflictError, RegistryStorageError
 from icd.text import markdown_inline
-from tasks.policies import ONCE_PER_RUN, retry_on
-
-_TRANSIENT = retry_on(RegistryStorageError, ConflictError)
+from tasks.policies import ONCE_PER_RUN, REGISTRY_BLIP
 
 
 @task(
     name="claim-workspace",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=_TRANSIENT,
+    **REGISTRY_BLIP,
 )
 def claim_workspace(registry: ArtifactRegistry, workspace: str, run: RunRef, own: DeployRequest | None) -> ClaimResult:
     """Take the workspace for its newest request (``own``: this run's, when it was started by hand)."""
@@ -64,9 +59,7 @@ def claim_workspace(registry: ArtifactRegistry, workspace: str, run: RunRef, own
 @task(
     name="checkpoint-workspace",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=_TRANSIENT,
+    **REGISTRY_BLIP,
 )
 def checkpoint_workspace(
     registry: ArtifactRegistry,
@@ -101,9 +94,7 @@ def checkpoint_workspace(
 @task(
     name="release-workspace",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=_TRANSIENT,
+    **REGISTRY_BLIP,
 )
 def release_workspace(registry: ArtifactRegistry, workspace: str, run_id: str) -> Released:
     """Give the workspace back (idempotent); the newest pending request gets its run."""

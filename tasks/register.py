@@ -9,16 +9,14 @@ from icd.deploy.artifacts import BuiltArtifact
 from icd.errors import ConflictError, RegistryStorageError
 from icd.registry.models import RegistrationResult
 from icd.registry.provenance import BuildFacts
-from tasks.policies import ONCE_PER_RUN, retry_on
+from tasks.policies import ONCE_PER_RUN, transient
 
 
 @task(
     name="register-artifact",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    retries=4,
-    retry_delay_seconds=[1, 2, 4, 8],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **transient(RegistryStorageError, ConflictError, delays=(1, 2, 4, 8)),
 )
 def register_artifact(
     registry: ArtifactRegistry,

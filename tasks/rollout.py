@@ -18,17 +18,14 @@ from icd.deploy.artifacts import artifact_for
 from icd.deploy.dispatch import describe, submit
 from icd.deploy.record import artifact_key
 from icd.deploy.rollout import RolloutPath, Slot, describe_mix, plan_path, start_slots
-from icd.errors import ConflictError, RegistryStorageError
 from icd.registry.models import ArtifactVersion
-from tasks.policies import retry_on
+from tasks.policies import REGISTRY_BLIP
 
 
 @task(
     name="plan-rollout",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def plan_rollout(
     registry: ArtifactRegistry, workspace: str, settings: WorkspaceConfig, version: ArtifactVersion
@@ -70,9 +67,7 @@ def announce_batch(spec: events.EventSpec) -> None:
 @task(
     name="ask-again",
     cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 3, 9],
-    retry_condition_fn=retry_on(RegistryStorageError, ConflictError),
+    **REGISTRY_BLIP,
 )
 def ask_again(registry: ArtifactRegistry, workspace: str, namespace: str, version: int, *, by: str, why: str) -> str:
     """Queue the same version for the workspace again, so a new run plans from what runs now and asks an
