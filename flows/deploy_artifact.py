@@ -44,6 +44,7 @@ from icd.errors import (
     DeployError,
     RegistryStorageError,
     RunRecordStoreError,
+    UnexpectedError,
 )
 from icd.health.gate import BatchGateResult, InstanceHealth
 from icd.notify.message import NotificationReceipt, Severity
@@ -143,7 +144,11 @@ def deploy_artifact(
         raise  # suspended for approval: the workspace stays held without a process
     except DeployError as exc:
         return end_on_fault(ctx, exc)
-    except BaseException:
+    except Exception as exc:
+        # A bug: released and told like a fault, then raised on, so that the run ends Failed with its traceback.
+        end_on_fault(ctx, UnexpectedError(f"{type(exc).__name__} raised by deploy-artifact (the run's log has it)"))
+        raise
+    except BaseException:  # Prefect's signals (a cancellation), an interpreter exit: released, nothing more
         give_back(ctx)
         raise
     released = give_back(ctx)

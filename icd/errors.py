@@ -151,6 +151,11 @@ class RunRecordStoreError(DeployError):
     read is never taken as absent: that would run a claim, a plan or a question again."""
 
 
+class UnexpectedError(DeployError):
+    """A deploy run met an exception the code does not expect (a bug). It stands in for it in what operators are
+    told, naming only its type: its text could hold anything. The original is raised on, with its traceback."""
+
+
 class PlanIntegrityError(DeployError):
     """The plan file about to be applied is not the one that was approved (hash mismatch, missing)."""
 

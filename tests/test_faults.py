@@ -11,6 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import yaml
@@ -32,6 +33,8 @@ from tests.helpers import terraform_applying as _terraform_applying
 from tests.helpers import told as _told
 from tests.plugins.deploy_env import ENDED, POOL, DeployEnv
 from tests.waiting import wait_until
+
+import flows.deploy_artifact as deploy_module  # isort: skip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # From the answer to the final state with S3 gone: the worker's pick-up, the record asked for 30 s (plus the
@@ -141,6 +144,29 @@ def test_a_worker_killed_with_its_run_mid_apply_is_noticed_within_90_s_released_
         message="the automation's action on the dead run was never recorded",
     )
     assert _zombie_actions(again.id) == [], f"icd-zombie-runs acted on run {again.name}, which had ended"
+
+
+def test_a_bug_in_a_deploy_is_told_releases_the_workspace_and_still_fails_the_run(
+    deploy_env: DeployEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception the code does not expect (here: the deploy step raising KeyError) is not a fault it knows,
+    but operators hear of it as of one, and the workspace is free for the next request. The notice names the
+    error's type only; the run still ends Failed with the error itself, for its traceback."""
+    env = deploy_env
+    names = env.service()
+    env.build(names)
+    version = env.registry.registry().last_version(names.namespace)
+
+    def bug(ctx: object, mine: object) -> NoReturn:
+        raise KeyError("text a notice must not carry")
+
+    monkeypatch.setattr(deploy_module, "deploy", bug)
+    with pytest.raises(KeyError, match="text a notice must not carry"):
+        deploy_module.deploy_artifact(workspace=names.workspace, version=version)  # this process runs it
+    [notice] = wait_until(lambda: _told(env, f"Deploy failed on {names.workspace}: UnexpectedError"), timeout=30)
+    assert "KeyError raised by deploy-artifact" in notice
+    assert "text a notice must not carry" not in notice
+    assert env.holder(names.workspace) is None, "the workspace is free for the next request"
 
 
 def _zombie_actions(run_id: object) -> list[str]:
