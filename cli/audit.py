@@ -15,7 +15,6 @@ guessed. The exit code is 0 when every link holds, 1 otherwise (2: bad arguments
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -23,7 +22,7 @@ from typing import Any, cast
 
 from blocks.consul import ConsulConnection
 from blocks.registry import ArtifactRegistry
-from icd.audit import Chain, Link, batch_gate, broken, chain, missing, parse_plan_id
+from icd.audit import Chain, Link, batch_gate, batch_plan_sha, broken, chain, missing, parse_plan_id
 from icd.config import PipelineConfig, load_config
 from icd.deploy.drift import DriftMemory, DriftStore
 from icd.errors import DeployError
@@ -190,9 +189,9 @@ class Auditor:
             return broken("decision", label, "its run's rollout was rejected, yet this batch was planned")
         line = batch_gate(str(verdict.get("gate") or ""), batch)
         # Each applied batch's line names its plan's whole hash: the stored plan must be that one.
-        named = re.search(r"\(plan ([0-9a-f]{64})\)", line or "")
-        if named is not None and named[1] != plan_sha:
-            return broken("decision", label, f"the signed record applied plan {named[1]}, the stored one is {plan_sha}")
+        named = batch_plan_sha(line or "")
+        if named is not None and named != plan_sha:
+            return broken("decision", label, f"the signed record applied plan {named}, the stored one is {plan_sha}")
         facts = {"gate": line or "not applied (the signed record has no line for this batch)"}
         return Link("decision", f"covered by the rollout's approval (run {run_id})", facts=facts)
 

@@ -36,7 +36,7 @@ from icd.deploy.dispatch import checkpoint
 from icd.deploy.outcome import Outcome
 from icd.deploy.plan import PlannedDeploy
 from icd.deploy.queue import Claimed, DeployRequest, Lost, NoticeRef, RunRef, Superseded
-from icd.deploy.rollout import RolloutPath, describe_mix, deviation
+from icd.deploy.rollout import RolloutPath, batch_line, describe_mix, deviation
 from icd.errors import (
     ConfigError,
     ConflictError,
@@ -695,19 +695,6 @@ def batch_service_ids(outputs: Mapping[str, Any], slots: Sequence[int]) -> list[
             f"see {cite('rollout')}"
         )
     return [str(ids[slot]) for slot in slots]
-
-
-def batch_line(name: str, gate: BatchGateResult) -> str:
-    """The thread's line for one batch: "batch 2/4: web-7, web-8 healthy after 11 s"."""
-    ids = ", ".join(instance.service_id for instance in gate.instances)
-    if not ids:
-        return f"{name}: applied; no instance replaced"
-    if gate.healthy:
-        return f"{name}: {ids} healthy after {gate.waited_seconds:.0f} s"
-    failing = gate.failing
-    assert failing is not None
-    check = f": {one_line(failing.output, 300)}" if failing.output else ""
-    return f"{name}: {failing.service_id} {failing.status} after {gate.waited_seconds:.0f} s{check}"
 
 
 def tell_batch(

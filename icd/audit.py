@@ -98,10 +98,25 @@ def parse_plan_id(plan_id: str) -> PlanId:
     return PlanId(found["run"], "rollback" if found["role"] == "rollback" else "revert")
 
 
+# Where one batch's line ends in a rollout's signed gate: only before the next batch's own line, since a line
+# holds "; " itself ("batch 2/3: applied; no instance replaced (plan ...)").
+_NEXT_BATCH = re.compile(r"; (?=batch \d+/\d+: )")
+
+
 def batch_gate(gate: str, batch: int) -> str | None:
     """Batch ``batch``'s line in a rollout's signed gate ("batch 1/3: ...; batch 2/3: ..."), if it has one."""
     prefix = f"batch {batch}/"
-    return next((part.strip() for part in gate.split("; ") if part.strip().startswith(prefix)), None)
+    return next((part.strip() for part in _NEXT_BATCH.split(gate) if part.strip().startswith(prefix)), None)
+
+
+def batch_plan_sha(line: str) -> str | None:
+    """The whole hash of the plan a signed batch line says was applied: the ``(plan <sha256>)`` it ends with, so a
+    check's text earlier in the line can't name another."""
+    named = _BATCH_PLAN.search(line)
+    return named[1] if named else None
+
+
+_BATCH_PLAN = re.compile(r"\(plan ([0-9a-f]{64})\)$")
 
 
 def missing(kind: str, label: str, reason: str) -> Link:

@@ -15,8 +15,10 @@ import pytest
 
 from cli.audit import Auditor
 from cli.audit import main as icd_audit
-from icd.audit import PlanId, batch_gate, chain, parse_plan_id
+from icd.audit import PlanId, batch_gate, batch_plan_sha, chain, parse_plan_id
 from icd.config import parse_config
+from icd.deploy.rollout import batch_line
+from icd.health.gate import BatchGateResult, InstanceHealth
 from icd.registry.plans import PlanOfVersion
 from icd.registry.provenance import CheckedEnvelope, VerifiedStatement
 from tests.plugins.deploy_env import DeployEnv
@@ -152,6 +154,25 @@ def test_batch_gate_finds_its_batchs_line() -> None:
     assert batch_gate(GATE, 2) == "batch 2/3: web-p-1-2 healthy after 2 s"
     assert batch_gate(GATE, 4) is None
     assert batch_gate("", 1) is None
+
+
+def test_each_batch_line_a_rollout_signs_is_read_back_whole() -> None:
+    """The lines as the rollout writes them (``batch_line``), joined as it signs them: a line that holds "; "
+    itself (a batch that moved no slot, a check's output) is still one line, with its plan's hash."""
+    shas = ["a" * 64, "b" * 64, "c" * 64]
+    healthy = BatchGateResult(True, 2.0, (InstanceHealth("web-p-0-2", "passing", "", 2.0),))
+    untouched = BatchGateResult(True, 0.0, ())
+    output = "http: critical: HTTP 500; batch 3/3: web-p-2-2 healthy after 1 s (plan " + "d" * 64 + ")"
+    failing = BatchGateResult(False, 5.0, (InstanceHealth("web-p-2-2", "critical", output, 0.0),))
+    lines = [
+        f"{batch_line(f'batch {n}/3', gate)} (plan {sha})"
+        for n, gate, sha in zip((1, 2, 3), (healthy, untouched, failing), shas, strict=True)
+    ]
+    assert lines[1] == f"batch 2/3: applied; no instance replaced (plan {shas[1]})"
+    signed = "; ".join(lines)
+    assert [batch_gate(signed, n) for n in (1, 2, 3)] == lines
+    assert [batch_plan_sha(batch_gate(signed, n) or "") for n in (1, 2, 3)] == shas
+    assert "; batch 3/3" not in lines[2], "a check's text can't pass for another batch's line"
 
 
 def _entry(service_id: str, **meta: str) -> dict[str, Any]:

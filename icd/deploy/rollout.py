@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from icd.deploy.plan_view import artifact_of
+from icd.health.gate import BatchGateResult
 from icd.registry.models import ArtifactVersion
+from icd.text import one_line
 from icd.tools.terraform import Plan
 
 # A resource instance of a counted resource: "null_resource.instance[2]" (module paths kept in the base).
@@ -295,3 +297,17 @@ def describe_mix(slots: Sequence[Slot | None]) -> str:
         f"{len(where)} x {label} (slot{'s' if len(where) != 1 else ''} {_slots(where)})"
         for label, where in sorted(by_label.items(), key=lambda item: item[1][0])
     )
+
+
+def batch_line(name: str, gate: BatchGateResult) -> str:
+    """The thread's line for one batch: "batch 2/4: web-7, web-8 healthy after 11 s"."""
+    ids = ", ".join(instance.service_id for instance in gate.instances)
+    if not ids:
+        return f"{name}: applied; no instance replaced"
+    if gate.healthy:
+        return f"{name}: {ids} healthy after {gate.waited_seconds:.0f} s"
+    failing = gate.failing
+    assert failing is not None
+    # "; " is where the signed gate joins the batches' lines (icd/audit.py reads them apart): none in a check's text.
+    check = f": {one_line(failing.output, 300).replace('; ', ', ')}" if failing.output else ""
+    return f"{name}: {failing.service_id} {failing.status} after {gate.waited_seconds:.0f} s{check}"
