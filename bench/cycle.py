@@ -4,6 +4,7 @@ on both databases a site can run the Prefect server on, side by side.
     .venv/bin/python bench/cycle.py [--rounds 5]                # both: PostgreSQL and the SQLite default
     .venv/bin/python bench/cycle.py --rounds 5 --postgres       # PostgreSQL only (--sqlite: SQLite only)
     .venv/bin/python bench/cycle.py --concurrent 10 --workers 2 --postgres
+    .venv/bin/python bench/cycle.py --rounds 5 --baseline HEAD~1   # A/B: each database also on HEAD~1's code
 
 Everything runs here for real: moto (S3, DynamoDB), and per database its own Consul and Slack stand-ins, Prefect
 server, worker (`icd-worker`, warm runs; `--cold` for Prefect's process worker, polling every second), the
@@ -492,8 +493,9 @@ def start_side(
     config: Path,
     workers: int,
     cold: bool,
+    project: Path | None = None,
 ) -> Side:
-    key = label.lower()
+    key = re.sub(r"[^a-z0-9]+", "-", label.lower())  # names its bucket, its folders and its workers
     consul = ConsulStandIn().start()
     stack.callback(consul.stop)
     slack = SlackStandIn(token="xoxb-bench").start()
@@ -511,11 +513,38 @@ def start_side(
     stack.callback(stop_instances, icd_home)
     for number in range(workers):
         process = start_worker(
-            server, "local-pool", env=worker_env(icd_home, config), name=f"worker-{key}-{number}", warm=not cold
+            server,
+            "local-pool",
+            # Another checkout's worker imports that checkout first: its flows, tasks, library and patches.
+            env=worker_env(icd_home, config, {"ICD_PROJECT_DIR": str(project), "PYTHONPATH": str(project)})
+            if project
+            else worker_env(icd_home, config),
+            name=f"worker-{key}-{number}",
+            warm=not cold,
+            cwd=project,
         )
         stack.callback(process.stop)
         side.workers.append(process)
     return side
+
+
+def baseline_checkout(stack: contextlib.ExitStack, home: Path, revision: str) -> Path:
+    """``revision`` checked out beside this tree (a detached git worktree, removed at the end), sharing this
+    tree's venv and tools (same dependencies): the code under test is all that differs."""
+    checkout = home / "baseline"
+    subprocess.run(
+        ["git", "-C", str(PROJECT), "worktree", "add", "--detach", "--quiet", str(checkout), revision], check=True
+    )
+    stack.callback(
+        subprocess.run, ["git", "-C", str(PROJECT), "worktree", "remove", "--force", str(checkout)], check=False
+    )
+    for shared in (".venv", ".tools"):
+        (checkout / shared).symlink_to(PROJECT / shared)
+    commit = subprocess.run(
+        ["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], check=True, capture_output=True, text=True
+    )
+    print(f"baseline: {revision} = {commit.stdout.strip()[:100]}", flush=True)
+    return checkout
 
 
 def machine_load() -> str:
@@ -544,12 +573,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Prefect's own process worker (a fresh interpreter per run) instead of icd-worker: the before",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        default=None,
+        help="each database twice, interleaved round by round: this tree, and REV's code (a git worktree whose "
+        "worker runs REV's flows, tasks, library and patches): an A/B of a change on one machine at one time",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     only = [flag for flag in ("postgres", "sqlite", "database_url") if getattr(args, flag)]
     if len(only) > 1 or (only and args.both):
         parser.error("--both, --postgres, --sqlite and --database-url exclude each other")
+    if args.baseline and (args.concurrent or args.database_url):
+        parser.error("--baseline makes two servers per database: not with --concurrent or --database-url")
     if args.concurrent and not only:
         parser.error("--concurrent runs on one database: add --postgres (the team set-up), --sqlite or --database-url")
     wanted: list[tuple[str, str | None]] = []  # (label, database URL or None for a fresh one)
@@ -584,17 +622,28 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         os.environ["ICD_CONFIG"] = str(config)
+        variants: list[tuple[str, Path | None]] = [("", None)]  # (label suffix, the checkout its worker runs)
+        if args.baseline:
+            variants.append((f" @{args.baseline}", baseline_checkout(stack, home, args.baseline)))
         sides = []
         for label, given_url in wanted:
-            url = given_url
-            if label == "PostgreSQL" and given_url is None:
-                url = create_postgres_database("icd_bench")  # fresh: no earlier run's rows
-                stack.callback(drop_postgres_database, url)
-            sides.append(
-                start_side(
-                    stack, home, label, url, endpoint=endpoint, config=config, workers=args.workers, cold=args.cold
+            for suffix, project in variants:
+                url = given_url
+                if label == "PostgreSQL" and given_url is None:
+                    url = create_postgres_database("icd_bench")  # fresh: no earlier run's rows
+                    stack.callback(drop_postgres_database, url)
+                side = start_side(
+                    stack,
+                    home,
+                    label + suffix,
+                    url,
+                    endpoint=endpoint,
+                    config=config,
+                    workers=args.workers,
+                    cold=args.cold,
+                    project=project,
                 )
-            )
+                sides.append(side)
         if args.concurrent:
             with sides[0].api():
                 under_load(repo, sides[0].registry, args.concurrent, load_workspaces(args.concurrent), sides[0].label)

@@ -210,9 +210,11 @@ def start_worker(
     limit: int = 4,
     name: str = "worker",
     warm: bool = True,
+    cwd: Path | None = None,
 ) -> ManagedProcess:
     """The project's worker (``icd-worker``, warm flow runs), or with ``warm=False`` Prefect's own process
-    worker, which starts a fresh interpreter per run (the benchmarks' baseline)."""
+    worker, which starts a fresh interpreter per run (the benchmarks' baseline). ``cwd``: where it starts
+    (default: this project), for a worker of another checkout."""
     worker = [sys.executable, "-m", "cli.worker"] if warm else [sys.executable, "-m", "prefect", "worker", "start"]
     kind = [] if warm else ["--type", "process"]
     process = spawn(
@@ -221,6 +223,7 @@ def start_worker(
         # Deploys wait on this poll twice (start, and resume after approval): 1 s instead of Prefect's 10 s.
         env={"PREFECT_WORKER_QUERY_SECONDS": "1", **server.env, **(env or {})},
         log_dir=server.home / "logs",
+        cwd=cwd,
     )
     # Killed before its own stop sequence ends, a worker would leave a forked run behind, stopped by no one.
     process.stop_grace = LONGEST_STOP_SECONDS + 5.0
