@@ -13,7 +13,8 @@ run (``icd/deploy/queue.py``), so a queue never stalls behind a dead run:
   Its ``finally`` never ran: the lock is released here and operators are told. Terraform's own state lock
   (DynamoDB) still guards the state, and the tool died with its process (``icd/tools/process.py``).
 * **A cancellation** by an operator (the UI's Cancel): a run cancelled while it waited for approval has no
-  process to release anything; it is released here, and operators are told.
+  process to release anything; it is released here, and operators are told (for a rollout cancelled between
+  batches, what each slot runs, as after a crash).
 
 A run that failed on a fault ended through ``finish`` and has told operators already; here it only has its
 lock checked.
@@ -79,7 +80,7 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             f"Run {run.name} crashed ({state.message or 'no message'}); its workspace lock {lock}. "
             "Terraform's state lock guards the state; check the run's last log lines, then plan again."
         )
-        if mix := _instances_after_crash(registry, workspace, run.name):
+        if mix := _instances_left(registry, workspace, run.name, "crashed mid-rollout"):
             text += f" The workspace runs {mix}, as its state says: the next plan rolls out from there."
         severity, done = "critical", "crash handled"
     elif (
@@ -96,6 +97,9 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             f"Run {run.name} was cancelled ({state.message or 'no message'}); nothing more is applied by it, and "
             f"its workspace lock {lock}."
         )
+        # A rollout cancelled between (or during) its batches leaves a mix, told as after a crash.
+        if mix := _instances_left(registry, workspace, run.name, "cancelled mid-rollout"):
+            text += f" The workspace runs {mix}, as its state says: the next plan rolls out from there."
         severity, done = "warning", "cancellation handled"
     else:
         logger.info("run %s ended %s and has told operators itself; lock released: %s", run.name, state, released)
@@ -124,19 +128,19 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     return done
 
 
-def _instances_after_crash(registry: ArtifactRegistry, workspace: str, run_name: str) -> str | None:
-    """For a workspace that rolls out: what its instances run now, told and put in its deploy record, so a
-    rollout that died between batches never leaves an unknown mix. None for other workspaces, or when the
-    state can't be read (the notice then says nothing more than it did)."""
+def _instances_left(registry: ArtifactRegistry, workspace: str, run_name: str, outcome: str) -> str | None:
+    """For a workspace that rolls out: what its instances run now, told and put in its deploy record (as
+    ``outcome``), so a rollout that died or was cancelled between batches never leaves an unknown mix. None for
+    other workspaces, or when the state can't be read (the notice then says nothing more than it did)."""
     try:
         settings = load_config().workspaces.get(workspace)
         if settings is None or settings.rollout is None:
             return None
         mix = instances_now(registry, workspace, settings.namespace)
         if mix is not None:
-            record_deploy(workspace, {"outcome": "crashed mid-rollout", "instances": mix, "run": run_name})
+            record_deploy(workspace, {"outcome": outcome, "instances": mix, "run": run_name})
     except Exception as exc:  # noqa: BLE001  # an extra for the notice: never in the way of the release or the notice
-        get_run_logger().warning("could not read what %s runs after run %s crashed: %s", workspace, run_name, exc)
+        get_run_logger().warning("could not read what %s runs after run %s (%s): %s", workspace, run_name, outcome, exc)
         return None
     return mix
 

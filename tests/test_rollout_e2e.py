@@ -17,6 +17,7 @@ import consul
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+from prefect.states import Cancelling
 
 from examples.local_env import api_client, start_worker
 from icd.paths import PROJECT_ROOT
@@ -281,3 +282,32 @@ def test_a_worker_killed_mid_rollout_leaves_a_known_mix_that_the_next_plan_finis
     assert env.approve(run3.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
     assert len(_task_runs(run3.id, "apply-plan")) == 2
     assert _runs_on(env, names, _label(env, names, v2), 3), _fleet(env, names)
+
+
+def test_a_rollout_cancelled_between_batches_is_told_its_mix_and_records_it(deploy_env: DeployEnv) -> None:
+    """The operator's Cancel in the UI while batch 1 waits out its healthy time: the run ends Cancelled, and
+    deploy-ended tells (and records) what each slot runs, as after a crash."""
+    env = deploy_env
+    names = env.service(stack=FLEET, rollout=_rollout(instances=2, max_parallel=2))
+    ws = names.workspace
+    run1, v1 = env.deploy_until_paused(names)
+    assert env.approve(run1.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
+
+    _set_rollout(env, names, FLEET, instances=2, min_healthy_time_seconds=60, healthy_deadline_seconds=90)
+    env.repo.commit("v2 to cancel", {"src/app.py": env.repo.read("src/app.py") + "\n# v2 to cancel\n"})
+    run2, v2 = env.deploy_until_paused(names)
+    env.answer(run2.id, env.plan_sha(ws, run2.id))
+    wait_until(lambda: _task_runs(run2.id, "apply-plan"), timeout=120, message="batch 1 never applied")
+    api_client().set_flow_run_state(run2.id, Cancelling(message="stopped by an operator"))
+
+    ended = env.wait_for(run2.id, states=ENDED, timeout=120)
+    assert ended.state is not None and ended.state.type.value == "CANCELLED", ended.state
+    mix = f"1 x v{v2} (slot 0), 1 x v{v1} (slot 1)"
+    try:
+        wait_until(lambda: _told(env, f"Deploy run cancelled on {ws}", mix), timeout=120)
+    except AssertionError:
+        raise AssertionError(f"the mix ({mix}) was not told: {_told(env, 'cancelled')}") from None
+    record = _latest_artifact(f"deploy-{ws}")
+    assert "cancelled mid-rollout" in str(record.data)
+    assert mix in str(record.data)
+    wait_until(lambda: env.holder(ws) is None, timeout=60, message="the workspace stayed held")
