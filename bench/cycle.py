@@ -495,7 +495,7 @@ def start_side(
     cold: bool,
     project: Path | None = None,
 ) -> Side:
-    key = re.sub(r"[^a-z0-9]+", "-", label.lower())  # names its bucket, its folders and its workers
+    key = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40]  # its bucket's, folders' and workers' name
     consul = ConsulStandIn().start()
     stack.callback(consul.stop)
     slack = SlackStandIn(token="xoxb-bench").start()
@@ -532,6 +532,7 @@ def baseline_checkout(stack: contextlib.ExitStack, home: Path, revision: str) ->
     """``revision`` checked out beside this tree (a detached git worktree, removed at the end), sharing this
     tree's venv and tools (same dependencies): the code under test is all that differs."""
     checkout = home / "baseline"
+    subprocess.run(["git", "-C", str(PROJECT), "worktree", "prune"], check=True)  # an earlier run killed outright
     subprocess.run(
         ["git", "-C", str(PROJECT), "worktree", "add", "--detach", "--quiet", str(checkout), revision], check=True
     )
@@ -545,6 +546,11 @@ def baseline_checkout(stack: contextlib.ExitStack, home: Path, revision: str) ->
     )
     print(f"baseline: {revision} = {commit.stdout.strip()[:100]}", flush=True)
     return checkout
+
+
+def _swap_pairs(sides: list[Side]) -> list[Side]:
+    """[a, a@REV, b, b@REV] -> [a@REV, a, b@REV, b]."""
+    return [side for pair in zip(sides[1::2], sides[0::2], strict=True) for side in pair]
 
 
 def machine_load() -> str:
@@ -577,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="REV",
         default=None,
-        help="each database twice, interleaved round by round: this tree, and REV's code (a git worktree whose "
-        "worker runs REV's flows, tasks, library and patches): an A/B of a change on one machine at one time",
+        help="each database twice, interleaved round by round (which goes first alternates): this tree, and a "
+        "worker running REV's flows, tasks, library and patches (a git worktree); the server's deployments, "
+        "automations and blocks are this tree's. An A/B of a code change on one machine at one time",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -672,7 +679,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(args.rounds + 1):  # round 0 warms every side up and is not counted
             baseline = shell_cycle(home, repo, shell_env, round_number)
             line = f"round {round_number}{' (warm-up)' if not round_number else ''}: shell {baseline.wall:5.1f}s"
-            for side in sides:
+            # With --baseline, each pair of sides takes turns at going first.
+            turns = sides if not args.baseline or round_number % 2 == 0 else _swap_pairs(sides)
+            for side in turns:
                 with side.api():
                     one = our_cycle(repo, side.registry, side.slack, round_number)
                 if round_number:

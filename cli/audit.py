@@ -189,9 +189,14 @@ class Auditor:
             return broken("decision", label, "its run's rollout was rejected, yet this batch was planned")
         line = batch_gate(str(verdict.get("gate") or ""), batch)
         # Each applied batch's line names its plan's whole hash: the stored plan must be that one.
-        named = batch_plan_sha(line or "")
-        if named is not None and named != plan_sha:
-            return broken("decision", label, f"the signed record applied plan {named}, the stored one is {plan_sha}")
+        if line is not None:
+            named = batch_plan_sha(line)
+            if named is None:  # a rollout signs every applied batch's line with its plan's hash
+                return broken("decision", label, f"the signed record's line for batch {batch} names no plan")
+            if named != plan_sha:
+                return broken(
+                    "decision", label, f"the signed record applied plan {named}, the stored one is {plan_sha}"
+                )
         facts = {"gate": line or "not applied (the signed record has no line for this batch)"}
         return Link("decision", f"covered by the rollout's approval (run {run_id})", facts=facts)
 

@@ -22,7 +22,8 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.schemas.objects import State
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State, StateType
 from prefect.exceptions import Pause
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed
@@ -134,6 +135,9 @@ def deploy_artifact(
     except DeployError as exc:
         # The claim's record or the queue could not be read (S3 down on resume): this run may hold the workspace.
         return end_on_fault(ctx, exc)
+    except Exception as exc:
+        end_on_bug(ctx, exc)  # after the claim, this run may hold the workspace
+        raise
     if not isinstance(claim, Claimed):
         return finish(ctx, claim)
     deploy_status(ctx, "queued", version=claim.holder.request.version)  # cached: once per run, resumed or not
@@ -145,8 +149,7 @@ def deploy_artifact(
     except DeployError as exc:
         return end_on_fault(ctx, exc)
     except Exception as exc:
-        # A bug: released and told like a fault, then raised on, so that the run ends Failed with its traceback.
-        end_on_fault(ctx, UnexpectedError(f"{type(exc).__name__} raised by deploy-artifact (the run's log has it)"))
+        end_on_bug(ctx, exc)  # then raised on, so that the run ends Failed with its traceback
         raise
     except BaseException:  # Prefect's signals (a cancellation), an interpreter exit: released, nothing more
         give_back(ctx)
@@ -181,6 +184,27 @@ def end_on_fault(ctx: DeployContext, exc: DeployError) -> State[Any]:
         pending = "the workspace could not be released now (S3 unreachable): deploy-ended releases it once S3 answers"
         told = replace(told, message=f"{told.message}; {pending}", record={**told.record, "workspace": pending})
     return finish(ctx, told)
+
+
+def end_on_bug(ctx: DeployContext, exc: Exception) -> None:
+    """An exception the code does not expect (a bug): the workspace is released and operators are told, as for
+    a fault, naming only its type (its text could hold anything). Unless the run is being cancelled: an
+    exception then is the cancellation's (Prefect refuses to suspend a run it is cancelling), so the workspace
+    is released and deploy-ended tells of the cancellation, once."""
+    if being_cancelled(ctx.run_id):
+        give_back(ctx)
+        return
+    end_on_fault(ctx, UnexpectedError(f"{type(exc).__name__} raised by deploy-artifact (the run's log has it)"))
+
+
+def being_cancelled(run_id: str) -> bool:
+    """Whether the server is cancelling this run (or has); False when it can't say."""
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(run_id)).state
+    except Exception:  # noqa: BLE001  # can't say: the exception is told as a bug, which it may be
+        return False
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
 
 
 def give_back(ctx: DeployContext, *, patient: bool = True) -> bool:

@@ -202,8 +202,13 @@ def _suspend(
         return suspend_flow_run(wait_for_input=form, timeout=remaining, key=key)
     except Pause as pause:
         if pause.state is not None:
-            describe_suspension(run_id, pause.state, message)
-            on_suspended()
+            try:
+                describe_suspension(run_id, pause.state, message)
+                on_suspended()
+            except Exception:  # noqa: BLE001  # the run is suspended either way: it must end as suspended
+                # Raised instead of the Pause, a failure here would reach the flow's fault path, whose tasks
+                # the server refuses on a suspended run: the process would wait on them until the deadline.
+                get_run_logger().exception("run %s is suspended, but saying what it waits for failed", run_id)
         raise
 
 

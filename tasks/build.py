@@ -18,7 +18,7 @@ from icd.errors import PackerError, RegistryStorageError
 from icd.registry.models import ArtifactVersion, BuildClaimed, BuildHeld
 from icd.service.contract import PackerVariables
 from icd.tools import packer
-from tasks.policies import ONCE_PER_RUN, REGISTRY_BLIP, transient
+from tasks.policies import ONCE_PER_RUN, registry_blip, transient
 
 BUILD_TIMEOUT_SECONDS = 3600.0
 # The claim is taken right before Packer, which is killed at its timeout; ten minutes more cover the
@@ -45,7 +45,7 @@ def run_may_be_building(run_id: str) -> bool:
     name="claim-build",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def claim_build(
     registry: ArtifactRegistry, namespace: str, *, commit: str, run_id: str, run_name: str
@@ -76,7 +76,7 @@ def claim_build(
     name="release-build-claim",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def release_build_claim(registry: ArtifactRegistry, namespace: str, *, commit: str, run_id: str, outcome: str) -> bool:
     """Give the commit's build back, saying how it ended; False if this run no longer held it."""
@@ -92,7 +92,7 @@ def release_build_claim(registry: ArtifactRegistry, namespace: str, *, commit: s
     name="find-existing-build",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def find_existing_build(
     registry: ArtifactRegistry, namespace: str, *, commit: str, service_name: str, platform: str

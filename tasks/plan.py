@@ -24,7 +24,7 @@ from icd.errors import StateLockedError
 from icd.paths import state_home
 from icd.registry.models import ArtifactVersion
 from icd.tools.terraform import Terraform
-from tasks.policies import ONCE_PER_RUN, REGISTRY_BLIP, transient
+from tasks.policies import ONCE_PER_RUN, registry_blip, transient
 
 
 def workdir_opener(
@@ -59,7 +59,7 @@ def workdir_opener(
 @task(
     name="resolve-version",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def resolve_version(
     registry: ArtifactRegistry, namespace: str, version: int, *, follows: str | None = None
@@ -77,7 +77,7 @@ def resolve_version(
 @task(
     name="read-version",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def read_version(registry: ArtifactRegistry, namespace: str, version: int) -> ArtifactVersion:
     """A version's record, revoked or not (what ran before a deploy, for its label)."""

@@ -23,7 +23,7 @@ written is the same fault. Prefect itself is not patched: the check wraps its tr
 **Retry only what a retry can fix.** Retrying everything hides real faults (a broken template fails the same
 way again) and wastes the operator's time; each task names the exceptions that are transient for it, with
 :func:`transient` (``@task(..., **transient(StateLockedError, delays=(5, 15, 30)))``), most of them
-:data:`REGISTRY_BLIP` (S3 failing for a moment, or a conditional write lost to another writer).
+:func:`registry_blip` (S3 failing for a moment, or a conditional write lost to another writer).
 """
 
 from __future__ import annotations
@@ -194,5 +194,7 @@ def transient(*errors: type[BaseException], delays: Sequence[float] = (1, 3, 9))
     return Retries(retries=len(delays), retry_delay_seconds=list(delays), retry_condition_fn=retry_on(*errors))
 
 
-# The registry's S3 blinked, or a conditional write lost to another writer: reading again and retrying fixes both.
-REGISTRY_BLIP = transient(RegistryStorageError, ConflictError)
+def registry_blip() -> Retries:
+    """The registry's S3 blinked, or a conditional write lost to another writer: reading again and retrying fixes
+    both (three tries more, after 1, 3 and 9 s). A new value each time: no two tasks share its list."""
+    return transient(RegistryStorageError, ConflictError)

@@ -20,14 +20,14 @@ from icd.deploy.approval import ApprovalDecision
 from icd.deploy.outcome import Outcome
 from icd.deploy.plan import PlannedDeploy
 from icd.registry.provenance import DeploymentFacts, subject_digest
-from tasks.policies import REGISTRY_BLIP
+from tasks.policies import registry_blip
 
 
 # No cache: the record is written once per apply run in S3 (IfNoneMatch), so a retry finds it there.
 @task(
     name="record-deployment",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def record_deployment_task(registry: ArtifactRegistry, facts: DeploymentFacts) -> None:
     registry.registry().record_deployment(facts)

@@ -32,14 +32,14 @@ from icd.deploy.queue import (
     Superseded,
 )
 from icd.text import markdown_inline
-from tasks.policies import ONCE_PER_RUN, REGISTRY_BLIP
+from tasks.policies import ONCE_PER_RUN, registry_blip
 
 
 @task(
     name="claim-workspace",
     persist_result=True,
     cache_policy=ONCE_PER_RUN,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def claim_workspace(registry: ArtifactRegistry, workspace: str, run: RunRef, own: DeployRequest | None) -> ClaimResult:
     """Take the workspace for its newest request (``own``: this run's, when it was started by hand)."""
@@ -59,7 +59,7 @@ def claim_workspace(registry: ArtifactRegistry, workspace: str, run: RunRef, own
 @task(
     name="checkpoint-workspace",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def checkpoint_workspace(
     registry: ArtifactRegistry,
@@ -94,7 +94,7 @@ def checkpoint_workspace(
 @task(
     name="release-workspace",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def release_workspace(registry: ArtifactRegistry, workspace: str, run_id: str) -> Released:
     """Give the workspace back (idempotent); the newest pending request gets its run."""

@@ -19,13 +19,13 @@ from icd.deploy.dispatch import describe, submit
 from icd.deploy.record import artifact_key
 from icd.deploy.rollout import RolloutPath, Slot, describe_mix, plan_path, start_slots
 from icd.registry.models import ArtifactVersion
-from tasks.policies import REGISTRY_BLIP
+from tasks.policies import registry_blip
 
 
 @task(
     name="plan-rollout",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def plan_rollout(
     registry: ArtifactRegistry, workspace: str, settings: WorkspaceConfig, version: ArtifactVersion
@@ -67,7 +67,7 @@ def announce_batch(spec: events.EventSpec) -> None:
 @task(
     name="ask-again",
     cache_policy=NO_CACHE,
-    **REGISTRY_BLIP,
+    **registry_blip(),
 )
 def ask_again(registry: ArtifactRegistry, workspace: str, namespace: str, version: int, *, by: str, why: str) -> str:
     """Queue the same version for the workspace again, so a new run plans from what runs now and asks an

@@ -121,7 +121,13 @@ def test_the_audit_shows_every_link_of_a_deployed_a_rolled_back_and_a_rejected_v
 # --- fast: a rollout's plans and a fleet's instances ---------------------------------------------------------
 
 RUN = "0492db32-75bb-4f32-a2ce-d18447d52d11"
-GATE = "batch 1/3: web-p-0-2 healthy after 2 s; batch 2/3: web-p-1-2 healthy after 2 s; batch 3/3: web-p-2-2 x"
+GATE = "; ".join(  # as a rollout signs it: each applied batch's line, ending with its plan's whole hash
+    (
+        f"batch 1/3: web-p-0-2 healthy after 2 s (plan {'a' * 64})",
+        f"batch 2/3: web-p-1-2 healthy after 2 s (plan {'b' * 64})",
+        f"batch 3/3: web-p-2-2 x (plan {'c' * 64})",
+    )
+)
 CONFIG = """
 [namespaces."acme/web"]
 repository = "/tmp/none"
@@ -151,7 +157,7 @@ def test_parse_plan_id(plan_id: str, expected: PlanId) -> None:
 
 
 def test_batch_gate_finds_its_batchs_line() -> None:
-    assert batch_gate(GATE, 2) == "batch 2/3: web-p-1-2 healthy after 2 s"
+    assert batch_gate(GATE, 2) == f"batch 2/3: web-p-1-2 healthy after 2 s (plan {'b' * 64})"
     assert batch_gate(GATE, 4) is None
     assert batch_gate("", 1) is None
 
@@ -233,7 +239,7 @@ def test_a_rollouts_batch_plans_are_covered_by_its_approval_and_every_instance_i
     assert [(d["status"], d["label"]) for d in decisions] == [
         ("ok", f"covered by the rollout's approval (run {RUN})")
     ] * 2
-    assert [d["facts"]["gate"] for d in decisions] == [batch_gate(GATE, 2), "batch 3/3: web-p-2-2 x"]
+    assert [d["facts"]["gate"] for d in decisions] == [batch_gate(GATE, 2), f"batch 3/3: web-p-2-2 x (plan {'c' * 64})"]
     instances = _kinds(found["links"], "instance")
     assert [(i["label"], i["facts"]["slot"], i["facts"]["health"]) for i in instances] == [
         ("web-p-0-2", "0", "passing"),
@@ -260,3 +266,7 @@ def test_a_batch_plan_other_than_the_one_its_signed_line_names_is_broken() -> No
     assert f"applied plan {'e' * 64}, the stored one is {'b' * 64}" in decision["reason"]
     verdict["gate"] = f"batch 2/3: web-p-1-2 healthy after 2 s (plan {'b' * 64})"
     assert _plans_chain(auditor)["intact"]
+    # A line that ends with no plan: every rollout signs one per applied batch, so nothing vouches for this plan.
+    verdict["gate"] = f"batch 2/3: web-p-1-2 healthy after 2 s (plan {'b' * 64}) and more"
+    (decision,) = _kinds(_plans_chain(auditor)["links"], "decision")
+    assert (decision["status"], decision["reason"]) == ("broken", "the signed record's line for batch 2 names no plan")

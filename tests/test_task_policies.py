@@ -10,7 +10,7 @@ import pytest
 from icd.errors import ConflictError, ContractBreachError, RegistryStorageError, StateLockedError
 from tasks.apply import apply_plan
 from tasks.plan import plan_deploy, resolve_version
-from tasks.policies import REGISTRY_BLIP, RetryCondition, transient
+from tasks.policies import RetryCondition, registry_blip, transient
 from tasks.promote import promote_channel
 from tasks.queue import claim_workspace
 
@@ -38,7 +38,13 @@ def _retried(condition: RetryCondition, raised: BaseException) -> bool:
     ],
 )
 def test_a_registry_blip_is_retried_and_nothing_else(raised: BaseException, retried: bool) -> None:
-    assert _retried(REGISTRY_BLIP["retry_condition_fn"], raised) is retried
+    assert _retried(registry_blip()["retry_condition_fn"], raised) is retried
+
+
+def test_no_two_steps_share_their_retry_delays() -> None:
+    """Prefect keeps the list it is given: a step that changed its own must not change another's."""
+    assert claim_workspace.retry_delay_seconds == resolve_version.retry_delay_seconds
+    assert claim_workspace.retry_delay_seconds is not resolve_version.retry_delay_seconds
 
 
 def test_one_retry_per_delay() -> None:
@@ -47,8 +53,8 @@ def test_one_retry_per_delay() -> None:
     assert policy["retry_delay_seconds"] == [5, 15, 30]
     assert _retried(policy["retry_condition_fn"], _locked())
     assert not _retried(policy["retry_condition_fn"], RegistryStorageError("s3"))
-    assert REGISTRY_BLIP["retries"] == 3
-    assert REGISTRY_BLIP["retry_delay_seconds"] == [1, 3, 9]
+    assert registry_blip()["retries"] == 3
+    assert registry_blip()["retry_delay_seconds"] == [1, 3, 9]
 
 
 @pytest.mark.parametrize(
