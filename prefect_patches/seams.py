@@ -163,6 +163,14 @@ SEAMS: tuple[Seam, ...] = (
     ),
     Seam(
         "prefect.workers.base",
+        "BaseWorker._propose_pending_state",
+        "returns whether to submit; raises Pause for a run that is waiting again, overridden to return False",
+        _WARM,
+        "source",
+        "8d1630c3bc207549b2162cadebab2162965c2c6f2ddd50150e9315dc976af1e6",
+    ),
+    Seam(
+        "prefect.workers.base",
         "BaseWorker._submit_scheduled_flow_runs",
         "takes the private _limiter's slot on behalf of the flow run id, which a suspended run gives back early",
         _WARM,

@@ -428,6 +428,17 @@ class WarmProcessWorker(ProcessWorker):
         # The pool's type stays "process"; Prefect's registry of worker classes keeps its own under that key.
         return "icd-warm-process"
 
+    async def _propose_pending_state(self, flow_run: FlowRun) -> bool:
+        """The same race one step earlier: a run seen Scheduled by a poll (resumed by a refused answer) can be
+        suspended again, asking anew, before the worker proposes Pending. The server answers with a ``Pause``,
+        which Prefect catches here neither (``Abort`` and ``Exception`` only): it ended the whole worker in CI.
+        The run is not submitted now (False: Prefect gives the slot back); its next resume is."""
+        try:
+            return await super()._propose_pending_state(flow_run)
+        except Pause:
+            self._logger.info("flow run %s is waiting again (asked anew); not submitted now", flow_run.id)
+            return False
+
     async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
         """A run answered while its suspension was still being described can be waiting again when it is
         submitted: the forced rewrite of its state puts it back, and ``describe_suspension`` gives the answer

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import prefect.workers.base
 import pytest
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import Event
-from prefect.states import Paused, Pending, Running, Suspended
+from prefect.exceptions import Pause
+from prefect.states import Paused, Pending, Running, Scheduled, Suspended
+from prefect.workers.process import ProcessWorker
 
 from examples.local_env import PrefectServer
 from icd.paths import PROJECT_ROOT
@@ -170,6 +173,30 @@ def test_a_run_this_worker_does_not_run_frees_no_slot() -> None:
         runs.states[theirs] = Suspended()
         await worker._release_suspended(theirs)
         assert limiter.borrowed_tokens == 1
+
+    anyio.run(scenario)
+
+
+def test_a_run_that_asks_anew_before_it_is_submitted_is_left_waiting_and_the_worker_lives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A poll saw the run Scheduled (resumed by a refused answer); by the time the worker proposes Pending the
+    run has suspended again, and the server answers with a Pause (CI: the whole worker ended on it)."""
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise Pause(
+            "This run cannot transition to the StateType.PENDING state from the StateType.PAUSED state.",
+            state=Paused(),
+        )
+
+    monkeypatch.setattr(prefect.workers.base, "propose_state", refused)
+
+    async def scenario() -> None:
+        worker, _ = _worker(limit=1)
+        run = FlowRun(id=uuid.uuid4(), flow_id=uuid.uuid4(), state=Scheduled())
+        with pytest.raises(Pause):  # Prefect's own worker lets it out of its task group
+            await ProcessWorker._propose_pending_state(worker, run)
+        assert await worker._propose_pending_state(run) is False  # not submitted now; Prefect frees its slot
 
     anyio.run(scenario)
 
