@@ -80,8 +80,7 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             f"Run {run.name} crashed ({state.message or 'no message'}); its workspace lock {lock}. "
             "Terraform's state lock guards the state; check the run's last log lines, then plan again."
         )
-        if mix := _instances_left(registry, workspace, run.name, "crashed mid-rollout"):
-            text += f" The workspace runs {mix}, as its state says: the next plan rolls out from there."
+        text += _instances_left_sentence(registry, workspace, run.name, "crashed mid-rollout")
         severity, done = "critical", "crash handled"
     elif (
         state is not None
@@ -98,8 +97,7 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
             f"its workspace lock {lock}."
         )
         # A rollout cancelled between (or during) its batches leaves a mix, told as after a crash.
-        if mix := _instances_left(registry, workspace, run.name, "cancelled mid-rollout"):
-            text += f" The workspace runs {mix}, as its state says: the next plan rolls out from there."
+        text += _instances_left_sentence(registry, workspace, run.name, "cancelled mid-rollout")
         severity, done = "warning", "cancellation handled"
     else:
         logger.info("run %s ended %s and has told operators itself; lock released: %s", run.name, state, released)
@@ -128,21 +126,22 @@ def deploy_ended(flow_run_id: UUID, notifier_block: str = "ops-slack", registry_
     return done
 
 
-def _instances_left(registry: ArtifactRegistry, workspace: str, run_name: str, outcome: str) -> str | None:
-    """For a workspace that rolls out: what its instances run now, told and put in its deploy record (as
-    ``outcome``), so a rollout that died or was cancelled between batches never leaves an unknown mix. None for
-    other workspaces, or when the state can't be read (the notice then says nothing more than it did)."""
+def _instances_left_sentence(registry: ArtifactRegistry, workspace: str, run_name: str, outcome: str) -> str:
+    """For a workspace that rolls out: the notice's sentence on what its instances run now, also put in its
+    deploy record (as ``outcome``), so a rollout that died or was cancelled between batches never leaves an
+    unknown mix. "" for other workspaces, or when the state can't be read (the notice says no more than it did)."""
     try:
         settings = load_config().workspaces.get(workspace)
         if settings is None or settings.rollout is None:
-            return None
+            return ""
         mix = instances_now(registry, workspace, settings.namespace)
-        if mix is not None:
-            record_deploy(workspace, {"outcome": outcome, "instances": mix, "run": run_name})
+        if mix is None:
+            return ""
+        record_deploy(workspace, {"outcome": outcome, "instances": mix, "run": run_name})
     except Exception as exc:  # noqa: BLE001  # an extra for the notice: never in the way of the release or the notice
         get_run_logger().warning("could not read what %s runs after run %s (%s): %s", workspace, run_name, outcome, exc)
-        return None
-    return mix
+        return ""
+    return f" The workspace runs {mix}, as its state says: the next plan rolls out from there."
 
 
 _PENDING = "could not be released yet (S3 unreachable): deploy-ended releases it as soon as S3 answers"

@@ -233,16 +233,47 @@ def test_a_batch_plan_off_the_approved_path_stops_and_asks_again_and_a_newer_ver
     assert _runs_on(env, names, _label(env, names, v4), 2), _fleet(env, names)
 
 
+def _v1_everywhere_and_v2_waiting(
+    env: DeployEnv, *, instances: int, min_healthy_time_seconds: int, healthy_deadline_seconds: int
+) -> tuple[Names, int, Any, int]:
+    """A fleet of ``instances`` on v1 (one batch), then v2 built and its rollout (a batch per slot, each healthy
+    for ``min_healthy_time_seconds``) waiting for approval: the names, v1, v2's run and v2."""
+    names = env.service(stack=FLEET, rollout=_rollout(instances=instances, max_parallel=instances))
+    run1, v1 = env.deploy_until_paused(names)
+    assert env.approve(run1.id, names.workspace).state.name == "Deployed"  # type: ignore[union-attr]
+    _set_rollout(
+        env,
+        names,
+        FLEET,
+        instances=instances,
+        min_healthy_time_seconds=min_healthy_time_seconds,
+        healthy_deadline_seconds=healthy_deadline_seconds,
+    )
+    env.repo.commit(
+        f"v2 of {names.namespace}", {"src/app.py": env.repo.read("src/app.py") + f"\n# v2 {names.namespace}\n"}
+    )
+    run2, v2 = env.deploy_until_paused(names)
+    return names, v1, run2, v2
+
+
+def _mix_told_and_recorded(env: DeployEnv, ws: str, title: str, mix: str, outcome: str) -> None:
+    """deploy-ended told ``mix`` under ``title``, wrote it in the deploy record as ``outcome`` and freed ``ws``."""
+    try:
+        wait_until(lambda: _told(env, title, mix), timeout=120)
+    except AssertionError:
+        raise AssertionError(f"the mix ({mix}) was not told: {_told(env, title)}") from None
+    wait_until(lambda: env.holder(ws) is None, timeout=60, message="the workspace stayed held")
+    record = _latest_artifact(f"deploy-{ws}")
+    assert outcome in str(record.data)
+    assert mix in str(record.data)
+
+
 def test_a_worker_killed_mid_rollout_leaves_a_known_mix_that_the_next_plan_finishes(deploy_env: DeployEnv) -> None:
     env = deploy_env
-    names = env.service(stack=FLEET, rollout=_rollout(instances=3, max_parallel=3))
+    names, v1, run2, v2 = _v1_everywhere_and_v2_waiting(
+        env, instances=3, min_healthy_time_seconds=30, healthy_deadline_seconds=60
+    )
     ws = names.workspace
-    run1, v1 = env.deploy_until_paused(names)
-    assert env.approve(run1.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
-
-    _set_rollout(env, names, FLEET, instances=3, min_healthy_time_seconds=30, healthy_deadline_seconds=60)
-    env.repo.commit("v2", {"src/app.py": env.repo.read("src/app.py") + "\n# v2\n"})
-    run2, v2 = env.deploy_until_paused(names)
     sha = env.plan_sha(ws, run2.id)
     # The run resumes on a worker of its own, killed with its flow process while batch 1 waits out its
     # healthy time; another worker then runs deploy-ended.
@@ -263,14 +294,7 @@ def test_a_worker_killed_mid_rollout_leaves_a_known_mix_that_the_next_plan_finis
     crashed = env.wait_for(run2.id, states={"CRASHED", *ENDED}, timeout=240)
     assert crashed.state is not None and crashed.state.type.value == "CRASHED", crashed.state
     mix = f"1 x v{v2} (slot 0), 2 x v{v1} (slots 1, 2)"
-    try:
-        wait_until(lambda: _told(env, f"Deploy run crashed on {ws}", mix), timeout=120)
-    except AssertionError:
-        raise AssertionError(f"the mix ({mix}) was not told: {_told(env, 'crashed')}") from None
-    wait_until(lambda: env.holder(ws) is None, timeout=60, message="the workspace stayed held")
-    record = _latest_artifact(f"deploy-{ws}")
-    assert "crashed mid-rollout" in str(record.data)
-    assert mix in str(record.data)
+    _mix_told_and_recorded(env, ws, f"Deploy run crashed on {ws}", mix, "crashed mid-rollout")
     fleet = _fleet(env, names)
     assert sorted(fleet) == [0, 1, 2] and all(_passing(entry) for entry in fleet.values()), "no instance was lost"
 
@@ -288,14 +312,10 @@ def test_a_rollout_cancelled_between_batches_is_told_its_mix_and_records_it(depl
     """The operator's Cancel in the UI while batch 1 waits out its healthy time: the run ends Cancelled, and
     deploy-ended tells (and records) what each slot runs, as after a crash."""
     env = deploy_env
-    names = env.service(stack=FLEET, rollout=_rollout(instances=2, max_parallel=2))
+    names, v1, run2, v2 = _v1_everywhere_and_v2_waiting(
+        env, instances=2, min_healthy_time_seconds=60, healthy_deadline_seconds=90
+    )
     ws = names.workspace
-    run1, v1 = env.deploy_until_paused(names)
-    assert env.approve(run1.id, ws).state.name == "Deployed"  # type: ignore[union-attr]
-
-    _set_rollout(env, names, FLEET, instances=2, min_healthy_time_seconds=60, healthy_deadline_seconds=90)
-    env.repo.commit("v2 to cancel", {"src/app.py": env.repo.read("src/app.py") + "\n# v2 to cancel\n"})
-    run2, v2 = env.deploy_until_paused(names)
     env.answer(run2.id, env.plan_sha(ws, run2.id))
     wait_until(lambda: _task_runs(run2.id, "apply-plan"), timeout=120, message="batch 1 never applied")
     api_client().set_flow_run_state(run2.id, Cancelling(message="stopped by an operator"))
@@ -303,11 +323,4 @@ def test_a_rollout_cancelled_between_batches_is_told_its_mix_and_records_it(depl
     ended = env.wait_for(run2.id, states=ENDED, timeout=120)
     assert ended.state is not None and ended.state.type.value == "CANCELLED", ended.state
     mix = f"1 x v{v2} (slot 0), 1 x v{v1} (slot 1)"
-    try:
-        wait_until(lambda: _told(env, f"Deploy run cancelled on {ws}", mix), timeout=120)
-    except AssertionError:
-        raise AssertionError(f"the mix ({mix}) was not told: {_told(env, 'cancelled')}") from None
-    record = _latest_artifact(f"deploy-{ws}")
-    assert "cancelled mid-rollout" in str(record.data)
-    assert mix in str(record.data)
-    wait_until(lambda: env.holder(ws) is None, timeout=60, message="the workspace stayed held")
+    _mix_told_and_recorded(env, ws, f"Deploy run cancelled on {ws}", mix, "cancelled mid-rollout")
