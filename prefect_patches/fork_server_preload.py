@@ -7,7 +7,10 @@ to preload), so the work happens at import time:
 * the pydantic models those modules define, completed now instead of at their first use in every run;
 * python-hcl2's Lark parser, which the pre-flight check would otherwise build in every build run;
 * botocore's service models, parsed once and shared by every boto3 session a run creates (below);
-* one TLS context for the run's Prefect clients of an ``http://`` API (``prefect_patches/shared_tls.py``).
+* one TLS context for the run's Prefect clients of an ``http://`` API (``prefect_patches/shared_tls.py``);
+* Prefect's settings, which a run takes when it would read them from the same inputs
+  (``prefect_patches/settings_reuse.py``);
+* a pull step's event sent through the run's events worker (``prefect_patches/pull_step_events.py``).
 
 A module that fails to import is left out rather than taking the fork server down: a run that needs it
 imports it again in its own process and fails there, with the real error in the run's log, as a cold start
@@ -22,7 +25,7 @@ import os
 import sys
 import time
 
-from prefect_patches import PRELOAD_ENV, PROJECT_ENV
+from prefect_patches import PRELOAD_ENV, PROJECT_ENV, pull_step_events, settings_reuse
 from prefect_patches.shared_tls import reuse_tls_context_for_plain_http, shared_tls_context
 
 # Project files changed after this moment are imported again by the run that finds them changed.
@@ -109,6 +112,11 @@ _complete_pydantic_models()
 _build_hcl_parser()
 reuse_tls_context_for_plain_http()
 shared_tls_context()  # built here, inherited by every fork: a run builds none of its own
+settings_reuse.remember()
+try:
+    pull_step_events.install()
+except Exception as exc:  # noqa: BLE001 - Prefect's module moved: runs send the event as Prefect does
+    FAILED["pull-step events"] = f"{type(exc).__name__}: {exc}"
 try:
     _share_botocore_models()
 except Exception as exc:  # noqa: BLE001 - botocore's internals moved: runs only parse the models themselves

@@ -33,6 +33,8 @@ Kind = Literal["source", "signature", "present"]
 _WARM = "prefect_patches/warm_worker.py"
 _PRELOAD = "prefect_patches/fork_server_preload.py"
 _TLS = "prefect_patches/shared_tls.py"
+_SETTINGS = "prefect_patches/settings_reuse.py"
+_PULL_STEP = "prefect_patches/pull_step_events.py"
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,35 @@ SEAMS: tuple[Seam, ...] = (
         _PRELOAD,
         "source",
         "8d9a6246dc37ec523e214773e58a1371963cfa2ea21472657c4424d6caf8770f",
+    ),
+    # --- a forked run's settings -------------------------------------------------------------------------------
+    Seam(
+        "prefect.settings.base",
+        "PrefectBaseSettings.settings_customise_sources",
+        "what Settings() reads: PREFECT_ environment variables, .env, prefect.toml, pyproject.toml's "
+        "[tool.prefect] and the profiles file; a run reuses the fork server's settings when all are the same",
+        _SETTINGS,
+        "source",
+        "18bc906535d2ad7339929b1cb706bbe52ea8aeb0db77023162a21412858ed4ca",
+    ),
+    # --- a pull step's event ---------------------------------------------------------------------------------
+    Seam(
+        "prefect.deployments.steps.core",
+        "_emit_pull_step_event",
+        "the event it sends (type, flow-run resource, deployment related, the step as payload), sent the same "
+        "way through the run's events worker instead",
+        _PULL_STEP,
+        "source",
+        "c05d13fcfa75f601aaa03faed08299d80002125fb45eff47c5d8fa2aa6aa2ca5",
+    ),
+    Seam(
+        "prefect.deployments.steps.core",
+        "run_steps",
+        "calls _emit_pull_step_event by its module-global name (replaced there) with (step, event_type=, "
+        "deployment=, flow_run=, logger=)",
+        _PULL_STEP,
+        "source",
+        "55ba6613ffde17ce0506c85397c5e4665106433a32341b2b864846c099957b59",
     ),
 )
 

@@ -57,6 +57,7 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 
 from icd.worker_settings import KILL_GRACE_SECONDS, SUSPENDED_TEARDOWN_SECONDS, TERM_GRACE_SECONDS
 from prefect_patches import PRELOAD_ENV, PROJECT_ENV
+from prefect_patches.settings_reuse import settings_for_run
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -130,12 +131,13 @@ def run_engine(environment: dict[str, str], cwd: str) -> None:
     sys.argv = [sys.argv[0]]  # the engine takes a run id from argv before the environment; not the worker's
     _forget_changed_project_modules(environment.get(PROJECT_ENV))
     from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import Settings
 
     try:
         # Settings were read when the fork server imported Prefect; the run's environment may differ (job
-        # variables). Prefect's run_flow_in_subprocess does the same after it sets the environment.
-        with SettingsContext(profile=get_settings_context().profile, settings=Settings()), warnings.catch_warnings():
+        # variables). Prefect's run_flow_in_subprocess reads them again after it sets the environment; this
+        # takes the fork server's when read from the same inputs (prefect_patches/settings_reuse.py).
+        settings = settings_for_run(environment, Path(cwd))
+        with SettingsContext(profile=get_settings_context().profile, settings=settings), warnings.catch_warnings():
             # runpy warns that prefect.engine is already imported: it is, on purpose (that is the warm part).
             warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
             runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)

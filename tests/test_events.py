@@ -212,6 +212,11 @@ def test_a_signed_push_builds_once_however_often_it_is_delivered(deploy_env: Dep
     assert len(stored_events("icd.push.received", **{"icd.namespace": names.namespace})) == 1
     assert len(env.runs_of("build-artifact", namespace=names.namespace)) == 1
     assert env.registry.registry().last_version(names.namespace) == 1
+    # The warm worker's run said its pull step ran, through its events worker (prefect_patches/pull_step_events.py).
+    resource = {"prefect.resource.id": f"prefect.flow-run.{build.id}"}
+    [pulled] = wait_until(lambda: stored_events("prefect.flow-run.pull-step.executed", **resource), timeout=30)
+    assert pulled.payload["step_name"] == "set_working_directory"
+    assert [related.role for related in pulled.related] == ["deployment"]
 
 
 def test_a_registration_plans_the_followers_of_latest_and_only_them(deploy_env: DeployEnv) -> None:
