@@ -4,6 +4,8 @@
   (``icd-worker``);
 * ``fork_server_preload``: what that process imports and prepares once (imported only by the fork server);
 * ``shared_tls``: one TLS context for a process's Prefect clients of an ``http://`` API;
+* ``settings_reuse``, ``pull_step_events``: a forked run's start without rebuilding Prefect's settings or
+  opening a connection for its pull step's event;
 * ``seams``: every private name the above rely on, with a fingerprint of what they rely on and the Prefect
   version it was checked against (``tests/test_prefect_seams.py`` fails when one changes).
 
