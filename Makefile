@@ -3,12 +3,13 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-# These machines set PYTHONDONTWRITEBYTECODE. Unset here: pytest keeps each test module as it rewrote its asserts
-# (__pycache__, ignored by git) instead of rewriting every module in every worker at every run (2.5 s of CPU per
-# pytest worker), and the processes the tests start keep the project's bytecode too.
-export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: setup demo test test-fast lint
+
+# These machines set PYTHONDONTWRITEBYTECODE; empty for the tests (Python takes empty as unset): pytest keeps each
+# test module as it rewrote its asserts (__pycache__, ignored by git) instead of rewriting every module in every
+# worker at every run (2.5 s of CPU per pytest worker), and the processes the tests start keep their bytecode too.
+test test-fast: export PYTHONDONTWRITEBYTECODE :=
 
 setup:
 	@bash scripts/bootstrap.sh

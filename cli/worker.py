@@ -25,6 +25,13 @@ from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
 from prefect_patches.warm_worker import WarmProcessWorker, start_fork_server
 
 
+def heartbeat_for_runs() -> None:
+    """Before the fork server: every run inherits it. Prefect's own 180 s would let a dead run look alive for
+    minutes; a value set in the environment or the Prefect profile wins."""
+    if HEARTBEAT_ENV not in get_current_settings().to_environment_variables(exclude_unset=True):
+        os.environ[HEARTBEAT_ENV] = str(HEARTBEAT_SECONDS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icd-worker", description=__doc__.splitlines()[0])
     parser.add_argument("--pool", required=True, help="the process work pool to poll")
@@ -37,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the project whose prefect.yaml names the flows to preload (default: $ICD_PROJECT_DIR)",
     )
     args = parser.parse_args(argv)
-    # Before the fork server: every run inherits it. Prefect's own 180 s would let a dead run look alive for
-    # minutes; a value set in the environment or the Prefect profile wins.
-    if HEARTBEAT_ENV not in get_current_settings().to_environment_variables(exclude_unset=True):
-        os.environ[HEARTBEAT_ENV] = str(HEARTBEAT_SECONDS)
+    heartbeat_for_runs()
     reuse_tls_context_for_plain_http()  # the worker's own clients; its fork server does it for the runs
     # Before the event loop and its threads: the fork server must start from a single-threaded process.
     for module, error in start_fork_server(args.project_dir.resolve()).items():

@@ -112,7 +112,10 @@ _complete_pydantic_models()
 _build_hcl_parser()
 reuse_tls_context_for_plain_http()
 shared_tls_context()  # built here, inherited by every fork: a run builds none of its own
-settings_reuse.remember()
+try:
+    settings_reuse.remember()
+except Exception as exc:  # noqa: BLE001 - settings this process can't read: each run reads its own, as cold
+    FAILED["settings reuse"] = f"{type(exc).__name__}: {exc}"
 try:
     pull_step_events.install()
 except Exception as exc:  # noqa: BLE001 - Prefect's module moved: runs send the event as Prefect does

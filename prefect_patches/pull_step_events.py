@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.events import RelatedResource, emit_event
+from prefect.logging.loggers import get_logger
 
 
 async def emit_pull_step_event(
@@ -40,12 +41,15 @@ async def emit_pull_step_event(
         if deployment
         else []
     )
-    emit_event(
-        event=event_type,
-        resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"},
-        related=related,
-        payload=serialized_step,
-    )
+    try:
+        emit_event(
+            event=event_type,
+            resource={"prefect.resource.id": f"prefect.flow-run.{flow_run_id}"},
+            related=related,
+            payload=serialized_step,
+        )
+    except Exception:  # noqa: BLE001 - as Prefect's: an event that can't be sent never fails the step
+        (logger or get_logger(__name__)).warning("Failed to emit pull-step event for flow run %s", flow_run_id)
 
 
 def install() -> None:

@@ -51,7 +51,7 @@ from prefect.exceptions import Pause
 from prefect.flows import load_flow_from_flow_run
 from prefect.runner._flow_run_executor import FlowRunExecutionResult, FlowRunExecutorContext
 from prefect.runner._process_manager import ProcessHandle
-from prefect.settings import get_current_settings
+from prefect.settings import Settings, get_current_settings
 from prefect.utilities.processutils import sanitize_subprocess_env
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
@@ -125,24 +125,30 @@ def run_engine(environment: dict[str, str], cwd: str) -> None:
     # Like the cold path's own session: a signal to the worker's process group (Ctrl-C in its terminal)
     # does not reach the run before the worker has told it why.
     os.setsid()
-    os.environ.clear()
-    os.environ.update(environment)
-    os.chdir(cwd)
-    sys.argv = [sys.argv[0]]  # the engine takes a run id from argv before the environment; not the worker's
-    _forget_changed_project_modules(environment.get(PROJECT_ENV))
     from prefect.context import SettingsContext, get_settings_context
 
     try:
-        # Settings were read when the fork server imported Prefect; the run's environment may differ (job
-        # variables). Prefect's run_flow_in_subprocess reads them again after it sets the environment; this
-        # takes the fork server's when read from the same inputs (prefect_patches/settings_reuse.py).
-        settings = settings_for_run(environment, Path(cwd))
+        settings = enter_run(environment, cwd)
         with SettingsContext(profile=get_settings_context().profile, settings=settings), warnings.catch_warnings():
             # runpy warns that prefect.engine is already imported: it is, on purpose (that is the warm part).
             warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
             runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
     finally:
         _exit_like_the_interpreter()
+
+
+def enter_run(environment: dict[str, str], cwd: str) -> Settings:
+    """The forked process becomes the run's: its environment, directory and arguments, project code changed
+    since the fork server imported it, and its Prefect settings. Settings were read when the fork server
+    imported Prefect; the run's environment may differ (job variables). Prefect's run_flow_in_subprocess
+    reads them again once it has set the environment; this takes the fork server's when they would be read
+    from the same inputs (prefect_patches/settings_reuse.py)."""
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(cwd)
+    sys.argv = [sys.argv[0]]  # the engine takes a run id from argv before the environment; not the worker's
+    _forget_changed_project_modules(environment.get(PROJECT_ENV))
+    return settings_for_run()
 
 
 def _exit_like_the_interpreter() -> None:
@@ -235,6 +241,22 @@ def _report_preload_failures(sender: Connection) -> None:
     sender.close()
 
 
+def run_environment(
+    job_env: Mapping[str, str | None], flow_run_id: UUID, control_env: Mapping[str, str]
+) -> dict[str, str]:
+    """A run's environment, as Prefect's ``EngineCommandStarter`` builds it for ``python -m prefect.engine``: the
+    worker's, the job's, the worker's settings written out, then the run's own keys."""
+    environment: dict[str, str | None] = {
+        **os.environ,
+        **job_env,
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        "PREFECT__FLOW_RUN_ID": str(flow_run_id),
+        "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
+        **control_env,
+    }
+    return sanitize_subprocess_env(environment)
+
+
 class ForkedEngineStarter:
     """A ``ProcessStarter`` for Prefect's flow-run executor: the run's process is a fork of the fork server.
 
@@ -268,19 +290,12 @@ class ForkedEngineStarter:
             else:
                 control_env = {"PREFECT__CONTROL_PORT": str(port), "PREFECT__CONTROL_TOKEN": token}
                 control_registered = True
-        environment: dict[str, str | None] = {
-            **os.environ,
-            **self._env,
-            **get_current_settings().to_environment_variables(exclude_unset=True),
-            "PREFECT__FLOW_RUN_ID": str(flow_run.id),
-            "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
-            **control_env,
-        }
+        environment = run_environment(self._env, flow_run.id, control_env)
         handed_off = False
         try:
             process = _FORKS.Process(
                 target=run_engine,
-                args=(sanitize_subprocess_env(environment), str(self._cwd)),
+                args=(environment, str(self._cwd)),
                 name=f"flow-run-{flow_run.id}",
             )
             await anyio.to_thread.run_sync(process.start)

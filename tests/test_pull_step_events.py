@@ -65,3 +65,19 @@ def test_the_event_is_prefects_own(
 
     assert [_what(event) for event in ours] == [_what(event) for event in prefects]
     assert len(ours) == (0 if flow_run is None and from_environment is None else 1)
+
+
+def test_an_event_that_cannot_be_sent_is_logged_and_never_fails_the_step(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As Prefect's own: emit_event raises EventTooLarge, say; the pull step still succeeded.
+    def refuse(**_: Any) -> None:
+        raise ValueError("event too large")
+
+    monkeypatch.setattr(pull_step_events, "emit_event", refuse)
+
+    asyncio.run(
+        pull_step_events.emit_pull_step_event(STEP, event_type="prefect.flow-run.pull-step.executed", flow_run=RUN)
+    )
+
+    assert f"Failed to emit pull-step event for flow run {RUN.id}" in caplog.text

@@ -70,7 +70,7 @@ def _run_settings(environ: dict[str, str], cwd: Path, monkeypatch: pytest.Monkey
         monkeypatch.delenv(key)
     for key, value in environ.items():
         monkeypatch.setenv(key, value)
-    return settings_reuse.settings_for_run(environ, cwd), Settings()
+    return settings_reuse.settings_for_run(), Settings()
 
 
 @pytest.mark.parametrize(

@@ -210,19 +210,31 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_module_that_fails_to_preload_is_reported_and_the_fork_server_still_forks(tmp_path: Path) -> None:
+def test_a_module_that_fails_to_preload_is_reported_and_a_run_forked_as_the_worker_forks_it_starts_warm(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "brokenflows").mkdir()
     (tmp_path / "brokenflows" / "__init__.py").write_text("")
     (tmp_path / "brokenflows" / "bad.py").write_text("raise ValueError('boom at import')\n")
     (tmp_path / "prefect.yaml").write_text("deployments:\n  - entrypoint: brokenflows/bad.py:f\n")
+    run_dir = tmp_path / "run"  # a deployment without a working directory runs in a new temporary one
+    run_dir.mkdir()
+    # What icd-worker does before its fork server (the runs' heartbeat), and the environment it gives a run.
     result = _python(
         f"""
-        import os
+        import uuid
         from pathlib import Path
-        from prefect_patches.warm_worker import _FORKS, start_fork_server
+        from cli.worker import heartbeat_for_runs
+        from prefect_patches.warm_worker import _FORKS, run_environment, start_fork_server
+        from tests.forked_probe import report_run_start
+        heartbeat_for_runs()
         print(start_fork_server(Path({str(tmp_path)!r})))
-        child = _FORKS.Process(target=os.getpid)
+        receiver, sender = _FORKS.Pipe(duplex=False)
+        environment = run_environment({{"ICD_WORKSPACE": "staging"}}, uuid.uuid4(), {{}})
+        child = _FORKS.Process(target=report_run_start, args=(environment, {str(run_dir)!r}, sender))
         child.start()
+        sender.close()
+        print(receiver.recv())
         child.join()
         print("exit", child.exitcode)
         """,
@@ -231,6 +243,10 @@ def test_a_module_that_fails_to_preload_is_reported_and_the_fork_server_still_fo
     assert result.returncode == 0, result.stderr
     assert "{'brokenflows.bad': 'ValueError: boom at import'}" in result.stdout
     assert "exit 0" in result.stdout
+    # Its start takes the fork server's settings (prefect_patches/settings_reuse.py) and sends the pull step's
+    # event through its events worker (prefect_patches/pull_step_events.py).
+    assert "'settings': \"the fork server's\"" in result.stdout
+    assert "'pull-step event': \"through the run's events worker\"" in result.stdout
 
 
 def test_a_run_imports_project_code_changed_since_the_fork_server_loaded_it(tmp_path: Path) -> None:
