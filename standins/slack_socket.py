@@ -95,7 +95,12 @@ class SlackSocketStandIn:
     def start(self) -> SlackSocketStandIn:
         if not self._threads:
             self._threads = [
-                threading.Thread(target=self._http.serve_forever, name="slack-socket-standin-http", daemon=True),
+                threading.Thread(
+                    target=self._http.serve_forever,
+                    kwargs={"poll_interval": 0.05},  # as the other stand-ins: its stop waits one interval
+                    name="slack-socket-standin-http",
+                    daemon=True,
+                ),
                 threading.Thread(target=self._websocket.serve_forever, name="slack-socket-standin-ws", daemon=True),
             ]
             for thread in self._threads:

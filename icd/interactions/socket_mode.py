@@ -126,13 +126,17 @@ def run_socket_mode(
 
 
 def _close(client: SocketModeClient) -> None:
-    """``client.close()``, without its wait: it takes the receiving thread's lock, which that thread holds in
-    ``recv()`` until a 3 s timeout fixed in slack_sdk. Shutting the socket down first ends that ``recv()``."""
+    """``client.close()``, without its waits. It takes the receiving thread's lock, which that thread holds in
+    ``recv()`` until a 3 s timeout fixed in slack_sdk: shutting the socket down first ends that ``recv()``. It
+    then joins the thread that takes messages off its queue, which waits up to 1 s for the next one: once the
+    client is marked closed, an empty item (``None``, which that thread skips) ends its wait."""
     session = client.current_session
     sock = session.sock if session is not None else None
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+    client.closed = True
+    client.message_queue.put(None)
     client.close()
 
 
