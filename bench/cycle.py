@@ -511,14 +511,13 @@ def start_side(
     side = Side(label, server, registry, slack, consul, bucket)
     icd_home = home / f"icd-{key}"
     stack.callback(stop_instances, icd_home)
+    # Another checkout's worker imports that checkout first: its flows, tasks, library and patches.
+    checkout = {"ICD_PROJECT_DIR": str(project), "PYTHONPATH": str(project)} if project else None
     for number in range(workers):
         process = start_worker(
             server,
             "local-pool",
-            # Another checkout's worker imports that checkout first: its flows, tasks, library and patches.
-            env=worker_env(icd_home, config, {"ICD_PROJECT_DIR": str(project), "PYTHONPATH": str(project)})
-            if project
-            else worker_env(icd_home, config),
+            env=worker_env(icd_home, config, checkout),
             name=f"worker-{key}-{number}",
             warm=not cold,
             cwd=project,
