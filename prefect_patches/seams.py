@@ -35,6 +35,7 @@ _PRELOAD = "prefect_patches/fork_server_preload.py"
 _TLS = "prefect_patches/shared_tls.py"
 _SETTINGS = "prefect_patches/settings_reuse.py"
 _PULL_STEP = "prefect_patches/pull_step_events.py"
+_HEARTBEAT = "prefect_patches/heartbeat_stop.py"
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,25 @@ SEAMS: tuple[Seam, ...] = (
         _PULL_STEP,
         "source",
         "55ba6613ffde17ce0506c85397c5e4665106433a32341b2b864846c099957b59",
+    ),
+    # --- a run's heartbeat thread -------------------------------------------------------------------------------
+    Seam(
+        "prefect.flow_engine",
+        "_send_heartbeats",
+        "a context manager (engine, join_on_exit=True) whose daemon thread returns without sending once its stop "
+        "event is set; join_on_exit=False (as its async engine passes) skips only the join",
+        _HEARTBEAT,
+        "source",
+        "83e152cb73a04e977ca181188e99b3d583c894892b5456043b2eb51e45dbe996",
+    ),
+    Seam(
+        "prefect.flow_engine",
+        "FlowRunEngine.run_context",
+        "enters _send_heartbeats(self) by its module-global name (replaced there) around the flow's call; a "
+        "flow that returns has its final state before that context exits",
+        _HEARTBEAT,
+        "source",
+        "b54488578c32160a45182b75ce9e645366a78132f1802518a2fe03dfa48e06de",
     ),
 )
 

@@ -7,9 +7,12 @@ from multiprocessing.connection import Connection
 
 
 def report_run_start(environment: dict[str, str], cwd: str, sender: Connection) -> None:
-    import prefect.deployments.steps.core as steps
+    import gc
 
-    from prefect_patches import pull_step_events, settings_reuse
+    import prefect.deployments.steps.core as steps
+    import prefect.flow_engine
+
+    from prefect_patches import heartbeat_stop, pull_step_events, settings_reuse
     from prefect_patches.warm_worker import enter_run
 
     settings = enter_run(environment, cwd)
@@ -22,6 +25,14 @@ def report_run_start(environment: dict[str, str], cwd: str, sender: Connection) 
                 if steps._emit_pull_step_event is pull_step_events.emit_pull_step_event
                 else "Prefect's own client"
             ),
+            "heartbeat thread": (
+                "not waited for"
+                if getattr(prefect.flow_engine._send_heartbeats, heartbeat_stop._PATCHED, False)
+                else "joined as Prefect does"
+            ),
+            # What the fork server had loaded is frozen (prefect_patches/fork_server_preload.py): far more objects
+            # than a run creates before this point, and none of them in a generation its collections walk.
+            "inherited heap": "frozen" if gc.get_freeze_count() > 100_000 else f"{gc.get_freeze_count()} frozen",
         }
     )
     sender.close()

@@ -244,9 +244,12 @@ def test_a_module_that_fails_to_preload_is_reported_and_a_run_forked_as_the_work
     assert "{'brokenflows.bad': 'ValueError: boom at import'}" in result.stdout
     assert "exit 0" in result.stdout
     # Its start takes the fork server's settings (prefect_patches/settings_reuse.py) and sends the pull step's
-    # event through its events worker (prefect_patches/pull_step_events.py).
+    # event through its events worker (prefect_patches/pull_step_events.py); its end will not wait for its
+    # heartbeat thread (heartbeat_stop.py); what the fork server loaded is frozen (fork_server_preload.py).
     assert "'settings': \"the fork server's\"" in result.stdout
     assert "'pull-step event': \"through the run's events worker\"" in result.stdout
+    assert "'heartbeat thread': 'not waited for'" in result.stdout
+    assert "'inherited heap': 'frozen'" in result.stdout
 
 
 def test_a_run_imports_project_code_changed_since_the_fork_server_loaded_it(tmp_path: Path) -> None:
