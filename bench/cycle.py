@@ -5,6 +5,7 @@ on both databases a site can run the Prefect server on, side by side.
     .venv/bin/python bench/cycle.py --rounds 5 --postgres       # PostgreSQL only (--sqlite: SQLite only)
     .venv/bin/python bench/cycle.py --concurrent 10 --workers 2 --postgres
     .venv/bin/python bench/cycle.py --rounds 5 --baseline HEAD~1   # A/B: each database also on HEAD~1's code
+    .venv/bin/python bench/cycle.py --concurrent 10 --workers 2 --postgres --rounds 2 --baseline HEAD~1   # A/B under load
 
 Everything runs here for real: moto (S3, DynamoDB), and per database its own Consul and Slack stand-ins, Prefect
 server, worker (`icd-worker`, warm runs; `--cold` for Prefect's process worker, polling every second), the
@@ -15,7 +16,9 @@ under this run's temp dir. Each round, interleaved:
 
 * **shell**: a shell script that clones the app, runs `packer build`, then `terraform init`, `plan -out`,
   `show -json` and `apply` on the local stack with the same S3 backend and lock table; each tool call is timed
-  (``date`` around it) for its tool time;
+  (``date`` around it) for its tool time. Like ours, each round's apply replaces the instance the round before
+  started (one state and one instance directory for all rounds; its create step retires the old instance), so
+  both sides' tools do the same work; the last instance is destroyed at the end, untimed;
 * **ours**, on PostgreSQL, then on SQLite: a commit, then `build-artifact` (the registration's event plans the
   workspace), the `deploy-artifact` run that the trigger starts, approved the moment it waits, until it ends
   `Deployed`.
@@ -401,7 +404,7 @@ t "$PACKER" build -machine-readable -only=null.local_image \
 cp -r "$STACK" "$WORK/stack" && cd "$WORK/stack"
 printf 'terraform {\n  backend "s3" {}\n}\n' > backend_override.tf
 t "$TERRAFORM" init -input=false -no-color -reconfigure \
-  -backend-config=bucket="$BUCKET" -backend-config=key="shell/$VERSION.tfstate" -backend-config=region=us-east-1 \
+  -backend-config=bucket="$BUCKET" -backend-config=key="shell/web.tfstate" -backend-config=region=us-east-1 \
   -backend-config=endpoint="$ENDPOINT" -backend-config=force_path_style=true \
   -backend-config=skip_credentials_validation=true -backend-config=skip_metadata_api_check=true \
   -backend-config=skip_region_validation=true -backend-config=dynamodb_table="$TABLE" \
@@ -409,18 +412,26 @@ t "$TERRAFORM" init -input=false -no-color -reconfigure \
 t "$TERRAFORM" plan -input=false -no-color -out=plan.tfplan \
   -var artifact_id="$WORK/images/benchsh-$VERSION.tar.gz" -var artifact_version="$VERSION" \
   -var namespace="$NAMESPACE" -var service_name=benchsh -var consul_addr="$CONSUL" \
-  -var deploy_run_id=shell -var workspace=shell -var instance_root="$WORK/instances" >/dev/null
+  -var deploy_run_id=shell -var workspace=shell -var instance_root="$INSTANCES" >/dev/null
 t "$TERRAFORM" show -json plan.tfplan >/dev/null
 t "$TERRAFORM" apply -input=false -no-color plan.tfplan >/dev/null
+date +%s.%N > "$WORK/applied"
+"""
+
+# After the last round, in its stack directory: the instance the shell left running stopped and deregistered.
+SHELL_TEARDOWN = r"""
+set -eu
+cd "$WORK/stack"
 "$TERRAFORM" destroy -auto-approve -input=false -no-color \
   -var artifact_id=x -var artifact_version="$VERSION" -var namespace="$NAMESPACE" -var service_name=benchsh \
-  -var consul_addr="$CONSUL" -var deploy_run_id=shell -var workspace=shell -var instance_root="$WORK/instances" >/dev/null
+  -var consul_addr="$CONSUL" -var deploy_run_id=shell -var workspace=shell -var instance_root="$INSTANCES" \
+  >>"$WORK/log" 2>&1
 """
 
 
 @dataclass
 class ShellCycle:
-    wall: float  # start -> the apply done (its clean-up `destroy` excluded)
+    wall: float  # start -> the apply done
     tools: dict[str, float]  # "terraform plan" -> seconds
 
     @property
@@ -428,13 +439,21 @@ class ShellCycle:
         return sum(self.tools.values())
 
 
+def _shell_env(home: Path, env: dict[str, str], round_number: int) -> dict[str, str]:
+    return {
+        **env,
+        "WORK": str(home / f"shell-{round_number}"),
+        "VERSION": f"sh{round_number}",
+        "INSTANCES": str(home / "shell-instances"),
+    }
+
+
 def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) -> ShellCycle:
-    script = BASELINE.replace('"$TERRAFORM" destroy', 'date +%s.%N > "$WORK/applied"; "$TERRAFORM" destroy')
     work = home / f"shell-{round_number}"
     started = time.time()
     result = subprocess.run(
-        ["bash", "-c", script.replace(">/dev/null", '>>"$WORK/log" 2>&1')],
-        env={**env, "WORK": str(work), "VERSION": f"sh{round_number}"},
+        ["bash", "-c", BASELINE.replace(">/dev/null", '>>"$WORK/log" 2>&1')],
+        env=_shell_env(home, env, round_number),
         check=False,
     )
     if result.returncode != 0:
@@ -444,6 +463,13 @@ def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) 
         begin, end, name, command = line.split(maxsplit=3)
         tools[f"{name} {command}"] += float(end) - float(begin)
     return ShellCycle(wall=float((work / "applied").read_text()) - started, tools=dict(tools))
+
+
+def shell_teardown(home: Path, env: dict[str, str], round_number: int) -> None:
+    """Destroy what the shell's last round (``round_number``) left running; a failure is printed, not raised."""
+    result = subprocess.run(["bash", "-c", SHELL_TEARDOWN], env=_shell_env(home, env, round_number), check=False)
+    if result.returncode != 0:
+        print(f"the shell's clean-up failed; see {home / f'shell-{round_number}' / 'log'}", flush=True)
 
 
 @dataclass
@@ -466,7 +492,8 @@ class Side:
             yield
 
     def log_findings(self) -> dict[str, dict[str, Any]]:
-        """Per process (server, workers): lines saying ``database is locked``, ERROR lines, the first errors."""
+        """Per process (server, workers): lines saying ``database is locked``, ERROR and WARNING lines, the first
+        of each."""
         found: dict[str, dict[str, Any]] = {}
         for process in [self.server.process, *self.workers]:
             try:
@@ -474,11 +501,12 @@ class Side:
             except OSError:
                 lines = []
             errors = [line for line in lines if " ERROR " in line or "| ERROR" in line or line.startswith("ERROR")]
+            warnings = [line for line in lines if " WARNING " in line or "| WARNING" in line]
             found[process.name] = {
                 "locked": sum("database is locked" in line for line in lines),
                 "errors": len(errors),
-                "warnings": sum(" WARNING " in line or "| WARNING" in line for line in lines),
-                "first errors": errors[:3],
+                "warnings": len(warnings),
+                "first errors and warnings": errors[:3] + warnings[:2],
             }
         return found
 
@@ -582,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline",
         metavar="REV",
         default=None,
-        help="each database twice, interleaved round by round (which goes first alternates): this tree, and a "
+        help="each database twice, interleaved round by round (which goes first alternates; with --concurrent, "
+        "--rounds load rounds each): this tree, and a "
         "worker running REV's flows, tasks, library and patches (a git worktree); the server's deployments, "
         "automations and blocks are this tree's. An A/B of a code change on one machine at one time",
     )
@@ -592,8 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     only = [flag for flag in ("postgres", "sqlite", "database_url") if getattr(args, flag)]
     if len(only) > 1 or (only and args.both):
         parser.error("--both, --postgres, --sqlite and --database-url exclude each other")
-    if args.baseline and (args.concurrent or args.database_url):
-        parser.error("--baseline makes two servers per database: not with --concurrent or --database-url")
+    if args.baseline and args.database_url:
+        parser.error("--baseline makes two servers per database: not with --database-url")
     if args.concurrent and not only:
         parser.error("--concurrent runs on one database: add --postgres (the team set-up), --sqlite or --database-url")
     wanted: list[tuple[str, str | None]] = []  # (label, database URL or None for a fresh one)
@@ -651,8 +680,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 sides.append(side)
         if args.concurrent:
-            with sides[0].api():
-                under_load(repo, sides[0].registry, args.concurrent, load_workspaces(args.concurrent), sides[0].label)
+            # With --baseline, each side takes its turn at every round, which goes first alternating; one round
+            # at a time on the machine, so that a side's runs never compete with the other's.
+            for round_number in range(args.rounds if args.baseline else 1):
+                for side in sides if round_number % 2 == 0 else sides[::-1]:
+                    with side.api():
+                        under_load(repo, side.registry, args.concurrent, load_workspaces(args.concurrent), side.label)
             return 0
         first = sides[0]
         shell_env = {
@@ -675,8 +708,12 @@ def main(argv: list[str] | None = None) -> int:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
         shells: list[ShellCycle] = []
+        shell_rounds: list[int] = []
         for round_number in range(args.rounds + 1):  # round 0 warms every side up and is not counted
             baseline = shell_cycle(home, repo, shell_env, round_number)
+            if not shell_rounds:  # once there is an instance; each round replaces it, the last one is destroyed
+                stack.callback(lambda: shell_teardown(home, shell_env, shell_rounds[-1]))
+            shell_rounds.append(round_number)
             line = f"round {round_number}{' (warm-up)' if not round_number else ''}: shell {baseline.wall:5.1f}s"
             # With --baseline, each pair of sides takes turns at going first.
             turns = sides if not args.baseline or round_number % 2 == 0 else _swap_pairs(sides)
@@ -871,7 +908,7 @@ def report(
                 f"{side.label} {process} log: {found['locked']} 'database is locked', {found['errors']} ERROR, "
                 f"{found['warnings']} WARNING lines"
             )
-            for line in found["first errors"]:
+            for line in found["first errors and warnings"]:
                 print(f"    {line[:200]}")
 
 
