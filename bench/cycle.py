@@ -588,7 +588,13 @@ def machine_load() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="counted cycles per side, after a warm-up round; with --concurrent, load rounds per side if --baseline "
+        "is given, else one",
+    )
     parser.add_argument(
         "--both", action="store_true", help="PostgreSQL and the SQLite default side by side (the default)"
     )

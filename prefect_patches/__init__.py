@@ -6,6 +6,7 @@
 * ``shared_tls``: one TLS context for a process's Prefect clients of an ``http://`` API;
 * ``settings_reuse``, ``pull_step_events``: a forked run's start without rebuilding Prefect's settings or
   opening a connection for its pull step's event;
+* ``heartbeat_stop``: a forked run's end without waiting for its heartbeat thread;
 * ``seams``: every private name the above rely on, with a fingerprint of what they rely on and the Prefect
   version it was checked against (``tests/test_prefect_seams.py`` fails when one changes).
 

@@ -135,5 +135,5 @@ except Exception as exc:  # noqa: BLE001 - botocore's internals moved: runs only
 # Last, once everything above is loaded: it stays for the fork server's life and every run inherits it. Frozen, it
 # is out of the collector's sight: a run's full collections (each walked all ~200,000 inherited objects, 0.1-0.2 s)
 # skip it, and the pages it lies on stay shared with the fork server instead of being copied as the collector
-# touches them. Python's gc docs advise exactly this: ``gc.freeze()`` before ``fork()``.
+# touches them. Python's gc docs advise ``gc.freeze()`` before ``fork()`` for this.
 gc.freeze()

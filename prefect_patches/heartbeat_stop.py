@@ -4,9 +4,11 @@ Prefect's sync flow engine sends the run's heartbeats from a daemon thread that 
 (``prefect.flow_engine._send_heartbeats``), and after the flow's final state it joins that thread (for up to
 2 s): every run's process lived on for up to a second after its run ended, holding its worker's slot. Prefect's
 own async engine does not join it (``join_on_exit=False``), and neither does this: the thread sees the stop at
-its next wake and returns without sending anything, and a daemon thread does not hold up the process's exit
-(``warm_worker._exit_like_the_interpreter`` joins only the others). What the thread sends while the run is
-live is unchanged. Installed in the fork server (``fork_server_preload``): only the warm worker's runs.
+its next wake and returns, sending nothing more (a heartbeat it is already sending still goes out), and a daemon
+thread does not hold up the process's exit (``warm_worker._exit_like_the_interpreter`` joins only the others).
+What the thread sends while the run is live is unchanged. A flow that returns or suspends has its state before the
+join would have begun; one that raises or times out now has its Failed state proposed up to a second sooner.
+Installed in the fork server (``fork_server_preload``): only the warm worker's runs.
 """
 
 from __future__ import annotations

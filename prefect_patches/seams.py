@@ -348,8 +348,8 @@ SEAMS: tuple[Seam, ...] = (
     Seam(
         "prefect.flow_engine",
         "_send_heartbeats",
-        "a context manager (engine, join_on_exit=True) whose daemon thread returns without sending once its stop "
-        "event is set; join_on_exit=False (as its async engine passes) skips only the join",
+        "a context manager (engine, join_on_exit=True) whose daemon thread sends nothing more once its stop event "
+        "is set and returns at its next wake; join_on_exit=False (as its async engine passes) skips only the join",
         _HEARTBEAT,
         "source",
         "83e152cb73a04e977ca181188e99b3d583c894892b5456043b2eb51e45dbe996",

@@ -1,11 +1,11 @@
 """A forked run's heartbeat thread (prefect_patches/heartbeat_stop.py): the flow's end does not wait for it, and it
-sends nothing once the run has ended."""
+sends nothing more once the run has ended."""
 
 from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import prefect.flow_engine
 import pytest
@@ -22,42 +22,64 @@ class RecordingEngine:
 
     def __init__(self) -> None:
         self.flow_run = SimpleNamespace(state=SimpleNamespace(is_final=lambda: False))
-        self.sent: list[float] = []
+        self.sent = 0
 
     def _build_heartbeat_event_template(self) -> tuple[dict[str, str], list[Any]]:
         return {"prefect.resource.id": "prefect.flow-run.test"}, []
 
     def _emit_flow_run_heartbeat(self, resource: dict[str, str], related: list[Any]) -> None:
-        self.sent.append(0.0)
+        self.sent += 1
 
 
-def _heartbeat_thread_of(send_heartbeats: Any, engine: RecordingEngine) -> tuple[threading.Thread, bool]:
-    """Enter and leave ``send_heartbeats`` for ``engine``: its thread, and whether it was still alive as the
-    context manager returned (it sleeps in 1 s steps, so only a join ends it that fast)."""
-    before = set(threading.enumerate())
+class RecordingThread(threading.Thread):
+    """The heartbeat thread, as Prefect makes it, with the joins asked of it counted."""
+
+    made: ClassVar[list[RecordingThread]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.joins = 0
+        RecordingThread.made.append(self)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.joins += 1
+        super().join(timeout)
+
+
+@pytest.fixture
+def heartbeat_thread(monkeypatch: pytest.MonkeyPatch) -> list[RecordingThread]:
+    """The threads ``_send_heartbeats`` makes from now on (it takes ``threading`` from its module)."""
+    RecordingThread.made = []
+    threads = SimpleNamespace(Thread=RecordingThread, Event=threading.Event)
+    monkeypatch.setattr(prefect.flow_engine, "threading", threads)
+    return RecordingThread.made
+
+
+def _run_a_flow(send_heartbeats: Any, engine: RecordingEngine) -> None:
     with send_heartbeats(engine):
         wait_until(lambda: engine.sent, timeout=10, message="the heartbeat thread sent nothing")
-        (thread,) = set(threading.enumerate()) - before
-    return thread, thread.is_alive()
 
 
-def test_the_run_does_not_wait_for_its_heartbeat_thread_which_then_sends_nothing() -> None:
+def test_the_run_does_not_wait_for_its_heartbeat_thread_which_then_sends_nothing_more(
+    heartbeat_thread: list[RecordingThread],
+) -> None:
     engine = RecordingEngine()
-    patched = heartbeat_stop.without_join(prefect.flow_engine._send_heartbeats)
-    thread, alive_at_exit = _heartbeat_thread_of(patched, engine)
-    assert alive_at_exit, "the heartbeat thread was joined"
+    _run_a_flow(heartbeat_stop.without_join(prefect.flow_engine._send_heartbeats), engine)
+    (thread,) = heartbeat_thread
+    assert thread.joins == 0
     assert thread.daemon  # so it never holds up the process's exit
     wait_until(lambda: not thread.is_alive(), timeout=10, message="the heartbeat thread did not stop")
-    assert len(engine.sent) == 1  # the one at the start; nothing after the stop
+    assert engine.sent == 1  # the one at the start; nothing after the stop
 
 
-def test_prefects_own_waits_for_it() -> None:
+def test_prefects_own_waits_for_it(heartbeat_thread: list[RecordingThread]) -> None:
     """The baseline the patch changes: the same engine, Prefect's function joins the thread."""
+    assert not getattr(prefect.flow_engine._send_heartbeats, heartbeat_stop._PATCHED, False), "installed here"
     engine = RecordingEngine()
-    assert not getattr(prefect.flow_engine._send_heartbeats, "__icd_heartbeat_without_join__", False), "installed"
-    _, alive_at_exit = _heartbeat_thread_of(prefect.flow_engine._send_heartbeats, engine)
-    assert not alive_at_exit
-    assert len(engine.sent) == 1
+    _run_a_flow(prefect.flow_engine._send_heartbeats, engine)
+    (thread,) = heartbeat_thread
+    assert thread.joins == 1
+    assert engine.sent == 1
 
 
 def test_installing_twice_wraps_once(monkeypatch: pytest.MonkeyPatch) -> None:
