@@ -22,7 +22,6 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, StateType
 from prefect.exceptions import Pause
 from prefect.runtime import flow_run
@@ -51,6 +50,7 @@ from icd.health.gate import BatchGateResult, InstanceHealth
 from icd.notify.message import NotificationReceipt, Severity
 from icd.registry.models import ArtifactVersion, ChannelMoved
 from icd.rules import PLAN_AND_APPLY_MARGIN_SECONDS, Workspace
+from icd.run_state import flow_run_state
 from icd.service.contract import SERVICE_ID_OUTPUT, SERVICE_IDS_OUTPUT, cite
 from icd.text import one_line
 from tasks.announce import announce_channel_move, announce_teardown
@@ -198,13 +198,9 @@ def end_on_bug(ctx: DeployContext, exc: Exception) -> None:
 
 
 def being_cancelled(run_id: str) -> bool:
-    """Whether the server is cancelling this run (or has); False when it can't say."""
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(UUID(run_id)).state
-    except Exception:  # noqa: BLE001  # can't say: the exception is told as a bug, which it may be
-        return False
-    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+    """Whether the server is cancelling this run (or has); False when it can't say (the exception is then told as
+    a bug, which it may be)."""
+    return flow_run_state(run_id) in (StateType.CANCELLING, StateType.CANCELLED)
 
 
 def give_back(ctx: DeployContext, *, patient: bool = True) -> bool:

@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from pathlib import Path
-from uuid import UUID
 
 from prefect import get_run_logger, task
-from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
 
 from blocks.registry import ArtifactRegistry
 from icd.deploy.artifacts import LOCAL, BuiltArtifact, collect_artifacts
 from icd.deploy.source import SourceCheckout
 from icd.errors import PackerError, RegistryStorageError
 from icd.registry.models import ArtifactVersion, BuildClaimed, BuildHeld
+from icd.run_state import Unknown, flow_run_state, has_ended
 from icd.service.contract import PackerVariables
 from icd.tools import packer
 from tasks.policies import ONCE_PER_RUN, registry_blip, transient
@@ -30,15 +28,11 @@ logger = logging.getLogger(__name__)
 def run_may_be_building(run_id: str) -> bool:
     """For a build claim's holder: False once its Prefect flow run has ended (or was deleted); True while it
     runs, and when the API can't say (the claim's lease still bounds the wait)."""
-    try:
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(UUID(run_id))
-    except ObjectNotFound:
-        return False
-    except Exception as exc:  # noqa: BLE001  # any API failure means "can't tell", never "ended"
-        logger.warning("could not read flow run %s (%s); its build claim stands", run_id, type(exc).__name__)
+    state = flow_run_state(run_id)
+    if isinstance(state, Unknown):  # any API failure means "can't tell", never "ended"
+        logger.warning("could not read flow run %s (%s); its build claim stands", run_id, state.cause)
         return True
-    return run.state is None or not run.state.is_final()
+    return not has_ended(state)
 
 
 @task(

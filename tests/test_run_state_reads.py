@@ -1,4 +1,5 @@
-"""The three places that read another flow run's state, each answering what "the API can't say" means for it:
+"""The three places that read another flow run's state (through ``icd.run_state.flow_run_state``), each answering
+what "the API can't say" means for it:
 
 * ``icd.deploy.queue.prefect_run_alive``: may a workspace lock's holder still act? None when unknown (its caller
   treats the lock as held);

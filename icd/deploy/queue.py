@@ -455,17 +455,10 @@ class WorkspaceQueue:
 
 def prefect_run_alive(run_id: str) -> bool | None:
     """Whether a Prefect flow run can still act: not ended, not deleted. None when the API can't say."""
-    from uuid import UUID
+    from icd.run_state import Unknown, flow_run_state, has_ended
 
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(UUID(run_id))
-    except ObjectNotFound:
-        return False
-    except Exception as exc:  # noqa: BLE001  # any API failure means "can't tell", never "dead"
-        logger.warning("could not read flow run %s (%s); treating its lock as held", run_id, type(exc).__name__)
+    state = flow_run_state(run_id)
+    if isinstance(state, Unknown):  # any API failure means "can't tell", never "dead"
+        logger.warning("could not read flow run %s (%s); treating its lock as held", run_id, state.cause)
         return None
-    return not (run.state is not None and run.state.is_final())
+    return not has_ended(state)
