@@ -27,6 +27,7 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from prefect_patches import PRELOAD_ENV, PROJECT_ENV, heartbeat_stop, pull_step_events, settings_reuse
 from prefect_patches.shared_tls import reuse_tls_context_for_plain_http, shared_tls_context
@@ -104,6 +105,15 @@ def _share_botocore_models() -> None:
         session.create_client(service, region_name="us-east-1", config=unsigned)
 
 
+def _optional(name: str, step: Callable[[], object]) -> None:
+    """Run a preparation that runs can do without: one that fails is reported with the modules that could not be
+    preloaded (``FAILED``), and every run then does what Prefect (or botocore) does by itself."""
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - whatever failed, runs work without it, as cold ones do
+        FAILED[name] = f"{type(exc).__name__}: {exc}"
+
+
 # Its own session: a signal to the worker's process group (a service manager stopping it) must not kill the
 # fork server first, which would make every running child look as if it had exited. It still ends once the
 # worker and every run it forked have ended (each holds its pipe). (Already a group leader, as a shell's job
@@ -115,22 +125,12 @@ _complete_pydantic_models()
 _build_hcl_parser()
 reuse_tls_context_for_plain_http()
 shared_tls_context()  # built here, inherited by every fork: a run builds none of its own
-try:
-    settings_reuse.remember()
-except Exception as exc:  # noqa: BLE001 - settings this process can't read: each run reads its own, as cold
-    FAILED["settings reuse"] = f"{type(exc).__name__}: {exc}"
-try:
-    pull_step_events.install()
-except Exception as exc:  # noqa: BLE001 - Prefect's module moved: runs send the event as Prefect does
-    FAILED["pull-step events"] = f"{type(exc).__name__}: {exc}"
-try:
-    heartbeat_stop.install()
-except Exception as exc:  # noqa: BLE001 - Prefect's engine moved: runs wait for their heartbeat thread, as Prefect's do
-    FAILED["heartbeat stop"] = f"{type(exc).__name__}: {exc}"
-try:
-    _share_botocore_models()
-except Exception as exc:  # noqa: BLE001 - botocore's internals moved: runs only parse the models themselves
-    FAILED["botocore models"] = f"{type(exc).__name__}: {exc}"
+
+
+_optional("settings reuse", settings_reuse.remember)  # settings this process can't read: each run reads its own
+_optional("pull-step events", pull_step_events.install)  # Prefect's module moved: runs send it as Prefect does
+_optional("heartbeat stop", heartbeat_stop.install)  # Prefect's engine moved: runs wait for the thread, as Prefect's
+_optional("botocore models", _share_botocore_models)  # botocore's internals moved: runs parse the models themselves
 
 # Last, once everything above is loaded: it stays for the fork server's life and every run inherits it. Frozen, it
 # is out of the collector's sight: a run's full collections (each walked all ~200,000 inherited objects, 0.1-0.2 s)
