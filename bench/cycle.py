@@ -439,17 +439,21 @@ class ShellCycle:
         return sum(self.tools.values())
 
 
+def _shell_work(home: Path, round_number: int) -> Path:
+    return home / f"shell-{round_number}"
+
+
 def _shell_env(home: Path, env: dict[str, str], round_number: int) -> dict[str, str]:
     return {
         **env,
-        "WORK": str(home / f"shell-{round_number}"),
+        "WORK": str(_shell_work(home, round_number)),
         "VERSION": f"sh{round_number}",
         "INSTANCES": str(home / "shell-instances"),
     }
 
 
 def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) -> ShellCycle:
-    work = home / f"shell-{round_number}"
+    work = _shell_work(home, round_number)
     started = time.time()
     result = subprocess.run(
         ["bash", "-c", BASELINE.replace(">/dev/null", '>>"$WORK/log" 2>&1')],
@@ -469,7 +473,7 @@ def shell_teardown(home: Path, env: dict[str, str], round_number: int) -> None:
     """Destroy what the shell's last round (``round_number``) left running; a failure is printed, not raised."""
     result = subprocess.run(["bash", "-c", SHELL_TEARDOWN], env=_shell_env(home, env, round_number), check=False)
     if result.returncode != 0:
-        print(f"the shell's clean-up failed; see {home / f'shell-{round_number}' / 'log'}", flush=True)
+        print(f"the shell's clean-up failed; see {_shell_work(home, round_number) / 'log'}", flush=True)
 
 
 @dataclass
