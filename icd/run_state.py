@@ -4,7 +4,8 @@ Three answers: its state type (None for a run with no state yet), :data:`GONE` (
 :class:`Unknown` (the API failed). What "unknown" means differs by caller, and each says so where it asks: a
 workspace lock's holder is treated as holding it (``icd.deploy.queue.prefect_run_alive``), a build claim's holder
 as building (``tasks.build.run_may_be_building``), a run as not being cancelled
-(``flows.deploy_artifact.being_cancelled``). ``tests/test_run_state_reads.py`` pins each caller's answers.
+(``flows.deploy_artifact.being_cancelled``), a run as no longer waiting for its answer
+(``icd.interactions.approvals.run_still_waiting``). ``tests/test_run_state_reads.py`` pins each caller's answers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The three places that read another flow run's state (through ``icd.run_state.flow_run_state``), each answering
+"""The four places that read another flow run's state (through ``icd.run_state.flow_run_state``), each answering
 what "the API can't say" means for it:
 
 * ``icd.deploy.queue.prefect_run_alive``: may a workspace lock's holder still act? None when unknown (its caller
@@ -6,7 +6,9 @@ what "the API can't say" means for it:
 * ``tasks.build.run_may_be_building``: may a build claim's holder still build? True when unknown (the claim's lease
   still bounds the wait);
 * ``flows.deploy_artifact.being_cancelled``: is this run being cancelled (then an exception is the cancellation's,
-  not a bug)? False when unknown (the exception is told as a bug, which it may be).
+  not a bug)? False when unknown (the exception is told as a bug, which it may be);
+* ``icd.interactions.approvals.run_still_waiting``: may a Slack vote's progress be shown on the run's notice? False
+  when unknown (the notice is left as it is: the run's own rewrite must not get its buttons back).
 
 Against the session's Prefect server, with runs put in each state; "unknown" is a server that does not answer.
 """
@@ -28,6 +30,7 @@ from prefect.states import Cancelled, Cancelling, Completed, Crashed, Failed, Pa
 from examples.local_env import PrefectServer, free_port
 from flows.deploy_artifact import being_cancelled
 from icd.deploy.queue import prefect_run_alive
+from icd.interactions.approvals import run_still_waiting
 from tasks.build import run_may_be_building
 
 
@@ -40,19 +43,20 @@ READERS: dict[str, Callable[[str], Any]] = {
     "prefect_run_alive": prefect_run_alive,
     "run_may_be_building": run_may_be_building,
     "being_cancelled": being_cancelled,
+    "run_still_waiting": run_still_waiting,
 }
 
-# state -> what each reader answers (prefect_run_alive, run_may_be_building, being_cancelled)
-ANSWERS: dict[str, tuple[Any, Any, Any]] = {
-    "Scheduled": (True, True, False),
-    "Pending": (True, True, False),
-    "Running": (True, True, False),
-    "Suspended": (True, True, False),  # waiting for an approval: it still holds what it holds
-    "Cancelling": (True, True, True),
-    "Cancelled": (False, False, True),
-    "Completed": (False, False, False),
-    "Failed": (False, False, False),
-    "Crashed": (False, False, False),
+# state -> what each reader answers (prefect_run_alive, run_may_be_building, being_cancelled, run_still_waiting)
+ANSWERS: dict[str, tuple[Any, ...]] = {
+    "Scheduled": (True, True, False, False),
+    "Pending": (True, True, False, False),
+    "Running": (True, True, False, False),
+    "Suspended": (True, True, False, True),  # waiting for an approval: it still holds what it holds
+    "Cancelling": (True, True, True, False),
+    "Cancelled": (False, False, True, False),
+    "Completed": (False, False, False, False),
+    "Failed": (False, False, False, False),
+    "Crashed": (False, False, False, False),
 }
 STATES = {
     "Scheduled": Scheduled,
@@ -84,7 +88,7 @@ def test_each_reader_answers_for_a_run_in_each_state(prefect_server: PrefectServ
 
 def test_a_run_the_server_does_not_know_has_ended_for_each_reader(prefect_server: PrefectServer) -> None:
     gone = str(uuid.uuid4())
-    assert [read(gone) for read in READERS.values()] == [False, False, False]
+    assert [read(gone) for read in READERS.values()] == [False, False, False, False]
 
 
 def test_when_the_server_does_not_answer_each_reader_says_what_unknown_means_for_it() -> None:
@@ -95,4 +99,4 @@ def test_when_the_server_does_not_answer_each_reader_says_what_unknown_means_for
     ):
         asked = [pool.submit(contextvars.copy_context().run, read, str(uuid.uuid4())) for read in READERS.values()]
         answers = [future.result() for future in asked]
-    assert answers == [None, True, False]
+    assert answers == [None, True, False, False]

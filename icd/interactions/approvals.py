@@ -57,6 +57,7 @@ from icd.interactions.payloads import (
 )
 from icd.interactions.reply import Reply
 from icd.notify.message import Notification, Sender
+from icd.run_state import Unknown, flow_run_state
 from icd.text import one_line, operator_time, slack_mrkdwn
 
 log = logging.getLogger("icd.interactions")
@@ -340,7 +341,7 @@ class ApprovalButtons:
         once the run stopped waiting: its own rewrite (who decided, the outcome) must not get buttons back."""
         request = waiting.request
         try:
-            if request.notice is not None and request.receipt is not None and self._still_waiting(waiting.run_id):
+            if request.notice is not None and request.receipt is not None and run_still_waiting(str(waiting.run_id)):
                 facts = {**request.notice.fields, "approvals": f"{progress}: {', '.join(approvers)}"}
                 self.sender.update(request.receipt, replace(request.notice, fields=facts))
             reply = Notification(
@@ -358,11 +359,6 @@ class ApprovalButtons:
         except NotificationError as exc:
             log.warning("could not show %s on the notice: %s", progress, exc)
 
-    def _still_waiting(self, run_id: UUID) -> bool:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state
-        return state is not None and state.type == StateType.PAUSED
-
     def _resume(self, response_url: str, waiting: Waiting, answer: dict[str, str], *, done: str) -> None:
         try:
             refused = give_answer(waiting.run_id, answer)
@@ -375,6 +371,16 @@ class ApprovalButtons:
             self.respond(response_url, f"Nothing changed: {refused.reason}.")
             return
         self.respond(response_url, done)
+
+
+def run_still_waiting(run_id: str) -> bool:
+    """Whether the run still waits for its answer (suspended), so its notice may show a vote's progress. False
+    when the API can't say: the notice is then left as it is (the run's own rewrite must not get its buttons back)
+    and the reply in its thread still tells of the vote, which is recorded either way."""
+    state = flow_run_state(run_id)
+    if isinstance(state, Unknown):
+        log.warning("could not read run %s (%s); its notice is left as it is", run_id, state.cause)
+    return state == StateType.PAUSED
 
 
 def display_name(slack: WebClient, user_id: str) -> str:
