@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -595,9 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
-        help="counted cycles per side, after a warm-up round; with --concurrent, load rounds per side if --baseline "
-        "is given, else one",
+        default=None,
+        help="counted cycles per side, after a warm-up round (default 5); with --concurrent, load rounds per side "
+        "(default 1, or 5 with --baseline)",
     )
     parser.add_argument(
         "--both", action="store_true", help="PostgreSQL and the SQLite default side by side (the default)"
@@ -626,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
         "automations and blocks are this tree's. An A/B of a code change on one machine at one time",
     )
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.concurrent and not args.baseline else 5
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     only = [flag for flag in ("postgres", "sqlite", "database_url") if getattr(args, flag)]
@@ -652,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(shutil.rmtree, home, ignore_errors=True)
         else:
             stack.callback(print, f"kept {home}")
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: a line per request, thousands
         moto_port = free_port()
         moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
         moto.start()
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.concurrent:
             # With --baseline, each side takes its turn at every round, which goes first alternating; one round
             # at a time on the machine, so that a side's runs never compete with the other's.
-            for round_number in range(args.rounds if args.baseline else 1):
+            for round_number in range(args.rounds):
                 for side in sides if round_number % 2 == 0 else sides[::-1]:
                     with side.api():
                         under_load(repo, side.registry, args.concurrent, load_workspaces(args.concurrent), side.label)
