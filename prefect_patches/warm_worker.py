@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from prefect.runner._control_channel import ControlChannel
 
 _FORKS = multiprocessing.get_context("forkserver")
+VERSION_CHECK_ENV = "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"
 
 # The (type, name) of a suspended run's state: its process is ending (``Paused`` waits in its process).
 _SUSPENDED = ("PAUSED", "Suspended")
@@ -220,6 +221,12 @@ def start_fork_server(project_dir: Path | None) -> dict[str, str]:
     flows = flow_modules(project_dir) if project_dir else []
     modules = ["prefect.engine", "prefect.flow_engine", *_IMPORTED_AT_FIRST_USE, *flows, "prefect_patches.warm_worker"]
     os.environ[PRELOAD_ENV] = ",".join(modules)
+    # The worker's client checks the server's API version when it starts; its runs talk to the same server, so
+    # each need not ask again (two or three /admin/version calls per run start; Prefect's setting says it is for
+    # "worker subprocesses that inherit a known-compatible server configuration"). In the fork server's
+    # environment, so that a run's settings are still read from the same inputs as the fork server's (written
+    # as Prefect writes settings out, ``False``: settings_reuse compares the text). A value the operator set stays.
+    os.environ.setdefault(VERSION_CHECK_ENV, "False")
     if project_dir:
         os.environ[PROJECT_ENV] = str(project_dir)
     _FORKS.set_forkserver_preload(["prefect_patches.fork_server_preload"])

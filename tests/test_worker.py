@@ -250,6 +250,7 @@ def test_a_module_that_fails_to_preload_is_reported_and_a_run_forked_as_the_work
     assert "'pull-step event': \"through the run's events worker\"" in result.stdout
     assert "'heartbeat thread': 'not waited for'" in result.stdout
     assert "'inherited heap': 'frozen'" in result.stdout
+    assert "'server version check': 'left to the worker'" in result.stdout
 
 
 def test_a_run_imports_project_code_changed_since_the_fork_server_loaded_it(tmp_path: Path) -> None:
