@@ -53,7 +53,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,8 @@ class Cycle:
     phase_tool: dict[str, float] = field(default_factory=dict)  # PHASES -> tool seconds logged in it
     tasks: dict[str, float] = field(default_factory=dict)  # "deploy: plan-deploy" -> summed task run seconds
     task_tool: dict[str, float] = field(default_factory=dict)  # the same -> tool seconds logged inside
+    cpu: dict[str, float] = field(default_factory=dict)  # where -> CPU seconds during the cycle (cpu_now)
+    cpu_window: float = 0.0  # the seconds those were read over (the suspension and the settling included)
 
     @property
     def overhead(self) -> float:
@@ -146,6 +148,59 @@ class Cycle:
     def phase_overhead(self, name: str) -> float:
         gate = self.gate if name == PHASES[-1] else 0.0  # the health gate runs after the apply
         return self.phases[name] - self.phase_tool.get(name, 0.0) - gate
+
+
+# CPU seconds, by where they were spent: wall time on two cores moves with whatever else the machine does, CPU time
+# much less, and on two cores CPU is what the cycle waits for. Read from /proc (Linux).
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stats() -> dict[int, tuple[int, str, float]]:
+    """pid -> (parent pid, command name, CPU seconds of it and of its children it has reaped)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        name, rest = raw[raw.index("(") + 1 : raw.rindex(")")], raw[raw.rindex(")") + 2 :].split()
+        # after the name: state ppid ... utime(12th) stime cutime cstime
+        stats[int(entry.name)] = (int(rest[1]), name, sum(int(v) for v in rest[11:15]) / _TICK)
+    return stats
+
+
+def tree_cpu(root: int, stats: dict[int, tuple[int, str, float]]) -> float:
+    """CPU seconds of ``root`` and every live descendant (ended ones are in their reaper's children's time)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (parent, _, _) in stats.items():
+        children[parent].append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][2]
+            todo += children.get(pid, [])
+    return total
+
+
+def cpu_now(server_pid: int, worker_pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far: the Prefect server, the workers with their fork servers, runs and the tools the runs
+    ran, PostgreSQL's processes (every database's: only one side runs at a time), and this script (moto, the
+    stand-ins, its own reads of the API)."""
+    stats = _proc_stats()
+    mine = os.times()
+    return {
+        "server": tree_cpu(server_pid, stats),
+        "worker, runs, tools": sum(tree_cpu(pid, stats) for pid in worker_pids),
+        "postgresql": sum(cpu for _, name, cpu in stats.values() if name == "postgres"),
+        "bench (moto, stand-ins, polls)": mine.user + mine.system,
+    }
+
+
+def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: after[key] - before[key] for key in before}
 
 
 def _tool_seconds(logs: list[Any], until: float | None = None) -> float:
@@ -221,27 +276,38 @@ def approve(run_id: Any, plan_sha256: str) -> None:
         raise RuntimeError(f"the approval of run {run_id} was refused: {refused}")
 
 
-def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int) -> Cycle:
+def our_cycle(
+    repo: Path,
+    registry: Any,
+    slack: SlackStandIn,
+    round_number: int,
+    *,
+    poll: float,
+    cpu: Callable[[], dict[str, float]],
+) -> Cycle:
+    cpu_before, cpu_from = cpu(), time.monotonic()
     app = repo / "src" / "app.py"
     app.write_text(app.read_text() + f"\n# bench round {round_number} {uuid.uuid4().hex}\n")
     git(repo, "commit", "-q", "-am", f"round {round_number}")
     # Any: these FlowRun reads are typed for async callers too, and their times as optional.
     build: Any = run_deployment("build-artifact/build-artifact", parameters={"namespace": NAMESPACE}, timeout=0)
     started = build.created.timestamp()
-    deploy: Any = first_run_after("deploy-artifact", started - 1, interval=0.05)
-    paused: Any = wait_for_run(deploy.id, {"PAUSED", "FAILED", "CRASHED", "CANCELLED", "COMPLETED"}, interval=0.05)
+    deploy: Any = first_run_after("deploy-artifact", started - 1, interval=poll)
+    paused: Any = wait_for_run(deploy.id, {"PAUSED", "FAILED", "CRASHED", "CANCELLED", "COMPLETED"}, interval=poll)
     if paused.state.type.value != "PAUSED":
         raise RuntimeError(f"the deploy ended without asking: {paused.state}")
     resumed_at = time.time()
     sha = registry.plan_store().sha256_of(WORKSPACE, str(deploy.id))
     approve(deploy.id, sha)
-    done: Any = wait_for_run(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, interval=0.05)
+    done: Any = wait_for_run(deploy.id, {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}, interval=poll)
     tool_at_end = _tool_seconds([*run_logs(build.id), *run_logs(deploy.id)])
     if done.state.name != "Deployed":
         raise RuntimeError(f"the deploy ended {done.state.name}: {done.state.message}")
     # The deploy's last log lines arrive after it ended; the build ended long before (the deploy's plan and
     # apply ran since), so one quiet read shows all of its lines.
     deploy_logs = settled_logs(deploy.id, after=0, min_applies=1)
+    spent = cpu_spent(cpu_before, cpu())  # the runs have ended: their last lines are in
+    window = time.monotonic() - cpu_from
     build_logs = settled_logs(build.id, after=0, min_applies=0, quiet=0.5)
     logs = [*build_logs, *deploy_logs]
     build_run: Any = read_flow_run(build.id)
@@ -306,6 +372,8 @@ def our_cycle(repo: Path, registry: Any, slack: SlackStandIn, round_number: int)
         phase_tool=phase_tool,
         tasks=dict(tasks),
         task_tool=dict(task_tool),
+        cpu=spent,
+        cpu_window=window,
     )
 
 
@@ -434,6 +502,7 @@ cd "$WORK/stack"
 class ShellCycle:
     wall: float  # start -> the apply done
     tools: dict[str, float]  # "terraform plan" -> seconds
+    cpu: dict[str, float] = field(default_factory=dict)  # the script with its tools, and this one (moto)
 
     @property
     def tool(self) -> float:
@@ -455,6 +524,7 @@ def _shell_env(home: Path, env: dict[str, str], round_number: int) -> dict[str, 
 
 def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) -> ShellCycle:
     work = _shell_work(home, round_number)
+    times = os.times()
     started = time.time()
     result = subprocess.run(
         ["bash", "-c", BASELINE.replace(">/dev/null", '>>"$WORK/log" 2>&1')],
@@ -467,7 +537,15 @@ def shell_cycle(home: Path, repo: Path, env: dict[str, str], round_number: int) 
     for line in (work / "times").read_text().splitlines():
         begin, end, name, command = line.split(maxsplit=3)
         tools[f"{name} {command}"] += float(end) - float(begin)
-    return ShellCycle(wall=float((work / "applied").read_text()) - started, tools=dict(tools))
+    spent = os.times()
+    cpu = {
+        "script and its tools": spent.children_user
+        + spent.children_system
+        - times.children_user
+        - times.children_system,
+        "bench (moto, stand-ins, polls)": spent.user + spent.system - times.user - times.system,
+    }
+    return ShellCycle(wall=float((work / "applied").read_text()) - started, tools=dict(tools), cpu=cpu)
 
 
 def shell_teardown(home: Path, env: dict[str, str], round_number: int) -> None:
@@ -489,12 +567,16 @@ class Side:
     bucket: str
     workers: list[ManagedProcess] = field(default_factory=list)
     cycles: list[Cycle] = field(default_factory=list)
+    idle: list[float] = field(default_factory=list)  # server CPU seconds per second while the shell's round ran
 
     @contextlib.contextmanager
     def api(self) -> Iterator[None]:
         """This side's server as the Prefect client's API."""
         with temporary_settings(updates={PREFECT_API_URL: self.server.api_url}):
             yield
+
+    def cpu(self) -> dict[str, float]:
+        return cpu_now(self.server.process.proc.pid, [worker.proc.pid for worker in self.workers])
 
     def log_findings(self) -> dict[str, dict[str, Any]]:
         """Per process (server, workers): lines saying ``database is locked``, ERROR and WARNING lines, the first
@@ -613,6 +695,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=1, help="process workers on each side's pool")
     parser.add_argument(
+        "--poll",
+        type=float,
+        default=0.25,
+        help="seconds between this script's reads of a cycle's runs while it runs (0.05 until 2026-12-06). Each read "
+        "is load on the server being measured; the figures come from the server's timestamps and the time a run "
+        "sat suspended is left out, so the interval does not bias them",
+    )
+    parser.add_argument(
         "--cold",
         action="store_true",
         help="Prefect's own process worker (a fresh interpreter per run) instead of icd-worker: the before",
@@ -724,7 +814,10 @@ def main(argv: list[str] | None = None) -> int:
         shells: list[ShellCycle] = []
         shell_rounds: list[int] = []
         for round_number in range(args.rounds + 1):  # round 0 warms every side up and is not counted
+            idle_from, idle_cpu = time.monotonic(), [side.cpu()["server"] for side in sides]
             baseline = shell_cycle(home, repo, shell_env, round_number)
+            for side, before in zip(sides, idle_cpu, strict=True):  # what each server spends doing nothing of ours
+                side.idle.append((side.cpu()["server"] - before) / (time.monotonic() - idle_from))
             if not shell_rounds:  # once there is an instance; each round replaces it, the last one is destroyed
                 stack.callback(lambda: shell_teardown(home, shell_env, shell_rounds[-1]))
             shell_rounds.append(round_number)
@@ -733,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             turns = sides if not args.baseline or round_number % 2 == 0 else _swap_pairs(sides)
             for side in turns:
                 with side.api():
-                    one = our_cycle(repo, side.registry, side.slack, round_number)
+                    one = our_cycle(repo, side.registry, side.slack, round_number, poll=args.poll, cpu=side.cpu)
                 if round_number:
                     side.cycles.append(one)
                 line += (
@@ -840,6 +933,31 @@ def report(
             "",
             [f"{med(c.trigger[name] for c in side.cycles if name in c.trigger):.2f}s" for side in sides],
         )
+    cpu_keys = list(sides[0].cycles[0].cpu)
+    row(
+        "CPU seconds per cycle, p50: all",
+        f"{med(sum(s.cpu.values()) for s in shells):.2f}s",
+        [f"{med(sum(c.cpu.values()) for c in side.cycles):.2f}s" for side in sides],
+    )
+    for key in ("script and its tools", *cpu_keys):
+        row(
+            f"  {key}",
+            f"{med(s.cpu[key] for s in shells):.2f}s" if key in shells[0].cpu else "",
+            [
+                f"{med(c.cpu[key] for c in side.cycles):.2f}s" if key in c.cpu else ""
+                for side in sides
+                for c in side.cycles[:1]
+            ],
+        )
+    row(
+        "  server, idle: CPU-s/s (x the cycle's window)",
+        "",
+        [
+            f"{med(side.idle):.3f} (x{med(c.cpu_window for c in side.cycles):.1f}s = "
+            f"{med(side.idle) * med(c.cpu_window for c in side.cycles):.2f}s)"
+            for side in sides
+        ],
+    )
     row(
         "tool time read as the run ends: missed p50/max",
         "",
