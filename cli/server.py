@@ -1,4 +1,5 @@
-"""``icd-server``: ``prefect server start`` (same arguments) whose SQLite transactions take the write lock first.
+"""``icd-server``: ``prefect server start`` (same arguments), tuned for this loop: SQLite transactions that take
+the write lock first, and task runs recorded in batches.
 
 On the embedded SQLite database, Prefect begins most transactions ``DEFERRED``: they read, then write. In
 WAL mode a transaction that already reads and then wants to write while another connection writes gets
@@ -9,17 +10,25 @@ the server's services logged ``database is locked``. Here every transaction Pref
 ``IMMEDIATE`` (Prefect already does so for its state changes): it waits for the lock within the busy timeout
 instead of failing. Reads outside a transaction are unchanged. PostgreSQL is not touched.
 ``bench/sqlite_load.py`` measures it (``docs/benchmarks.md``).
+
+**Task runs recorded in batches.** Prefect's task-run recorder writes each task-run event (three per task run) in
+a transaction of its own by default (``batch_size`` 1), and every deploy cycle makes about 30 task runs: a fifth
+of the server's CPU in a cycle went to it (py-spy, docs/benchmarks.md). Unless the operator set either setting,
+it writes what arrived within :data:`RECORDER_FLUSH_SECONDS` in one transaction, so a task run shows in the UI up
+to that much later. One second is Prefect's shortest: it truncates the interval to whole seconds, and below one
+it flushes in a busy loop.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 
 from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 from prefect.server.database.dependencies import MODELS_DEPENDENCIES
-from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, get_current_settings
 from sqlalchemy.ext.asyncio import AsyncSession, AsyncSessionTransaction
 
 
@@ -48,6 +57,23 @@ def use_write_first_transactions() -> bool:
     return True
 
 
+RECORDER_BATCH_SIZE = 200  # task-run events per transaction at most: a burst writes at once, in a few
+RECORDER_FLUSH_SECONDS = 1
+_RECORDER = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_"
+
+
+def recorder_batching(environment: Mapping[str, str], batch_size: int, flush_interval: float) -> dict[str, str]:
+    """The task-run recorder's settings to add to ``environment``: batches, unless the operator set its batch
+    size or flush interval anywhere (an environment variable, or a profile: then the settings are not Prefect's
+    defaults, ``batch_size``, ``flush_interval``)."""
+    if any(key.upper().startswith(_RECORDER) for key in environment) or (batch_size, flush_interval) != (1, 5):
+        return {}
+    return {
+        f"{_RECORDER}BATCH_SIZE": str(RECORDER_BATCH_SIZE),
+        f"{_RECORDER}FLUSH_INTERVAL": str(RECORDER_FLUSH_SECONDS),
+    }
+
+
 # Prefect starts the API in a separate uvicorn process for these, where this module's configuration is not
 # installed: refused rather than silently serving without it.
 _OTHER_PROCESS_FLAGS = ("--background", "-b", "--workers")
@@ -66,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.cli import app
 
     use_write_first_transactions()
+    # Prefect's CLI reads its settings from the environment again when it starts (its profile), and the server
+    # process inherits them.
+    recorder = get_current_settings().server.services.task_run_recorder
+    os.environ.update(recorder_batching(os.environ, recorder.batch_size, recorder.flush_interval))
     # Prefect's CLI reads its arguments from sys.argv: this is `prefect server ARGS`.
     sys.argv = ["prefect", "server", *args]
     app()

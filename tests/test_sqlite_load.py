@@ -35,7 +35,9 @@ def _bench() -> ModuleType:
 def test_resumes_under_load_on_the_embedded_sqlite_are_all_taken(tmp_path: Path) -> None:
     bench = _bench()
     # Errors the server answers with a 503 are logged too, so a locked database can't hide behind a retry.
-    server = start_prefect_server(tmp_path / "prefect", env={"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"})
+    # (Its services' INFO lines too: the task-run recorder's says how it writes.)
+    env = {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true", "PREFECT_SERVER_LOGGING_LEVEL": "INFO"}
+    server = start_prefect_server(tmp_path / "prefect", env=env)
     try:
         tally = asyncio.run(bench.load(server.api_url, runs=20, cycles=2, writers=4))
     finally:
@@ -44,6 +46,27 @@ def test_resumes_under_load_on_the_embedded_sqlite_are_all_taken(tmp_path: Path)
     assert tally.resumes == 40, tally.failure_samples
     assert (tally.resume_failures, tally.other_503s, tally.other_failures) == (0, 0, 0), tally.failure_samples
     assert log.count("database is locked") == 0, log[-3000:]
+    # Under that load the task runs were recorded in batches (cli/server.py), as icd-server ships.
+    assert "TaskRunRecorder consumer with batch size 200 and flush every 1 seconds" in log
+
+
+@pytest.mark.parametrize(
+    ("environment", "batch_size", "flush_interval", "added"),
+    [
+        ({}, 1, 5, {"BATCH_SIZE": "200", "FLUSH_INTERVAL": "1"}),  # Prefect's defaults: a transaction per event
+        ({"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1"}, 1, 5, {}),  # set to the default on purpose
+        ({"prefect_server_services_task_run_recorder_flush_interval": "3"}, 1, 3, {}),  # either one, any case
+        ({}, 50, 5, {}),  # set in a profile or prefect.toml: not Prefect's defaults
+        ({"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, 1, 5, {"BATCH_SIZE": "200", "FLUSH_INTERVAL": "1"}),
+    ],
+)
+def test_icd_server_records_task_runs_in_batches_unless_the_operator_set_the_recorder(
+    environment: dict[str, str], batch_size: int, flush_interval: float, added: dict[str, str]
+) -> None:
+    from cli.server import recorder_batching
+
+    prefix = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_"
+    assert recorder_batching(environment, batch_size, flush_interval) == {prefix + k: v for k, v in added.items()}
 
 
 @pytest.mark.parametrize("flag", ["--background", "-b", "--workers=2"])
