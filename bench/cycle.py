@@ -36,6 +36,13 @@ time by call against the shell's; the cycle cut into consecutive phases (they ad
 tool time and overhead in each; the task runs by time less their tools; the lock steps (claim / checkpoint /
 release tasks); the machine's load before and after; and what the server's and worker's logs hold
 (``database is locked``, errors).
+
+**CPU seconds per cycle**, beside the shell's (its script and tools, and moto serving them): the Prefect server,
+the worker with its fork server, runs and their tools, PostgreSQL, and this script (moto, the stand-ins, its own
+reads), read from /proc around each cycle; and what the server spends idle, measured while the shell's round
+runs. On two cores CPU is what a cycle waits for, and it moves far less with the machine's mood than wall time
+does: a change of a few hundredths of a second shows there and not in the wall. This script reads a cycle's runs
+every ``--poll`` seconds (0.25; it was 0.05, about as many requests as the runs themselves made).
 """
 
 from __future__ import annotations
@@ -615,7 +622,8 @@ def start_side(
     stack.callback(consul.stop)
     slack = SlackStandIn(token="xoxb-bench").start()
     stack.callback(slack.stop)
-    server = start_prefect_server(home / f"prefect-{key}", database_url=database_url)
+    # Another checkout's server is its own icd-server (cli/server.py is code under test too).
+    server = start_prefect_server(home / f"prefect-{key}", database_url=database_url, project=project)
     stack.callback(server.stop)
     bucket = f"icd-bench-{key}"
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):

@@ -144,12 +144,14 @@ def start_prefect_server(
     timeout: float = 180.0,
     write_first: bool = True,
     env: Mapping[str, str] | None = None,
+    project: Path | None = None,
 ) -> PrefectServer:
     """A Prefect server in its own process group, on SQLite under ``home`` unless ``database_url`` is given.
 
     Started as ``icd-server start`` (``cli/server.py``: on SQLite, a transaction waits for the write lock
     instead of failing with ``database is locked`` under load); ``write_first=False`` starts Prefect's own
-    ``prefect server start``, the baseline of ``bench/sqlite_load.py``. ``env`` adds settings."""
+    ``prefect server start``, the baseline of ``bench/sqlite_load.py``. ``env`` adds settings; ``project`` runs
+    another checkout's ``icd-server`` (a benchmark's baseline)."""
     port = port or free_port()
     server_env = {**prefect_env(home), **(env or {})}
     server_env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
@@ -169,8 +171,9 @@ def start_prefect_server(
             "--port",
             str(port),
         ],
-        env=server_env,
+        env={**server_env, "PYTHONPATH": str(project)} if project else server_env,
         log_dir=home / "logs",
+        cwd=project,
     )
     api_url = f"http://127.0.0.1:{port}/api"
     _wait_until_healthy(process, f"{api_url}/health", timeout=timeout, interval=0.5)
