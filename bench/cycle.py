@@ -194,8 +194,9 @@ def tree_cpu(root: int, stats: dict[int, tuple[int, str, float]]) -> float:
 
 def cpu_now(server_pid: int, worker_pids: list[int]) -> dict[str, float]:
     """CPU seconds so far: the Prefect server, the workers with their fork servers, runs and the tools the runs
-    ran, PostgreSQL's processes (every database's: only one side runs at a time), and this script (moto, the
-    stand-ins, its own reads of the API)."""
+    ran, every PostgreSQL process on the machine (the other sides' idle servers and workers use it too, as would
+    anything else on the machine: the SQLite side's figure is that), and this script (moto, the stand-ins, its own
+    reads of the API)."""
     stats = _proc_stats()
     mine = os.times()
     return {
@@ -824,8 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(args.rounds + 1):  # round 0 warms every side up and is not counted
             idle_from, idle_cpu = time.monotonic(), [side.cpu()["server"] for side in sides]
             baseline = shell_cycle(home, repo, shell_env, round_number)
-            for side, before in zip(sides, idle_cpu, strict=True):  # what each server spends doing nothing of ours
-                side.idle.append((side.cpu()["server"] - before) / (time.monotonic() - idle_from))
+            if round_number:  # counted rounds only, as the cycles are
+                for side, before in zip(sides, idle_cpu, strict=True):  # what each server spends doing nothing
+                    side.idle.append((side.cpu()["server"] - before) / (time.monotonic() - idle_from))
             if not shell_rounds:  # once there is an instance; each round replaces it, the last one is destroyed
                 stack.callback(lambda: shell_teardown(home, shell_env, shell_rounds[-1]))
             shell_rounds.append(round_number)

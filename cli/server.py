@@ -12,11 +12,12 @@ instead of failing. Reads outside a transaction are unchanged. PostgreSQL is not
 ``bench/sqlite_load.py`` measures it (``docs/benchmarks.md``).
 
 **Task runs recorded in batches.** Prefect's task-run recorder writes each task-run event (three per task run) in
-a transaction of its own by default (``batch_size`` 1), and every deploy cycle makes about 30 task runs: a fifth
-of the server's CPU in a cycle went to it (py-spy, docs/benchmarks.md). Unless the operator set either setting,
-it writes what arrived within :data:`RECORDER_FLUSH_SECONDS` in one transaction, so a task run shows in the UI up
-to that much later. One second is Prefect's shortest: it truncates the interval to whole seconds, and below one
-it flushes in a busy loop.
+a transaction of its own by default (``batch_size`` 1), and every deploy cycle makes about 30 task runs: 15 %
+of the server's busy samples in a cycle were its flushes (py-spy, docs/benchmarks.md). Unless the operator set
+either setting (in the environment, a profile or a settings file), it writes what arrived within
+:data:`RECORDER_FLUSH_SECONDS` in one transaction, so a task run shows in the UI up to that much later. One
+second is Prefect's shortest: it truncates the interval to whole seconds, and below one it flushes in a busy
+loop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 from collections.abc import AsyncGenerator, Mapping
 from contextlib import asynccontextmanager
 
+from prefect.context import refresh_global_settings_context
 from prefect.server.database.configurations import SQLITE_BEGIN_MODE, AioSqliteConfiguration
 from prefect.server.database.dependencies import MODELS_DEPENDENCIES
 from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, get_current_settings
@@ -62,16 +64,15 @@ RECORDER_FLUSH_SECONDS = 1
 _RECORDER = "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_"
 
 
-def recorder_batching(environment: Mapping[str, str], batch_size: int, flush_interval: float) -> dict[str, str]:
-    """The task-run recorder's settings to add to ``environment``: batches, unless the operator set its batch
-    size or flush interval anywhere (an environment variable, or a profile: then the settings are not Prefect's
-    defaults, ``batch_size``, ``flush_interval``)."""
-    if any(key.upper().startswith(_RECORDER) for key in environment) or (batch_size, flush_interval) != (1, 5):
-        return {}
-    return {
+def recorder_batching(operator_set: Mapping[str, str]) -> dict[str, str]:
+    """The task-run recorder's settings to add to the environment: batches, unless the operator set its batch size
+    or its flush interval anywhere Prefect reads settings from (``operator_set``: the settings as Prefect writes
+    out the ones that were set, ``to_environment_variables(exclude_unset=True)``)."""
+    names = {
         f"{_RECORDER}BATCH_SIZE": str(RECORDER_BATCH_SIZE),
         f"{_RECORDER}FLUSH_INTERVAL": str(RECORDER_FLUSH_SECONDS),
     }
+    return {} if names.keys() & operator_set.keys() else names
 
 
 # Prefect starts the API in a separate uvicorn process for these, where this module's configuration is not
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.cli import app
 
     use_write_first_transactions()
-    # Prefect's CLI reads its settings from the environment again when it starts (its profile), and the server
-    # process inherits them.
-    recorder = get_current_settings().server.services.task_run_recorder
-    os.environ.update(recorder_batching(os.environ, recorder.batch_size, recorder.flush_interval))
+    # Written to the environment, which a server Prefect starts in another process inherits, and read again into
+    # this process's settings (Prefect made them at import).
+    os.environ.update(recorder_batching(get_current_settings().to_environment_variables(exclude_unset=True)))
+    refresh_global_settings_context()
     # Prefect's CLI reads its arguments from sys.argv: this is `prefect server ARGS`.
     sys.argv = ["prefect", "server", *args]
     app()

@@ -253,6 +253,22 @@ def test_a_module_that_fails_to_preload_is_reported_and_a_run_forked_as_the_work
     assert "'server version check': 'left to the worker'" in result.stdout
 
 
+@pytest.mark.parametrize(("operator_set", "run_env"), [(None, "False"), (True, None), (False, None)])
+def test_runs_leave_the_version_check_to_the_worker_unless_the_operator_set_it(
+    monkeypatch: pytest.MonkeyPatch, operator_set: bool | None, run_env: str | None
+) -> None:
+    from prefect.settings import PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED, temporary_settings
+
+    from prefect_patches.warm_worker import VERSION_CHECK_ENV, leave_version_check_to_the_worker
+
+    monkeypatch.setenv(VERSION_CHECK_ENV, "recorded")  # so that the end of the test puts the environment back
+    monkeypatch.delenv(VERSION_CHECK_ENV)
+    updates = {PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED: operator_set} if operator_set is not None else {}
+    with temporary_settings(updates=updates):  # as if set in a profile: only the settings say so
+        leave_version_check_to_the_worker()
+    assert os.environ.get(VERSION_CHECK_ENV) == run_env
+
+
 def test_a_run_imports_project_code_changed_since_the_fork_server_loaded_it(tmp_path: Path) -> None:
     (tmp_path / "service").mkdir()
     (tmp_path / "service" / "__init__.py").write_text("")
