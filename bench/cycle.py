@@ -943,21 +943,16 @@ def report(
             "",
             [f"{med(c.trigger[name] for c in side.cycles if name in c.trigger):.2f}s" for side in sides],
         )
-    cpu_keys = list(sides[0].cycles[0].cpu)
     row(
         "CPU seconds per cycle, p50: all",
         f"{med(sum(s.cpu.values()) for s in shells):.2f}s",
         [f"{med(sum(c.cpu.values()) for c in side.cycles):.2f}s" for side in sides],
     )
-    for key in ("script and its tools", *cpu_keys):
+    for key in ("script and its tools", *sides[0].cycles[0].cpu):
         row(
             f"  {key}",
             f"{med(s.cpu[key] for s in shells):.2f}s" if key in shells[0].cpu else "",
-            [
-                f"{med(c.cpu[key] for c in side.cycles):.2f}s" if key in c.cpu else ""
-                for side in sides
-                for c in side.cycles[:1]
-            ],
+            [f"{med(c.cpu[key] for c in side.cycles):.2f}s" if key in side.cycles[0].cpu else "" for side in sides],
         )
     row(
         "  server, idle: CPU-s/s (x the cycle's window)",

@@ -24,12 +24,28 @@ from icd.worker_settings import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
 from prefect_patches.warm_worker import WarmProcessWorker, start_fork_server
 
+VERSION_CHECK_ENV = "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"
+
+
+def _for_runs(name: str, value: str) -> None:
+    """Set Prefect setting ``name`` for every run, unless the operator set it (in the environment or the Prefect
+    profile: theirs wins). Before the fork server, whose environment every run inherits; written as Prefect writes
+    settings out, so that a run's settings are read from the same inputs as the fork server's and reused
+    (prefect_patches/settings_reuse.py compares the text)."""
+    if name not in get_current_settings().to_environment_variables(exclude_unset=True):
+        os.environ[name] = value
+
 
 def heartbeat_for_runs() -> None:
-    """Before the fork server: every run inherits it. Prefect's own 180 s would let a dead run look alive for
-    minutes; a value set in the environment or the Prefect profile wins."""
-    if HEARTBEAT_ENV not in get_current_settings().to_environment_variables(exclude_unset=True):
-        os.environ[HEARTBEAT_ENV] = str(HEARTBEAT_SECONDS)
+    """Prefect's own 180 s would let a dead run look alive for minutes."""
+    _for_runs(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))
+
+
+def leave_version_check_to_the_worker() -> None:
+    """The worker's client checks the server's API version when it starts; its runs talk to the same server, so
+    each need not ask again (two or three /admin/version calls per run start; Prefect's setting says it is for
+    "worker subprocesses that inherit a known-compatible server configuration")."""
+    _for_runs(VERSION_CHECK_ENV, "False")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     heartbeat_for_runs()
+    leave_version_check_to_the_worker()
     reuse_tls_context_for_plain_http()  # the worker's own clients; its fork server does it for the runs
     # Before the event loop and its threads: the fork server must start from a single-threaded process.
     for module, error in start_fork_server(args.project_dir.resolve()).items():

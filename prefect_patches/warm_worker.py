@@ -66,7 +66,6 @@ if TYPE_CHECKING:
     from prefect.runner._control_channel import ControlChannel
 
 _FORKS = multiprocessing.get_context("forkserver")
-VERSION_CHECK_ENV = "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED"
 
 # The (type, name) of a suspended run's state: its process is ending (``Paused`` waits in its process).
 _SUSPENDED = ("PAUSED", "Suspended")
@@ -221,7 +220,6 @@ def start_fork_server(project_dir: Path | None) -> dict[str, str]:
     flows = flow_modules(project_dir) if project_dir else []
     modules = ["prefect.engine", "prefect.flow_engine", *_IMPORTED_AT_FIRST_USE, *flows, "prefect_patches.warm_worker"]
     os.environ[PRELOAD_ENV] = ",".join(modules)
-    leave_version_check_to_the_worker()
     if project_dir:
         os.environ[PROJECT_ENV] = str(project_dir)
     _FORKS.set_forkserver_preload(["prefect_patches.fork_server_preload"])
@@ -234,17 +232,6 @@ def start_fork_server(project_dir: Path | None) -> dict[str, str]:
     if probe.exitcode != 0:
         raise RuntimeError(f"the warm worker's fork server could not start a process (exit code {probe.exitcode})")
     return failures
-
-
-def leave_version_check_to_the_worker() -> None:
-    """Before the fork server: the worker's client checks the server's API version when it starts; its runs talk
-    to the same server, so each need not ask again (two or three /admin/version calls per run start; Prefect's
-    setting says it is for "worker subprocesses that inherit a known-compatible server configuration"). In the
-    fork server's environment, so that a run's settings are still read from the same inputs as the fork server's
-    (written as Prefect writes settings out, ``False``: settings_reuse compares the text). A value the operator
-    set, in the environment or a profile, stays."""
-    if VERSION_CHECK_ENV not in get_current_settings().to_environment_variables(exclude_unset=True):
-        os.environ[VERSION_CHECK_ENV] = "False"
 
 
 def _report_preload_failures(sender: Connection) -> None:

@@ -32,7 +32,7 @@ def report_run_start(environment: dict[str, str], cwd: str, sender: Connection) 
             ),
             # What the fork server had loaded is frozen (prefect_patches/fork_server_preload.py): far more objects
             # than a run creates before this point, and none of them in a generation its collections walk.
-            # The worker checked the server's version; its runs don't ask again (warm_worker.start_fork_server).
+            # The worker checked the server's version; its runs don't ask again (cli/worker.py).
             "server version check": ("on" if settings.client.server_version_check_enabled else "left to the worker"),
             "inherited heap": "frozen" if gc.get_freeze_count() > 100_000 else f"{gc.get_freeze_count()} frozen",
         }

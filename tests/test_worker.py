@@ -224,10 +224,11 @@ def test_a_module_that_fails_to_preload_is_reported_and_a_run_forked_as_the_work
         f"""
         import uuid
         from pathlib import Path
-        from cli.worker import heartbeat_for_runs
+        from cli.worker import heartbeat_for_runs, leave_version_check_to_the_worker
         from prefect_patches.warm_worker import _FORKS, run_environment, start_fork_server
         from tests.forked_probe import report_run_start
         heartbeat_for_runs()
+        leave_version_check_to_the_worker()
         print(start_fork_server(Path({str(tmp_path)!r})))
         receiver, sender = _FORKS.Pipe(duplex=False)
         environment = run_environment({{"ICD_WORKSPACE": "staging"}}, uuid.uuid4(), {{}})
@@ -259,7 +260,7 @@ def test_runs_leave_the_version_check_to_the_worker_unless_the_operator_set_it(
 ) -> None:
     from prefect.settings import PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED, temporary_settings
 
-    from prefect_patches.warm_worker import VERSION_CHECK_ENV, leave_version_check_to_the_worker
+    from cli.worker import VERSION_CHECK_ENV, leave_version_check_to_the_worker
 
     monkeypatch.setenv(VERSION_CHECK_ENV, "recorded")  # so that the end of the test puts the environment back
     monkeypatch.delenv(VERSION_CHECK_ENV)
