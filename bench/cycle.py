@@ -90,6 +90,7 @@ from examples.local_env import (
     postgres_available,
     provision,
     read_flow_run,
+    recorded_task_runs,
     run_logs,
     start_prefect_server,
     start_worker,
@@ -250,11 +251,6 @@ def settled_logs(run_id: Any, *, after: float, min_applies: int, quiet: float = 
         time.sleep(0.25)
 
 
-def _task_runs(run_id: Any) -> list[Any]:
-    with get_client(sync_client=True) as client:
-        return list(client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))))
-
-
 def _states(run_id: Any) -> list[Any]:
     with get_client(sync_client=True) as client:
         return list(client.read_flow_run_states(run_id))
@@ -323,8 +319,8 @@ def our_cycle(
     pause_state = next(s for s in states if s.type.value == "PAUSED")
     suspended = resumed_at - pause_state.timestamp.timestamp()
     wall = done.end_time.timestamp() - started - suspended
-    deploy_tasks = _task_runs(deploy.id)
-    build_tasks = _task_runs(build.id)
+    deploy_tasks = recorded_task_runs(deploy.id)
+    build_tasks = recorded_task_runs(build.id)
     gate = sum(
         t.total_run_time.total_seconds()
         for t in deploy_tasks
@@ -454,7 +450,7 @@ def under_load(repo: Path, registry: Any, deploys: int, workspaces: list[str], d
         pause_state = next(s for s in _states(run_id) if s.type.value == "PAUSED")
         suspended = resumed[run_id] - pause_state.timestamp.timestamp()
         wall = run.end_time.timestamp() - run.created.timestamp() - suspended
-        tasks = [t for t in _task_runs(run_id) if t.state and t.state.name != "Cached" and t.total_run_time]
+        tasks = [t for t in recorded_task_runs(run_id) if t.state and t.state.name != "Cached" and t.total_run_time]
         gate = sum(t.total_run_time.total_seconds() for t in tasks if t.name.startswith("health-gate"))
         logs = settled_logs(run_id, after=0, min_applies=1, quiet=1.0)
         overheads.append(wall - _tool_seconds(logs) - gate)
@@ -867,7 +863,7 @@ def timeline(label: str, cycle: Cycle) -> None:
     for run_id, flow_name in ((cycle.build_id, "build"), (cycle.deploy_id, "deploy")):
         for state in _states(run_id):
             rows.append((state.timestamp.timestamp() - start, f"{flow_name} flow -> {state.name}", None))
-        for task in _task_runs(run_id):
+        for task in recorded_task_runs(run_id):
             if task.start_time is not None:
                 took = (task.end_time or task.start_time).timestamp() - task.start_time.timestamp()
                 rows.append(

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import boto3
 import botocore.config
 from moto.server import ThreadedMotoServer
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from examples.local_env import (
@@ -54,6 +54,7 @@ from examples.local_env import (
     github_push,
     make_app_repo,
     provision,
+    recorded_task_runs,
     start_inbound,
     start_prefect_server,
     start_worker,
@@ -100,10 +101,6 @@ def _runs(namespace: str) -> list[Any]:
     return [run for run in runs if run.parameters.get("namespace") == namespace]
 
 
-def _task_runs(run_id: Any) -> list[Any]:
-    return list(api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))))
-
-
 def _named(tasks: list[Any], name: str) -> list[Any]:
     return [task for task in tasks if task.name.rsplit("-", 1)[0] == name]
 
@@ -145,7 +142,7 @@ def ours(inbound_url: str, repo: Path, registry: Registry, namespace: str, alias
         time.sleep(0.2)
     else:
         raise RuntimeError(f"{copies} deliveries: runs not all ended after 900 s")
-    tasks = {run.id: _task_runs(run.id) for run in runs}
+    tasks = {run.id: recorded_task_runs(run.id) for run in runs}
     claims = sorted(
         t.start_time.timestamp() for ts in tasks.values() for t in _named(ts, "claim-build") if t.start_time
     )

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import boto3
@@ -33,10 +34,12 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
     FlowRunFilter,
+    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
+    LogFilterTextSearch,
 )
-from prefect.client.schemas.objects import FlowRun, Log
+from prefect.client.schemas.objects import FlowRun, Log, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 from pydantic import SecretStr
@@ -319,16 +322,66 @@ def first_run_after(deployment: str, after: float, *, timeout: float = 120, inte
     raise TimeoutError(f"no {deployment} run appeared within {timeout:.0f}s")
 
 
-def run_logs(run_id: Any) -> list[Log]:
-    """Every log line of a run, oldest first."""
+def run_logs(run_id: Any, *, text: str | None = None) -> list[Log]:
+    """Every log line of a run (those holding the word ``text``, when given), oldest first."""
+    lines = LogFilter(
+        flow_run_id=LogFilterFlowRunId(any_=[run_id]), text=LogFilterTextSearch(query=text) if text else None
+    )
     found: list[Log] = []
     while True:
-        page = api_client().read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200, offset=len(found)
-        )
+        page = api_client().read_logs(log_filter=lines, limit=_API_PAGE, offset=len(found))
         found += page
-        if len(page) < 200:
+        if len(page) < _API_PAGE:
             return sorted(found, key=lambda log: log.timestamp)
+
+
+_API_PAGE = 200  # the most the Prefect API hands out per read
+_FINISHED = "Finished in state "  # the engines' last line for a task run and for a flow run; str(state) follows
+
+
+def recorded_task_runs(run_id: Any, *, timeout: float = 30.0, interval: float = 0.1) -> list[TaskRun]:
+    """Every task run of flow run ``run_id``, which has ended, once the server has recorded how each ended.
+
+    The server records task runs from the events a run sends, in batches (icd-server's task-run recorder:
+    up to a second late), so a read the moment a run ends can miss its last task runs, or see one Running.
+    What the run logged says which to wait for: the engines log "Finished in state ..." for each task run
+    as it ends and for the flow last, and a run's log batches arrive in order, each written before the
+    server answers. Once the flow's line for the state the run ended in has arrived, so has every task
+    run's; each of those is then read until it is recorded in a final state.
+
+    A run whose engine did not end it (its process killed, or cancelled by its worker) logs no last line:
+    this times out on it.
+    """
+    deadline = time.monotonic() + timeout
+    finished = _task_runs_logged_as_finished(run_id)
+    while finished is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flow run {run_id} has not ended with its engine's last log line in {timeout:.0f}s")
+        time.sleep(interval)
+        finished = _task_runs_logged_as_finished(run_id)
+    by_run = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+    while True:
+        found = api_client().read_task_runs(flow_run_filter=by_run, limit=_API_PAGE)
+        if len(found) == _API_PAGE:
+            raise RuntimeError(f"flow run {run_id} has {_API_PAGE} task runs or more: read them in pages")
+        if finished <= {run.id for run in found if run.state is not None and run.state.is_final()}:
+            return found
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not record how flow run {run_id}'s task runs ended in {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def _task_runs_logged_as_finished(run_id: Any) -> set[UUID] | None:
+    """The ids of the task runs that flow run ``run_id`` logged as finished, once the run has ended and its
+    last line (the flow's own, for the state it ended in) has arrived; None before."""
+    run = read_flow_run(run_id)
+    if run.state is None or not run.state.is_final():
+        return None
+    logs = run_logs(run_id, text="Finished")
+    last_line = f"{_FINISHED}{run.state.name}("
+    if not any(log.task_run_id is None and log.message.startswith(last_line) for log in logs):
+        return None
+    return {log.task_run_id for log in logs if log.task_run_id is not None and log.message.startswith(_FINISHED)}
 
 
 def git(repo: Path, *args: str) -> str:

@@ -39,12 +39,21 @@ def consul_instance_ids(env: DeployEnv, service_name: str) -> list[str]:
 
 
 def task_runs(run_id: Any, task_name: str) -> list[Any]:
-    """The runs of task ``task_name`` in flow run ``run_id``, in any state (a task run is named ``<task>-<n>``)."""
+    """The runs of task ``task_name`` in flow run ``run_id``, which has ended, in any state (a task run is named
+    ``<task>-<n>``): all of them, each as it ended (``examples.local_env.recorded_task_runs``)."""
+    from examples.local_env import recorded_task_runs
+
+    return [run for run in recorded_task_runs(run_id) if run.name.rsplit("-", 1)[0] == task_name]
+
+
+def task_runs_so_far(run_id: Any, task_name: str) -> list[Any]:
+    """The runs of task ``task_name`` that the server has recorded so far for flow run ``run_id``, which may
+    still be running: a condition to poll (``wait_until``), up to a second behind the run."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from examples.local_env import api_client
 
-    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200)
     return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
 
 
@@ -62,9 +71,11 @@ def run_artifacts(run_id: Any, key: str | None = None) -> list[Any]:
     return list(api_client().read_artifacts(artifact_filter=found))
 
 
-def completed_task_runs(run_id: Any, task_name: str) -> list[Any]:
-    """The runs of task ``task_name`` in flow run ``run_id`` that completed."""
-    return [run for run in task_runs(run_id, task_name) if run.state and run.state.is_completed()]
+def completed_task_runs(run_id: Any, task_name: str, *, so_far: bool = False) -> list[Any]:
+    """The runs of task ``task_name`` in flow run ``run_id`` that completed: of the run that has ended, or with
+    ``so_far``, those recorded so far of one that may still be running (``task_runs_so_far``)."""
+    runs = task_runs_so_far(run_id, task_name) if so_far else task_runs(run_id, task_name)
+    return [run for run in runs if run.state and run.state.is_completed()]
 
 
 # --- processes, from /proc -------------------------------------------------------------------------------------

@@ -10,9 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-from examples.local_env import api_client
+from examples.local_env import recorded_task_runs
 from tests.helpers import consul_instances, run_artifacts, task_runs
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
@@ -114,12 +112,8 @@ def test_refused_answers_move_neither_the_deadline_nor_the_lock_and_replay_nothi
 
     # Two refused answers and an approval re-ran the flow three times, yet every step before the wait ran
     # once and none was replayed as Cached; each refusal the flow made was told once.
-    # Task run states reach the API through the server's event recorder, a moment after the flow's own end.
-    def task_runs_all_completed() -> list[Any] | None:
-        found = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])), limit=200)
-        return found if all(t.state is not None and t.state.name == "Completed" for t in found) else None
-
-    tasks = wait_until(task_runs_all_completed, timeout=30, message="a task run replayed (Cached) or never ended")
+    tasks = recorded_task_runs(run.id)
+    assert [t.state.name for t in tasks if t.state is None or t.state.name != "Completed"] == [], "replayed (Cached)"
     steps = Counter(t.name.rsplit("-", 1)[0] for t in tasks)
     before_the_wait = ("claim-workspace", "plan-deploy", "publish-plan", "approval-deadline")
     assert [steps[name] for name in before_the_wait] == [1, 1, 1, 1], steps

@@ -283,7 +283,7 @@ def test_a_worker_killed_mid_rollout_leaves_a_known_mix_that_the_next_plan_finis
     try:
         env.answer(run2.id, sha)
         # Between batches: batch 1's apply has ended (Terraform wrote the state), its gate waits out 30 s.
-        wait_until(lambda: _task_runs(run2.id, "apply-plan"), timeout=120, message="batch 1 never applied")
+        wait_until(lambda: _task_runs(run2.id, "apply-plan", so_far=True), timeout=120, message="batch 1 never applied")
         for pid in [*_descendants(doomed.proc.pid), doomed.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -317,7 +317,7 @@ def test_a_rollout_cancelled_between_batches_is_told_its_mix_and_records_it(depl
     )
     ws = names.workspace
     env.answer(run2.id, env.plan_sha(ws, run2.id))
-    wait_until(lambda: _task_runs(run2.id, "apply-plan"), timeout=120, message="batch 1 never applied")
+    wait_until(lambda: _task_runs(run2.id, "apply-plan", so_far=True), timeout=120, message="batch 1 never applied")
     api_client().set_flow_run_state(run2.id, Cancelling(message="stopped by an operator"))
 
     ended = env.wait_for(run2.id, states=ENDED, timeout=120)

@@ -13,14 +13,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from blocks.registry import ArtifactRegistry
-from examples.local_env import api_client
+from examples.local_env import api_client, recorded_task_runs
 from icd import operations
 from icd.config import load_config
 from icd.notify.slack import SERVER_ERROR_RETRIES
-from tests.helpers import consul_instances, parent_pid, processes, run_artifacts, terraform_applying, told
+from tests.helpers import (
+    consul_instances,
+    parent_pid,
+    processes,
+    run_artifacts,
+    terraform_applying,
+    told,
+)
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
@@ -239,7 +246,7 @@ def test_no_secret_leaves_its_block_in_a_full_cycle(deploy_env: DeployEnv) -> No
     logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     found += leaks("the run's logs", "\n".join(log.message for log in logs))
     found += leaks("artifacts", json.dumps([a.data for a in run_artifacts(run.id)], default=str))
-    task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    task_runs = recorded_task_runs(run.id)
     found += leaks("task runs", json.dumps([t.model_dump(mode="json") for t in task_runs], default=str))
     database = env.server.home / "prefect.db"
     if database.exists():

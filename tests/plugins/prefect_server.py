@@ -31,11 +31,9 @@ from examples.local_env import (
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     home: Path = tmp_path_factory.mktemp("prefect-home")
     database_url = create_postgres_database("icd_test") if postgres_available() else None
-    # Task runs recorded as each event arrives (Prefect's default), not in icd-server's one-second batches: tests
-    # count a run's task runs the moment it has ended (tests/helpers.py task_runs).
-    server = start_prefect_server(
-        home, database_url=database_url, env={"PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1"}
-    )
+    # icd-server as it ships: task runs recorded in one-second batches, so a test that counts a run's task runs
+    # waits until the server has recorded them (examples/local_env.py recorded_task_runs).
+    server = start_prefect_server(home, database_url=database_url)
     # Subprocesses read the environment. Threads without a settings context (the flow engine's, Prefect's log
     # and event senders) read the process-wide one, which Prefect made at import from the environment of
     # then: refreshed from this environment, they talk to this server instead of each starting a temporary
