@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import re
 import shutil
@@ -67,7 +66,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -84,7 +82,6 @@ from examples.local_env import (
     create_postgres_database,
     drop_postgres_database,
     first_run_after,
-    free_port,
     git,
     make_app_repo,
     postgres_available,
@@ -92,6 +89,7 @@ from examples.local_env import (
     read_flow_run,
     recorded_task_runs,
     run_logs,
+    start_moto,
     start_prefect_server,
     start_worker,
     stop_instances,
@@ -750,12 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(shutil.rmtree, home, ignore_errors=True)
         else:
             stack.callback(print, f"kept {home}")
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's access log: a line per request, thousands
-        moto_port = free_port()
-        moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-        moto.start()
+        moto, endpoint = start_moto()
         stack.callback(moto.stop)
-        endpoint = f"http://127.0.0.1:{moto_port}"
         repo = make_app_repo(home / "repo")
         config = write_config(
             home / "icd.toml",

@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
 import botocore.config
-from moto.server import ThreadedMotoServer
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -49,13 +48,13 @@ from examples.local_env import (
     create_postgres_database,
     deliver_webhook,
     drop_postgres_database,
-    free_port,
     git,
     github_push,
     make_app_repo,
     provision,
     recorded_task_runs,
     start_inbound,
+    start_moto,
     start_prefect_server,
     start_worker,
     worker_env,
@@ -204,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cases = [int(copies) for copies in args.cases.split(",")]
     home = Path(tempfile.mkdtemp(prefix="icd-bench-deliveries-"))
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{moto_port}"
+    moto, endpoint = start_moto()
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token="xoxb-bench").start()
     database_url = create_postgres_database("icd_bench") if args.postgres else None

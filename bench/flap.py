@@ -39,7 +39,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import consul
-from moto.server import ThreadedMotoServer
 from prefect.deployments import run_deployment
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -49,8 +48,8 @@ from bench.health_common import SLACK_TOKEN, consul_standin_process, load_averag
 from examples.local_env import (
     LocalServices,
     api_client,
-    free_port,
     provision,
+    start_moto,
     start_prefect_server,
     start_worker,
     worker_env,
@@ -134,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         Side("baseline", f"flapbase{tag}", {"recovery_hold_seconds": 0, "flap_changes": 0}),
     ]
     home = Path(tempfile.mkdtemp(prefix="icd-bench-flap-"))
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
+    moto, moto_url = start_moto()
     slack = SlackStandIn(token=SLACK_TOKEN).start()
     server = start_prefect_server(home / "prefect")
     processes = []
@@ -145,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         with consul_standin_process() as consul_addr, temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             config = write_config(home / "icd.toml", namespaces={}, workspaces={})
             os.environ["ICD_CONFIG"] = str(config)
-            services = LocalServices(
-                f"http://127.0.0.1:{moto_port}", "icd-bench", "b", "b", slack.api_url, SLACK_TOKEN, consul_addr
-            )
+            services = LocalServices(moto_url, "icd-bench", "b", "b", slack.api_url, SLACK_TOKEN, consul_addr)
             provision(server, services, alerts_url=slack.webhook_url("alerts"))
             client = api_client()
             client.pause_deployment(client.read_deployment_by_name(DEPLOYMENT).id)

@@ -41,7 +41,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import consul
-from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolUpdate
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -52,8 +51,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from bench.health_latency import consul_standin_process, percentile
 from examples.local_env import (
     LocalServices,
-    free_port,
     provision,
+    start_moto,
     start_prefect_server,
     start_worker,
     worker_env,
@@ -174,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     home = Path(tempfile.mkdtemp(prefix="icd-bench-handover-"))
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
+    moto, moto_url = start_moto()
     slack = SlackStandIn(token=TOKEN).start()
     server = start_prefect_server(home / "prefect")
     processes = []
@@ -184,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         with consul_standin_process() as consul_addr, temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             config = write_config(home / "icd.toml", namespaces={}, workspaces={})
             os.environ["ICD_CONFIG"] = str(config)
-            services = LocalServices(
-                f"http://127.0.0.1:{moto_port}", "icd-bench", "b", "b", slack.api_url, TOKEN, consul_addr
-            )
+            services = LocalServices(moto_url, "icd-bench", "b", "b", slack.api_url, TOKEN, consul_addr)
             provision(server, services, alerts_url=slack.webhook_url("alerts"))
             host, port = consul_addr.removeprefix("http://").rsplit(":", 1)
             agent = consul.Consul(host=host, port=int(port))

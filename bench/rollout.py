@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cycle
-from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
@@ -62,10 +61,10 @@ from examples.local_env import (
     LocalServices,
     create_postgres_database,
     drop_postgres_database,
-    free_port,
     git,
     make_app_repo,
     provision,
+    start_moto,
     start_prefect_server,
     start_worker,
     stop_instances,
@@ -284,10 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     home = Path(tempfile.mkdtemp(prefix="icd-bench-rollout-"))
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{moto_port}"
+    moto, endpoint = start_moto()
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token="xoxb-bench").start()
     database_url = create_postgres_database("icd_bench") if args.postgres else args.database_url

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextvars
-import logging
 import os
 import shutil
 import sys
@@ -45,7 +44,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 from prefect.deployments import run_deployment
@@ -57,9 +55,9 @@ from examples.local_env import (
     ManagedProcess,
     create_postgres_database,
     drop_postgres_database,
-    free_port,
     make_app_repo,
     provision,
+    start_moto,
     start_prefect_server,
     start_worker,
     stop_instances,
@@ -103,9 +101,7 @@ class Env:
 @contextmanager
 def environment(postgres: bool) -> Iterator[tuple[Env, Path]]:
     home = Path(tempfile.mkdtemp(prefix="icd-bench-storm-"))
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
+    moto, moto_url = start_moto()
     consul = ConsulStandIn().start()
     slack = SlackStandIn(token="xoxb-bench").start()
     database_url = create_postgres_database("icd_storm") if postgres else None
@@ -117,7 +113,7 @@ def environment(postgres: bool) -> Iterator[tuple[Env, Path]]:
             config = write_config(home / "icd.toml", namespaces={}, workspaces={})
             os.environ["ICD_CONFIG"] = str(config)
             services = LocalServices(
-                f"http://127.0.0.1:{moto_port}",
+                moto_url,
                 "icd-storm",
                 "bench",
                 "bench",
@@ -495,7 +491,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storm-only", action="store_true")
     parser.add_argument("--flap-rounds", type=int, default=1, help="repetitions of each answer order")
     args = parser.parse_args(argv)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
     if not args.flap_only:
         with environment(args.postgres) as (env, repo):
             results = []

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import re
 import secrets
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from moto.server import ThreadedMotoServer
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -60,6 +58,7 @@ from examples.local_env import (
     provision,
     spawn,
     start_inbound,
+    start_moto,
     start_prefect_server,
     start_worker,
     stop_instances,
@@ -113,13 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interactive", action="store_true", help="wait for approval in the Prefect UI")
     parser.add_argument("--keep", action="store_true", help="keep everything running until Ctrl-C")
     args = parser.parse_args(argv)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     demo = Demo(Path(tempfile.mkdtemp(prefix="icd-demo-")), args.interactive)
     demo.step(f"starting S3/DynamoDB (moto), Consul, Slack, Prefect; state in {demo.home}")
-    moto_port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{moto_port}"
+    moto, endpoint = start_moto()
     consul_standin = None
     if shutil.which("consul"):
         consul_port = free_port()

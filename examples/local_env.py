@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -29,6 +30,7 @@ from uuid import UUID
 import asyncpg  # type: ignore[import-untyped]  # ships no type information
 import boto3
 import httpx
+from moto.server import ThreadedMotoServer
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -62,6 +64,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_moto() -> tuple[ThreadedMotoServer, str]:
+    """moto (S3, EC2, DynamoDB) over real HTTP, in this process, and its endpoint URL; ``.stop()`` it after.
+
+    Its access log (werkzeug's, a line per request: hundreds per deploy cycle) is silenced: it buried the
+    figures a benchmark prints, and writing it took CPU from what was being measured."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
 
 
 def _stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
