@@ -52,6 +52,7 @@ from examples.local_env import (
     github_push,
     make_app_repo,
     provision,
+    read_task_runs,
     recorded_task_runs,
     start_inbound,
     start_moto,
@@ -141,7 +142,14 @@ def ours(inbound_url: str, repo: Path, registry: Registry, namespace: str, alias
         time.sleep(0.2)
     else:
         raise RuntimeError(f"{copies} deliveries: runs not all ended after 900 s")
-    tasks = {run.id: recorded_task_runs(run.id) for run in runs}
+    # A run its engine ended (Completed, Failed) logged its end: wait for all its task runs. A crashed one did
+    # not: what the server recorded is all there is.
+    tasks = {
+        run.id: recorded_task_runs(run.id)
+        if run.state.type.value in {"COMPLETED", "FAILED"}
+        else read_task_runs(run.id)
+        for run in runs
+    }
     claims = sorted(
         t.start_time.timestamp() for ts in tasks.values() for t in _named(ts, "claim-build") if t.start_time
     )

@@ -64,6 +64,7 @@ from examples.local_env import (
     git,
     make_app_repo,
     provision,
+    recorded_task_runs,
     start_moto,
     start_prefect_server,
     start_worker,
@@ -170,11 +171,11 @@ def our_rollout(registry: Any, version: int, *, batches: int) -> Rollout:
     tool = sum(sum(durations) for durations in by_command.values())
     calls = sum(len(durations) for durations in by_command.values())
     tasks: dict[str, float] = defaultdict(float)
-    for task in cycle._task_runs(run.id):
+    for task in recorded_task_runs(run.id):
         if task.start_time is None or task.start_time.timestamp() < resumed_at or task.total_run_time is None:
             continue
         tasks[task.name.rsplit("-", 1)[0]] += task.total_run_time.total_seconds()
-    gates = [t for t in cycle._task_runs(run.id) if t.name.startswith("batch-health-gate")]
+    gates = [t for t in recorded_task_runs(run.id) if t.name.startswith("batch-health-gate")]
     if len(gates) != batches:
         raise RuntimeError(f"expected {batches} batch gates, the run has {len(gates)}")
     waited = sum(float(m.group(1)) for log in logs if (m := _GATE_LINE.search(log.message)))

@@ -337,7 +337,8 @@ def first_run_after(deployment: str, after: float, *, timeout: float = 120, inte
 
 
 def run_logs(run_id: Any, *, text: str | None = None) -> list[Log]:
-    """Every log line of a run (those holding the word ``text``, when given), oldest first."""
+    """Every log line of a run, oldest first; with ``text``, only those the server's text search matches (a
+    case-insensitive substring of the message or the logger's name; a space separates alternatives)."""
     lines = LogFilter(
         flow_run_id=LogFilterFlowRunId(any_=[run_id]), text=LogFilterTextSearch(query=text) if text else None
     )
@@ -363,8 +364,8 @@ def recorded_task_runs(run_id: Any, *, timeout: float = 30.0, interval: float = 
     server answers. Once the flow's line for the state the run ended in has arrived, so has every task
     run's; each of those is then read until it is recorded in a final state.
 
-    A run whose engine did not end it (its process killed, or cancelled by its worker) logs no last line:
-    this times out on it.
+    A run whose engine did not log its end (its process killed, say) has no last line: this times out on it
+    (``TimeoutError``); read such a run's task runs with ``read_task_runs``.
     """
     deadline = time.monotonic() + timeout
     finished = _task_runs_logged_as_finished(run_id)
@@ -373,16 +374,24 @@ def recorded_task_runs(run_id: Any, *, timeout: float = 30.0, interval: float = 
             raise TimeoutError(f"flow run {run_id} has not ended with its engine's last log line in {timeout:.0f}s")
         time.sleep(interval)
         finished = _task_runs_logged_as_finished(run_id)
-    by_run = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
     while True:
-        found = api_client().read_task_runs(flow_run_filter=by_run, limit=_API_PAGE)
-        if len(found) == _API_PAGE:
-            raise RuntimeError(f"flow run {run_id} has {_API_PAGE} task runs or more: read them in pages")
+        found = read_task_runs(run_id)
         if finished <= {run.id for run in found if run.state is not None and run.state.is_final()}:
             return found
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server did not record how flow run {run_id}'s task runs ended in {timeout:.0f}s")
         time.sleep(interval)
+
+
+def read_task_runs(run_id: Any) -> list[TaskRun]:
+    """The task runs of flow run ``run_id`` that the server has recorded so far (up to a second behind the run:
+    ``recorded_task_runs`` waits for an ended run's)."""
+    found = api_client().read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=_API_PAGE
+    )
+    if len(found) == _API_PAGE:
+        raise RuntimeError(f"flow run {run_id} has {_API_PAGE} task runs or more: read them in pages")
+    return found
 
 
 def _task_runs_logged_as_finished(run_id: Any) -> set[UUID] | None:

@@ -49,12 +49,9 @@ def task_runs(run_id: Any, task_name: str) -> list[Any]:
 def task_runs_so_far(run_id: Any, task_name: str) -> list[Any]:
     """The runs of task ``task_name`` that the server has recorded so far for flow run ``run_id``, which may
     still be running: a condition to poll (``wait_until``), up to a second behind the run."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from examples.local_env import read_task_runs
 
-    from examples.local_env import api_client
-
-    runs = api_client().read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200)
-    return [run for run in runs if run.name.rsplit("-", 1)[0] == task_name]
+    return [run for run in read_task_runs(run_id) if run.name.rsplit("-", 1)[0] == task_name]
 
 
 def run_artifacts(run_id: Any, key: str | None = None) -> list[Any]:

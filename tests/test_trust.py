@@ -13,10 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
 from blocks.registry import ArtifactRegistry
-from examples.local_env import api_client, recorded_task_runs
+from examples.local_env import recorded_task_runs, run_logs
 from icd import operations
 from icd.config import load_config
 from icd.notify.slack import SERVER_ERROR_RETRIES
@@ -242,11 +240,10 @@ def test_no_secret_leaves_its_block_in_a_full_cycle(deploy_env: DeployEnv) -> No
         return [f"{name} in {where}" for name, value in canaries.items() if value in text]
 
     found: list[str] = []
-    client = api_client()
-    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    task_runs = recorded_task_runs(run.id)  # first: it waits until the run's last log lines are in, too
+    logs = run_logs(run.id)
     found += leaks("the run's logs", "\n".join(log.message for log in logs))
     found += leaks("artifacts", json.dumps([a.data for a in run_artifacts(run.id)], default=str))
-    task_runs = recorded_task_runs(run.id)
     found += leaks("task runs", json.dumps([t.model_dump(mode="json") for t in task_runs], default=str))
     database = env.server.home / "prefect.db"
     if database.exists():
