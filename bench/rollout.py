@@ -170,12 +170,13 @@ def our_rollout(registry: Any, version: int, *, batches: int) -> Rollout:
     by_command = tool_after(logs, resumed_at)
     tool = sum(sum(durations) for durations in by_command.values())
     calls = sum(len(durations) for durations in by_command.values())
+    task_runs = recorded_task_runs(run.id)
     tasks: dict[str, float] = defaultdict(float)
-    for task in recorded_task_runs(run.id):
+    for task in task_runs:
         if task.start_time is None or task.start_time.timestamp() < resumed_at or task.total_run_time is None:
             continue
         tasks[task.name.rsplit("-", 1)[0]] += task.total_run_time.total_seconds()
-    gates = [t for t in recorded_task_runs(run.id) if t.name.startswith("batch-health-gate")]
+    gates = [t for t in task_runs if t.name.startswith("batch-health-gate")]
     if len(gates) != batches:
         raise RuntimeError(f"expected {batches} batch gates, the run has {len(gates)}")
     waited = sum(float(m.group(1)) for log in logs if (m := _GATE_LINE.search(log.message)))

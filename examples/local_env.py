@@ -336,6 +336,10 @@ def first_run_after(deployment: str, after: float, *, timeout: float = 120, inte
     raise TimeoutError(f"no {deployment} run appeared within {timeout:.0f}s")
 
 
+_API_PAGE = 200  # the most the Prefect API hands out per read
+_FINISHED = "Finished in state "  # the engines' last line for a task run and for a flow run; str(state) follows
+
+
 def run_logs(run_id: Any, *, text: str | None = None) -> list[Log]:
     """Every log line of a run, oldest first; with ``text``, only those the server's text search matches (a
     case-insensitive substring of the message or the logger's name; a space separates alternatives)."""
@@ -348,10 +352,6 @@ def run_logs(run_id: Any, *, text: str | None = None) -> list[Log]:
         found += page
         if len(page) < _API_PAGE:
             return sorted(found, key=lambda log: log.timestamp)
-
-
-_API_PAGE = 200  # the most the Prefect API hands out per read
-_FINISHED = "Finished in state "  # the engines' last line for a task run and for a flow run; str(state) follows
 
 
 def recorded_task_runs(run_id: Any, *, timeout: float = 30.0, interval: float = 0.1) -> list[TaskRun]:

@@ -18,14 +18,7 @@ from examples.local_env import recorded_task_runs, run_logs
 from icd import operations
 from icd.config import load_config
 from icd.notify.slack import SERVER_ERROR_RETRIES
-from tests.helpers import (
-    consul_instances,
-    parent_pid,
-    processes,
-    run_artifacts,
-    terraform_applying,
-    told,
-)
+from tests.helpers import consul_instances, parent_pid, processes, run_artifacts, terraform_applying, told
 from tests.plugins.deploy_env import ENDED, DeployEnv, Names
 from tests.waiting import wait_until
 
