@@ -43,6 +43,11 @@ reads), read from /proc around each cycle; and what the server spends idle, meas
 runs. On two cores CPU is what a cycle waits for, and it moves far less with the machine's mood than wall time
 does: a change of a few hundredths of a second shows there and not in the wall. This script reads a cycle's runs
 every ``--poll`` seconds (0.25; it was 0.05, about as many requests as the runs themselves made).
+
+**AWS requests per cycle**, beside the shell's, by what they serve (Prefect's result store, the registry, the
+workspace queue, the plan store, the deploy records, Terraform's state, its lock table, STS): counted as moto
+serves them (:class:`AwsRequests`). A count does not move with the machine's load, and against a real region
+each request is a round trip that moto, in this process, answers in a few milliseconds.
 """
 
 from __future__ import annotations
@@ -56,10 +61,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +152,7 @@ class Cycle:
     task_tool: dict[str, float] = field(default_factory=dict)  # the same -> tool seconds logged inside
     cpu: dict[str, float] = field(default_factory=dict)  # where -> CPU seconds during the cycle (cpu_now)
     cpu_window: float = 0.0  # the seconds those were read over (the suspension and the settling included)
+    aws: dict[str, int] = field(default_factory=dict)  # AWS_STORES -> requests during the cycle
 
     @property
     def overhead(self) -> float:
@@ -208,6 +215,69 @@ def cpu_now(server_pid: int, worker_pids: list[int]) -> dict[str, float]:
 
 def cpu_spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {key: after[key] - before[key] for key in before}
+
+
+# AWS requests per cycle, by what they serve. Unlike time, a count does not move with the machine's load, and
+# against a real region each one is a round trip of its own (tens of milliseconds) where moto answers in a few.
+# The shell's round and each side's cycle run one after another, so a window's count is that cycle's; the one
+# thing counted that the cycle did not do is this script's own read of the plan's hash to approve it.
+AWS_STORES = (
+    "result store (Prefect)",
+    "registry",
+    "workspace queue",
+    "plan store",
+    "deploy records",
+    "terraform state",
+    "terraform state lock",
+    "sts",
+)
+
+
+def aws_store(environ: Mapping[str, Any]) -> str:
+    """What one request to moto served, from its path (the buckets are path-style) or its target."""
+    if environ.get("HTTP_X_AMZ_TARGET", "").startswith("DynamoDB"):
+        return "terraform state lock"  # the only table: Terraform's state lock
+    path = str(environ.get("PATH_INFO", "")).strip("/")
+    if not path:
+        return "sts"  # AssumeRole, for Terraform's scoped credentials (a form POST to the root)
+    key = path.partition("/")[2]
+    if not key or key.startswith("shell/") or key.startswith("registry/state/"):
+        return "terraform state"  # a bucket-level request is Terraform's listing of its workspaces (env:/)
+    for prefix, store in (
+        ("registry/namespaces/", "registry"),
+        ("registry/queues/", "workspace queue"),
+        ("registry/plans/", "plan store"),
+        ("registry/deployments/", "deploy records"),
+    ):
+        if key.startswith(prefix):
+            return store
+    return "result store (Prefect)"  # task results and run records, at the bucket's root
+
+
+class AwsRequests:
+    """Counts what moto serves, by :func:`aws_store`: a WSGI wrapper on its server (moto's private
+    ``_server``: a benchmark may lean on it, nothing else does)."""
+
+    def __init__(self, moto: Any) -> None:
+        self._counts: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+        server = moto._server
+        app = server.app
+
+        def counting(environ: dict[str, Any], start_response: Any) -> Any:
+            with self._lock:
+                self._counts[aws_store(environ)] += 1
+            return app(environ, start_response)
+
+        server.app = counting
+
+    def now(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    @staticmethod
+    def spent(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        return {store: after.get(store, 0) - before.get(store, 0) for store in AWS_STORES}
 
 
 def _tool_seconds(logs: list[Any], until: float | None = None) -> float:
@@ -505,6 +575,7 @@ class ShellCycle:
     wall: float  # start -> the apply done
     tools: dict[str, float]  # "terraform plan" -> seconds
     cpu: dict[str, float] = field(default_factory=dict)  # the script with its tools, and this one (moto)
+    aws: dict[str, int] = field(default_factory=dict)  # AWS_STORES -> requests during the round
 
     @property
     def tool(self) -> float:
@@ -750,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.callback(print, f"kept {home}")
         moto, endpoint = start_moto()
         stack.callback(moto.stop)
+        aws = AwsRequests(moto)
         repo = make_app_repo(home / "repo")
         config = write_config(
             home / "icd.toml",
@@ -814,7 +886,9 @@ def main(argv: list[str] | None = None) -> int:
         shell_rounds: list[int] = []
         for round_number in range(args.rounds + 1):  # round 0 warms every side up and is not counted
             idle_from, idle_cpu = time.monotonic(), [side.cpu()["server"] for side in sides]
+            aws_from = aws.now()
             baseline = shell_cycle(home, repo, shell_env, round_number)
+            baseline.aws = AwsRequests.spent(aws_from, aws.now())
             if round_number:  # counted rounds only, as the cycles are
                 for side, before in zip(sides, idle_cpu, strict=True):  # what each server spends doing nothing
                     side.idle.append((side.cpu()["server"] - before) / (time.monotonic() - idle_from))
@@ -825,8 +899,10 @@ def main(argv: list[str] | None = None) -> int:
             # With --baseline, each pair of sides takes turns at going first.
             turns = sides if not args.baseline or round_number % 2 == 0 else _swap_pairs(sides)
             for side in turns:
+                aws_from = aws.now()
                 with side.api():
                     one = our_cycle(repo, side.registry, side.slack, round_number, poll=args.poll, cpu=side.cpu)
+                one.aws = AwsRequests.spent(aws_from, aws.now())
                 if round_number:
                     side.cycles.append(one)
                 line += (
@@ -953,6 +1029,17 @@ def report(
             for side in sides
         ],
     )
+    row(
+        "AWS requests per cycle, p50: all",
+        f"{med(sum(s.aws.values()) for s in shells):.0f}",
+        [f"{med(sum(c.aws.values()) for c in side.cycles):.0f}" for side in sides],
+    )
+    for store in AWS_STORES:
+        row(
+            f"  {store}",
+            f"{med(s.aws[store] for s in shells):.0f}",
+            [f"{med(c.aws[store] for c in side.cycles):.0f}" for side in sides],
+        )
     row(
         "tool time read as the run ends: missed p50/max",
         "",

@@ -1,0 +1,88 @@
+"""bench/cycle.py's count of AWS requests per cycle: what each request to moto is counted as, and the counter on
+a real moto server over HTTP (docs/benchmarks.md records the figures it prints)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import pytest
+
+from examples.local_env import start_moto
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "cycle.py"
+
+
+@pytest.fixture(scope="module")
+def cycle() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_cycle", BENCH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("environ", "store"),
+    [
+        ({"PATH_INFO": "/b/registry/namespaces/acme/web/index.json"}, "registry"),
+        ({"PATH_INFO": "/b/registry/namespaces/acme/web/claims/ab.json"}, "registry"),
+        ({"PATH_INFO": "/b/registry/queues/prod/queue.json"}, "workspace queue"),
+        ({"PATH_INFO": "/b/registry/plans/prod/run-1.tfplan"}, "plan store"),
+        ({"PATH_INFO": "/b/registry/deployments/prod/run-1.dsse.json"}, "deploy records"),
+        ({"PATH_INFO": "/b/registry/state/prod.tfstate"}, "terraform state"),
+        ({"PATH_INFO": "/b/shell/web.tfstate"}, "terraform state"),
+        ({"PATH_INFO": "/b", "QUERY_STRING": "prefix=env%3A%2F"}, "terraform state"),
+        ({"PATH_INFO": "/", "HTTP_X_AMZ_TARGET": "DynamoDB_20120810.GetItem"}, "terraform state lock"),
+        ({"PATH_INFO": "/"}, "sts"),
+        ({"PATH_INFO": "/b/icd-5b33505a-19ab-4797-823c-4ef497f57580-claim"}, "result store (Prefect)"),
+        ({"PATH_INFO": "/b/c8fc0f269375b04ff74bc6377f9f73ab"}, "result store (Prefect)"),
+    ],
+)
+def test_each_request_is_counted_as_the_store_it_serves(cycle: ModuleType, environ: dict[str, str], store: str) -> None:
+    assert cycle.aws_store(environ) == store
+    assert store in cycle.AWS_STORES
+
+
+@pytest.fixture
+def moto() -> Iterator[tuple[Any, str]]:
+    server, endpoint = start_moto()
+    try:
+        yield server, endpoint
+    finally:
+        server.stop()
+
+
+def test_the_counter_counts_what_moto_served_between_two_readings(cycle: ModuleType, moto: tuple[Any, str]) -> None:
+    server, endpoint = moto
+    keys = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench", "region_name": "us-east-1"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, **keys)
+    dynamodb = boto3.client("dynamodb", endpoint_url=endpoint, **keys)
+    s3.create_bucket(Bucket="bench-counts")
+    dynamodb.create_table(
+        TableName="locks",
+        KeySchema=[{"AttributeName": "LockID", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "LockID", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    counter = cycle.AwsRequests(server)
+    before = counter.now()
+
+    s3.put_object(Bucket="bench-counts", Key="registry/namespaces/a/b/index.json", Body=b"{}")
+    s3.get_object(Bucket="bench-counts", Key="registry/namespaces/a/b/index.json")
+    s3.put_object(Bucket="bench-counts", Key="registry/queues/prod/queue.json", Body=b"{}")
+    dynamodb.get_item(TableName="locks", Key={"LockID": {"S": "bench-counts/registry/state/prod.tfstate-md5"}})
+
+    spent = cycle.AwsRequests.spent(before, counter.now())
+    assert spent == {store: 0 for store in cycle.AWS_STORES} | {
+        "registry": 2,
+        "workspace queue": 1,
+        "terraform state lock": 1,
+    }
