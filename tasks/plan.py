@@ -67,8 +67,10 @@ def resolve_version(
     """The version if it may be deployed (``RevokedVersionError`` if not); with ``follows``, a reason instead
     when it is not where that channel points now (a newer request supersedes it)."""
     reg = registry.registry()
-    found = reg.resolve_deployable(namespace, version)
-    if follows is not None and (reason := not_current(reg, namespace, version, follows)):
+    with reg.one_view():  # the version and the channel checked against one index: read once
+        found = reg.resolve_deployable(namespace, version)
+        reason = not_current(reg, namespace, version, follows) if follows is not None else None
+    if reason:
         get_run_logger().info("not planning v%d: %s", version, reason)
         return reason
     return found
@@ -91,13 +93,16 @@ def read_version(registry: ArtifactRegistry, namespace: str, version: int) -> Ar
     **transient(StateLockedError, delays=(5, 15, 30)),
 )
 def plan_deploy(registry: ArtifactRegistry, request: PlanRequest) -> PlannedDeploy:
-    running = registry.running(request.workspace, request.version.namespace)
-    planned = make_plan(
-        replace(request, running_version=running.version.version if running and running.version else None),
-        registry=registry.registry(),
-        plans=registry.plan_store(),
-        open_workdir=workdir_opener(registry, request.workspace, request.stack_dir, "plan"),
-    )
+    # One view of the registry for the whole plan: what runs, the channels, and the plan's summary look up the
+    # same versions (the running one twice) and the same index; each is read once. The apply checks afresh.
+    with registry.registry().one_view():
+        running = registry.running(request.workspace, request.version.namespace)
+        planned = make_plan(
+            replace(request, running_version=running.version.version if running and running.version else None),
+            registry=registry.registry(),
+            plans=registry.plan_store(),
+            open_workdir=workdir_opener(registry, request.workspace, request.stack_dir, "plan"),
+        )
     if planned.has_changes:
         get_run_logger().info("plan %s stored for %s", planned.plan_sha256, request.workspace)
     else:

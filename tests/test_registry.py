@@ -201,6 +201,111 @@ def test_twenty_concurrent_registrations_get_distinct_consecutive_versions(regis
     assert latest.version == 20
 
 
+# --- one view per decision -------------------------------------------------------------------------------
+
+
+def _reads(s3_client: Any) -> list[str]:
+    """The keys this client reads from now on (GetObject), in order."""
+    keys: list[str] = []
+    s3_client.meta.events.register("before-call.s3.GetObject", lambda params, **_: keys.append(params["url_path"]))
+    return keys
+
+
+def _second_writer(s3_client: Any, s3_bucket: str) -> Registry:
+    """Another process's registry on the same bucket: its own client, so the first one's reads stay countable."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_client.meta.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    return Registry(client, s3_bucket, prefix="registry/", sealer=SEALER)
+
+
+def test_inside_one_view_each_object_a_decision_looks_up_is_read_once(registry: Registry, s3_client: Any) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+    reads = _reads(s3_client)
+
+    with registry.one_view():
+        for _ in range(3):
+            assert registry.get(NS, 2).version == 2
+            assert registry.find_by_artifact_id(NS, "ami-1") == registry.get(NS, 1)
+            pointer = registry.get_channel(NS, "production")
+            assert pointer is not None
+            assert pointer.version == 1
+    in_the_view = len(reads)
+    registry.get(NS, 2)
+
+    # v2, the index, v1's artifact pointer, v1, the channel: once each, however often they were looked up.
+    assert in_the_view == 5, reads
+    assert len(reads) == in_the_view + 2, "outside a view every look-up reads S3 again (v2 and the index)"
+
+
+def test_a_write_through_the_registry_ends_what_the_view_remembers(registry: Registry) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+
+    with registry.one_view():
+        before = registry.get_channel(NS, "production")
+        registry.assign_channel(NS, "production", 2, assigned_by="bob")
+        after = registry.get_channel(NS, "production")
+        registry.revoke(NS, 2, revoked_by="carol", reason="broken")
+        revoked = registry.get(NS, 2)
+
+    assert before is not None
+    assert after is not None
+    assert (before.version, after.version) == (1, 2)
+    assert revoked.revocation is not None, "the revocation written inside the view is read inside it"
+
+
+def test_a_swap_inside_a_view_reads_afresh_so_another_writers_move_is_never_lost(
+    registry: Registry, s3_client: Any, s3_bucket: str
+) -> None:
+    build(registry, "1")
+    build(registry, "2")
+    registry.assign_channel(NS, "production", 1, assigned_by="alice")
+    other = _second_writer(s3_client, s3_bucket)
+
+    with registry.one_view():
+        seen = registry.get_channel(NS, "production")
+        other.assign_channel(NS, "production", 2, assigned_by="bob")
+        moved = registry.assign_channel(NS, "production", 1, assigned_by="alice", expected_version=1)
+
+    assert seen is not None
+    assert seen.version == 1
+    assert moved == ChannelMoved(channel="production", expected_version=1, actual_version=2)
+    assert [a.to_version for a in registry.channel_history(NS, "production")] == [1, 2]
+
+
+def test_another_writers_revocation_is_seen_by_the_next_view_and_a_view_is_its_threads_own(
+    registry: Registry, s3_client: Any, s3_bucket: str
+) -> None:
+    build(registry, "1")
+    other = _second_writer(s3_client, s3_bucket)
+
+    def elsewhere() -> ArtifactVersion:
+        """Another process, as far as this thread's view goes: it revokes v1, then reads it (it has no view)."""
+        other.revoke(NS, 1, revoked_by="carol", reason="CVE")
+        return registry.get(NS, 1)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, registry.one_view():
+        assert registry.get(NS, 1).revocation is None
+        read_elsewhere = pool.submit(elsewhere).result(timeout=30)
+        in_this_view = registry.get(NS, 1)
+    with registry.one_view():
+        in_the_next_view = registry.get(NS, 1)
+
+    assert in_this_view.revocation is None, "one view is one moment: kept to one decision"
+    assert read_elsewhere.revocation is not None
+    assert in_the_next_view.revocation is not None
+    with pytest.raises(RevokedVersionError):
+        registry.resolve_deployable(NS, 1)
+
+
 # --- channels --------------------------------------------------------------------------------------------
 
 

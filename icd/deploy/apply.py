@@ -72,28 +72,30 @@ def apply_approved(
     Terraform call."""
     if approved_sha256 != planned.plan_sha256:
         raise PlanIntegrityError(f"the approved plan {hash_difference(approved_sha256, planned.plan_sha256)}")
-    version = registry.resolve_deployable(planned.namespace, planned.version)
-    for before in (planned.followed, planned.promoted):
-        if before is None:
-            continue
-        now = seen(registry, planned.namespace, before.channel)
-        if now.version != before.version:
-            return StalePlan(
-                f"channel {before.channel!r} of {planned.namespace} moved from {version_label(before.version)} to "
-                f"{version_label(now.version)} "
-                "since this plan was made; nothing was applied"
+    # The registry's checks read one view of it: each object once (a channel and the index, not twice each).
+    with registry.one_view():
+        version = registry.resolve_deployable(planned.namespace, planned.version)
+        for before in (planned.followed, planned.promoted):
+            if before is None:
+                continue
+            now = seen(registry, planned.namespace, before.channel)
+            if now.version != before.version:
+                return StalePlan(
+                    f"channel {before.channel!r} of {planned.namespace} moved from {version_label(before.version)} "
+                    f"to {version_label(now.version)} "
+                    "since this plan was made; nothing was applied"
+                )
+        if planned.must_be_current and (
+            reason := not_current(registry, planned.namespace, planned.version, planned.followed.channel)
+        ):
+            return StalePlan(f"{reason}: this is not the version to run; nothing was applied")
+        if verify_image(version, platform) != planned.artifact_id:
+            raise ArtifactIntegrityError(
+                f"{planned.namespace} v{planned.version}'s {platform} artifact is no longer the one planned "
+                f"({planned.artifact_id}); nothing was applied"
             )
-    if planned.must_be_current and (
-        reason := not_current(registry, planned.namespace, planned.version, planned.followed.channel)
-    ):
-        return StalePlan(f"{reason}: this is not the version to run; nothing was applied")
-    if verify_image(version, platform) != planned.artifact_id:
-        raise ArtifactIntegrityError(
-            f"{planned.namespace} v{planned.version}'s {platform} artifact is no longer the one planned "
-            f"({planned.artifact_id}); nothing was applied"
-        )
-    if not planned.view.teardown:
-        registry.verify_provenance(version, platform)  # ProvenanceError: nothing is applied
+        if not planned.view.teardown:
+            registry.verify_provenance(version, platform)  # ProvenanceError: nothing is applied
     plan_bytes = plans.get(planned.workspace, planned.plan_id, expected_sha256=approved_sha256)
     stored = read_state()
     state_now = None if stored is None else parse_state_version(stored.decode("utf-8", errors="replace"))

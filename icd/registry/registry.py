@@ -41,6 +41,11 @@ Concurrency rests on S3 conditional writes only (no lock service):
 * A build claim is created with ``IfNoneMatch`` (or swapped over a released, expired or dead one) before
   anything is built, so however many runs start a build of one commit at once, one builds.
 
+**One view per decision.** Inside :meth:`Registry.one_view` the look-ups read each object at most once: the
+checks of one plan or one apply read ``index.json`` (which says what is revoked) once, not once per look-up
+(14 reads of it a deploy cycle made 14 round trips to S3). A write through the registry ends the view's memory,
+and the swaps behind every write always read afresh.
+
 Each swap retries a bounded number of times with jittered backoff and then raises :class:`ConflictError`.
 A failure between reserving a number and writing its version object leaves a reservation that the next
 ``register`` of the same Packer run (or of the same commit) completes; other writers are never blocked by
@@ -54,7 +59,9 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -85,11 +92,15 @@ from icd.registry.models import (
     RegistrationResult,
     Revocation,
 )
-from icd.registry.s3 import S3Objects
+from icd.registry.s3 import S3Objects, StoredObject
 from icd.registry.signing import Sealer
 from icd.rules import LATEST, check_channel, check_namespace, check_run_id, check_workspace
 
 RecordT = TypeVar("RecordT", bound=BaseModel)
+
+# What the look-ups inside Registry.one_view read ("bucket/key" -> the object, None when absent); None outside
+# one. A context variable: each thread and task sees only the view it opened.
+_VIEW: ContextVar[dict[str, StoredObject | None] | None] = ContextVar("icd_registry_view", default=None)
 
 DEFAULT_MAX_ATTEMPTS = 40
 # How many recent Packer runs index.json remembers; older ones are found through runs/<uuid>.json.
@@ -155,8 +166,33 @@ class Registry:
     def _claim_key(self, namespace: str, commit: str) -> str:
         return f"{self._namespace_key(namespace)}claims/{_digest(commit)}.json"
 
-    def _read(self, key: str, model: type[RecordT]) -> tuple[RecordT, str] | None:
-        found = self._objects.read(key)
+    @contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Look-ups inside read each object at most once (module docstring, "One view per decision"). Keep it to
+        one decision: a change another process makes meanwhile is seen by the next view, not by this one. A write
+        in this thread (through any registry) ends what the view remembers."""
+        token = _VIEW.set({})
+        try:
+            yield
+        finally:
+            _VIEW.reset(token)
+
+    def _forget_view(self) -> None:
+        view = _VIEW.get()
+        if view:
+            view.clear()
+
+    def _read(self, key: str, model: type[RecordT], *, viewed: bool = False) -> tuple[RecordT, str] | None:
+        """The sealed record at ``key`` and its etag. ``viewed``: a look-up's read, served from the open view
+        (:meth:`one_view`) when it read ``key`` already; never for what a write is about to swap."""
+        view = _VIEW.get() if viewed else None
+        where = f"{self.bucket}/{key}"
+        if view is not None and where in view:
+            found = view[where]
+        else:
+            found = self._objects.read(key)
+            if view is not None:
+                view[where] = found
         if found is None:
             return None
         where = f"s3://{self.bucket}/{key}"
@@ -172,6 +208,7 @@ class Registry:
         payload = record.model_dump(
             mode="json", exclude={"revocation"} if isinstance(record, ArtifactVersion) else None
         )
+        self._forget_view()
         return self._objects.write(key, self._sealer.seal(key, payload), if_match=if_match)
 
     def _swap(
@@ -320,11 +357,11 @@ class Registry:
             self._swap(self._artifact_key(namespace, artifact_id), Pointer, newest)
 
     def _index(self, namespace: str) -> NamespaceIndex:
-        found = self._read(self._index_key(namespace), NamespaceIndex)
+        found = self._read(self._index_key(namespace), NamespaceIndex, viewed=True)
         return found[0] if found else NamespaceIndex()
 
     def _read_version(self, namespace: str, version: int) -> ArtifactVersion | None:
-        found = self._read(self._version_key(namespace, version), ArtifactVersion)
+        found = self._read(self._version_key(namespace, version), ArtifactVersion, viewed=True)
         if found is None:
             return None
         record = found[0]
@@ -335,7 +372,7 @@ class Registry:
         return record
 
     def _read_revocation(self, namespace: str, version: int) -> Revocation | None:
-        found = self._read(self._revocation_key(namespace, version), Revocation)
+        found = self._read(self._revocation_key(namespace, version), Revocation, viewed=True)
         return found[0] if found else None
 
     def _with_revocation(self, record: ArtifactVersion, index: NamespaceIndex | None = None) -> ArtifactVersion:
@@ -419,7 +456,7 @@ class Registry:
 
     def find_by_artifact_id(self, namespace: str, artifact_id: str) -> ArtifactVersion | None:
         """The newest version that produced ``artifact_id`` (an AMI id, an image path), or None."""
-        found = self._read(self._artifact_key(namespace, artifact_id), Pointer)
+        found = self._read(self._artifact_key(namespace, artifact_id), Pointer, viewed=True)
         if found is None:
             return None
         record = self._read_version(namespace, found[0].version)
@@ -597,6 +634,7 @@ class Registry:
     def _write_envelope(self, key: str, envelope: Mapping[str, Any]) -> Any:
         """Write once; a second writer (a retried task) gets the first one's envelope back."""
         body = json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode()
+        self._forget_view()
         if self._objects.write(key, body, if_match=None):
             return dict(envelope)
         return self._read_envelope(key)
@@ -768,7 +806,7 @@ class Registry:
         A revocation scheduled for the future takes effect without any write, so ``latest`` is checked
         here and moved back if the version it points at has become revoked since.
         """
-        found = self._read(self._channel_key(namespace, channel), ChannelDocument)
+        found = self._read(self._channel_key(namespace, channel), ChannelDocument, viewed=True)
         document = found[0] if found else None
         if document is not None and document.version is not None and channel == LATEST:
             revoked_at = self._index(namespace).revocations.get(document.version)
