@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -230,6 +231,7 @@ AWS_STORES = (
     "terraform state",
     "terraform state lock",
     "sts",
+    "other",
 )
 
 
@@ -239,15 +241,22 @@ def aws_store(environ: Mapping[str, Any]) -> str:
         return "terraform state lock"  # the only table: Terraform's state lock
     path = str(environ.get("PATH_INFO", "")).strip("/")
     if not path:
-        return "sts"  # AssumeRole, for Terraform's scoped credentials (a form POST to the root)
+        # AssumeRole, for Terraform's scoped credentials (a form POST to the root); anything else there is not
+        # a cycle's (a bucket listing, say)
+        return "sts" if environ.get("REQUEST_METHOD") == "POST" else "other"
     key = path.partition("/")[2]
-    if not key or key.startswith("shell/") or key.startswith("registry/state/"):
-        return "terraform state"  # a bucket-level request is Terraform's listing of its workspaces (env:/)
+    if not key:  # a listing: what it lists is its prefix (Terraform lists its workspaces under env:/)
+        key = parse_qs(str(environ.get("QUERY_STRING", ""))).get("prefix", [""])[0]
+        if not key or key.startswith("env:"):
+            return "terraform state"
+    if key.startswith("shell/") or key.startswith("registry/state/"):
+        return "terraform state"
     for prefix, store in (
         ("registry/namespaces/", "registry"),
         ("registry/queues/", "workspace queue"),
         ("registry/plans/", "plan store"),
         ("registry/deployments/", "deploy records"),
+        ("registry/", "other"),  # a store a cycle does not use (the drift checks' memory, say)
     ):
         if key.startswith(prefix):
             return store
@@ -696,7 +705,9 @@ def start_side(
         services = LocalServices(endpoint, bucket, "bench", "bench", slack.api_url, "xoxb-bench", consul.http_addr)
         registry = provision(server, services, alerts_url=slack.webhook_url("alerts"))
         with get_client(sync_client=True) as client:
+            # Scheduled runs of their own would land in whichever cycle's window is open.
             client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)
+            client.pause_deployment(client.read_deployment_by_name("drift-check/drift-check").id)
     side = Side(label, server, registry, slack, consul, bucket)
     icd_home = home / f"icd-{key}"
     stack.callback(stop_instances, icd_home)

@@ -211,7 +211,7 @@ def _reads(s3_client: Any) -> list[str]:
     return keys
 
 
-def _second_writer(s3_client: Any, s3_bucket: str) -> Registry:
+def _second_writer(s3_client: Any, s3_bucket: str, clock: FakeClock | None = None) -> Registry:
     """Another process's registry on the same bucket: its own client, so the first one's reads stay countable."""
     client = boto3.client(
         "s3",
@@ -220,7 +220,7 @@ def _second_writer(s3_client: Any, s3_bucket: str) -> Registry:
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    return Registry(client, s3_bucket, prefix="registry/", sealer=SEALER)
+    return Registry(client, s3_bucket, prefix="registry/", sealer=SEALER, clock=clock)
 
 
 def test_inside_one_view_each_object_a_decision_looks_up_is_read_once(registry: Registry, s3_client: Any) -> None:
@@ -269,16 +269,53 @@ def test_a_swap_inside_a_view_reads_afresh_so_another_writers_move_is_never_lost
     build(registry, "2")
     registry.assign_channel(NS, "production", 1, assigned_by="alice")
     other = _second_writer(s3_client, s3_bucket)
+    attempts: list[str] = []
 
-    with registry.one_view():
+    def count_channel_writes(params: dict[str, Any], **_: Any) -> None:
+        if "channels/production" in params["url_path"]:
+            attempts.append(params["url_path"])
+
+    s3_client.meta.events.register("before-call.s3.PutObject", count_channel_writes)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, registry.one_view():
         seen = registry.get_channel(NS, "production")
-        other.assign_channel(NS, "production", 2, assigned_by="bob")
+        # Another process (another thread: this thread's view is not told of its write) moves the channel.
+        pool.submit(other.assign_channel, NS, "production", 2, assigned_by="bob").result(timeout=30)
         moved = registry.assign_channel(NS, "production", 1, assigned_by="alice", expected_version=1)
 
     assert seen is not None
     assert seen.version == 1
     assert moved == ChannelMoved(channel="production", expected_version=1, actual_version=2)
+    assert attempts == [], "the swap read the channel afresh: it saw the move and wrote nothing"
     assert [a.to_version for a in registry.channel_history(NS, "production")] == [1, 2]
+
+
+def test_latest_moved_back_inside_a_view_goes_to_the_newest_version_as_it_is_now(
+    s3_client: Any, s3_bucket: str
+) -> None:
+    """A scheduled revocation of latest's version falls due inside a view, after another process registered a
+    newer version: latest moves to that one, not to one the view's index still called the newest."""
+    clock = FakeClock()
+    registry = Registry(s3_client, s3_bucket, prefix="registry/", sealer=SEALER, clock=clock)
+    for run in ("1", "2"):
+        build(registry, run)
+    registry.revoke(NS, 2, revoked_by="alice", reason="end of support", at=clock.now + timedelta(hours=1))
+    elsewhere = _second_writer(s3_client, s3_bucket, clock)
+
+    with ThreadPoolExecutor(max_workers=1) as pool, registry.one_view():
+        before = registry.get_channel(NS, LATEST)
+        pool.submit(build, elsewhere, "3").result(timeout=30)
+        clock.now += timedelta(hours=2)
+        after = registry.get_channel(NS, LATEST)
+
+    assert before is not None
+    assert before.version == 2
+    assert after is not None
+    assert after.version == 3, "v3 is the newest deployable version now"
+    pointer = registry.get_channel(NS, LATEST)
+    assert pointer is not None
+    assert pointer.version == 3
+    assert 1 not in [a.to_version for a in registry.channel_history(NS, LATEST)][2:], "latest never went back to v1"
 
 
 def test_another_writers_revocation_is_seen_by_the_next_view_and_a_view_is_its_threads_own(

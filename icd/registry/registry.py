@@ -44,7 +44,8 @@ Concurrency rests on S3 conditional writes only (no lock service):
 **One view per decision.** Inside :meth:`Registry.one_view` the look-ups read each object at most once: the
 checks of one plan or one apply read ``index.json`` (which says what is revoked) once, not once per look-up
 (14 reads of it a deploy cycle made 14 round trips to S3). A write through the registry ends the view's memory,
-and the swaps behind every write always read afresh.
+and whatever decides a write reads afresh: the object a swap replaces, and the index that says where
+``latest`` moves.
 
 Each swap retries a bounded number of times with jittered backoff and then raises :class:`ConflictError`.
 A failure between reserving a number and writing its version object leaves a reservation that the next
@@ -99,7 +100,7 @@ from icd.rules import LATEST, check_channel, check_namespace, check_run_id, chec
 RecordT = TypeVar("RecordT", bound=BaseModel)
 
 # What the look-ups inside Registry.one_view read ("bucket/key" -> the object, None when absent); None outside
-# one. A context variable: each thread and task sees only the view it opened.
+# one. A context variable: another thread sees none of it, unless it runs in a copy of this context.
 _VIEW: ContextVar[dict[str, StoredObject | None] | None] = ContextVar("icd_registry_view", default=None)
 
 DEFAULT_MAX_ATTEMPTS = 40
@@ -171,6 +172,9 @@ class Registry:
         """Look-ups inside read each object at most once (module docstring, "One view per decision"). Keep it to
         one decision: a change another process makes meanwhile is seen by the next view, not by this one. A write
         in this thread (through any registry) ends what the view remembers."""
+        if _VIEW.get() is not None:  # inside one already: it is the same decision's
+            yield
+            return
         token = _VIEW.set({})
         try:
             yield
@@ -337,7 +341,7 @@ class Registry:
         updated = self._swap(self._index_key(namespace), NamespaceIndex, change)
         if updated is not None:
             return updated.recent_runs[packer_run_uuid]
-        return self._index(namespace).recent_runs[packer_run_uuid]
+        return self._index(namespace, fresh=True).recent_runs[packer_run_uuid]
 
     def _index_lookups(self, record: ArtifactVersion) -> None:
         """Write the lookup entries of a version; idempotent, so a retried registration completes them."""
@@ -356,8 +360,9 @@ class Registry:
 
             self._swap(self._artifact_key(namespace, artifact_id), Pointer, newest)
 
-    def _index(self, namespace: str) -> NamespaceIndex:
-        found = self._read(self._index_key(namespace), NamespaceIndex, viewed=True)
+    def _index(self, namespace: str, *, fresh: bool = False) -> NamespaceIndex:
+        """The namespace's index; ``fresh`` for what decides a write (never from an open view)."""
+        found = self._read(self._index_key(namespace), NamespaceIndex, viewed=not fresh)
         return found[0] if found else NamespaceIndex()
 
     def _read_version(self, namespace: str, version: int) -> ArtifactVersion | None:
@@ -694,7 +699,8 @@ class Registry:
     # --- channels ---------------------------------------------------------------------------------------
 
     def _newest_deployable(self, namespace: str) -> int | None:
-        index = self._index(namespace)
+        # Decides where latest moves: from the index as it is now, whatever a view read before.
+        index = self._index(namespace, fresh=True)
         now = self._now()
         for number in range(index.last_version, 0, -1):
             revoked_at = index.revocations.get(number)
