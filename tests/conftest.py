@@ -12,9 +12,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
-from examples.local_env import free_port
+from examples.local_env import start_moto
 from icd.service import hcl
 from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
 
@@ -103,9 +102,7 @@ def hcl_parse_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto server (S3, EC2, ...) over real HTTP on loopback, for the whole session."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, endpoint = start_moto()
     # Credentials are fake but must exist; set them for subprocesses (packer, the Prefect worker) too.
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -115,7 +112,7 @@ def moto_endpoint() -> Iterator[str]:
                 ("AWS_DEFAULT_REGION", AWS_REGION),
             ):
                 patch.setenv(key, value)
-            yield f"http://127.0.0.1:{port}"
+            yield endpoint
     finally:
         server.stop()
 

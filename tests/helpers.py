@@ -1,5 +1,6 @@
 """What several test files ask of the loop under test, written once: what Slack was told, which instances
-Consul knows, which task runs a flow run made, and which processes run (read from ``/proc``).
+Consul knows, which task runs a flow run made, which processes run (read from ``/proc``), and a bench script
+loaded as a module.
 
 The ``/proc`` readers skip a process that is gone (or not ours to inspect) while they read it: every scan
 races with processes starting and ending, and a test asks about the ones that stay.
@@ -7,10 +8,13 @@ races with processes starting and ending, and a test asks about the ones that st
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -177,3 +181,19 @@ def terraform_applying(icd_home: Path, run_id: str) -> list[int]:
         and process.cwd() == workdir
     }
     return [pid for pid, parent in found.items() if parent not in found]
+
+
+# --- the bench scripts -----------------------------------------------------------------------------------------
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench(script: str, module_name: str) -> ModuleType:
+    """``bench/<script>`` loaded as the module ``module_name`` (the bench directory is no package)."""
+    spec = importlib.util.spec_from_file_location(module_name, BENCH_DIR / script)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

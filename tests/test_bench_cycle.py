@@ -3,10 +3,7 @@ a real moto server over HTTP (docs/benchmarks.md records the figures it prints).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -14,19 +11,12 @@ import boto3
 import pytest
 
 from examples.local_env import start_moto
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "cycle.py"
+from tests.helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def cycle() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_cycle", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("cycle.py", "bench_cycle")
 
 
 @pytest.mark.parametrize(

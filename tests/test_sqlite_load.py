@@ -9,26 +9,17 @@ sent once, as the UI's Resume button does) while logs, task runs and events are 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from examples.local_env import start_prefect_server
-
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "sqlite_load.py"
+from tests.helpers import load_bench
 
 
 def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sqlite_load", BENCH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sqlite_load.py", "sqlite_load")
 
 
 @pytest.mark.slow
