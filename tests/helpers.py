@@ -1,6 +1,6 @@
 """What several test files ask of the loop under test, written once: what Slack was told, which instances
-Consul knows, which task runs a flow run made, which processes run (read from ``/proc``), and a bench script
-loaded as a module.
+Consul knows, which task runs a flow run made, which processes run (read from ``/proc``), a bench script
+loaded as a module, and the scales a race runs at.
 
 The ``/proc`` readers skip a process that is gone (or not ours to inspect) while they read it: every scan
 races with processes starting and ending, and a test asks about the ones that stay.
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+import pytest
 
 if TYPE_CHECKING:
     from tests.plugins.deploy_env import DeployEnv
@@ -197,3 +199,19 @@ def load_bench(script: str, module_name: str) -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# --- races at two scales ---------------------------------------------------------------------------------------
+
+FEW_AT_ONCE = 5
+
+
+def crowds(full: int) -> list[Any]:
+    """Parameters for a race: ``FEW_AT_ONCE`` writers in the fast tier, and ``full`` writers marked ``stress``,
+    which CI runs. Five threads at a barrier already collide on every compare-and-swap the race has; twenty or
+    fifty make the retries pile up, which costs the fast tier seconds of CPU (moto and botocore: about 4 ms a
+    request, and a twenty-writer race makes 300-950 requests)."""
+    return [
+        pytest.param(FEW_AT_ONCE, id=f"{FEW_AT_ONCE}-at-once"),
+        pytest.param(full, id=f"{full}-at-once", marks=pytest.mark.stress),
+    ]

@@ -44,6 +44,7 @@ from icd.deploy.queue import (
 from icd.deploy.queue_store import MemoryQueueStore, S3QueueStore
 from icd.errors import InvalidChannelError, RegistryIntegrityError, WorkspaceLockError
 from icd.registry.signing import Sealer
+from tests.helpers import crowds
 
 T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
 WS = "staging"
@@ -364,22 +365,23 @@ def test_a_malformed_record_is_an_error_naming_it_and_is_never_read_as_a_free_wo
     assert not retry(claim_workspace, cast(Any, None), cast(Any, _Failed())), "a retry cannot mend it"
 
 
-def test_racing_requests_and_claims_never_make_two_holders(store: Any) -> None:
-    """Twenty threads request and claim at once: one holder, the newest request held or pending."""
+@pytest.mark.parametrize("threads", crowds(20))
+def test_racing_requests_and_claims_never_make_two_holders(store: Any, threads: int) -> None:
+    """Many threads request and claim at once: one holder, the newest request held or pending."""
     queue = WorkspaceQueue(store, run_alive=lambda _: True)
     claims: list[Any] = []
-    start = threading.Barrier(20)
+    start = threading.Barrier(threads)
 
     def work(n: int) -> None:
         start.wait()
         queue.request(req(n + 1, rid=f"req-{n}"))
         claims.append(queue.claim(WS, RunRef(f"run-{n}", f"n{n}")))
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     winners = [c for c in claims if isinstance(c, Claimed)]
     assert len(winners) == 1
     assert queue.holder(WS) == winners[0].holder

@@ -35,6 +35,7 @@ from icd.registry import (
     Sealer,
 )
 from icd.rules import LATEST, check_namespace
+from tests.helpers import crowds
 
 NS = "acme/web"
 SIGNING_KEY = "registry-test-signing-key"
@@ -181,24 +182,25 @@ def test_concurrent_reregistration_creates_exactly_one_version(registry: Registr
     assert len(registry.list_versions(NS)) == 1
 
 
-def test_twenty_concurrent_registrations_get_distinct_consecutive_versions(registry: Registry) -> None:
-    barrier = threading.Barrier(20)
+@pytest.mark.parametrize("writers", crowds(20))
+def test_concurrent_registrations_get_distinct_consecutive_versions(registry: Registry, writers: int) -> None:
+    barrier = threading.Barrier(writers)
 
     def register_run(index: int) -> RegistrationResult:
         barrier.wait()
         return build(registry, f"{index:02d}")
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(register_run, range(20)))
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        results = list(pool.map(register_run, range(writers)))
 
     assert all(result.created for result in results)
-    assert sorted(result.version.version for result in results) == list(range(1, 21))
+    assert sorted(result.version.version for result in results) == list(range(1, writers + 1))
     stored = registry.list_versions(NS)
-    assert [v.version for v in stored] == list(range(1, 21))
-    assert {v.packer_run_uuid for v in stored} == {f"run-{i:02d}" for i in range(20)}
+    assert [v.version for v in stored] == list(range(1, writers + 1))
+    assert {v.packer_run_uuid for v in stored} == {f"run-{i:02d}" for i in range(writers)}
     latest = registry.get_channel(NS, LATEST)
     assert latest is not None
-    assert latest.version == 20
+    assert latest.version == writers
 
 
 # --- one view per decision -------------------------------------------------------------------------------
@@ -779,21 +781,22 @@ def test_a_rebuild_of_the_newest_version_makes_the_next_one_and_a_stale_rebuild_
     assert registry.commit_versions(NS, "c1") == [1, 2, 3]
 
 
+@pytest.mark.parametrize("writers", crowds(20))
 @pytest.mark.parametrize("rebuild_of", [None, 1], ids=["builds", "rebuilds-of-v1"])
-def test_twenty_builds_of_one_commit_registering_at_once_make_one_version(
-    registry: Registry, rebuild_of: int | None
+def test_builds_of_one_commit_registering_at_once_make_one_version(
+    registry: Registry, rebuild_of: int | None, writers: int
 ) -> None:
     """Past the build claim (a holder whose lease ran out while it still built): the registry alone decides."""
     if rebuild_of is not None:
         build(registry, "first", git_commit="c1")
-    barrier = threading.Barrier(20)
+    barrier = threading.Barrier(writers)
 
     def register_build(index: int) -> RegistrationResult:
         barrier.wait()
         return build(registry, f"{index:02d}", git_commit="c1", rebuild_of=rebuild_of)
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(register_build, range(20)))
+    with ThreadPoolExecutor(max_workers=writers) as pool:
+        results = list(pool.map(register_build, range(writers)))
 
     assert sum(result.created for result in results) == 1
     [number] = {result.version.version for result in results}
@@ -868,15 +871,16 @@ def test_who_gets_a_commits_build_claim(
         assert (outcome.taken_over.holder_run_id if outcome.taken_over else None) == ("first" if takes_over else None)
 
 
-def test_fifty_runs_claiming_one_commit_at_once_one_builds_and_the_rest_name_it(registry: Registry) -> None:
-    barrier = threading.Barrier(50)
+@pytest.mark.parametrize("runs", crowds(50))
+def test_runs_claiming_one_commit_at_once_one_builds_and_the_rest_name_it(registry: Registry, runs: int) -> None:
+    barrier = threading.Barrier(runs)
 
     def claim(index: int) -> Any:
         barrier.wait()
         return _claim(registry, f"run-{index:02d}")
 
-    with ThreadPoolExecutor(max_workers=50) as pool:
-        outcomes = list(pool.map(claim, range(50)))
+    with ThreadPoolExecutor(max_workers=runs) as pool:
+        outcomes = list(pool.map(claim, range(runs)))
 
     [winner] = [outcome.claim for outcome in outcomes if isinstance(outcome, BuildClaimed)]
     assert {outcome.holder for outcome in outcomes if isinstance(outcome, BuildHeld)} == {winner}
@@ -905,10 +909,13 @@ def test_a_claim_needs_a_positive_lease(registry: Registry) -> None:
         registry.claim_build(NS, "c1", run_id="r", run_name="n", lease=timedelta(0))
 
 
-def test_fifty_deliveries_of_one_push_build_once_and_register_one_version(registry: Registry) -> None:
-    """The build flow's protocol (flows/build_artifact.py) run by 50 threads at once: claim, then reuse or
+@pytest.mark.parametrize("deliveries", crowds(50))
+def test_deliveries_of_one_push_at_once_build_once_and_register_one_version(
+    registry: Registry, deliveries: int
+) -> None:
+    """The build flow's protocol (flows/build_artifact.py) run by many threads at once: claim, then reuse or
     build and register, then release. One builds; every other one is a duplicate or reuses its version."""
-    barrier = threading.Barrier(50)
+    barrier = threading.Barrier(deliveries)
     built: list[str] = []
 
     def deliver(index: int) -> tuple[str, int | None]:
@@ -933,8 +940,8 @@ def test_fifty_deliveries_of_one_push_build_once_and_register_one_version(regist
         assert registry.release_build(NS, "c1", run_id=run, outcome=f"v{result.version}")
         return ("built" if found is None else "reused"), result.version
 
-    with ThreadPoolExecutor(max_workers=50) as pool:
-        outcomes = list(pool.map(deliver, range(50)))
+    with ThreadPoolExecutor(max_workers=deliveries) as pool:
+        outcomes = list(pool.map(deliver, range(deliveries)))
 
     assert len(built) == 1
     assert [kind for kind, _ in outcomes].count("built") == 1
