@@ -13,12 +13,17 @@ and runs none of it (15 task runs, no replay). The tasks inside keep their own c
 inside the stretch.
 
 **A record that can't be read is a fault, never "absent".** Prefect's ``ResultStore.exists`` answers False
-on *any* error (``prefect/results.py``), so with S3 unreachable a committed stretch looks never done and
-would run again: a claim again, a plan again, a question again. :func:`once_per_run` asks the storage
-itself when Prefect says "absent", tells a real miss (S3's 404, a missing local file) from a failure,
+on *any* error (``prefect/results.py``), so with S3 unreachable a committed stretch would look never done and
+run again: a claim again, a plan again, a question again. :func:`once_per_run` reads the record itself
+before it opens Prefect's transaction, tells a real miss (S3's 404, a missing local file) from a failure,
 retries a failure for half a minute (:data:`STORE_RETRY_SECONDS`), then raises
 :class:`~icd.errors.RunRecordStoreError`, which the flow ends through ``finish``. A record that can't be
-written is the same fault. Prefect itself is not patched: the check wraps its transaction.
+written is the same fault. Prefect itself is not patched: the read comes before its transaction.
+
+**One read.** Left to itself the transaction reads a record twice on a re-run (``exists`` reads the whole
+object, then ``read`` reads it again) and asks ``exists`` once more before a first write; through prefect-aws
+each read is two S3 requests (a HEAD, then a GET). The read above is the only one: the transaction is told
+to overwrite, so it asks nothing before it writes (docs/benchmarks.md, "Issue 24: eleventh session").
 
 **Retry only what a retry can fix.** Retrying everything hides real faults (a broken template fails the same
 way again) and wastes the operator's time; each task names the exceptions that are transient for it, with
@@ -34,14 +39,13 @@ from typing import Any, TypedDict, TypeVar, cast
 
 from botocore.exceptions import ClientError
 from prefect import Task, get_run_logger
-from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method  # as ResultStore.exists calls it
 from prefect._internal.result_records import ResultRecord  # the type Transaction.read returns
 from prefect.cache_policies import INPUTS, RUN_ID
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.filesystems import WritableFileSystem
-from prefect.results import ResultStore, get_default_result_storage
+from prefect.filesystems import NullFileSystem
+from prefect.results import ResultStore, get_result_store
 from prefect.runtime import flow_run
-from prefect.transactions import CommitMode, Transaction, transaction
+from prefect.transactions import CommitMode, transaction
 
 from icd.errors import ConflictError, RegistryStorageError, RunRecordStoreError
 from icd.registry.s3 import is_not_found
@@ -63,22 +67,35 @@ def once_per_run(step: str, compute: Callable[[], T]) -> T:
     ``compute`` asks again on the re-run. EAGER commits make each task inside commit its own cache record
     at once, as it would outside, instead of waiting for this record.
     """
-    with transaction(key=f"icd-{flow_run.get_id()}-{step}", commit_mode=CommitMode.EAGER) as txn:
-        record = _read_record(txn, step)
-        if record is not None:
-            return cast(T, record.result)
+    key = f"icd-{flow_run.get_id()}-{step}"
+    store = _run_store()
+    record = _read_record(store, key, step)
+    if record is not None:
+        return cast(T, record.result)
+    # overwrite: the store has just said the record is absent, and only this run writes it; without it the
+    # transaction would ask the store again before it wrote.
+    with transaction(key=key, store=store, commit_mode=CommitMode.EAGER, overwrite=True) as txn:
         value = compute()
         txn.stage(value)
         # Prefect logs a failed write and carries on; unrecorded, the stretch would run again on resume.
-        if not txn.commit() and txn.store is not None:
+        if not txn.commit():
             raise RunRecordStoreError(
                 f"the run's result store failed: the record of step {step!r} could not be written "
-                f"to {_storage_name(txn.store)} (see the run's log); nothing after it was done"
+                f"to {_storage_name(store)} (see the run's log); nothing after it was done"
             )
     return value
 
 
-def _read_record(txn: Transaction, step: str) -> ResultRecord[Any] | None:
+def _run_store() -> ResultStore:
+    """The store ``transaction(key=...)`` would take: the run's own, as Prefect's ``transaction`` picks it."""
+    store = get_result_store()
+    # As transaction() does: a flow's store may carry a NullFileSystem for metadata, which holds nothing.
+    if isinstance(store.metadata_storage, NullFileSystem):
+        store = store.model_copy(update={"metadata_storage": None})
+    return store
+
+
+def _read_record(store: ResultStore, key: str, step: str) -> ResultRecord[Any] | None:
     """The stretch's record, None only when the store says it was never written; a store that keeps failing
     for :data:`STORE_RETRY_SECONDS` raises :class:`RunRecordStoreError`."""
     deadline = time.monotonic() + STORE_RETRY_SECONDS
@@ -86,45 +103,34 @@ def _read_record(txn: Transaction, step: str) -> ResultRecord[Any] | None:
     while True:
         tries += 1
         try:
-            return _recorded(txn)
+            return _recorded(store, key)
         except Exception as exc:  # any failure of the store, whatever raised it, is retried
-            cause = f"{type(exc).__name__}: {one_line(str(exc), 200)}"
-            where = _storage_name(txn.store) if txn.store else "the result store"
+            cause, where = f"{type(exc).__name__}: {one_line(str(exc), 200)}", _storage_name(store)
             if time.monotonic() + delay > deadline:
                 raise RunRecordStoreError(
                     f"the run's result store failed: the record of step {step!r} could not be read "
-                    f"from {where} ({tries} tries in {STORE_RETRY_SECONDS:.0f} s; {cause}). It is never "
-                    "taken as absent (that would claim, plan or ask again); nothing more was done by this run"
+                    f"from {where} ({tries} tries in {STORE_RETRY_SECONDS:.0f} s; {cause}). It is "
+                    "never taken as absent (that would claim, plan or ask again); nothing more was done by this run"
                 ) from exc
             get_run_logger().warning(
-                "could not read the record of %r from %s (%s); again in %.0f s", step, where, cause, delay
+                "could not read the record of %r from %s (%s); again in %.0f s",
+                step,
+                where,
+                cause,
+                delay,
             )
             time.sleep(delay)
             delay *= 2
 
 
-def _recorded(txn: Transaction) -> ResultRecord[Any] | None:
-    store, key = txn.store, txn.key
-    if store is None or not key:
-        return None
-    # begin() asked ``store.exists``, which says False on any error: ask the storage which it was.
-    if not txn.is_committed() and not _stored(store, key):
-        return None
-    return txn.read()
-
-
-def _stored(store: ResultStore, key: str) -> bool:
-    """Whether ``key`` is in the store: the same read ``ResultStore.exists`` makes, with its errors kept."""
-    storage = store.metadata_storage or store.result_storage
-    if storage is None:  # as ResultStore does: the default storage; async_dispatch takes ``_sync``
-        storage = cast(WritableFileSystem, get_default_result_storage(_sync=True))  # type: ignore[call-arg]
+def _recorded(store: ResultStore, key: str) -> ResultRecord[Any] | None:
+    """The record at ``key``; None only for a miss (S3's 404, a missing file), any other failure raised."""
     try:
-        call_explicitly_sync_block_method(storage, "read_path", (key,), {})
-    except Exception as exc:  # a miss is told apart below; anything else is the store failing
+        return store.read(key)
+    except Exception as exc:  # a miss is told apart here; anything else is the store failing
         if _is_missing(exc):
-            return False
+            return None
         raise
-    return True
 
 
 def _is_missing(exc: Exception) -> bool:

@@ -11,7 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -26,7 +26,8 @@ from cli.setup import check_zombie_window
 from examples.local_env import api_client, free_port, start_worker, worker_env
 from icd.paths import PROJECT_ROOT
 from icd.worker_settings import HEARTBEAT_ENV, HEARTBEAT_SECONDS, ZOMBIE_AFTER_SECONDS
-from tasks.policies import _is_missing, _stored
+from tasks import policies
+from tasks.policies import _is_missing, _recorded, once_per_run
 from tests.helpers import consul_instances as _services
 from tests.helpers import parent_pid as _parent_pid
 from tests.helpers import terraform_applying as _terraform_applying
@@ -198,19 +199,54 @@ def _results_bucket(endpoint: str, bucket: str) -> S3Bucket:
 def test_a_missing_record_is_absent_and_an_unreachable_store_is_a_fault(
     moto_endpoint: str, s3_bucket: str, tmp_path: Path
 ) -> None:
-    """Prefect's exists() says False for both; the deploy's check tells them apart (tasks/policies.py)."""
+    """Prefect's exists() says False for both; the deploy's read tells them apart (tasks/policies.py)."""
     s3 = ResultStore(result_storage=_results_bucket(moto_endpoint, s3_bucket))
-    assert _stored(s3, "icd-run-claim") is False
-    _results_bucket(moto_endpoint, s3_bucket).write_path("icd-run-claim", b"{}", _sync=True)  # type: ignore[call-arg]
-    assert _stored(s3, "icd-run-claim") is True
+    assert _recorded(s3, "icd-run-claim") is None
+    s3.write({"claimed": True}, key="icd-run-claim")
+    record = _recorded(s3, "icd-run-claim")
+    assert record is not None
+    assert record.result == {"claimed": True}
     unreachable = ResultStore(result_storage=_results_bucket(f"http://127.0.0.1:{free_port()}", s3_bucket))
     assert unreachable.exists("icd-run-claim") is False, "Prefect's own answer, which the deploy must not trust"
     with pytest.raises(EndpointConnectionError):
-        _stored(unreachable, "icd-run-claim")
+        _recorded(unreachable, "icd-run-claim")
     local = ResultStore(result_storage=LocalFileSystem(basepath=str(tmp_path)))
-    assert _stored(local, "never-written") is False
+    assert _recorded(local, "never-written") is None
     assert not _is_missing(ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"))
     assert not _is_missing(ValueError("Path /x is not a file."))
+
+
+def test_a_stretch_asks_the_store_once_and_a_rerun_reads_its_record_once(
+    moto_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect's transaction alone asks ``exists`` (the whole object) and then reads it again on a re-run,
+    and asks ``exists`` before a first write: 4 and 3 S3 requests through prefect-aws, where 2 and 2 do."""
+    bucket = _results_bucket(moto_endpoint, s3_bucket)
+    # A store of its own each time, as the re-run's new process has (a store keeps what it wrote in memory).
+    monkeypatch.setattr(policies, "get_result_store", lambda: ResultStore(result_storage=bucket))
+    sent: list[str] = []
+
+    def count(request: Any, **_: Any) -> None:
+        sent.append(request.method)
+
+    client = bucket.credentials.get_client("s3")  # the client prefect-aws caches, and the store's reads use
+    client.meta.events.register("before-send.s3", count)
+    computed: list[str] = []
+
+    def plan() -> dict[str, str]:
+        computed.append("planned")
+        return {"plan": "sha"}
+
+    try:
+        assert once_per_run("plan-and-ask", plan) == {"plan": "sha"}
+        first, sent[:] = list(sent), []
+        assert once_per_run("plan-and-ask", plan) == {"plan": "sha"}, "the re-run takes the record"
+        rerun = list(sent)
+    finally:
+        client.meta.events.unregister("before-send.s3", count)
+    assert computed == ["planned"]
+    assert first == ["HEAD", "PUT"], "one miss, then the write"
+    assert rerun == ["HEAD", "GET"], "one read (prefect-aws downloads with a HEAD and a GET)"
 
 
 # The state constructors a run ends through under a name of its own (``finish`` builds them from an Outcome).
