@@ -58,7 +58,7 @@ from tasks.apply import apply_plan
 from tasks.approve import AwaitingApproval, approval_deadline, approval_notice, publish_plan, wait_for_approval
 from tasks.context import DeployContext, deploy_context, run_thread_key, tell_without_context
 from tasks.gate import close_window, gate_batch, gate_health, open_window
-from tasks.github_status import deploy_status, superseded_status
+from tasks.github_status import deploy_status, deployment_reported, superseded_status
 from tasks.notify import notify_now, update_notice, update_notice_now
 from tasks.plan import plan_deploy, read_version, resolve_version
 from tasks.policies import once_per_run, retried
@@ -129,9 +129,7 @@ def deploy_artifact(
     except ConfigError as exc:  # a typo in icd.toml, the workspace removed: told like any failure
         return finish_unconfigured(workspace, run, notifier_block, outcomes.fault(workspace, exc))
     try:
-        claim = once_per_run(
-            "claim", lambda: claim_and_take_over(ctx, None if request_id else ctx.own_request(version))
-        )
+        claim = once_per_run("claim", lambda: claimed_and_queued(ctx, None if request_id else ctx.own_request(version)))
     except DeployError as exc:
         # The claim's record or the queue could not be read (S3 down on resume): this run may hold the workspace.
         return end_on_fault(ctx, exc)
@@ -140,7 +138,7 @@ def deploy_artifact(
         raise
     if not isinstance(claim, Claimed):
         return finish(ctx, claim)
-    deploy_status(ctx, "queued", version=claim.holder.request.version)  # cached: once per run, resumed or not
+    deployment_reported(ctx, claim.holder.request.version)  # a re-run read "queued" back with its claim
     # Everything after the claim, including what runs again on resume, is inside the release path.
     try:
         outcome = deploy(ctx, claim.holder.request)
@@ -216,6 +214,15 @@ def give_back(ctx: DeployContext, *, patient: bool = True) -> bool:
         )
         return False
     return True
+
+
+def claimed_and_queued(ctx: DeployContext, own: DeployRequest | None) -> Claimed | Outcome:
+    """The claim, and GitHub told the deployment is queued: one stretch, so a re-run after approval reads both
+    back with one record instead of replaying the report from its cache (a task run and 4 S3 requests)."""
+    claim = claim_and_take_over(ctx, own)
+    if isinstance(claim, Claimed):
+        deploy_status(ctx, "queued", version=claim.holder.request.version)
+    return claim
 
 
 def claim_and_take_over(ctx: DeployContext, own: DeployRequest | None) -> Claimed | Outcome:

@@ -56,7 +56,7 @@ APPLIED: Mapping[str, tuple[DeploymentState, str]] = {"applied": ("in_progress",
 @dataclass
 class _RunReports:
     """What a deploy run reported so far, for its later reports (this process: a resumed run sets it again
-    when it reports ``queued``, read back from the task's cache)."""
+    with :func:`deployment_reported`, when it reads its claim back)."""
 
     version: int
     environment_url: str | None = None
@@ -260,6 +260,14 @@ def _deploy_status(
     )
     if ending and version is None:
         _RUNS.pop(ctx.run_id, None)
+
+
+def deployment_reported(ctx: DeployContext, version: int) -> None:
+    """Name ``version`` as the deployment this run's later reports are about, in this process, as reporting
+    ``queued`` did the first time: a re-run after approval reads the claim and that report back, and
+    reports nothing again. Nothing is named for a namespace that reports nowhere."""
+    if ctx.run_id not in _RUNS and github_repository(ctx.namespace) is not None:
+        _RUNS[ctx.run_id] = _RunReports(version)
 
 
 def superseded_status(ctx: DeployContext, *, run_id: str, version: int, detail: str) -> None:
