@@ -703,7 +703,10 @@ def start_side(
     bucket = f"icd-bench-{key}"
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         services = LocalServices(endpoint, bucket, "bench", "bench", slack.api_url, "xoxb-bench", consul.http_addr)
-        registry = provision(server, services, alerts_url=slack.webhook_url("alerts"))
+        # Another checkout's deployments are its own: prefect.yaml's pull step and entrypoints name where its runs
+        # load their flows from (provisioned from this tree, a baseline's runs loaded this tree's flow files, with
+        # the baseline's tasks and library).
+        registry = provision(server, services, alerts_url=slack.webhook_url("alerts"), project_dir=project or PROJECT)
         with get_client(sync_client=True) as client:
             # Scheduled runs of their own would land in whichever cycle's window is open.
             client.pause_deployment(client.read_deployment_by_name("consul-health/consul-health").id)

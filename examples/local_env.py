@@ -453,10 +453,13 @@ def provision(
     alerts_url: str,
     webhook_secret: str = "",
     slack_signing_secret: str = "",
+    project_dir: Path = PROJECT_ROOT,
 ) -> ArtifactRegistry:
     """Create what an operator creates once (``icd-setup blocks``: the buckets, the state lock table, the
     blocks the flows load by name, with their secrets), then run ``icd-setup``: block types, work pool, the
-    deployments of ``prefect.yaml`` with their triggers, and the automations of ``automations.yaml``."""
+    deployments of ``prefect.yaml`` with their triggers, and the automations of ``automations.yaml``.
+    ``project_dir``: the checkout whose deployments and automations these are, and whose flows the runs load
+    (a benchmark's baseline is another checkout)."""
     site = Site(
         bucket=services.bucket,
         aws_access_key_id=services.aws_access_key_id,
@@ -474,9 +477,9 @@ def provision(
         # The Slack app's signing secret: icd-inbound serves its buttons' clicks (POST /slack/interactions).
         slack_signing_secret=SecretStr(slack_signing_secret) if slack_signing_secret else None,
     )
-    with temporary_env({**server.env, "ICD_PROJECT_DIR": str(PROJECT_ROOT)}):
+    with temporary_env({**server.env, "ICD_PROJECT_DIR": str(project_dir)}):
         registry = save_blocks(site)
-        setup(pool)
+        setup(pool, project_dir, automations=project_dir / "automations.yaml")
     return registry
 
 
