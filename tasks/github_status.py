@@ -265,9 +265,13 @@ def _deploy_status(
 def deployment_reported(ctx: DeployContext, version: int) -> None:
     """Name ``version`` as the deployment this run's later reports are about, in this process, as reporting
     ``queued`` did the first time: a re-run after approval reads the claim and that report back, and
-    reports nothing again. Nothing is named for a namespace that reports nowhere."""
-    if ctx.run_id not in _RUNS and github_repository(ctx.namespace) is not None:
-        _RUNS[ctx.run_id] = _RunReports(version)
+    reports nothing again. Nothing is named for a namespace that reports nowhere. Never raises: it runs while
+    the run holds the workspace, before the path that releases it."""
+    try:
+        if ctx.run_id not in _RUNS and github_repository(ctx.namespace) is not None:
+            _RUNS[ctx.run_id] = _RunReports(version)
+    except Exception as exc:  # noqa: BLE001  # best effort: a report never fails the run it reports on
+        _logger().warning("the deployment of v%d not named for GitHub: %s", version, one_line(str(exc), 300))
 
 
 def superseded_status(ctx: DeployContext, *, run_id: str, version: int, detail: str) -> None:

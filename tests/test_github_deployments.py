@@ -1,9 +1,13 @@
-"""The deploy lifecycle as GitHub requests (tables), and the reporter against the GitHub stand-in (fast tier)."""
+"""The deploy lifecycle as GitHub requests (tables), the reporter against the GitHub stand-in, and what a deploy run
+remembers of its deployment (fast tier)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from githubkit import GitHub
@@ -28,6 +32,8 @@ from icd.github.deployments import (
     step_status,
 )
 from standins.github import GitHubStandIn
+from tasks import github_status
+from tasks.context import DeployContext
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -212,3 +218,27 @@ def test_failures_become_ours(standin: GitHubStandIn, reporter: DeploymentReport
     standin.down()
     with pytest.raises(TransientStatusReportError, match="unreachable"):
         reporter.deliver(report())
+
+
+def test_naming_the_deployment_again_after_a_resume_never_fails_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A resumed run names its deployment while it holds the workspace, before the path that releases it: a
+    broken icd.toml then is a warning, as for any report."""
+    ctx = cast(DeployContext, SimpleNamespace(run_id=f"run-{uuid.uuid4()}", namespace="acme/web"))
+
+    def unreadable(namespace: str) -> str | None:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(github_status, "github_repository", unreadable)
+    github_status.deployment_reported(ctx, 3)
+    assert ctx.run_id not in github_status._RUNS
+    assert "the deployment of v3 not named for GitHub: 'utf-8' codec can't decode" in caplog.text
+
+    monkeypatch.setattr(github_status, "github_repository", lambda namespace: None)
+    github_status.deployment_reported(ctx, 3)
+    assert ctx.run_id not in github_status._RUNS, "a namespace that reports nowhere names nothing"
+
+    monkeypatch.setattr(github_status, "github_repository", lambda namespace: "acme/web")
+    github_status.deployment_reported(ctx, 3)
+    assert github_status._RUNS.pop(ctx.run_id).version == 3
