@@ -190,13 +190,13 @@ class Registry:
         """The sealed record at ``key`` and its etag. ``viewed``: a look-up's read, served from the open view
         (:meth:`one_view`) when it read ``key`` already; never for what a write is about to swap."""
         view = _VIEW.get() if viewed else None
-        where = f"{self.bucket}/{key}"
-        if view is not None and where in view:
-            found = view[where]
+        view_key = f"{self.bucket}/{key}"
+        if view is not None and view_key in view:
+            found = view[view_key]
         else:
             found = self._objects.read(key)
             if view is not None:
-                view[where] = found
+                view[view_key] = found
         if found is None:
             return None
         where = f"s3://{self.bucket}/{key}"
