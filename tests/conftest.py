@@ -10,12 +10,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 from examples.local_env import start_moto
 from icd.service import hcl
 from prefect_patches.shared_tls import reuse_tls_context_for_plain_http
+from tests.helpers import AWS_REGION, moto_s3_client
 
 pytest_plugins = [
     "tests.plugins.consul",
@@ -25,7 +25,6 @@ pytest_plugins = [
     "tests.plugins.smtp",
 ]
 
-AWS_REGION = "us-east-1"
 # As the worker, its runs and the inbound app do: the suite's own API clients share one TLS context.
 reuse_tls_context_for_plain_http()
 # A test that uses one of these needs a Prefect server: it is `slow`, outside the fast tier.
@@ -119,13 +118,7 @@ def moto_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def s3_client(moto_endpoint: str):  # type: ignore[no-untyped-def]  # boto3 clients are untyped
-    return boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name=AWS_REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_s3_client(moto_endpoint)
 
 
 @pytest.fixture

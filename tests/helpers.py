@@ -1,6 +1,6 @@
 """What several test files ask of the loop under test, written once: what Slack was told, which instances
 Consul knows, which task runs a flow run made, which processes run (read from ``/proc``), a bench script
-loaded as a module, and the scales a race runs at.
+loaded as a module, the scales a race runs at, and an S3 client of the tests' moto.
 
 The ``/proc`` readers skip a process that is gone (or not ours to inspect) while they read it: every scan
 races with processes starting and ending, and a test asks about the ones that stay.
@@ -17,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import boto3
 import pytest
 
 if TYPE_CHECKING:
@@ -215,3 +216,19 @@ def crowds(full: int) -> list[Any]:
         pytest.param(FEW_AT_ONCE, id=f"{FEW_AT_ONCE}-at-once"),
         pytest.param(full, id=f"{full}-at-once", marks=pytest.mark.stress),
     ]
+
+
+# --- the tests' moto -------------------------------------------------------------------------------------------
+
+AWS_REGION = "us-east-1"
+
+
+def moto_s3_client(endpoint: str) -> Any:
+    """An S3 client of the tests' moto at ``endpoint`` (fake keys: moto checks none)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=AWS_REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )

@@ -35,7 +35,7 @@ from icd.registry import (
     Sealer,
 )
 from icd.rules import LATEST, check_namespace
-from tests.helpers import crowds
+from tests.helpers import crowds, moto_s3_client
 
 NS = "acme/web"
 SIGNING_KEY = "registry-test-signing-key"
@@ -215,14 +215,9 @@ def _reads(s3_client: Any) -> list[str]:
 
 def _second_writer(s3_client: Any, s3_bucket: str, clock: FakeClock | None = None) -> Registry:
     """Another process's registry on the same bucket: its own client, so the first one's reads stay countable."""
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_client.meta.endpoint_url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+    return Registry(
+        moto_s3_client(s3_client.meta.endpoint_url), s3_bucket, prefix="registry/", sealer=SEALER, clock=clock
     )
-    return Registry(client, s3_bucket, prefix="registry/", sealer=SEALER, clock=clock)
 
 
 def test_inside_one_view_each_object_a_decision_looks_up_is_read_once(registry: Registry, s3_client: Any) -> None:
